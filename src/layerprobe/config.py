@@ -1,0 +1,309 @@
+"""params.yaml → frozen, validated dataclasses. The only module that reads YAML.
+
+Every section of params.yaml has one dataclass here; unknown or missing keys fail at load time with a one-line
+message naming the key (and the nearest valid one), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TAPS = ("norm2", "block")
+DTYPES = ("float16", "float32")
+TOKENS = ("cls", "ap")
+
+
+class ParamsError(ValueError):
+    """A params file that does not fit the schema; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where each stage writes; relative paths are relative to the project root (where dvc.yaml lives)."""
+
+    data: str = "data/prepared"
+    features: str = "features"
+    probes: str = "probes"
+    results: str = "results"
+    mlruns: str = "mlruns"
+
+    def prepared_dir(self, dataset: str) -> Path:
+        return Path(self.data) / dataset
+
+    def features_dir(self, backbone: str, dataset: str) -> Path:
+        return Path(self.features) / backbone / dataset
+
+    def probe_dir(self, backbone: str, dataset: str, probe: str) -> Path:
+        return Path(self.probes) / backbone / dataset / probe
+
+    def evaluation_dir(self, backbone: str, dataset: str, probe: str) -> Path:
+        return Path(self.results) / "evaluate" / backbone / dataset / probe
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.results) / "metrics.json"
+
+    @property
+    def pipeline_run_file(self) -> Path:
+        """Records the MLflow parent run of the last evaluate stage, which the report stage logs into."""
+        return Path(self.results) / "evaluate" / "run.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.results) / "report"
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Which tasks run: every (backbone, dataset, probe) combination of these names."""
+
+    name: str
+    backbones: list[str]
+    datasets: list[str]
+    probes: list[str]
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset: a registered source name and its options (see `layerprobe.data.list_sources()`)."""
+
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None  # domain group for the report (natural multi-domain, structured, ...)
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """A frozen timm model: name, weights (hub `pretrained` or a local `checkpoint` file) and model kwargs."""
+
+    model: str
+    pretrained: bool = False
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    crop_pct: float | None = None
+    final_projection: bool = False  # OpenAI-CLIP ports: the paper's last "layer" is the projected image tokens
+    family: str | None = None
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise ParamsError(f"prepare.{key} must be in (0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    tap: str = "norm2"
+    dtype: str = "float16"
+    batch_size: int = 64
+    num_workers: int = 0
+    shard_size: int = 1024
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.tap not in TAPS:
+            raise ParamsError(f"extract.tap must be one of {TAPS}, got {self.tap!r}")
+        if self.dtype not in DTYPES:
+            raise ParamsError(f"extract.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ParamsError("extract.batch_size and extract.shard_size must be positive")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Overrides of a registered probe's defaults (`layerprobe.probes.list_probes()`); null keeps the default."""
+
+    layers: str | list[int] | None = None
+    tokens: list[str] | None = None
+    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and (not self.tokens or set(self.tokens) - set(TOKENS)):
+            raise ParamsError(f"probes.*.tokens must be a non-empty subset of {TOKENS}, got {self.tokens}")
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's recipe (DESIGN.md "Training recipe") with a grid small enough for the suite's budget."""
+
+    lrs: list[float]
+    weight_decays: list[float]
+    attn_dropouts: list[float] = field(default_factory=lambda: [0.0])
+    epochs: int = 10
+    min_steps: int = 1000  # the reference raises epochs until at least 1000 optimisation steps
+    batch_size: int = 256
+    grad_clip: float = 5.0
+    jitter_std: float = 0.05
+    jitter_prob: float = 0.5
+    min_lr: float = 1e-6
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("lrs", "weight_decays", "attn_dropouts", "seeds"):
+            if not getattr(self, key):
+                raise ParamsError(f"train.{key} must not be empty")
+        if any(not 0.0 <= p < 1.0 for p in self.attn_dropouts):
+            raise ParamsError(f"train.attn_dropouts must be in [0, 1), got {self.attn_dropouts}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    registry_prefix: str = "layerprobe"
+    champion_alias: str = "champion"
+    batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "layerprobe"
+    tracking_uri: str | None = None  # default sqlite:///<paths.mlruns>/mlflow.db; MLFLOW_TRACKING_URI wins
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    name: str = "layerprobe-scheduled"
+    cron: str = "0 3 * * *"
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    retries: int = 2
+    retry_delay_seconds: float = 2.0
+    gpu_concurrency: int = 1  # tasks that use the GPU share one global concurrency limit of this many slots
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+@dataclass(frozen=True)
+class Params:
+    suite: SuiteConfig
+    datasets: dict[str, DatasetConfig]
+    backbones: dict[str, BackboneConfig]
+    probes: dict[str, ProbeConfig]
+    train: TrainConfig
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def __post_init__(self) -> None:
+        for section, names, defined in (
+            ("backbones", self.suite.backbones, self.backbones),
+            ("datasets", self.suite.datasets, self.datasets),
+        ):
+            for name in names:
+                if name not in defined:
+                    raise ParamsError(f"suite.{section} names {name!r}, which is not defined under {section}:")
+
+    def tasks(self) -> list[tuple[str, str, str]]:
+        """Every (backbone, dataset, probe) of the suite, in a stable order."""
+        return [(b, d, p) for b in self.suite.backbones for d in self.suite.datasets for p in self.suite.probes]
+
+    def probe_overrides(self, probe: str) -> dict[str, Any]:
+        config = self.probes.get(probe)
+        return config.overrides() if config else {}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ParamsError naming the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    try:
+        return _build(Params, raw, "")
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and requiring keys without defaults."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where or 'top level'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            nearest = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {_join(where, nearest[0])!r}?)" if nearest else ""
+            raise ParamsError(f"unknown key {_join(where, key)!r}{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"missing key {_join(where, name)!r}")
+            continue
+        values[name] = _convert(hints[name], raw[name], _join(where, name))
+    try:
+        return cls(**values)
+    except ParamsError as e:
+        raise ParamsError(str(e)) from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, where)
+    if origin is dict:
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where} must be a mapping, got {type(value).__name__}")
+        return {str(k): _convert(value_type, v, _join(where, str(k))) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where)
+            except ParamsError as e:
+                errors.append(str(e))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"{where} has an unexpected value {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ParamsError(f"{where} must be a list, got {value!r}")
+        return [_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ParamsError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

@@ -1,0 +1,145 @@
+"""The source registry: what every dataset source returns (`ImageDataset`) and how sources are named and built.
+
+A source is a factory `(**options) -> ImageDataset` registered with `@register_source("name")`; `create_dataset`
+checks the options against the factory's keyword parameters so a typo in params.yaml fails with the option's name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from layerprobe.registry import Registry, unknown_name_error
+
+
+class ImageFileError(ValueError):
+    """An image file (or tar member) that cannot be decoded; the message names the file and why."""
+
+
+@runtime_checkable
+class ImageDataset(Protocol):
+    """A map-style labelled image collection; every source returns one."""
+
+    class_names: list[str]
+    labels: np.ndarray  # [N] int64
+    official_splits: np.ndarray | None  # [N] of "train"/"test" when the source defines them
+
+    def __len__(self) -> int: ...
+
+    def load_image(self, index: int) -> Image.Image:
+        """Image `index` as RGB; raises `ImageFileError` naming the file when it cannot be decoded."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description of the source (name, options, root) for provenance."""
+        ...
+
+
+_SOURCES: Registry[ImageDataset] = Registry("dataset source")
+_MATERIALISED: set[str] = set()
+
+
+def register_source(name: str, *, materialise: bool = False) -> Callable[[Callable[..., ImageDataset]], Callable]:
+    """Decorator registering a factory `(**options) -> ImageDataset` under `name`.
+
+    Args:
+        name: the source name used in params.yaml.
+        materialise: small self-contained sources whose pixels `prepare_dataset` copies into the prepared folder.
+    """
+    register = _SOURCES.register(name)
+
+    def decorate(factory: Callable[..., ImageDataset]) -> Callable[..., ImageDataset]:
+        register(factory)
+        if materialise:
+            _MATERIALISED.add(name)
+        return factory
+
+    return decorate
+
+
+def list_sources() -> list[str]:
+    """Names of every registered source, sorted."""
+    return _SOURCES.names()
+
+
+def is_materialised(source: str) -> bool:
+    """Whether `prepare_dataset` copies this source's pixels (instead of referencing its root)."""
+    _SOURCES.get(source)  # unknown names fail with did-you-mean
+    return source in _MATERIALISED
+
+
+def create_dataset(source: str, **options: Any) -> ImageDataset:
+    """Build the dataset of a registered source; unknown sources and unknown/missing options name the culprit."""
+    factory = _SOURCES.get(source)
+    parameters = {
+        p.name: p for p in inspect.signature(factory).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    for key in options:
+        if key not in parameters:
+            raise unknown_name_error(f"option of source {source!r}", key, list(parameters))
+    for key, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty and key not in options:
+            raise ValueError(f"source {source!r} needs option {key!r} (options: {', '.join(parameters)})")
+    return factory(**options)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels are composited on black so hidden colours never leak in."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        # 16/32-bit greyscale: PIL's own convert clips instead of scaling, so scale 16-bit range to 8 bits.
+        values = np.asarray(image, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(source: Path | bytes, *, name: str) -> Image.Image:
+    """Decode an image file or its bytes to RGB, raising `ImageFileError` naming `name` when that fails."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()  # decode now: truncated data fails here, not later inside a DataLoader worker
+            return to_rgb(image)
+    except Image.UnidentifiedImageError as e:
+        raise ImageFileError(f"{name}: not an image (PIL cannot identify it)") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageFileError(f"{name}: truncated or corrupt image ({e})") from e
+
+
+class ArrayDataset:
+    """In-memory RGB images [N, H, W, 3] uint8 with labels: the shape of bundled and generated sources."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        class_names: list[str],
+        *,
+        description: dict[str, Any],
+    ) -> None:
+        assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8, images.shape
+        assert len(images) == len(labels)
+        self.images = images  # [N, H, W, 3]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.official_splits: np.ndarray | None = None
+        self._description = description
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._description)

@@ -1,0 +1,373 @@
+"""File-backed sources: image folders, torchvision datasets and local CLIP-benchmark webdataset tars.
+
+These are referenced by their options (root path), never copied, so they can be as large as ImageNet. Images are
+decoded lazily in `load_image`; a file that cannot be decoded raises `ImageFileError` naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from layerprobe.data.catalogue import ImageFileError, decode_image, register_source, to_rgb
+from layerprobe.registry import unknown_name_error
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SPLITS = ("train", "test")
+
+
+def _require_dir(root: Path, source: str) -> Path:
+    if not root.is_dir():
+        raise FileNotFoundError(f"source {source!r}: root {str(root)!r} does not exist or is not a folder")
+    return root
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+# ---------------------------------------------------------------------------------------------------- imagefolder
+class ImageFolderDataset:
+    """`root/<class>/<images>`, or `root/{train,test}/<class>/<images>` with official splits."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = _require_dir(Path(root), "imagefolder")
+        split_dirs = [self.root / s for s in SPLITS]
+        has_splits = all(d.is_dir() for d in split_dirs)
+        parts = list(zip(SPLITS, split_dirs)) if has_splits else [(None, self.root)]
+        class_dirs = {split: self._class_dirs(folder) for split, folder in parts}
+        self.class_names = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+        if not self.class_names:
+            raise ValueError(f"source 'imagefolder': no class folders under {str(self.root)!r}")
+        index = {name: i for i, name in enumerate(self.class_names)}
+        paths, labels, splits = [], [], []
+        for split, _ in parts:
+            for class_dir in class_dirs[split]:
+                files = self._image_files(class_dir)
+                paths += files
+                labels += [index[class_dir.name]] * len(files)
+                splits += [split] * len(files)
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.official_splits = np.asarray(splits) if has_splits else None
+
+    @staticmethod
+    def _class_dirs(folder: Path) -> list[Path]:
+        return sorted((d for d in folder.iterdir() if d.is_dir() and _visible(d)), key=lambda d: d.name)
+
+    @staticmethod
+    def _image_files(class_dir: Path) -> list[Path]:
+        files = []
+        for path in sorted(class_dir.rglob("*")):
+            if any(part.startswith(".") for part in path.relative_to(class_dir).parts) or not path.is_file():
+                continue  # hidden files (.DS_Store, editor swap files) are not samples
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(
+                    f"source 'imagefolder': {str(path)!r} has an unknown extension (images: {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            files.append(path)
+        if not files:
+            raise ValueError(f"source 'imagefolder': class folder {str(class_dir)!r} has no images")
+        return files
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        return decode_image(self.paths[index], name=str(self.paths[index]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "imagefolder", "options": {"root": str(self.root)}, "root": str(self.root)}
+
+
+@register_source("imagefolder")
+def imagefolder(*, root: str) -> ImageFolderDataset:
+    """Class-per-folder images; `root/train` and `root/test` give official splits."""
+    return ImageFolderDataset(root)
+
+
+# ---------------------------------------------------------------------------------------------------- torchvision
+# torchvision datasets whose samples are not (image, class index) pairs, or that are better served by another source.
+_NOT_CLASSIFICATION = {
+    "VisionDataset", "DatasetFolder", "ImageFolder", "LSUNClass", "CocoCaptions", "CocoDetection", "PhotoTour", "SBU",
+    "Flickr8k", "Flickr30k", "VOCSegmentation", "VOCDetection", "Cityscapes", "SBDataset", "Kinetics", "HMDB51",
+    "UCF101", "Kitti", "WIDERFace", "CelebA", "LFWPairs", "MovingMNIST", "KittiFlow", "Sintel", "FlyingChairs",
+    "FlyingThings3D", "HD1K",
+}  # fmt: skip
+
+
+def torchvision_classification_datasets() -> list[str]:
+    """Names of torchvision.datasets classes that yield (image, class index) samples."""
+    import torchvision.datasets as tvd
+
+    return sorted(
+        name
+        for name in tvd.__all__
+        if inspect.isclass(getattr(tvd, name))
+        and issubclass(getattr(tvd, name), tvd.VisionDataset)
+        and name not in _NOT_CLASSIFICATION
+        and not name.endswith("Stereo")
+    )
+
+
+def _torchvision_labels(dataset: Any) -> np.ndarray:
+    """Labels without decoding images, from whichever attribute the dataset keeps them in."""
+    for attribute in ("targets", "_labels", "labels", "y"):
+        values = getattr(dataset, attribute, None)
+        if values is not None and len(values) == len(dataset):
+            return np.asarray([int(v) for v in values], dtype=np.int64)
+    for attribute in ("samples", "_samples", "imgs"):
+        values = getattr(dataset, attribute, None)
+        if values is not None and len(values) == len(dataset):
+            return np.asarray([int(v[1]) for v in values], dtype=np.int64)
+    # NOTE: slow fallback that decodes every image; only for datasets that hide their labels.
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+class TorchvisionDataset:
+    """A torchvision classification dataset, its train and test parts concatenated with official splits."""
+
+    def __init__(self, name: str, root: str | Path, *, download: bool = False) -> None:
+        import torchvision.datasets as tvd
+
+        choices = torchvision_classification_datasets()
+        if name not in choices:
+            raise unknown_name_error("torchvision dataset", name, choices)
+        cls = getattr(tvd, name)
+        self.name, self.root, self.download = name, Path(root), download
+        parameters = inspect.signature(cls.__init__).parameters
+        base: dict[str, Any] = {}
+        if "root" in parameters:
+            base["root"] = str(self.root)
+        if "download" in parameters:
+            base["download"] = download
+        if "train" in parameters:
+            variants = [("train", {"train": True}), ("test", {"train": False})]
+        elif "split" in parameters:
+            variants = [("train", {"split": "train"}), ("test", {"split": "test"})]
+        else:
+            variants = [(None, {})]
+        self.parts = [self._open(cls, {**base, **extra}) for _, extra in variants]
+        self.labels = np.concatenate([_torchvision_labels(part) for part in self.parts])
+        self.official_splits = (
+            np.concatenate([np.full(len(p), split) for (split, _), p in zip(variants, self.parts)])
+            if variants[0][0] is not None
+            else None
+        )
+        self._offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        classes = getattr(self.parts[0], "classes", None)
+        num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        if classes is not None and len(classes) >= num_classes:
+            self.class_names = [str(c) for c in classes]
+        else:
+            self.class_names = [str(i) for i in range(num_classes)]
+
+    def _open(self, cls: type, kwargs: dict[str, Any]) -> Any:
+        try:
+            return cls(**kwargs)
+        except (RuntimeError, FileNotFoundError) as e:
+            if self.download:
+                raise
+            # torchvision says "Dataset not found" in several ways; the cure is the same.
+            raise FileNotFoundError(
+                f"torchvision dataset {self.name} not found under {str(self.root)!r}; set download: true to fetch it"
+                f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from e
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def load_image(self, index: int) -> Image.Image:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        part = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        image = self.parts[part][index - int(self._offsets[part])][0]
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise ImageFileError(f"torchvision dataset {self.name} sample {index}: not a PIL image ({type(image)})")
+        return to_rgb(image)
+
+    def describe(self) -> dict[str, Any]:
+        options = {"name": self.name, "root": str(self.root), "download": self.download}
+        return {"source": "torchvision", "options": options, "root": str(self.root)}
+
+
+@register_source("torchvision")
+def torchvision(*, name: str, root: str, download: bool = False) -> TorchvisionDataset:
+    """Any torchvision classification dataset by class name (`MNIST`, `CIFAR10`, ...)."""
+    return TorchvisionDataset(name, root, download=download)
+
+
+# ---------------------------------------------------------------------------------------------------- webdataset
+@dataclass(frozen=True)
+class TarMember:
+    """Where one sample's image bytes lie: tar file index, byte offset and size."""
+
+    tar: int
+    offset: int
+    size: int
+    name: str
+
+
+def _split_key(member_name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the basename; the rest is the extension."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def index_tar(path: Path, tar_index: int) -> tuple[list[TarMember], list[int]]:
+    """Index one webdataset tar: the image member and integer label of every sample, in tar order.
+
+    Reads only headers and the tiny `.cls` members; images are read later by seek, so indexing is cheap.
+    """
+    images: dict[str, tarfile.TarInfo] = {}
+    labels: dict[str, int] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_key(member.name)
+                if key not in images and key not in labels:
+                    order.append(key)
+                if ext in WDS_IMAGE_EXTENSIONS:
+                    images[key] = member
+                elif ext == "cls":
+                    text = tar.extractfile(member).read().decode("utf-8").strip()
+                    try:
+                        labels[key] = int(text)
+                    except ValueError as e:
+                        raise ValueError(f"tar {str(path)!r}: {member.name} holds {text!r}, not an integer label") from e
+    except tarfile.TarError as e:
+        raise ValueError(f"tar {str(path)!r} cannot be read: {e}") from e
+    members, label_list = [], []
+    for key in order:
+        if key not in images and key not in labels:
+            continue  # a sample with neither image nor label (e.g. only .json metadata) is not ours to judge
+        if key not in labels:
+            raise ValueError(f"tar {str(path)!r}: sample {key!r} has an image but no .cls label")
+        if key not in images:
+            raise ValueError(f"tar {str(path)!r}: sample {key!r} has a .cls label but no image")
+        info = images[key]
+        members.append(TarMember(tar_index, info.offset_data, info.size, info.name))
+        label_list.append(labels[key])
+    return members, label_list
+
+
+class TarImageDataset:
+    """Random access into webdataset tars: members indexed once, image bytes read by seek at load time.
+
+    File handles open lazily and are reopened when the process id changes, so a dataset built in the parent and
+    forked into DataLoader workers never shares a file position between processes.
+    """
+
+    def __init__(
+        self,
+        tars: list[Path],
+        class_names: list[str] | None,
+        *,
+        splits: list[str | None] | None = None,
+        description: dict[str, Any],
+    ) -> None:
+        self.tars = [Path(t) for t in tars]
+        self.members: list[TarMember] = []
+        labels: list[int] = []
+        split_of: list[str | None] = []
+        for i, tar in enumerate(self.tars):
+            members, tar_labels = index_tar(tar, i)
+            self.members += members
+            labels += tar_labels
+            split_of += [splits[i] if splits else None] * len(members)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        num_classes = int(self.labels.max()) + 1 if len(labels) else 0
+        if class_names is None:
+            class_names = [str(i) for i in range(num_classes)]
+        if num_classes > len(class_names):
+            bad = int(np.argmax(self.labels >= len(class_names)))
+            raise ValueError(
+                f"tar {str(self.tars[self.members[bad].tar])!r}: {self.members[bad].name} has label "
+                f"{labels[bad]} but there are only {len(class_names)} class names"
+            )
+        self.class_names = list(class_names)
+        self.official_splits = np.asarray(split_of) if splits else None
+        self._description = description
+        self._handles: dict[int, BinaryIO] = {}
+        self._pid = os.getpid()
+
+    def _handle(self, tar: int) -> BinaryIO:
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()  # forked: the parent's handles belong to the parent
+        if tar not in self._handles:
+            self._handles[tar] = open(self.tars[tar], "rb")  # noqa: SIM115 - kept open for random access
+        return self._handles[tar]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open files do not pickle (spawned workers); each process opens its own
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for handle in getattr(self, "_handles", {}).values():
+                handle.close()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def load_image(self, index: int) -> Image.Image:
+        member = self.members[index]
+        handle = self._handle(member.tar)
+        handle.seek(member.offset)
+        data = handle.read(member.size)
+        name = f"{self.tars[member.tar]}:{member.name}"
+        if len(data) != member.size:
+            raise ImageFileError(f"{name}: truncated (tar ends inside the member)")
+        return decode_image(data, name=name)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._description)
+
+
+def _read_classnames(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+@register_source("wds")
+def wds(*, root: str) -> TarImageDataset:
+    """A local CLIP-benchmark webdataset: `root/{train,test}/*.tar` and `root/classnames.txt`."""
+    folder = _require_dir(Path(root), "wds")
+    split_dirs = [(s, folder / s) for s in SPLITS if (folder / s).is_dir()]
+    has_splits = len(split_dirs) == len(SPLITS)
+    if not split_dirs:
+        split_dirs = [("", folder)]  # tars directly under root
+    tars: list[Path] = []
+    splits: list[str | None] = []
+    for split, directory in split_dirs:
+        found = sorted(directory.glob("*.tar"))
+        tars += found
+        splits += [split] * len(found)
+    if not tars:
+        raise FileNotFoundError(f"source 'wds': no .tar files under {str(folder)!r} (expected train/*.tar, test/*.tar)")
+    description = {"source": "wds", "options": {"root": str(folder)}, "root": str(folder)}
+    return TarImageDataset(
+        tars,
+        _read_classnames(folder / "classnames.txt"),
+        splits=splits if has_splits else None,
+        description=description,
+    )

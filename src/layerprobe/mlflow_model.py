@@ -1,0 +1,33 @@
+"""MLflow "models from code" entry for a saved probe: pyfunc over cached features, no pickle anywhere.
+
+MLflow loads this file (not a pickled object) and calls `load_context` with the probe folder
+(probe.safetensors + probe.json) logged as an artifact. Input: per-layer features `[N, L, T, D]` float32 as in
+the feature cache; output: predicted class indices `[N]`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.pyfunc import PythonModel
+
+
+class ProbeModel(PythonModel):
+    def load_context(self, context) -> None:
+        from layerprobe.checkpoint import load_probe
+
+        self.probe, self.config = load_probe(Path(context.artifacts["probe"]))
+        self.positions = [tuple(p) for p in self.config["positions"]]
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        from layerprobe.train import predict
+
+        tokens = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        predictions, _, _ = predict(self.probe, tokens, positions=self.positions, batch_size=1024)
+        return np.asarray(predictions, dtype=np.int64)
+
+
+mlflow.models.set_model(ProbeModel())

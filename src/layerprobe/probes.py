@@ -1,0 +1,541 @@
+"""Probe specs, token selection and the probe heads (linear baselines and ALF), stacked over a hyperparameter grid.
+
+Every head carries a leading grid dimension G: member g has its own parameters (stacked tensors) and its own
+hyperparameters, but all members read the same input batch, so a whole sweep trains in one forward/backward.
+G=1 is a single probe. Heads take already gathered, L2-normalised tokens `x  # [B, K, D]`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerprobe.registry import Registry, unknown_name_error
+
+TOKEN_CHOICES = ("cls", "ap")
+LAYER_PRESETS = ("all", "last", "paper")
+HEAD_CHOICES = ("linear", "attentive")
+NORM_EPS = 1e-5  # nn.LayerNorm / nn.BatchNorm1d default, as in the reference
+
+
+# ---------------------------------------------------------------- specs and registry
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What a probe reads and which head it puts on top.
+
+    Attributes:
+        name: registered name, e.g. "alf".
+        layers: "all" (every cached layer), "last" (the final entry), "paper" (blocks 1..B-1 plus final, as the
+            reference) or cached-layer positions (negatives count from the end).
+        tokens: which per-layer tokens, a subset of ("cls", "ap"), in the order they are fed to the head.
+        head: "linear" (tokens concatenated) or "attentive" (the ALF cross-attention block).
+        num_heads: attention heads; None = number of input tokens, as the reference's launcher sets it.
+    """
+
+    name: str
+    layers: str | tuple[int, ...]
+    tokens: tuple[str, ...] = ("cls", "ap")
+    head: str = "linear"
+    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            if self.layers not in LAYER_PRESETS:
+                raise unknown_name_error("layer preset", self.layers, list(LAYER_PRESETS))
+        else:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            if not self.layers:
+                raise ValueError(f"probe {self.name!r}: layers must not be empty")
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        for token in self.tokens:
+            if token not in TOKEN_CHOICES:
+                raise unknown_name_error("token", token, list(TOKEN_CHOICES))
+        if not self.tokens or len(set(self.tokens)) != len(self.tokens):
+            raise ValueError(f"probe {self.name!r}: tokens {self.tokens} must be a non-empty subset of {TOKEN_CHOICES}")
+        if self.head not in HEAD_CHOICES:
+            raise unknown_name_error("probe head", self.head, list(HEAD_CHOICES))
+        if self.num_heads is not None and self.num_heads < 1:
+            raise ValueError(f"probe {self.name!r}: num_heads must be >= 1 or None, got {self.num_heads}")
+
+
+_PROBES: Registry[ProbeSpec] = Registry("probe")
+register_probe = _PROBES.register
+
+
+def get_probe_spec(name: str) -> ProbeSpec:
+    """The registered probe spec called `name` (ValueError with the choices otherwise)."""
+    return _PROBES.create(name)
+
+
+def list_probes() -> list[str]:
+    """Names of all registered probes."""
+    return _PROBES.names()
+
+
+@register_probe("linear_last_cls")
+def _linear_last_cls() -> ProbeSpec:
+    return ProbeSpec("linear_last_cls", layers="last", tokens=("cls",), head="linear")
+
+
+@register_probe("linear_last_cls_ap")
+def _linear_last_cls_ap() -> ProbeSpec:
+    return ProbeSpec("linear_last_cls_ap", layers="last", tokens=("cls", "ap"), head="linear")
+
+
+@register_probe("linear_concat_all")
+def _linear_concat_all() -> ProbeSpec:
+    return ProbeSpec("linear_concat_all", layers="paper", tokens=("cls", "ap"), head="linear")
+
+
+@register_probe("attentive_last_cls_ap")
+def _attentive_last_cls_ap() -> ProbeSpec:
+    return ProbeSpec("attentive_last_cls_ap", layers="last", tokens=("cls", "ap"), head="attentive")
+
+
+@register_probe("alf")
+def _alf() -> ProbeSpec:
+    return ProbeSpec("alf", layers="paper", tokens=("cls", "ap"), head="attentive")
+
+
+# NOTE: `attentive_last_tokens` (all final-layer patch tokens, attentive, 8 heads as in the reference) is one more
+# entry here once the feature cache stores a "patches" token group: add "patches" to TOKEN_CHOICES and register
+# ProbeSpec("attentive_last_tokens", layers="last", tokens=("cls", "patches"), head="attentive", num_heads=8).
+# select_token_positions/gather_tokens only index (layer, token) slots, so nothing else changes.
+
+
+# ---------------------------------------------------------------- token selection
+
+
+def _layer_indices(layer_names: Sequence[str], layers: str | Sequence[int]) -> list[int]:
+    num_layers = len(layer_names)
+    if num_layers == 0:
+        raise ValueError("layer_names is empty: the feature cache has no layers")
+    if layers == "all":
+        return list(range(num_layers))
+    if layers == "last":
+        return [num_layers - 1]
+    if layers == "paper":
+        # The reference skips block 0 and keeps blocks 1..B-1 plus the final output: B layers -> 2B tokens.
+        blocks = {int(m.group(1)): i for i, n in enumerate(layer_names) if (m := re.fullmatch(r"block(\d+)", n))}
+        if "final" not in layer_names or not blocks:
+            raise ValueError(f"layers 'paper' needs block<i> and 'final' layers; the cache has {list(layer_names)}")
+        num_blocks = max(blocks) + 1
+        missing = [f"block{i}" for i in range(1, num_blocks) if i not in blocks]
+        if missing:
+            raise ValueError(f"layers 'paper' needs {missing}, missing from the cache's layers {list(layer_names)}")
+        return [blocks[i] for i in range(1, num_blocks)] + [list(layer_names).index("final")]
+    if isinstance(layers, str):
+        raise unknown_name_error("layer preset", layers, list(LAYER_PRESETS))
+    indices = []
+    for i in layers:
+        if not -num_layers <= i < num_layers:
+            raise ValueError(f"layer position {i} is out of range for {num_layers} cached layers {list(layer_names)}")
+        indices.append(i % num_layers)
+    return indices
+
+
+def select_token_positions(
+    layer_names: Sequence[str], token_names: Sequence[str], *, layers: str | Sequence[int], tokens: Sequence[str]
+) -> list[tuple[int, int]]:
+    """(layer index, token index) slots of the cache that a probe reads, ordered cls@l, ap@l, cls@l+1, ...
+
+    Args:
+        layer_names: the cache's layer axis, e.g. ["block0", ..., "block11", "final"].
+        token_names: the cache's token axis, e.g. ["cls", "ap"].
+        layers: "all" | "last" | "paper" | cached-layer positions (negatives allowed).
+        tokens: token names to read per layer, in the order the head sees them.
+    """
+    token_indices = []
+    for token in tokens:
+        if token not in token_names:
+            raise unknown_name_error("token", token, list(token_names))
+        token_indices.append(list(token_names).index(token))
+    return [(li, ti) for li in _layer_indices(layer_names, layers) for ti in token_indices]
+
+
+def token_labels(
+    layer_names: Sequence[str], token_names: Sequence[str], positions: Sequence[tuple[int, int]]
+) -> list[str]:
+    """Readable names of the selected slots, e.g. ["block1/cls", "block1/ap", ..., "final/ap"]."""
+    return [f"{layer_names[li]}/{token_names[ti]}" for li, ti in positions]
+
+
+def gather_tokens(
+    tokens: torch.Tensor, positions: Sequence[tuple[int, int]], *, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pick the selected slots out of a cache tensor; never writes into `tokens` (it may be read-only).
+
+    Args:
+        tokens: cached features `[N, L, T, D]` (any float dtype).
+        positions: slots from `select_token_positions`.
+        rows: optional image indices, to gather one batch without touching the rest.
+
+    Returns:
+        `[N or len(rows), K, D]` float32, K = len(positions).
+    """
+    return gather_raw(tokens, positions, rows=rows).float()
+
+
+def gather_raw(
+    tokens: torch.Tensor, positions: Sequence[tuple[int, int]], *, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """As `gather_tokens` but keeps the cache's dtype (float16 selections are half the memory)."""
+    if tokens.dim() != 4:
+        raise ValueError(f"tokens must be [N, L, T, D], got shape {tuple(tokens.shape)}")
+    if not positions:
+        raise ValueError("positions is empty: the probe selects no tokens")
+    layer_index = torch.tensor([p[0] for p in positions], dtype=torch.long, device=tokens.device)
+    token_index = torch.tensor([p[1] for p in positions], dtype=torch.long, device=tokens.device)
+    if rows is None:
+        return tokens[:, layer_index, token_index]  # advanced indexing copies: [N, K, D]
+    rows = rows.to(tokens.device)
+    return tokens[rows[:, None], layer_index[None, :], token_index[None, :]]
+
+
+def normalize_tokens(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise every (image, token) vector of `x  # [..., D]`; all-zero vectors stay zero (no NaN)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------- heads
+
+
+def _uniform_(tensor: torch.Tensor, fan_in: int, generator: torch.Generator) -> None:
+    # nn.Linear's default init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
+    # weight and bias; the reference keeps these defaults.
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    tensor.uniform_(-bound, bound, generator=generator)
+
+
+class StackedLinearHead(nn.Module):
+    """G independent linear probes on the flattened tokens: `[B, K, D] -> logits [G, B, C]`."""
+
+    def __init__(self, grid_size: int, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.grid_size, self.in_features, self.num_classes = grid_size, in_features, num_classes
+        self.weight = nn.Parameter(torch.empty(grid_size, num_classes, in_features))
+        self.bias = nn.Parameter(torch.empty(grid_size, num_classes))
+        self.reset_parameters(seed=0)
+
+    @torch.no_grad()
+    def reset_parameters(self, *, seed: int) -> None:
+        """Initialise every member identically from `seed` (member m equals a G=1 head with the same seed)."""
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.empty(self.num_classes, self.in_features)
+        bias = torch.empty(self.num_classes)
+        _uniform_(weight, self.in_features, generator)
+        _uniform_(bias, self.in_features, generator)
+        self.weight.copy_(weight.expand_as(self.weight))
+        self.bias.copy_(bias.expand_as(self.bias))
+
+    def describe(self) -> dict:
+        """Constructor arguments, for checkpoints."""
+        return {"kind": "linear", "grid_size": self.grid_size, "in_features": self.in_features,
+                "num_classes": self.num_classes}  # fmt: skip
+
+    def forward(
+        self, x: torch.Tensor, *, return_attention: bool = False, dropout_noise: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, None]:
+        flat = x.reshape(x.shape[0], -1)  # [B, K*D], ordered cls@l, ap@l, ... like the reference's concat
+        if flat.shape[1] != self.in_features:
+            raise ValueError(f"linear head expects {self.in_features} features per image, got {flat.shape[1]}")
+        logits = torch.einsum("bf,gcf->gbc", flat, self.weight) + self.bias[:, None, :]
+        return (logits, None) if return_attention else logits
+
+
+class StackedAttentiveHead(nn.Module):
+    """G ALF probes: one learned query cross-attends over the layer tokens (the reference's attentive block).
+
+    Per member: query (N(0, 0.02)), LayerNorms on q, k, v, bias-free q/k/v maps D -> H*h, output projection
+    H*h -> D with bias, no residual and no MLP, BatchNorm1d(D, affine) on the attended query, Linear(D, C).
+    It is computed in the reassociated single-query form: W_k is folded into the query and values are
+    projected after attending, so no per-token K/V projection is ever made (see DESIGN.md "Cost").
+    """
+
+    def __init__(
+        self, grid_size: int, dim: int, num_heads: int, num_classes: int, attn_dropout: Sequence[float] | None = None
+    ) -> None:
+        super().__init__()
+        if dim // num_heads < 1:
+            raise ValueError(f"attentive head: dim {dim} is smaller than num_heads {num_heads}; use fewer heads")
+        attn_dropout = [0.0] * grid_size if attn_dropout is None else [float(p) for p in attn_dropout]
+        if len(attn_dropout) != grid_size:
+            raise ValueError(f"attn_dropout has {len(attn_dropout)} values for a grid of {grid_size} members")
+        if any(not 0.0 <= p < 1.0 for p in attn_dropout):
+            raise ValueError(f"attn_dropout values must lie in [0, 1), got {attn_dropout}")
+        self.grid_size, self.dim, self.num_heads, self.num_classes = grid_size, dim, num_heads, num_classes
+        self.head_dim = 2 * (dim // num_heads)  # the reference doubled CAE's head width after an ablation
+        self.scale = self.head_dim**-0.5
+        inner = num_heads * self.head_dim
+        g = grid_size
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(g, *shape))
+
+        self.query = param(dim)
+        self.norm_q_weight, self.norm_q_bias = param(dim), param(dim)
+        self.norm_k_weight, self.norm_k_bias = param(dim), param(dim)
+        self.norm_v_weight, self.norm_v_bias = param(dim), param(dim)
+        self.q_weight, self.k_weight, self.v_weight = param(inner, dim), param(inner, dim), param(inner, dim)
+        self.proj_weight, self.proj_bias = param(dim, inner), param(dim)
+        self.bn_weight, self.bn_bias = param(dim), param(dim)
+        self.classifier_weight, self.classifier_bias = param(num_classes, dim), param(num_classes)
+        self.register_buffer("bn_running_mean", torch.zeros(g, dim))
+        self.register_buffer("bn_running_var", torch.ones(g, dim))
+        self.register_buffer("bn_num_batches_tracked", torch.zeros(g, dtype=torch.long))
+        self.register_buffer("attn_dropout", torch.tensor(attn_dropout, dtype=torch.float32))
+        self.bn_momentum = 0.1
+        self.reset_parameters(seed=0)
+
+    @torch.no_grad()
+    def reset_parameters(self, *, seed: int) -> None:
+        """Initialise every member identically from `seed` (member m equals a G=1 head with the same seed)."""
+        generator = torch.Generator().manual_seed(seed)
+        d, inner, c = self.dim, self.num_heads * self.head_dim, self.num_classes
+        values = {"query": torch.empty(d).normal_(0.0, 0.02, generator=generator)}
+        for name, shape, fan_in in [
+            ("q_weight", (inner, d), d),
+            ("k_weight", (inner, d), d),
+            ("v_weight", (inner, d), d),
+            ("proj_weight", (d, inner), inner),
+            ("proj_bias", (d,), inner),
+            ("classifier_weight", (c, d), d),
+            ("classifier_bias", (c,), d),
+        ]:
+            values[name] = torch.empty(shape)
+            _uniform_(values[name], fan_in, generator)
+        for norm in ("norm_q", "norm_k", "norm_v", "bn"):
+            values[f"{norm}_weight"], values[f"{norm}_bias"] = torch.ones(d), torch.zeros(d)
+        for name, value in values.items():
+            getattr(self, name).copy_(value.expand_as(getattr(self, name)))
+        self.bn_running_mean.zero_()
+        self.bn_running_var.fill_(1.0)
+        self.bn_num_batches_tracked.zero_()
+
+    def describe(self) -> dict:
+        """Constructor arguments, for checkpoints."""
+        return {"kind": "attentive", "grid_size": self.grid_size, "dim": self.dim, "num_heads": self.num_heads,
+                "num_classes": self.num_classes, "attn_dropout": self.attn_dropout.tolist()}  # fmt: skip
+
+    def _query_keys(self) -> torch.Tensor:
+        """Per member and head, the query folded through W_k and LN_k's scale: `[G, H, D]`."""
+        g, h, e, d = self.grid_size, self.num_heads, self.head_dim, self.dim
+        query = F.layer_norm(self.query, (d,), eps=NORM_EPS) * self.norm_q_weight + self.norm_q_bias  # [G, D]
+        q = torch.einsum("gd,ged->ge", query, self.q_weight).view(g, h, e)
+        u = torch.einsum("ghe,ghed->ghd", q, self.k_weight.view(g, h, e, d))  # u_h = W_k,h^T q_h
+        # LN_k(x) = xhat * gamma + beta; beta . u is the same for every token, so it cancels in the softmax.
+        return u * self.norm_k_weight[:, None, :] * self.scale
+
+    def _batch_norm(self, y: torch.Tensor) -> torch.Tensor:
+        """BatchNorm1d per member on `y  # [G, B, D]` (batch statistics per member in training)."""
+        if self.training:
+            if y.shape[1] < 2:
+                raise ValueError(f"batch norm in training needs at least 2 images per batch, got {y.shape[1]}")
+            mean = y.mean(dim=1)
+            var = y.var(dim=1, unbiased=False)
+            with torch.no_grad():
+                n = y.shape[1]
+                self.bn_running_mean.lerp_(mean.detach(), self.bn_momentum)
+                self.bn_running_var.lerp_(var.detach() * (n / (n - 1)), self.bn_momentum)
+                self.bn_num_batches_tracked.add_(1)
+        else:
+            mean, var = self.bn_running_mean, self.bn_running_var
+        y_hat = (y - mean[:, None, :]) * torch.rsqrt(var[:, None, :] + NORM_EPS)
+        return y_hat * self.bn_weight[:, None, :] + self.bn_bias[:, None, :]
+
+    def forward(
+        self, x: torch.Tensor, *, return_attention: bool = False, dropout_noise: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[G, B, C]` for tokens `x  # [B, K, D]`; with `return_attention`, also `[G, B, H, K]`.
+
+        Args:
+            x: gathered, normalised tokens.
+            return_attention: also return the post-softmax, pre-dropout attention.
+            dropout_noise: uniform draws `[B, H, K]` shared by all members; member g drops where noise < p_g.
+                Lets a grid and a lone member see the same masks. Drawn from torch's global RNG when None.
+        """
+        batch, _, dim = x.shape
+        if dim != self.dim:
+            raise ValueError(f"attentive head expects token width {self.dim}, got {dim}")
+        g, h, e = self.grid_size, self.num_heads, self.head_dim
+        x_hat = F.layer_norm(x, (dim,), eps=NORM_EPS)  # shared by every member: LN affine parts are per member
+        scores = torch.einsum("btd,ghd->gbht", x_hat, self._query_keys())
+        attention = scores.softmax(dim=-1)  # [G, B, H, K]
+        weights = attention
+        if self.training and bool((self.attn_dropout > 0).any()):
+            if dropout_noise is None:
+                dropout_noise = torch.rand(batch, h, x.shape[1], device=x.device)
+            p = self.attn_dropout.view(g, 1, 1, 1)
+            weights = attention * (dropout_noise[None] >= p) / (1.0 - p)
+        # W_v sum_t a_t LN_v(x_t) = (W_v gamma_v) (sum_t a_t xhat_t) + (W_v beta_v) sum_t a_t; sum_t a_t = 1 without
+        # dropout. Folding gamma_v, beta_v into W_v keeps elementwise work off the big [G, B, H, D] tensor.
+        pooled = torch.einsum("gbht,btd->gbhd", weights, x_hat)
+        v_weight = self.v_weight.view(g, h, e, dim)
+        values = torch.einsum("gbhd,ghed->gbhe", pooled, v_weight * self.norm_v_weight[:, None, None, :])
+        v_bias = torch.einsum("ghed,gd->ghe", v_weight, self.norm_v_bias)
+        values = (values + weights.sum(dim=-1)[..., None] * v_bias[:, None]).reshape(g, batch, h * e)
+        attended = torch.einsum("gbe,gde->gbd", values, self.proj_weight) + self.proj_bias[:, None, :]
+        features = self._batch_norm(attended)
+        logits = torch.einsum("gbd,gcd->gbc", features, self.classifier_weight) + self.classifier_bias[:, None, :]
+        return (logits, attention) if return_attention else logits
+
+
+class ReferenceAttentiveHead(nn.Module):
+    """One ALF probe written the straightforward way (per-token K and V projections), like the reference code.
+
+    For the equivalence test and the benchmark: trainable, built from one member of a stacked head.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_classes: int, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, 2 * (dim // num_heads)
+        inner = num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.attn_dropout = attn_dropout
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm_q, self.norm_k, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, inner, bias=False)
+        self.k = nn.Linear(dim, inner, bias=False)
+        self.v = nn.Linear(dim, inner, bias=False)
+        self.proj = nn.Linear(inner, dim)
+        self.bn = nn.BatchNorm1d(dim, affine=True)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    @classmethod
+    @torch.no_grad()
+    def from_member(cls, head: StackedAttentiveHead, member: int = 0) -> ReferenceAttentiveHead:
+        """A copy of member `member` of `head` (weights, BN statistics, dropout and train/eval mode)."""
+        ref = cls(head.dim, head.num_heads, head.num_classes, float(head.attn_dropout[member]))
+        ref = ref.to(device=head.query.device, dtype=head.query.dtype)
+        m = member
+        ref.query.copy_(head.query[m].view(1, 1, -1))
+        for norm in ("norm_q", "norm_k", "norm_v"):
+            getattr(ref, norm).weight.copy_(getattr(head, f"{norm}_weight")[m])
+            getattr(ref, norm).bias.copy_(getattr(head, f"{norm}_bias")[m])
+        ref.q.weight.copy_(head.q_weight[m])
+        ref.k.weight.copy_(head.k_weight[m])
+        ref.v.weight.copy_(head.v_weight[m])
+        ref.proj.weight.copy_(head.proj_weight[m])
+        ref.proj.bias.copy_(head.proj_bias[m])
+        ref.bn.weight.copy_(head.bn_weight[m])
+        ref.bn.bias.copy_(head.bn_bias[m])
+        ref.bn.running_mean.copy_(head.bn_running_mean[m])
+        ref.bn.running_var.copy_(head.bn_running_var[m])
+        ref.bn.num_batches_tracked.copy_(head.bn_num_batches_tracked[m])
+        ref.classifier.weight.copy_(head.classifier_weight[m])
+        ref.classifier.bias.copy_(head.classifier_bias[m])
+        return ref.train(head.training)
+
+    def forward(
+        self, x: torch.Tensor, *, return_attention: bool = False, dropout_noise: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, C]` (and attention `[B, H, K]`) for tokens `x  # [B, K, D]`."""
+        batch, num_tokens, _ = x.shape
+        h = self.num_heads
+        q = self.q(self.norm_q(self.query.expand(batch, -1, -1))).view(batch, 1, h, -1).transpose(1, 2)
+        k = self.k(self.norm_k(x)).view(batch, num_tokens, h, -1).transpose(1, 2)  # [B, H, K, h]
+        v = self.v(self.norm_v(x)).view(batch, num_tokens, h, -1).transpose(1, 2)
+        attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, K]
+        weights = attention
+        if self.training and self.attn_dropout > 0:
+            if dropout_noise is None:
+                weights = F.dropout(attention, self.attn_dropout)
+            else:
+                weights = attention * (dropout_noise[:, :, None, :] >= self.attn_dropout) / (1 - self.attn_dropout)
+        attended = self.proj((weights @ v).transpose(1, 2).reshape(batch, -1))
+        logits = self.classifier(self.bn(attended))
+        return (logits, attention[:, :, 0, :]) if return_attention else logits
+
+
+def attentive_reference_forward(
+    head: StackedAttentiveHead, x: torch.Tensor, member: int = 0, *, dropout_noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member `member`'s logits `[B, C]` and attention `[B, H, K]`, computed the straightforward way.
+
+    Works on a copy, so BatchNorm running statistics of `head` are not touched.
+    """
+    reference = ReferenceAttentiveHead.from_member(head, member)
+    return reference(x, return_attention=True, dropout_noise=dropout_noise)
+
+
+# ---------------------------------------------------------------- building heads
+
+_HEADS: Registry[nn.Module] = Registry("probe head")
+
+
+@_HEADS.register("linear")
+def _make_linear(*, grid_size: int, in_features: int, num_classes: int, **_: object) -> nn.Module:
+    return StackedLinearHead(grid_size, in_features, num_classes)
+
+
+@_HEADS.register("attentive")
+def _make_attentive(
+    *, grid_size: int, dim: int, num_heads: int, num_classes: int, attn_dropout: Sequence[float], **_: object
+) -> nn.Module:
+    return StackedAttentiveHead(grid_size, dim, num_heads, num_classes, attn_dropout)
+
+
+def head_from_description(description: dict) -> nn.Module:
+    """Rebuild an (uninitialised-weights) head from `head.describe()`, e.g. when loading a checkpoint."""
+    kind = description.get("kind")
+    return _HEADS.create(str(kind), **{k: v for k, v in description.items() if k != "kind"})
+
+
+def build_probe(
+    spec: ProbeSpec,
+    *,
+    num_tokens: int,
+    dim: int,
+    num_classes: int,
+    grid_size: int = 1,
+    attn_dropouts: Sequence[float] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A stacked head of `grid_size` members for `spec`, every member initialised from `seed`.
+
+    Args:
+        spec: what the probe reads and its head.
+        num_tokens: K, tokens per image after selection.
+        dim: D, token width.
+        num_classes: C.
+        grid_size: G, members trained at once.
+        attn_dropouts: per-member attention dropout (attentive heads; ignored by linear ones).
+        seed: initialisation seed; member m equals a G=1 probe built with the same seed.
+    """
+    if grid_size < 1:
+        raise ValueError(f"grid_size must be >= 1, got {grid_size}")
+    if spec.head == "linear":
+        head: nn.Module = _HEADS.create("linear", grid_size=grid_size, in_features=num_tokens * dim,
+                                        num_classes=num_classes)  # fmt: skip
+    else:
+        num_heads = spec.num_heads or num_tokens  # the reference's launcher: heads = number of input tokens
+        dropouts = [0.0] * grid_size if attn_dropouts is None else list(attn_dropouts)
+        head = _HEADS.create("attentive", grid_size=grid_size, dim=dim, num_heads=num_heads,
+                             num_classes=num_classes, attn_dropout=dropouts)  # fmt: skip
+    head.reset_parameters(seed=seed)
+    return head
+
+
+@torch.no_grad()
+def extract_member(stacked: nn.Module, member: int) -> nn.Module:
+    """Member `member` of a stacked head as a G=1 head (same weights, buffers and train/eval mode)."""
+    description = stacked.describe()
+    if not 0 <= member < description["grid_size"]:
+        raise ValueError(f"member {member} is out of range for a grid of {description['grid_size']}")
+    description["grid_size"] = 1
+    if "attn_dropout" in description:
+        description["attn_dropout"] = [description["attn_dropout"][member]]
+    single = head_from_description(description)
+    state = {name: value[member : member + 1].clone() for name, value in stacked.state_dict().items()}
+    single.load_state_dict(state)
+    first = next(stacked.parameters())
+    return single.to(device=first.device, dtype=first.dtype).train(stacked.training)
+

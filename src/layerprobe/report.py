@@ -1,0 +1,111 @@
+"""The paper-style results table: datasets x probes per backbone, with the gain of `alf` over `linear_last_cls`.
+
+Pure functions from the evaluate stage's metrics summary ({backbone: {dataset: {probe: metrics}}}) to rows,
+Markdown, CSV and a gains series that `dvc plots` can draw. Accuracies are reported in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+BASELINE = "linear_last_cls"
+HEADLINE = "alf"
+METRIC = "test_balanced_accuracy"  # the paper's headline metric
+
+
+def results_rows(summary: dict, *, probes: list[str], groups: dict[str, str | None] | None = None) -> list[dict]:
+    """One row per (backbone, dataset): each probe's test balanced accuracy (%) and the headline gain (pp)."""
+    rows = []
+    for backbone, datasets in summary.items():
+        for dataset, by_probe in datasets.items():
+            row = {"backbone": backbone, "dataset": dataset, "group": (groups or {}).get(dataset) or ""}
+            for probe in probes:
+                value = by_probe.get(probe, {}).get(METRIC)
+                row[probe] = None if value is None else 100.0 * value
+            row["gain"] = _gain(row)
+            rows.append(row)
+    return rows
+
+
+def _gain(row: dict) -> float | None:
+    if row.get(HEADLINE) is None or row.get(BASELINE) is None:
+        return None
+    return row[HEADLINE] - row[BASELINE]
+
+
+def mean_row(rows: list[dict], probes: list[str], *, backbone: str) -> dict:
+    """The mean over datasets of one backbone (the paper's per-model summary)."""
+    mine = [r for r in rows if r["backbone"] == backbone]
+    mean = {"backbone": backbone, "dataset": "mean", "group": ""}
+    for key in [*probes, "gain"]:
+        values = [r[key] for r in mine if r.get(key) is not None]
+        mean[key] = sum(values) / len(values) if values else None
+    return mean
+
+
+def format_markdown(rows: list[dict], probes: list[str]) -> str:
+    """One table per backbone: rows datasets (+ mean), columns probes and the gain of alf over linear_last_cls."""
+    parts = [f"# Results: test balanced accuracy (%), gain = {HEADLINE} - {BASELINE} (pp)\n"]
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        table = [r for r in rows if r["backbone"] == backbone] + [mean_row(rows, probes, backbone=backbone)]
+        parts.append(f"\n## {backbone}\n")
+        parts.append("| dataset | group | " + " | ".join(probes) + " | gain |")
+        parts.append("|---|---|" + "---:|" * (len(probes) + 1))
+        for r in table:
+            best = max((r[p] for p in probes if r[p] is not None), default=None)
+            cells = [_cell(r[p], bold=r[p] is not None and r[p] == best) for p in probes]
+            gain = "" if r["gain"] is None else f"{r['gain']:+.2f}"
+            parts.append(f"| {r['dataset']} | {r['group']} | " + " | ".join(cells) + f" | {gain} |")
+    return "\n".join(parts) + "\n"
+
+
+def _cell(value: float | None, *, bold: bool) -> str:
+    if value is None:
+        return "–"
+    return f"**{value:.2f}**" if bold else f"{value:.2f}"
+
+
+def format_csv(rows: list[dict], probes: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["backbone", "dataset", "group", *probes, "gain"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def gains_series(rows: list[dict]) -> list[dict]:
+    """`[{task, gain}]` for `dvc plots` (a bar per backbone/dataset)."""
+    return [{"task": f"{r['backbone']}/{r['dataset']}", "gain": r["gain"]} for r in rows if r["gain"] is not None]
+
+
+def write_report(
+    summary: dict, out_dir: Path, *, probes: list[str], groups: dict[str, str | None], heatmaps: dict[str, Path]
+) -> dict[str, Path]:
+    """Write report.md, report.csv, gains.json, gains.png and heatmaps.png; return their paths."""
+    from layerprobe.plots import plot_gains, plot_heatmap_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = results_rows(summary, probes=probes, groups=groups)
+    files = {
+        "markdown": out_dir / "report.md",
+        "csv": out_dir / "report.csv",
+        "gains": out_dir / "gains.json",
+        "gains_png": out_dir / "gains.png",
+        "heatmaps_png": out_dir / "heatmaps.png",
+    }
+    files["markdown"].write_text(format_markdown(rows, probes))
+    files["csv"].write_text(format_csv(rows, probes))
+    series = gains_series(rows)
+    files["gains"].write_text(json.dumps(series, indent=2) + "\n")
+    plot_gains(
+        [s["task"] for s in series], [s["gain"] for s in series], files["gains_png"],
+        title=f"{HEADLINE} gain over {BASELINE} (test balanced accuracy, pp)",
+    )
+    loaded = {name: json.loads(Path(path).read_text()) for name, path in heatmaps.items()}
+    plot_heatmap_grid(loaded, files["heatmaps_png"])
+    return files

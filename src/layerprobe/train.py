@@ -1,0 +1,365 @@
+"""Probe training with the paper's recipe, a whole hyperparameter grid at once, sweep selection and refit.
+
+Recipe (reference code's defaults): AdamW, cosine decay to 1e-6 without warm-up, class-weighted cross-entropy,
+at least 1000 steps, grad-norm clip 5, Gaussian feature jitter (sigma 0.05, p 0.5) on training batches only.
+All members of a grid see the same batches, jitter and dropout draws, so member m ends with the same weights as
+its config trained alone with the same seed; only the compute is shared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+
+from layerprobe.probes import ProbeSpec, StackedAttentiveHead, build_probe, gather_raw, normalize_tokens
+
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train (shared by every member of a grid).
+
+    Attributes:
+        epochs: passes over the training set (raised so the run has at least `min_steps` steps).
+        min_steps: at least 1000 optimisation steps, as the reference: small datasets otherwise undertrain.
+        batch_size: largest batch; batches are evened out so the last one is not a runt.
+        min_batches: at least this many batches per epoch (the reference shrinks batches on small datasets).
+        grad_clip: per-member gradient-norm clip.
+        jitter_std: std of the Gaussian noise added to normalised training tokens.
+        jitter_prob: probability that an image's tokens get that noise.
+        min_lr: end of the cosine decay.
+        seed: initialisation, shuffling, jitter and dropout draws.
+        device: "cpu", "cuda" or "auto" (cuda when available).
+        log_every: record the loss every this many steps.
+    """
+
+    epochs: int = 40
+    min_steps: int = 1000
+    batch_size: int = 2048
+    min_batches: int = 5
+    grad_clip: float = 5.0
+    jitter_std: float = 0.05
+    jitter_prob: float = 0.5
+    min_lr: float = 1e-6
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "min_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_steps < 0 or self.grad_clip <= 0 or self.jitter_std < 0 or self.min_lr < 0:
+            raise ValueError(f"TrainSettings has a negative/zero value that must be positive: {self}")
+        if not 0.0 <= self.jitter_prob <= 1.0:
+            raise ValueError(f"TrainSettings.jitter_prob must lie in [0, 1], got {self.jitter_prob}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"TrainSettings.device {self.device!r} is not one of {DEVICE_CHOICES}")
+
+
+@dataclass(frozen=True)
+class HParams:
+    """One point of the sweep grid."""
+
+    lr: float
+    weight_decay: float
+    attn_dropout: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """Sweep-head name in DINOv2's style, e.g. "lr1e-03_wd1e-04_do0.1"."""
+        return f"lr{self.lr:.0e}_wd{self.weight_decay:.0e}_do{self.attn_dropout:g}"
+
+
+def make_grid(
+    lrs: Sequence[float], weight_decays: Sequence[float], attn_dropouts: Sequence[float] = (0.0,)
+) -> list[HParams]:
+    """Every (lr, weight decay, attention dropout) combination, lr-major."""
+    grid = [HParams(lr, wd, p) for lr, wd, p in itertools.product(lrs, weight_decays, attn_dropouts)]
+    if not grid:
+        raise ValueError(f"empty grid: lrs={list(lrs)}, weight_decays={list(weight_decays)}, "
+                         f"attn_dropouts={list(attn_dropouts)}")  # fmt: skip
+    return grid
+
+
+@dataclass
+class TrainedGrid:
+    """A trained stacked probe (eval mode) and its per-step history."""
+
+    probe: nn.Module
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    epochs: int = 0
+
+
+@dataclass
+class SweepResult:
+    """The chosen config, every member's validation scores and the refit G=1 probe (eval mode)."""
+
+    best: HParams
+    best_index: int
+    val_scores: list[dict]
+    probe: nn.Module
+    history: list[dict]
+
+
+class StackedAdamW:
+    """AdamW over parameters with a leading grid dimension, with per-member learning rate and weight decay.
+
+    Matches torch.optim.AdamW (decoupled decay, bias correction, eps outside the sqrt) member by member.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        *,
+        weight_decay: torch.Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.params = list(params)
+        self.weight_decay = weight_decay
+        self.betas, self.eps = betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.step_count = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor) -> None:
+        """One update with per-member learning rates `lr  # [G]`."""
+        beta1, beta2 = self.betas
+        self.step_count += 1
+        bias_correction1 = 1 - beta1**self.step_count
+        bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
+        for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            member_lr = lr.view(shape)
+            p.mul_(1 - member_lr * self.weight_decay.view(shape))
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.sub_(exp_avg / denom * (member_lr / bias_correction1))
+
+
+@torch.no_grad()
+def clip_grad_norm_per_member(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale each member's gradients so its global norm is at most `max_norm`; returns the norms `[G]`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+    for g in grads:
+        g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
+    return norms
+
+
+def cosine_lr(base_lr: torch.Tensor, step: int, total_steps: int, min_lr: float) -> torch.Tensor:
+    """Cosine decay from `base_lr` to `min_lr` over `total_steps`, no warm-up (the reference's schedule)."""
+    return min_lr + 0.5 * (1 + math.cos(math.pi * step / total_steps)) * (base_lr - min_lr)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device {device!r} is not one of {DEVICE_CHOICES}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """n / (C * n_c) per class, 0 for classes absent from `labels` (the reference's weighting)."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    weights = torch.where(counts == 0, 0.0, labels.numel() / (num_classes * counts.clamp_min(1)))
+    return weights.float()
+
+
+def batch_plan(num_images: int, settings: TrainSettings) -> tuple[int, int, int]:
+    """(batch size, steps per epoch, epochs): evened-out batches, epochs raised to reach `min_steps`."""
+    num_batches = max(math.ceil(num_images / settings.batch_size), min(settings.min_batches, num_images // 2), 1)
+    batch_size = math.ceil(num_images / num_batches)
+    steps_per_epoch = math.ceil(num_images / batch_size)
+    epochs = max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))
+    return batch_size, steps_per_epoch, epochs
+
+
+def _check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels must be [N] with N={features.shape[0]}, got shape {tuple(labels.shape)}")
+    if features.shape[0] < 2:
+        raise ValueError(f"need at least 2 training images, got {features.shape[0]}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+
+
+def train_selected(
+    spec: ProbeSpec,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    grid: Sequence[HParams],
+    settings: TrainSettings,
+) -> TrainedGrid:
+    """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype)."""
+    _check_inputs(features, labels, num_classes)
+    if not grid:
+        raise ValueError("grid is empty: give at least one HParams")
+    device = resolve_device(settings.device)
+    num_images, num_tokens, dim = features.shape
+    probe = build_probe(spec, num_tokens=num_tokens, dim=dim, num_classes=num_classes, grid_size=len(grid),
+                        attn_dropouts=[h.attn_dropout for h in grid], seed=settings.seed).to(device).train()  # fmt: skip
+    params = list(probe.parameters())
+    base_lr = torch.tensor([h.lr for h in grid], device=device)
+    optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
+    features, labels = features.to(device), labels.to(device)
+    weights = class_weights(labels, num_classes)
+
+    batch_size, steps_per_epoch, epochs = batch_plan(num_images, settings)
+    total_steps = steps_per_epoch * epochs
+    # Separate generators, so drawing (or not) one kind of randomness never shifts another.
+    shuffle_gen = torch.Generator().manual_seed(settings.seed)
+    jitter_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
+    dropout_gen = torch.Generator(device=device).manual_seed(settings.seed + 2)
+    attentive = isinstance(probe, StackedAttentiveHead)
+    history: list[dict] = []
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(num_images, generator=shuffle_gen).to(device)
+        for start in range(0, num_images, batch_size):
+            rows = order[start : start + batch_size]
+            x = normalize_tokens(features[rows].float())  # [b, K, D]
+            b = x.shape[0]
+            jittered = torch.rand(b, generator=jitter_gen, device=device) < settings.jitter_prob
+            noise = torch.randn(x.shape, generator=jitter_gen, device=device) * settings.jitter_std
+            x = x + noise * jittered[:, None, None]
+            dropout_noise = None
+            if attentive:  # drawn every step for every grid, so a lone member sees the same masks
+                dropout_noise = torch.rand(b, probe.num_heads, num_tokens, generator=dropout_gen, device=device)
+            logits = probe(x, dropout_noise=dropout_noise)  # [G, b, C]
+            y = labels[rows]
+            per_image = F.cross_entropy(logits.permute(1, 2, 0), y[:, None].expand(-1, len(grid)),
+                                        weight=weights, reduction="none")  # fmt: skip
+            member_loss = per_image.sum(0) / weights[y].sum()  # each member's weighted mean, as CrossEntropyLoss
+            lr = cosine_lr(base_lr, step, total_steps, settings.min_lr)
+            optimizer.zero_grad()
+            member_loss.sum().backward()  # members share no parameters, so their gradients stay independent
+            clip_grad_norm_per_member(params, settings.grad_clip)
+            optimizer.step(lr)
+            step += 1
+            if step % settings.log_every == 0 or step == total_steps:
+                history.append({"step": step, "loss": member_loss.detach().cpu().tolist(), "lr": lr.cpu().tolist()})
+    return TrainedGrid(probe=probe.eval(), history=history, steps=total_steps, epochs=epochs)
+
+
+def train_grid(
+    spec: ProbeSpec,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    positions: Sequence[tuple[int, int]],
+    num_classes: int,
+    grid: Sequence[HParams],
+    settings: TrainSettings,
+) -> TrainedGrid:
+    """Train all configs of `grid` at once on the same batches.
+
+    Args:
+        spec: the probe.
+        tokens: cached features `[N, L, T, D]` (float16 usually; never written to).
+        labels: `[N]` int64 class indices.
+        positions: slots from `select_token_positions`.
+        num_classes: C.
+        grid: hyperparameters, one per member.
+        settings: the shared recipe.
+
+    Returns:
+        The stacked probe (G = len(grid), eval mode) and the loss/lr history.
+    """
+    return train_selected(spec, gather_raw(tokens, positions), labels, num_classes=num_classes, grid=grid,
+                          settings=settings)  # fmt: skip
+
+
+@torch.no_grad()
+def predict_selected(
+    probe: nn.Module, features: torch.Tensor, *, batch_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens."""
+    was_training = probe.training
+    probe.eval()
+    device = next(probe.parameters()).device
+    logits, attention = [], []
+    for start in range(0, features.shape[0], batch_size):
+        x = normalize_tokens(features[start : start + batch_size].to(device).float())
+        batch_logits, batch_attention = probe(x, return_attention=True)
+        logits.append(batch_logits.cpu())
+        if batch_attention is not None:
+            attention.append(batch_attention.cpu())
+    probe.train(was_training)
+    all_logits = torch.cat(logits, dim=1)
+    return all_logits.argmax(-1), all_logits, torch.cat(attention, dim=1) if attention else None
+
+
+def predict(
+    probe: nn.Module, tokens: torch.Tensor, *, positions: Sequence[tuple[int, int]], batch_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Batched eval-mode predictions of a G=1 probe on cached features `[N, L, T, D]`.
+
+    Returns:
+        predictions `[N]`, logits `[N, C]`, attention `[N, H, K]` (None for linear heads). A grid probe (G > 1)
+        keeps a leading G on every output.
+    """
+    predictions, logits, attention = predict_selected(probe, gather_raw(tokens, positions), batch_size=batch_size)
+    if predictions.shape[0] == 1:
+        return predictions[0], logits[0], None if attention is None else attention[0]
+    return predictions, logits, attention
+
+
+def sweep_probe(
+    spec: ProbeSpec,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    val_tokens: torch.Tensor,
+    val_labels: torch.Tensor,
+    positions: Sequence[tuple[int, int]],
+    num_classes: int,
+    grid: Sequence[HParams],
+    settings: TrainSettings,
+) -> SweepResult:
+    """Train the grid on train, pick the best member by validation balanced accuracy, refit it on train+val.
+
+    Ties go to the first member in grid order. The refit is a G=1 run with the same settings and seed.
+    """
+    train_features, val_features = gather_raw(tokens, positions), gather_raw(val_tokens, positions)
+    trained = train_selected(spec, train_features, labels, num_classes=num_classes, grid=grid, settings=settings)
+    predictions, _, _ = predict_selected(trained.probe, val_features)
+    truth = val_labels.cpu().numpy()
+    val_scores = []
+    for hparams, member_predictions in zip(grid, predictions, strict=True):
+        guess = member_predictions.numpy()
+        val_scores.append({"name": hparams.name, "lr": hparams.lr, "weight_decay": hparams.weight_decay,
+                           "attn_dropout": hparams.attn_dropout,
+                           "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
+                           "accuracy": float((guess == truth).mean())})  # fmt: skip
+    best_index = max(range(len(grid)), key=lambda i: (val_scores[i]["balanced_accuracy"], -i))
+    best = grid[best_index]
+    refit = train_selected(spec, torch.cat([train_features, val_features.to(train_features.dtype)]),
+                           torch.cat([labels, val_labels]), num_classes=num_classes, grid=[best],
+                           settings=settings)  # fmt: skip
+    return SweepResult(best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe,
+                       history=refit.history)  # fmt: skip
+
