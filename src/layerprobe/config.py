@@ -79,6 +79,8 @@ class DatasetConfig:
     options: dict[str, Any] = field(default_factory=dict)
     group: str | None = None  # domain group for the report (natural multi-domain, structured, ...)
     description: str | None = None
+    num_classes: int | None = None
+    num_images: dict[str, int] | None = None  # per official split, so `layerprobe plan` can size caches up front
 
 
 @dataclass(frozen=True)

@@ -334,21 +334,28 @@ class StackedAttentiveHead(nn.Module):
         # LN_k(x) = xhat * gamma + beta; beta . u is the same for every token, so it cancels in the softmax.
         return u * self.norm_k_weight[:, None, :] * self.scale
 
-    def _batch_norm(self, y: torch.Tensor) -> torch.Tensor:
-        """BatchNorm1d per member on `y  # [G, B, D]` (batch statistics per member in training)."""
+    def _batch_norm(self, core: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """BatchNorm1d per member on `core + offset`, `core  # [G, B, D]` and a per-member constant `offset  # [G, D]`.
+
+        In training the batch mean removes any constant, so `offset` (the output bias, and W_v beta_v when the
+        member has no dropout) is kept out of the normalisation: its true gradient is exactly zero, and computing
+        it as a sum of cancelling terms would hand Adam rounding noise to amplify into lr-sized steps.
+        """
         if self.training:
-            if y.shape[1] < 2:
-                raise ValueError(f"batch norm in training needs at least 2 images per batch, got {y.shape[1]}")
-            mean = y.mean(dim=1)
-            var = y.var(dim=1, unbiased=False)
+            if core.shape[1] < 2:
+                raise ValueError(f"batch norm in training needs at least 2 images per batch, got {core.shape[1]}")
+            mean = core.mean(dim=1)
+            centered = core - mean[:, None, :]
+            var = centered.square().mean(dim=1)
             with torch.no_grad():
-                n = y.shape[1]
-                self.bn_running_mean.lerp_(mean.detach(), self.bn_momentum)
+                n = core.shape[1]
+                self.bn_running_mean.lerp_((mean + offset).detach(), self.bn_momentum)
                 self.bn_running_var.lerp_(var.detach() * (n / (n - 1)), self.bn_momentum)
                 self.bn_num_batches_tracked.add_(1)
+            y_hat = centered * torch.rsqrt(var[:, None, :] + NORM_EPS)
         else:
-            mean, var = self.bn_running_mean, self.bn_running_var
-        y_hat = (y - mean[:, None, :]) * torch.rsqrt(var[:, None, :] + NORM_EPS)
+            shift = offset - self.bn_running_mean
+            y_hat = (core + shift[:, None, :]) * torch.rsqrt(self.bn_running_var[:, None, :] + NORM_EPS)
         return y_hat * self.bn_weight[:, None, :] + self.bn_bias[:, None, :]
 
     def forward(
@@ -370,20 +377,27 @@ class StackedAttentiveHead(nn.Module):
         scores = torch.einsum("btd,ghd->gbht", x_hat, self._query_keys())
         attention = scores.softmax(dim=-1)  # [G, B, H, K]
         weights = attention
-        if self.training and bool((self.attn_dropout > 0).any()):
+        dropping = self.training and bool((self.attn_dropout > 0).any())
+        if dropping:
             if dropout_noise is None:
                 dropout_noise = torch.rand(batch, h, x.shape[1], device=x.device)
             p = self.attn_dropout.view(g, 1, 1, 1)
             weights = attention * (dropout_noise[None] >= p) / (1.0 - p)
-        # W_v sum_t a_t LN_v(x_t) = (W_v gamma_v) (sum_t a_t xhat_t) + (W_v beta_v) sum_t a_t; sum_t a_t = 1 without
-        # dropout. Folding gamma_v, beta_v into W_v keeps elementwise work off the big [G, B, H, D] tensor.
+        # W_v sum_t a_t LN_v(x_t) = (W_v gamma_v) (sum_t a_t xhat_t) + (W_v beta_v) sum_t a_t. Folding gamma_v and
+        # beta_v into W_v keeps elementwise work off the big [G, B, H, D] tensor.
         pooled = torch.einsum("gbht,btd->gbhd", weights, x_hat)
         v_weight = self.v_weight.view(g, h, e, dim)
         values = torch.einsum("gbhd,ghed->gbhe", pooled, v_weight * self.norm_v_weight[:, None, None, :])
-        v_bias = torch.einsum("ghed,gd->ghe", v_weight, self.norm_v_bias)
-        values = (values + weights.sum(dim=-1)[..., None] * v_bias[:, None]).reshape(g, batch, h * e)
-        attended = torch.einsum("gbe,gde->gbd", values, self.proj_weight) + self.proj_bias[:, None, :]
-        features = self._batch_norm(attended)
+        v_bias = torch.einsum("ghed,gd->ghe", v_weight, self.norm_v_bias)  # [G, H, h]
+        constant = v_bias  # without dropout sum_t a_t = 1: W_v beta_v is the same for every image
+        if dropping:
+            has_dropout = (self.attn_dropout > 0).to(x.dtype).view(g, 1, 1)
+            values = values + (weights.sum(dim=-1) * has_dropout)[..., None] * v_bias[:, None]
+            constant = v_bias * (1.0 - has_dropout)
+        values = values.reshape(g, batch, h * e)
+        attended = torch.einsum("gbe,gde->gbd", values, self.proj_weight)
+        offset = torch.einsum("ge,gde->gd", constant.reshape(g, h * e), self.proj_weight) + self.proj_bias
+        features = self._batch_norm(attended, offset)
         logits = torch.einsum("gbd,gcd->gbc", features, self.classifier_weight) + self.classifier_bias[:, None, :]
         return (logits, attention) if return_attention else logits
 

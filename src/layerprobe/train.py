@@ -114,7 +114,8 @@ class SweepResult:
 class StackedAdamW:
     """AdamW over parameters with a leading grid dimension, with per-member learning rate and weight decay.
 
-    Matches torch.optim.AdamW (decoupled decay, bias correction, eps outside the sqrt) member by member.
+    Matches torch.optim.AdamW (decoupled decay, bias correction, eps outside the sqrt) member by member, except
+    that a parameter without a gradient is treated as having a zero one (it still decays).
     """
 
     def __init__(
@@ -144,13 +145,14 @@ class StackedAdamW:
         bias_correction1 = 1 - beta1**self.step_count
         bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
         for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            if p.grad is None:
-                continue
+            # A parameter the loss does not reach (LN_k's bias cancels in the softmax) has a zero gradient, not
+            # none: it still decays, as in the reference, where it gets a numerically zero gradient.
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
             shape = (-1,) + (1,) * (p.dim() - 1)
             member_lr = lr.view(shape)
             p.mul_(1 - member_lr * self.weight_decay.view(shape))
-            exp_avg.lerp_(p.grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
             p.sub_(exp_avg / denom * (member_lr / bias_correction1))
 

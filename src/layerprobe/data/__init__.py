@@ -1,9 +1,11 @@
 """Dataset catalogue: named image sources, stratified splits and the prepared-dataset folder.
 
-    create_dataset("digits")                          # any registered source -> ImageDataset
-    make_splits(labels, val_fraction=0.2, seed=0)    # {"train", "val", "test"} index arrays
-    prepare_dataset("digits", source="digits", options={}, out_dir=..., val_fraction=0.2, test_fraction=0.2, seed=0)
-    open_prepared(out_dir)                            # what the extract stage reads
+Example:
+    dataset = create_dataset("count_shapes", num_images=2000, seed=0)  # any registered source -> ImageDataset
+    splits = make_splits(dataset.labels, val_fraction=0.2, test_fraction=0.2, seed=0)  # train/val/test indices
+    prepare_dataset("shapes", source="count_shapes", options={}, out_dir=out, val_fraction=0.2,
+                    test_fraction=0.2, seed=0)  # the prepare stage writes out/splits.json (+ images.tar)
+    prepared = open_prepared(out)  # what the extract stage reads
 """
 
 from layerprobe.data import generated as _generated  # noqa: F401  (registers the in-memory sources)
@@ -15,6 +17,7 @@ from layerprobe.data.catalogue import (
     is_materialised,
     list_sources,
     register_source,
+    source_factory,
 )
 from layerprobe.data.prepared import PreparedDataset, open_prepared, prepare_dataset
 from layerprobe.data.splits import make_splits
@@ -30,4 +33,5 @@ __all__ = [
     "open_prepared",
     "prepare_dataset",
     "register_source",
+    "source_factory",
 ]

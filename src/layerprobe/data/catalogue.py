@@ -68,6 +68,11 @@ def list_sources() -> list[str]:
     return _SOURCES.names()
 
 
+def source_factory(source: str) -> Callable[..., ImageDataset]:
+    """The factory registered under `source` (for checking options against its signature without building it)."""
+    return _SOURCES.get(source)
+
+
 def is_materialised(source: str) -> bool:
     """Whether `prepare_dataset` copies this source's pixels (instead of referencing its root)."""
     _SOURCES.get(source)  # unknown names fail with did-you-mean

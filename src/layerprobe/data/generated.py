@@ -16,7 +16,9 @@ _NOISE_STD = 0.08  # per-pixel Gaussian noise (on 0..1 intensities): no clean ba
 
 def _check_options(source: str, *, num_images: int, image_size: int, num_classes: int) -> None:
     if num_images < num_classes:
-        raise ValueError(f"source {source!r}: option num_images must be >= {num_classes} (one per class), got {num_images}")
+        raise ValueError(
+            f"source {source!r}: option num_images must be >= {num_classes} (one per class), got {num_images}"
+        )
     if image_size < 16:
         raise ValueError(f"source {source!r}: option image_size must be >= 16, got {image_size}")
 
@@ -38,8 +40,8 @@ def _render(mask: np.ndarray, rng: np.random.Generator, *, speckles: int = 0) ->
     Half the images are dark-on-light and half light-on-dark, so brightness alone says little about the label.
     """
     n, size, _ = mask.shape
-    dark = rng.uniform(0.0, 0.4, (n, 1, 1, 3)).astype(np.float32)
-    light = rng.uniform(0.6, 1.0, (n, 1, 1, 3)).astype(np.float32)
+    dark = rng.uniform(0.0, 0.35, (n, 1, 1, 3)).astype(np.float32)
+    light = rng.uniform(0.65, 1.0, (n, 1, 1, 3)).astype(np.float32)
     flip = (rng.random(n) < 0.5)[:, None, None, None]
     background, foreground = np.where(flip, light, dark), np.where(flip, dark, light)
     images = background + mask[..., None].astype(np.float32) * (foreground - background)  # [N, H, W, 3]
@@ -149,7 +151,14 @@ def shape_orientation(*, num_images: int = 2000, image_size: int = 32, seed: int
     return ArrayDataset(images, labels, names, description=_describe("shape_orientation", **options))
 
 
-_TEXTURES = ["horizontal stripes", "vertical stripes", "diagonal stripes", "antidiagonal stripes", "checkerboard", "dots"]
+_TEXTURES = [
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "antidiagonal stripes",
+    "checkerboard",
+    "dots",
+]
 _STRIPE_ANGLES = {0: 90.0, 1: 0.0, 2: 45.0, 3: 135.0}  # direction in which the stripe pattern varies
 
 

@@ -58,7 +58,10 @@ def _write_tar(dataset: ImageDataset, path: Path) -> str:
             png = io.BytesIO()
             dataset.load_image(index).save(png, format="PNG")
             key = f"{index:0{width}d}"
-            for member, data in ((f"{key}.png", png.getvalue()), (f"{key}.cls", str(int(dataset.labels[index])).encode())):
+            for member, data in (
+                (f"{key}.png", png.getvalue()),
+                (f"{key}.cls", str(int(dataset.labels[index])).encode()),
+            ):
                 # mtime, owner and mode fixed: the bytes depend on the pixels only.
                 info = tarfile.TarInfo(member)
                 info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (

@@ -42,7 +42,7 @@ class ImageFolderDataset:
         self.root = _require_dir(Path(root), "imagefolder")
         split_dirs = [self.root / s for s in SPLITS]
         has_splits = all(d.is_dir() for d in split_dirs)
-        parts = list(zip(SPLITS, split_dirs)) if has_splits else [(None, self.root)]
+        parts = list(zip(SPLITS, split_dirs, strict=True)) if has_splits else [(None, self.root)]
         class_dirs = {split: self._class_dirs(folder) for split, folder in parts}
         self.class_names = sorted({d.name for dirs in class_dirs.values() for d in dirs})
         if not self.class_names:
@@ -70,9 +70,8 @@ class ImageFolderDataset:
             if any(part.startswith(".") for part in path.relative_to(class_dir).parts) or not path.is_file():
                 continue  # hidden files (.DS_Store, editor swap files) are not samples
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise ValueError(
-                    f"source 'imagefolder': {str(path)!r} has an unknown extension (images: {', '.join(IMAGE_EXTENSIONS)})"
-                )
+                known = ", ".join(IMAGE_EXTENSIONS)
+                raise ValueError(f"source 'imagefolder': {str(path)!r} has an unknown extension (images: {known})")
             files.append(path)
         if not files:
             raise ValueError(f"source 'imagefolder': class folder {str(class_dir)!r} has no images")
@@ -102,6 +101,11 @@ _NOT_CLASSIFICATION = {
     "UCF101", "Kitti", "WIDERFace", "CelebA", "LFWPairs", "MovingMNIST", "KittiFlow", "Sintel", "FlyingChairs",
     "FlyingThings3D", "HD1K",
 }  # fmt: skip
+
+
+# Split spellings tried in order for datasets with a `split` argument: the CLIP benchmark trains on "trainval" where
+# it exists (Pets, Aircraft) and tests on "val" where there is no labelled test set (ImageNet, Imagenette).
+_SPLIT_VALUES = {"train": ["trainval", "train", "train-standard"], "test": ["test", "val"]}
 
 
 def torchvision_classification_datasets() -> list[str]:
@@ -150,15 +154,15 @@ class TorchvisionDataset:
         if "download" in parameters:
             base["download"] = download
         if "train" in parameters:
-            variants = [("train", {"train": True}), ("test", {"train": False})]
+            variants = [("train", [{"train": True}]), ("test", [{"train": False}])]
         elif "split" in parameters:
-            variants = [("train", {"split": "train"}), ("test", {"split": "test"})]
+            variants = [(split, [{"split": value} for value in _SPLIT_VALUES[split]]) for split in SPLITS]
         else:
-            variants = [(None, {})]
-        self.parts = [self._open(cls, {**base, **extra}) for _, extra in variants]
+            variants = [(None, [{}])]
+        self.parts = [self._open(cls, base, candidates) for _, candidates in variants]
         self.labels = np.concatenate([_torchvision_labels(part) for part in self.parts])
         self.official_splits = (
-            np.concatenate([np.full(len(p), split) for (split, _), p in zip(variants, self.parts)])
+            np.concatenate([np.full(len(p), split) for (split, _), p in zip(variants, self.parts, strict=True)])
             if variants[0][0] is not None
             else None
         )
@@ -170,17 +174,25 @@ class TorchvisionDataset:
         else:
             self.class_names = [str(i) for i in range(num_classes)]
 
-    def _open(self, cls: type, kwargs: dict[str, Any]) -> Any:
-        try:
-            return cls(**kwargs)
-        except (RuntimeError, FileNotFoundError) as e:
-            if self.download:
+    def _open(self, cls: type, base: dict[str, Any], candidates: list[dict[str, Any]]) -> Any:
+        """Build the first accepted variant (datasets spell their splits differently: "trainval", "val", ...)."""
+        for extra in candidates:
+            try:
+                return cls(**base, **extra)
+            except ValueError as e:
+                if "split" in str(e) and extra is not candidates[-1]:
+                    continue  # torchvision's verify_str_arg rejected this split name; try the next spelling
                 raise
-            # torchvision says "Dataset not found" in several ways; the cure is the same.
-            raise FileNotFoundError(
-                f"torchvision dataset {self.name} not found under {str(self.root)!r}; set download: true to fetch it"
-                f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-            ) from e
+            except (RuntimeError, FileNotFoundError) as e:
+                if self.download:
+                    raise
+                # torchvision says "Dataset not found" in several ways; the cure is the same.
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise FileNotFoundError(
+                    f"torchvision dataset {self.name} not found under {str(self.root)!r}; set download: true to fetch"
+                    f" it ({reason})"
+                ) from e
+        raise AssertionError("unreachable: the last candidate returns or raises")
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -248,7 +260,9 @@ def index_tar(path: Path, tar_index: int) -> tuple[list[TarMember], list[int]]:
                     try:
                         labels[key] = int(text)
                     except ValueError as e:
-                        raise ValueError(f"tar {str(path)!r}: {member.name} holds {text!r}, not an integer label") from e
+                        raise ValueError(
+                            f"tar {str(path)!r}: {member.name} holds {text!r}, not an integer label"
+                        ) from e
     except tarfile.TarError as e:
         raise ValueError(f"tar {str(path)!r} cannot be read: {e}") from e
     members, label_list = [], []

@@ -56,7 +56,7 @@ def make_splits(
         official = np.asarray(official_splits).astype(str)
         if official.shape != labels.shape:
             raise ValueError(f"official_splits has shape {official.shape}, labels {labels.shape}")
-        unknown = sorted(set(np.unique(official)) - {"train", "test"})
+        unknown = sorted(set(official.tolist()) - {"train", "test"})
         if unknown:
             raise ValueError(f"official_splits holds {unknown}; valid values: 'train', 'test'")
         train_part, test = everything[official == "train"], everything[official == "test"]

@@ -1,0 +1,193 @@
+"""Dry run of a params file: every task, each feature cache's size on disk, and a time estimate, before any work.
+
+Nothing is downloaded and no weights are loaded: backbones are instantiated on PyTorch's `meta` device (shapes
+only), datasets are checked against the source registry, and sizes come from each dataset entry's recorded image
+counts (or its prepared splits). The time estimate scales a throughput measured on this machine (a short matrix
+product benchmark, or `--images-per-second` given by the user) by each backbone's forward FLOPs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerprobe.config import BackboneConfig, DatasetConfig, Params
+
+BYTES_PER_VALUE = {"float16": 2, "float32": 4}
+NUM_TOKENS = 2  # cls and ap per layer
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    num_blocks: int
+    dim: int
+    num_tokens: int  # prefix + patch tokens per image
+    gflops_per_image: float
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    backbone: str
+    dataset: str
+    num_images: int
+    num_layers: int
+    dim: int
+    bytes: int
+    seconds: float
+
+
+def backbone_shape(config: BackboneConfig) -> BackboneShape:
+    """Block count, width, tokens and forward GFLOPs of a timm ViT, built on the meta device (no memory, no weights)."""
+    import timm
+
+    from layerprobe.registry import unknown_name_error
+
+    base = config.model.split(".")[0]
+    if not timm.is_model(base):
+        raise unknown_name_error("timm model", config.model, timm.list_models())
+    if config.pretrained and config.model not in timm.list_pretrained() and base not in timm.list_pretrained():
+        raise unknown_name_error("timm pretrained tag", config.model, timm.list_pretrained(base + "*"))
+    with torch.device("meta"):
+        model = timm.create_model(base, pretrained=False, **config.model_kwargs)
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "patch_embed"):
+        raise ValueError(f"backbone {config.model!r} is not a ViT with blocks and patch tokens")
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    dim = int(model.embed_dim)
+    block_params = sum(p.numel() for p in blocks.parameters())
+    # 2 FLOPs per weight per token for the linear layers, plus QK^T and AV (2 * 2 * tokens^2 * dim per block).
+    flops = 2 * block_params * tokens + 4 * len(blocks) * tokens * tokens * dim
+    return BackboneShape(num_blocks=len(blocks), dim=dim, num_tokens=tokens, gflops_per_image=flops / 1e9)
+
+
+def dataset_size(name: str, config: DatasetConfig, prepared_dir: Path) -> int:
+    """Images to extract: the prepared split index if present, else the entry's recorded counts, else its options."""
+    splits_file = prepared_dir / "splits.json"
+    if splits_file.is_file():
+        return int(sum(len(ix) for ix in json.loads(splits_file.read_text())["splits"].values()))
+    if config.num_images:
+        return int(sum(config.num_images.values()))
+    if "num_images" in config.options:
+        return int(config.options["num_images"])
+    raise ValueError(f"dataset {name!r}: size unknown before preparing; record it as datasets.{name}.num_images")
+
+
+def check_dataset_entry(name: str, config: DatasetConfig) -> None:
+    """A dataset entry is complete: its source is registered and accepts the given options."""
+    from layerprobe.data import source_factory
+
+    factory = source_factory(config.source)  # unknown source: did-you-mean error
+    signature = inspect.signature(factory)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    for key in config.options:
+        if key not in signature.parameters and not accepts_any:
+            choices = ", ".join(signature.parameters)
+            raise ValueError(f"datasets.{name}.options.{key}: source {config.source!r} takes no such option ({choices})")
+
+
+def measure_gflops_per_second(device: str = "cpu", *, size: int = 512, repeats: int = 5) -> float:
+    """Dense matrix-product throughput of this device (bf16 on CUDA, float32 on CPU), the unit the plan scales."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def plan_suite(params: Params, *, gflops_per_second: float) -> list[CachePlan]:
+    """One CachePlan per (backbone, dataset) of the suite; validates every backbone and dataset entry on the way."""
+    value_bytes = BYTES_PER_VALUE[params.extract.dtype]
+    shapes = {name: backbone_shape(params.backbones[name]) for name in params.suite.backbones}
+    sizes = {}
+    for name in params.suite.datasets:
+        check_dataset_entry(name, params.datasets[name])
+        sizes[name] = dataset_size(name, params.datasets[name], params.paths.prepared_dir(name))
+    plans = []
+    for backbone, shape in shapes.items():
+        layers = shape.num_blocks + 1  # every block plus the final output
+        for dataset, count in sizes.items():
+            plans.append(
+                CachePlan(
+                    backbone=backbone,
+                    dataset=dataset,
+                    num_images=count,
+                    num_layers=layers,
+                    dim=shape.dim,
+                    bytes=count * layers * NUM_TOKENS * shape.dim * value_bytes,
+                    seconds=count * shape.gflops_per_image / gflops_per_second,
+                )
+            )
+    return plans
+
+
+def check_disk(plans: list[CachePlan], features_root: Path) -> tuple[int, int]:
+    """Refuse up front when the caches still to write would not fit on the features disk. Returns (needed, free)."""
+    missing = [p for p in plans if not (features_root / p.backbone / p.dataset / "manifest.json").is_file()]
+    needed = sum(p.bytes for p in missing)
+    existing = features_root
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise ValueError(
+            f"feature caches need {format_bytes(needed)} but {existing.resolve()} has {format_bytes(free)} free; "
+            "free space, point paths.features elsewhere, or use extract.dtype float16"
+        )
+    return needed, free
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_plan(params: Params, plans: list[CachePlan], *, needed: int, free: int, gflops_per_second: float) -> str:
+    probes = params.suite.probes
+    lines = [
+        f"suite {params.suite.name}: {len(params.suite.backbones)} backbones x {len(params.suite.datasets)} datasets"
+        f" x {len(probes)} probes = {len(plans) * len(probes)} probe tasks",
+        f"throughput basis: {gflops_per_second:.0f} GFLOP/s; features as {params.extract.dtype}, tap {params.extract.tap}",
+        "",
+        "| backbone | dataset | images | layers x tokens x dim | cache | extraction |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for p in plans:
+        lines.append(
+            f"| {p.backbone} | {p.dataset} | {p.num_images:,} | {p.num_layers} x {NUM_TOKENS} x {p.dim} | "
+            f"{format_bytes(p.bytes)} | {format_duration(p.seconds)} |"
+        )
+    lines.append("")
+    for backbone in params.suite.backbones:
+        mine = [p for p in plans if p.backbone == backbone]
+        lines.append(
+            f"{backbone}: {format_bytes(sum(p.bytes for p in mine))} on disk, "
+            f"~{format_duration(sum(p.seconds for p in mine))} extraction"
+        )
+    lines.append(f"total still to write: {format_bytes(needed)} of {format_bytes(free)} free")
+    lines.append("probe tasks:")
+    lines.extend(f"  {b}/{d}/{p}" for b, d, p in params.tasks())
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Backbone + saved probe → labels for new image files, end to end.
+
+The probe's JSON config records how its features were made (timm model, weights, kwargs, tap, transform), so the
+same frozen backbone is rebuilt, run once over the images, and its tokens go through the probe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from layerprobe.checkpoint import load_probe
+from layerprobe.train import predict
+
+
+def load_image_file(path: Path) -> Image.Image:
+    """Open an image as RGB (grayscale and RGBA are converted); a missing or unreadable file is named in the error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"not a readable image: {path} ({e.__class__.__name__})") from e
+
+
+def predict_images(probe_dir: Path, image_paths: list[Path], *, device: str = "cpu", batch_size: int = 32) -> list[dict]:
+    """Classify image files with a saved probe; returns [{path, label, class_name, probability}] in input order."""
+    from layerprobe.backbone import create_backbone, create_eval_transform
+    from layerprobe.extract import LayerTokenExtractor
+
+    probe, config = load_probe(Path(probe_dir))
+    source = config["provenance"]
+    images = [load_image_file(Path(p)) for p in image_paths]  # fail on a bad file before building the backbone
+    network = create_backbone(
+        source["model"],
+        pretrained=bool(source.get("pretrained", False)),
+        checkpoint=source.get("checkpoint"),
+        model_kwargs=source.get("model_kwargs") or {},
+    )
+    extractor = LayerTokenExtractor(network, tap=source["tap"], final_projection=bool(source.get("final_projection")))
+    if extractor.layer_names != source.get("layer_names", extractor.layer_names):
+        raise ValueError(f"probe {probe_dir} was trained on layers {source['layer_names']}, backbone gives {extractor.layer_names}")
+    transform = create_eval_transform(network, crop_pct=source.get("crop_pct"))
+    extractor.to(device)
+    batches = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(image) for image in images[start : start + batch_size]]).to(device)
+        batches.append(extractor(pixels).float().cpu())
+    tokens = torch.cat(batches)  # [N, L, T, D]
+    positions = [tuple(p) for p in config["positions"]]
+    labels, logits, _ = predict(probe, tokens, positions=positions, batch_size=batch_size)
+    probabilities = torch.as_tensor(logits).float().softmax(-1)
+    names = config["class_names"]
+    return [
+        {"path": str(path), "label": int(label), "class_name": names[int(label)], "probability": float(probabilities[i, int(label)])}
+        for i, (path, label) in enumerate(zip(image_paths, labels))
+    ]

@@ -1,0 +1,85 @@
+"""params.yaml → typed, frozen config: unknown and missing keys are named; the shipped params files load."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layerprobe.config import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal() -> dict:
+    return {
+        "suite": {"name": "t", "backbones": ["b"], "datasets": ["d"], "probes": ["alf"]},
+        "datasets": {"d": {"source": "digits"}},
+        "backbones": {"b": {"model": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 32}}},
+        "probes": {"alf": {"num_heads": None}},
+        "train": {"lrs": ["1e-3", 0.01], "weight_decays": [0]},
+    }
+
+
+def test_shipped_params_files_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.suite.probes[-1] == "alf"
+    assert len(params.tasks()) == len(params.suite.backbones) * len(params.suite.datasets) * len(params.suite.probes)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.lrs = [1.0]  # type: ignore[misc]
+
+
+def test_minimal_params_fill_defaults_and_read_yaml_exponents_as_floats(tmp_path):
+    params = load_params(write(tmp_path, minimal()))
+    assert params.train.lrs == [1e-3, 0.01]
+    assert params.train.weight_decays == [0.0]
+    assert params.extract.tap == "norm2"
+    assert params.paths.features_dir("b", "d") == Path("features/b/d")
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    data = minimal()
+    data["extract"] = {"tapp": "block"}
+    with pytest.raises(ParamsError, match=r"unknown key 'extract.tapp' \(did you mean 'extract.tap'\?\)"):
+        load_params(write(tmp_path, data))
+
+
+def test_missing_key_is_named(tmp_path):
+    data = minimal()
+    del data["train"]["lrs"]
+    with pytest.raises(ParamsError, match="missing key 'train.lrs'"):
+        load_params(write(tmp_path, data))
+
+
+def test_wrong_type_and_bad_values_are_named(tmp_path):
+    data = minimal()
+    data["extract"] = {"batch_size": "big"}
+    with pytest.raises(ParamsError, match="extract.batch_size must be int"):
+        load_params(write(tmp_path, data))
+    data["extract"] = {"tap": "mlp"}
+    with pytest.raises(ParamsError, match="extract.tap must be one of"):
+        load_params(write(tmp_path, data))
+
+
+def test_suite_names_must_be_defined(tmp_path):
+    data = minimal()
+    data["suite"]["datasets"] = ["nope"]
+    with pytest.raises(ParamsError, match="suite.datasets names 'nope'"):
+        load_params(write(tmp_path, data))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(FileNotFoundError, match="params file not found"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("suite: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)

@@ -1,0 +1,163 @@
+"""Training: planted layer signals are found, a grid trained at once equals its members trained alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from layerprobe.metrics import classification_metrics, layer_attention_heatmap
+from layerprobe.probes import extract_member, get_probe_spec, select_token_positions, token_labels
+from layerprobe.train import (
+    HParams,
+    StackedAdamW,
+    TrainSettings,
+    batch_plan,
+    class_weights,
+    clip_grad_norm_per_member,
+    make_grid,
+    predict,
+    sweep_probe,
+    train_grid,
+)
+
+LAYERS = ["block0", "block1", "block2", "block3", "block4", "final"]
+TOKENS = ["cls", "ap"]
+FAST = TrainSettings(epochs=1, min_steps=150, batch_size=128, seed=0, device="cpu", log_every=50)
+
+
+def planted(num_images: int, *, signal: dict[int, int], num_classes: int, dim: int = 32, seed: int = 0):
+    """Cache-like tokens [N, 6, 2, D] (float16) where only the `ap` token of the layers in `signal` carries labels.
+
+    `signal` maps a layer index to the bits of the label it encodes: {3: 0} puts the whole label in block3/ap;
+    {1: 0, 4: 1} puts label bit 0 in block1/ap and bit 1 in final/ap, so a probe needs both layers.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (num_images,), generator=generator)
+    tokens = torch.randn(num_images, len(LAYERS), 2, dim, generator=generator)
+    for layer, bit in signal.items():
+        codes = labels if len(signal) == 1 else (labels >> bit) & 1
+        means = 4.0 * torch.randn(int(codes.max()) + 1, dim, generator=generator)
+        tokens[:, layer, 1] = means[codes] + torch.randn(num_images, dim, generator=generator)
+    return tokens.half(), labels
+
+
+def fit_and_score(name: str, tokens, labels, test_tokens, test_labels, num_classes: int, lr: float = 1e-2):
+    spec = get_probe_spec(name)
+    positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
+    trained = train_grid(spec, tokens, labels, positions=positions, num_classes=num_classes,
+                         grid=[HParams(lr, 1e-4)], settings=FAST)  # fmt: skip
+    guess, _, attention = predict(trained.probe, test_tokens, positions=positions, batch_size=256)
+    accuracy = classification_metrics(test_labels, guess, num_classes)["accuracy"]
+    return accuracy, attention, token_labels(LAYERS, TOKENS, positions)
+
+
+def test_alf_finds_the_one_layer_that_holds_the_label():
+    tokens, labels = planted(900, signal={3: 0}, num_classes=4)
+    train, test = slice(0, 600), slice(600, 900)
+    accuracy, attention, names = fit_and_score("alf", tokens[train], labels[train], tokens[test], labels[test], 4)
+    assert accuracy > 0.9
+    heatmap = layer_attention_heatmap(attention, names)
+    top = max(heatmap["token_weights"], key=heatmap["token_weights"].get)
+    assert top == "block3/ap"
+    baseline, _, _ = fit_and_score("linear_last_cls", tokens[train], labels[train], tokens[test], labels[test], 4)
+    assert baseline < 0.45  # chance is 0.25: the final cls token holds nothing
+
+
+def test_alf_attends_to_both_layers_when_the_label_needs_both():
+    tokens, labels = planted(900, signal={1: 0, 5: 1}, num_classes=4, seed=1)
+    train, test = slice(0, 600), slice(600, 900)
+    accuracy, attention, names = fit_and_score("alf", tokens[train], labels[train], tokens[test], labels[test], 4)
+    assert accuracy > 0.85
+    weights = layer_attention_heatmap(attention, names)["token_weights"]
+    top_two = sorted(weights, key=weights.get, reverse=True)[:2]
+    assert set(top_two) == {"block1/ap", "final/ap"}
+
+
+def test_a_grid_trained_at_once_equals_each_config_trained_alone():
+    tokens, labels = planted(200, signal={2: 0}, num_classes=3, seed=2)
+    spec = get_probe_spec("alf")
+    positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
+    settings = TrainSettings(epochs=1, min_steps=25, batch_size=64, seed=5, device="cpu", log_every=5)
+    grid = [HParams(1e-2, 1e-4, 0.0), HParams(1e-2, 1e-1, 0.3), HParams(1e-3, 1e-4, 0.1), HParams(3e-2, 0.0, 0.3)]
+    together = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=grid, settings=settings)
+    assert together.steps == 25 and together.history[-1]["step"] == 25
+    for m, hparams in enumerate(grid):
+        alone = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=[hparams],
+                           settings=settings).probe.state_dict()  # fmt: skip
+        member = extract_member(together.probe, m).state_dict()
+        for key, value in alone.items():
+            torch.testing.assert_close(member[key], value, atol=1e-5, rtol=1e-5, msg=f"member {m} {key}")
+    members = [extract_member(together.probe, m).state_dict()["k_weight"] for m in range(4)]
+    assert not torch.allclose(members[0], members[1])  # the configs really trained differently
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not():
+    tokens, labels = planted(150, signal={4: 0}, num_classes=3, seed=3)
+    spec = get_probe_spec("linear_concat_all")
+    positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
+    settings = TrainSettings(epochs=1, min_steps=20, batch_size=32, seed=1, device="cpu")
+
+    def weights(seed: int) -> torch.Tensor:
+        run = TrainSettings(**{**settings.__dict__, "seed": seed})
+        grid = make_grid([1e-2], [1e-3])
+        return train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=grid, settings=run).probe.weight
+
+    assert torch.equal(weights(1), weights(1))
+    assert not torch.equal(weights(1), weights(2))
+
+
+def test_stacked_adamw_matches_torch_adamw_for_one_member():
+    generator = torch.Generator().manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(1, 5, 3, generator=generator))
+    theirs = torch.nn.Parameter(ours.detach()[0].clone())
+    optimizer = StackedAdamW([ours], weight_decay=torch.tensor([0.05]))
+    reference = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.05)
+    for step in range(6):
+        grad = torch.randn(5, 3, generator=generator)
+        lr = 1e-2 * (1 - step / 10)
+        for group in reference.param_groups:
+            group["lr"] = lr
+        ours.grad, theirs.grad = grad[None].clone(), grad.clone()
+        optimizer.step(torch.tensor([lr]))
+        reference.step()
+    torch.testing.assert_close(ours.detach()[0], theirs.detach(), atol=1e-7, rtol=1e-6)
+    assert not torch.allclose(ours.detach()[0], theirs.detach() + 1e-3)
+
+
+def test_clipping_is_per_member_and_matches_torch():
+    big, small = torch.full((3,), 10.0), torch.full((3,), 0.1)
+    param = torch.nn.Parameter(torch.zeros(2, 3))
+    param.grad = torch.stack([big, small])
+    reference = torch.nn.Parameter(torch.zeros(3))
+    reference.grad = big.clone()
+    torch.nn.utils.clip_grad_norm_([reference], 5.0)
+    clip_grad_norm_per_member([param], 5.0)
+    torch.testing.assert_close(param.grad[0], reference.grad)
+    assert torch.equal(param.grad[1], small)  # under the limit: untouched
+
+
+def test_recipe_helpers_follow_the_reference():
+    assert class_weights(torch.tensor([0, 0, 0, 1]), 3).tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+    batch, steps_per_epoch, epochs = batch_plan(1000, TrainSettings(epochs=2, min_steps=1000, batch_size=300))
+    assert (batch, steps_per_epoch) == (200, 5)  # 4 batches of 300 would leave a runt; at least 5 batches
+    assert steps_per_epoch * epochs >= 1000 and epochs == 200
+    with pytest.raises(ValueError, match="device"):
+        TrainSettings(device="tpu")
+
+
+def test_sweep_picks_by_validation_balanced_accuracy_and_refits_one_probe():
+    tokens, labels = planted(500, signal={5: 0}, num_classes=3, seed=4)
+    spec = get_probe_spec("linear_last_cls_ap")
+    positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
+    grid = make_grid([1e-2, 1e-7], [1e-4])  # lr 1e-7 barely moves: it must lose
+    result = sweep_probe(spec, tokens[:300], labels[:300], val_tokens=tokens[300:400], val_labels=labels[300:400],
+                         positions=positions, num_classes=3, grid=grid,
+                         settings=TrainSettings(epochs=1, min_steps=60, batch_size=64, device="cpu"))  # fmt: skip
+    assert result.best == grid[0] and result.best_index == 0
+    assert len(result.val_scores) == 2
+    assert result.val_scores[0]["balanced_accuracy"] > result.val_scores[1]["balanced_accuracy"]
+    assert result.probe.grid_size == 1 and not result.probe.training
+    guess, logits, attention = predict(result.probe, tokens[400:], positions=positions)
+    assert guess.shape == (100,) and logits.shape == (100, 3) and attention is None
+    assert np.mean(guess.numpy() == labels[400:].numpy()) > 0.9
