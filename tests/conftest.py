@@ -12,3 +12,83 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `flows` is a top-level package of the repo, not of the installed library
+    sys.path.insert(0, str(ROOT))
+
+TINY_BACKBONE = {
+    "model": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2},
+}
+
+
+def tiny_params(**train_overrides) -> dict:
+    """A suite small enough for end-to-end tests: 1 tiny ViT x 1 generated dataset x 2 probes, few steps."""
+    train = {
+        "lrs": [1.0e-2, 1.0e-3],
+        "weight_decays": [1.0e-4],
+        "attn_dropouts": [0.0],
+        "epochs": 1,
+        "min_steps": 40,
+        "batch_size": 64,
+        "seeds": [0],
+        "device": "cpu",
+    }
+    train.update(train_overrides)
+    return {
+        "suite": {"name": "tiny", "backbones": ["tiny_vit"], "datasets": ["count"], "probes": ["linear_last_cls", "alf"]},
+        "datasets": {
+            "count": {"source": "count_shapes", "options": {"num_images": 240, "image_size": 32, "seed": 0}, "group": "structured"}
+        },
+        "backbones": {"tiny_vit": TINY_BACKBONE},
+        "probes": {"alf": {"num_heads": None}, "linear_last_cls": {}},
+        "extract": {"batch_size": 64, "shard_size": 100, "device": "cpu"},
+        "train": train,
+        "tracking": {"experiment": "tiny"},
+        "flow": {"retries": 1, "retry_delay_seconds": 0.1},
+    }
+
+
+def write_params(directory: Path, data: dict) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole test session (a first start can take over a minute)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite DB migrated once; tests copy it (migrating per test costs seconds each)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def project_dir(tmp_path, monkeypatch, migrated_mlflow_db) -> Path:
+    """An empty project folder as the working directory, with a tiny params.yaml and a ready MLflow store."""
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(migrated_mlflow_db, tmp_path / "mlruns" / "mlflow.db")
+    write_params(tmp_path, tiny_params())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

@@ -265,6 +265,19 @@ def test_torchvision_mnist_round_trips_idx_files_with_official_splits(tmp_path):
     }
 
 
+def test_torchvision_split_argument_falls_back_to_the_names_the_dataset_accepts(tmp_path):
+    # Imagenette takes split="train"/"val": "trainval" and "test" are rejected and the next spelling is used.
+    for split, count in (("train", 2), ("val", 1)):
+        for wnid in ("n01440764", "n03888257"):
+            for i in range(count):
+                _save(Image.fromarray(_rgb(i)), tmp_path / "imagenette2" / split / wnid / f"{i}.JPEG")
+    dataset = create_dataset("torchvision", name="Imagenette", root=str(tmp_path))
+    assert dataset.class_names == ["tench", "parachute"]
+    np.testing.assert_array_equal(dataset.labels, [0, 0, 1, 1, 0, 1])
+    assert dataset.official_splits.tolist() == ["train"] * 4 + ["test"] * 2
+    assert dataset.load_image(5).mode == "RGB" and dataset.load_image(5).size == (8, 8)
+
+
 def test_torchvision_errors_suggest_the_name_and_tell_how_to_download(tmp_path):
     with pytest.raises(ValueError, match=r"unknown torchvision dataset 'MNSIT'\. Did you mean 'MNIST'\?") as excinfo:
         create_dataset("torchvision", name="MNSIT", root=str(tmp_path))

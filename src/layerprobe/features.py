@@ -144,6 +144,38 @@ def content_hash(provenance: dict, shard_hashes: Sequence[str]) -> str:
     return hashlib.sha256(canonical_json({"provenance": provenance, "shards": list(shard_hashes)}).encode()).hexdigest()
 
 
+def write_manifest(
+    cache_dir: Path,
+    *,
+    provenance: dict,
+    shards: Sequence[tuple[str, int, str]],
+    splits: Sequence[str],
+    plan_sha256: str,
+) -> dict:
+    """Write `manifest.json` atomically; call it last, after every shard is in place (its presence means complete).
+
+    Args:
+        cache_dir: The cache directory.
+        provenance: JSON-able provenance; must hold `layer_names`, `token_names` and `dtype`.
+        shards: (file name, rows, sha256) of every shard, in row order.
+        splits: Split names present in the cache.
+        plan_sha256: Hash of the planned rows, so a rerun can tell whether the cache covers what is asked.
+    """
+    shard_hashes = [sha for _, _, sha in shards]
+    manifest = {
+        "format": FORMAT,
+        "provenance": provenance,
+        "num_images": int(sum(rows for _, rows, _ in shards)),
+        "splits": list(splits),
+        "dtype": provenance["dtype"],
+        "plan_sha256": plan_sha256,
+        "shards": [{"file": file, "rows": int(rows), "sha256": sha} for file, rows, sha in shards],
+        "content_hash": content_hash(provenance, shard_hashes),
+    }
+    write_json_atomic(Path(cache_dir) / MANIFEST, manifest)
+    return manifest
+
+
 def cache_content_hash(cache_dir: Path) -> str:
     """The cache's content hash, recomputed from its manifest (shard sha256s and provenance)."""
     manifest = read_manifest(cache_dir)

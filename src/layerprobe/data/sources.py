@@ -170,7 +170,8 @@ class TorchvisionDataset:
         classes = getattr(self.parts[0], "classes", None)
         num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         if classes is not None and len(classes) >= num_classes:
-            self.class_names = [str(c) for c in classes]
+            # Some datasets (Imagenette) give each class a tuple of synonyms: the first is its name.
+            self.class_names = [str(c[0] if isinstance(c, tuple | list) else c) for c in classes]
         else:
             self.class_names = [str(i) for i in range(num_classes)]
 

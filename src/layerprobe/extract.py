@@ -1,0 +1,423 @@
+"""Images → per-layer cls/ap tokens [N, L, T, D] at the chosen tap, streamed into a resumable feature cache.
+
+One forward pass per image; host memory holds at most one shard. A rerun keeps finished shards whose provenance and
+rows match the plan, recomputes the rest and writes `manifest.json` last (see `layerprobe.features`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from layerprobe.features import (
+    DTYPES,
+    MANIFEST,
+    TMP_SUFFIX,
+    canonical_json,
+    open_shard,
+    sha256_file,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+
+TAPS = ("norm2", "block")
+TOKEN_NAMES = ["cls", "ap"]
+_log = logging.getLogger(__name__)
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+class LayerTokenExtractor(torch.nn.Module):
+    """Wraps a frozen timm ViT once and returns the cls and mean-patch (ap) token of every block and the final output.
+
+    Args:
+        model: timm VisionTransformer-like model with a class token and `blocks`.
+        tap: `norm2` (the paper's: each block's `norm2` output, the normalised residual stream after attention) or
+            `block` (each block's output, the residual stream, via `forward_intermediates`).
+        final_projection: Apply the model's `head` Linear to the final tokens (OpenAI-CLIP ports, whose paper
+            "final layer" is the projected image embedding); narrower widths are zero-padded to the common D.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, tap: str = "norm2", final_projection: bool = False) -> None:
+        super().__init__()
+        name = _model_name(model)
+        if tap not in TAPS:
+            raise ValueError(f"unknown tap {tap!r}; choices: {', '.join(TAPS)}")
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or len(blocks) == 0:
+            raise ValueError(f"model {name!r} has no transformer blocks to read layers from")
+        if getattr(model, "cls_token", None) is None:
+            raise ValueError(f"model {name!r} has no class token; the cls/ap extraction needs one")
+        if tap == "norm2" and not all(isinstance(getattr(b, "norm2", None), torch.nn.Module) for b in blocks):
+            raise ValueError(f"model {name!r} has blocks without `norm2`; use tap='block'")
+        self.model = model.eval()
+        self.tap = tap
+        self.final_projection = final_projection
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        width = int(model.embed_dim)
+        final_width = width
+        if final_projection:
+            head = getattr(model, "head", None)
+            if not isinstance(head, torch.nn.Linear):
+                raise ValueError(f"model {name!r} has no Linear `head` to project the final tokens with")
+            if not isinstance(getattr(model, "fc_norm", torch.nn.Identity()), torch.nn.Identity):
+                raise ValueError(f"model {name!r} normalises after pooling (fc_norm); final_projection expects CLIP")
+            final_width = head.out_features
+        self.layer_names = [f"block{i}" for i in range(len(blocks))] + ["final"]
+        self.token_names = list(TOKEN_NAMES)
+        self.layer_widths = [width] * len(blocks) + [final_width]
+        self.dim = max(self.layer_widths)
+        self._pooled: list[torch.Tensor] = []
+        if tap == "norm2":
+            # Registered once; pooling inside the hook keeps [B, 2, D] per block instead of every token sequence.
+            for block in blocks:
+                block.norm2.register_forward_hook(self._capture)
+
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, prefix + patches, D] → [B, 2, D] float32: class token and mean of the patch tokens (prefix excluded)."""
+        cls = tokens[:, 0].float()
+        ap = tokens[:, self.num_prefix_tokens :].mean(dim=1, dtype=torch.float32)
+        return torch.stack([cls, ap], dim=1)
+
+    def _capture(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._pooled.append(self._pool(output))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] → tokens [B, L, 2, D] float32 (L = blocks + final)."""
+        self.model.eval()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if images.device.type == "cuda" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            if self.tap == "norm2":
+                self._pooled = []
+                try:
+                    final = self.model.forward_features(images)
+                    per_block = self._pooled
+                finally:
+                    self._pooled = []
+            else:
+                final, intermediates = self.model.forward_intermediates(
+                    images,
+                    indices=list(range(len(self.model.blocks))),
+                    return_prefix_tokens=True,
+                    output_fmt="NLC",
+                    norm=False,
+                )
+                per_block = [
+                    torch.stack([prefix[:, 0].float(), patches.mean(dim=1, dtype=torch.float32)], dim=1)
+                    for patches, prefix in intermediates
+                ]
+            if len(per_block) != len(self.layer_names) - 1:
+                raise RuntimeError(f"expected {len(self.layer_names) - 1} block outputs, captured {len(per_block)}")
+            last = self._pool(final)
+            if self.final_projection:
+                # The head is linear, so projecting the mean patch token equals the mean of projected patch tokens.
+                last = self.model.head(last.to(self.model.head.weight.dtype)).float()
+            out = images.new_zeros((images.shape[0], len(self.layer_names), 2, self.dim), dtype=torch.float32)
+            for i, pooled in enumerate(per_block):
+                out[:, i, :, : pooled.shape[-1]] = pooled
+            out[:, -1, :, : last.shape[-1]] = last
+        return out
+
+
+class ImageSource(Protocol):
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def load_image(self, index: int) -> Image.Image: ...
+
+
+@dataclass
+class ShardPlan:
+    """The rows one shard file holds, in dataset-index order."""
+
+    file: str
+    indices: np.ndarray  # [n] int64
+    labels: np.ndarray  # [n] int64
+    splits: np.ndarray  # [n] split names
+
+
+class _TransformedImages(torch.utils.data.Dataset):
+    def __init__(self, images: ImageSource, indices: np.ndarray, transform: Callable) -> None:
+        self.images, self.indices, self.transform = images, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        index = int(self.indices[position])
+        image = self.images.load_image(index)  # the source's own error names the file
+        try:
+            return self.transform(image)
+        except Exception as e:
+            raise ValueError(f"image {index} could not be transformed: {e}") from e
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda[:n]") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def _forward_with_retry(extractor: LayerTokenExtractor, images: torch.Tensor, state: dict) -> torch.Tensor:
+    """Run the extractor in chunks of state['batch_size'], halving it (for the rest of the run) on out-of-memory."""
+    while True:
+        size = state["batch_size"]
+        try:
+            return torch.cat([extractor(images[i : i + size]) for i in range(0, len(images), size)])
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            state["batch_size"] = size // 2
+            _log.warning("out of memory at batch size %d; retrying with %d", size, size // 2)
+            if images.is_cuda:
+                torch.cuda.empty_cache()
+
+
+def write_token_shards(
+    batches: Iterable[torch.Tensor],
+    *,
+    extractor: LayerTokenExtractor,
+    shards: Sequence[ShardPlan],
+    out_dir: Path,
+    metadata: dict,
+    dtype: str = "float16",
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, str]:
+    """The tensor-batch loop: forward, host copy into one reused shard buffer, atomic shard writes.
+
+    `batches` yields transformed images for the rows of `shards`, in order. Returns file name → sha256.
+    Host memory holds one shard buffer (rows × L·2·D in the cache dtype) whatever the dataset size.
+    """
+    device = torch.device(device)
+    np_dtype = DTYPES[dtype][0]
+    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+    row_shape = (len(extractor.layer_names), len(extractor.token_names), extractor.dim)
+    buffer = np.empty((max((len(s.indices) for s in shards), default=0), *row_shape), dtype=np_dtype)
+    hashes: dict[str, str] = {}
+    state = {"batch_size": batch_size}
+    shard_iter = iter(shards)
+    current = next(shard_iter, None)
+    filled = 0
+    total = sum(len(s.indices) for s in shards)
+    with tqdm(total=total, unit="img", disable=not progress, desc="extract") as bar:
+        for images in batches:
+            images = images.to(device, non_blocking=True)
+            tokens = _forward_with_retry(extractor, images, state).to(torch_dtype).cpu().numpy()  # [b, L, T, D]
+            taken = 0
+            while taken < len(tokens):
+                if current is None:
+                    raise RuntimeError(f"more images than the {total} planned rows")
+                count = min(len(tokens) - taken, len(current.indices) - filled)
+                buffer[filled : filled + count] = tokens[taken : taken + count]
+                filled += count
+                taken += count
+                if filled == len(current.indices):
+                    hashes[current.file] = write_shard(
+                        Path(out_dir) / current.file,
+                        tokens=buffer[:filled],
+                        labels=current.labels,
+                        indices=current.indices,
+                        splits=current.splits,
+                        metadata=metadata,
+                    )
+                    current, filled = next(shard_iter, None), 0
+            bar.update(len(tokens))
+    if current is not None:
+        raise RuntimeError(f"image batches ended before shard {current.file} was complete")
+    return hashes
+
+
+def plan_shards(
+    images: ImageSource, splits: dict[str, np.ndarray], shard_size: int
+) -> tuple[list[ShardPlan], list[str]]:
+    """Every index listed in `splits`, sorted, tagged with its split and cut into shards of `shard_size` rows."""
+    if not splits:
+        raise ValueError("splits is empty: nothing to extract")
+    names, parts = [], []
+    for name, members in splits.items():
+        members = np.asarray(members, dtype=np.int64)
+        parts.append(members)
+        names.append(np.full(len(members), name, dtype=object))
+    indices, split_of = np.concatenate(parts), np.concatenate(names)
+    order = np.argsort(indices, kind="stable")
+    indices, split_of = indices[order], split_of[order]
+    if len(indices) == 0:
+        raise ValueError("splits list no images: nothing to extract")
+    if indices[0] < 0 or indices[-1] >= len(images):
+        bad = indices[0] if indices[0] < 0 else indices[-1]
+        raise ValueError(f"split index {int(bad)} is outside the dataset of {len(images)} images")
+    repeated = indices[1:][indices[1:] == indices[:-1]]
+    if len(repeated):
+        raise ValueError(f"dataset index {int(repeated[0])} is listed more than once across splits")
+    labels = np.asarray(images.labels, dtype=np.int64)[indices]
+    plans = [
+        ShardPlan(
+            file=shard_name(number),
+            indices=indices[start : start + shard_size],
+            labels=labels[start : start + shard_size],
+            splits=split_of[start : start + shard_size],
+        )
+        for number, start in enumerate(range(0, len(indices), shard_size))
+    ]
+    return plans, list(splits)
+
+
+def _shard_is_current(path: Path, plan: ShardPlan, metadata: dict, row_shape: list[int]) -> bool:
+    """A finished shard is kept only if it was written with this provenance for exactly these rows."""
+    try:
+        batch, provenance, shape = open_shard(path)
+    except ValueError:
+        return False
+    return (
+        canonical_json(provenance) == canonical_json(metadata)
+        and shape == row_shape
+        and batch.num_rows == len(plan.indices)
+        and np.array_equal(batch.column("index").to_numpy(), plan.indices)
+        and batch.column("split").to_pylist() == [str(s) for s in plan.splits]
+    )
+
+
+def build_provenance(provenance: dict, *, extractor: LayerTokenExtractor, transform: Callable, dtype: str) -> dict:
+    """The caller's provenance plus what this extraction decides (tap, layers, tokens, widths, dtype, transform)."""
+    full = dict(provenance)
+    full.update(
+        tap=extractor.tap,
+        final_projection=extractor.final_projection,
+        layer_names=list(extractor.layer_names),
+        token_names=list(extractor.token_names),
+        layer_widths=list(extractor.layer_widths),
+        dim=extractor.dim,
+        dtype=dtype,
+        transform=provenance.get("transform", repr(transform)),
+    )
+    return json_roundtrip(full)
+
+
+def json_roundtrip(value: dict) -> dict:
+    return json.loads(canonical_json(value))
+
+
+def extract_features(
+    *,
+    images: ImageSource,
+    splits: dict[str, np.ndarray],
+    extractor: LayerTokenExtractor,
+    transform: Callable[[Image.Image], torch.Tensor],
+    out_dir: Path,
+    provenance: dict,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    dtype: str = "float16",
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Extract every image listed in `splits` into a resumable feature cache at `out_dir` and return `out_dir`.
+
+    A complete cache with the same provenance and rows is returned untouched; finished shards that match are kept.
+    Costs one forward pass per missing image; host memory holds one shard plus the DataLoader's prefetched batches.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown feature dtype {dtype!r}; choices: {', '.join(DTYPES)}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+    target = resolve_device(device)
+    plans, split_names = plan_shards(images, splits, shard_size)
+    metadata = build_provenance(provenance, extractor=extractor, transform=transform, dtype=dtype)
+    row_shape = [len(extractor.layer_names), len(extractor.token_names), extractor.dim]
+    plan_hash = plan_sha256(plans)
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST
+
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if (
+            canonical_json(manifest.get("provenance")) == canonical_json(metadata)
+            and manifest.get("plan_sha256") == plan_hash
+        ):
+            return out_dir
+        manifest_path.unlink()  # the cache no longer describes what was asked for: not complete any more
+    out_dir.mkdir(parents=True, exist_ok=True)
+    planned_files = {p.file for p in plans}
+    for path in out_dir.iterdir():
+        stale = path.name.endswith(TMP_SUFFIX) or (path.name.startswith("shard-") and path.name not in planned_files)
+        if stale and path.is_file():
+            path.unlink()
+
+    hashes: dict[str, str] = {}
+    todo: list[ShardPlan] = []
+    for plan in plans:
+        path = out_dir / plan.file
+        if path.is_file() and _shard_is_current(path, plan, metadata, row_shape):
+            hashes[plan.file] = sha256_file(path)
+        else:
+            path.unlink(missing_ok=True)
+            todo.append(plan)
+
+    if todo:
+        todo_indices = np.concatenate([p.indices for p in todo])
+        loader = torch.utils.data.DataLoader(
+            _TransformedImages(images, todo_indices, transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=target.type == "cuda",
+        )
+        extractor.to(target)
+        hashes.update(
+            write_token_shards(
+                loader,
+                extractor=extractor,
+                shards=todo,
+                out_dir=out_dir,
+                metadata=metadata,
+                dtype=dtype,
+                device=target,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        )
+
+    write_manifest(
+        out_dir,
+        provenance=metadata,
+        shards=[(p.file, len(p.indices), hashes[p.file]) for p in plans],
+        splits=split_names,
+        plan_sha256=plan_hash,
+    )
+    return out_dir
+
+
+def plan_sha256(plans: Sequence[ShardPlan]) -> str:
+    """Hash of the planned rows (dataset index and split of each, in order) and their cut into shards."""
+    digest = hashlib.sha256()
+    for plan in plans:
+        digest.update(np.ascontiguousarray(plan.indices, dtype=np.int64).tobytes())
+        digest.update(("\n".join(str(s) for s in plan.splits) + "\0").encode())
+    return digest.hexdigest()

@@ -1,0 +1,87 @@
+"""The `layerprobe` command: each step works alone, errors are one line naming the culprit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from layerprobe.cli import main
+
+TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'
+
+
+def test_every_subcommand_has_help():
+    for command in ("prepare", "extract", "train", "evaluate", "predict", "plan", "list"):
+        result = subprocess.run(
+            [sys.executable, "-m", "layerprobe.cli", command, "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert "--params" in result.stdout
+
+
+def test_unknown_model_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["extract", "--backbone", "vit_tiny_patch16_2244", "--dataset", "digits", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "vit_tiny_patch16_2244" in err and "vit_tiny_patch16_224" in err
+    assert not (tmp_path / "features").exists()
+
+
+def test_unknown_dataset_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["extract", "--backbone", "vit_tiny_patch16_224", "--dataset", "digitz", "--no-progress"])
+    assert code == 2
+    assert "digitz" in capsys.readouterr().err
+
+
+def test_extract_train_evaluate_predict_from_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--backbone", "vit_tiny_patch16_224", "--dataset", "count_shapes"]
+    options = ["--option", "num_images=120", "--option", "image_size=32"]
+    assert main(["extract", *common, *options, "--model-kwargs", TINY, "--no-progress", "--device", "cpu"]) == 0
+    features = tmp_path / "features/vit_tiny_patch16_224/count_shapes"
+    assert json.loads((features / "manifest.json").read_text())["num_images"] == 120
+    assert main(["train", *common, "--probe", "alf", "--lr", "0.01", "--weight-decay", "0.0001", "--min-steps", "20"]) == 0
+    assert main(["evaluate", *common, "--probe", "alf"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((tmp_path / "results/evaluate/vit_tiny_patch16_224/count_shapes/alf/metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["balanced_accuracy"] <= 1.0
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i, mode in enumerate(["RGB", "L", "RGBA"]):
+        path = tmp_path / f"image{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).convert(mode).save(path)
+        images.append(str(path))
+    probe = tmp_path / "probes/vit_tiny_patch16_224/count_shapes/alf/seed-0"
+    assert main(["predict", "--probe", str(probe), "--images", *images]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == images
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["predict", "--probe", str(probe), "--images", str(broken)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_list_probes_and_sources(capsys):
+    assert main(["list", "probes"]) == 0
+    assert "alf" in capsys.readouterr().out.split()
+    assert main(["list", "sources"]) == 0
+    sources = capsys.readouterr().out.split()
+    assert {"digits", "imagefolder", "torchvision", "wds", "count_shapes"} <= set(sources)
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "params.paper.yaml"])
+def test_list_names_from_params_files(path, monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["list", "backbones", "--params", path]) == 0
+    assert len(capsys.readouterr().out.split()) >= 2

@@ -1,0 +1,154 @@
+"""Prefect flows on a tiny suite: retries on transient errors, caching on rerun, MLflow runs and the registry.
+
+One session-scoped Prefect test server serves every test here (see conftest.prefect_harness).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect import flow, task
+
+from flows.common import task_options
+from layerprobe import tracking
+from layerprobe.config import load_params
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_task_failing_once_with_a_transient_error_is_retried_and_succeeds(project_dir):
+    params = load_params("params.yaml")
+    attempts = []
+
+    @task(**{**task_options(params), "persist_result": False})
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("shared filesystem hiccup")
+        return "done"
+
+    @flow
+    def run_flaky() -> str:
+        return flaky()
+
+    assert run_flaky() == "done"
+    assert len(attempts) == 2
+
+
+def test_bad_input_is_not_retried(project_dir):
+    params = load_params("params.yaml")
+    attempts = []
+
+    @task(**{**task_options(params), "persist_result": False})
+    def bad() -> None:
+        attempts.append(1)
+        raise ValueError("unknown dataset 'x'")
+
+    @flow
+    def run_bad() -> None:
+        bad()
+
+    with pytest.raises(ValueError, match="unknown dataset"):
+        run_bad()
+    assert len(attempts) == 1
+
+
+@pytest.fixture
+def trained_project(project_dir):
+    """prepare → extract → train through the flows, in process."""
+    from flows.extract import extract_flow
+    from flows.prepare import prepare_flow
+    from flows.train import train_flow
+
+    prepare_flow("params.yaml")
+    extract_flow("params.yaml")
+    train_flow("params.yaml")
+    return project_dir
+
+
+def test_rerun_of_the_stages_hits_the_cache(trained_project, monkeypatch):
+    import flows.extract
+    import flows.train
+
+    calls = []
+    monkeypatch.setattr(flows.train, "train_step", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(flows.extract, "extract_step", lambda *a, **k: calls.append("extract"))
+    probe_file = Path("probes/tiny_vit/count/alf/seed-0/probe.safetensors")
+    before = probe_file.stat().st_mtime_ns
+    results = flows.train.train_flow("params.yaml")
+    flows.extract.extract_flow("params.yaml")
+    assert calls == []  # every task came from Prefect's cache
+    assert {r["probe"] for r in results} == {"linear_last_cls", "alf"}
+    assert probe_file.stat().st_mtime_ns == before
+
+
+def test_deleted_output_is_recomputed_despite_the_cache(trained_project):
+    import shutil
+
+    from flows.train import train_flow
+
+    shutil.rmtree("probes/tiny_vit/count/alf")
+    train_flow("params.yaml", probes=["alf"])
+    assert Path("probes/tiny_vit/count/alf/train.json").is_file()
+
+
+def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
+    from flows.evaluate import evaluate_flow
+
+    summary = evaluate_flow("params.yaml")
+    assert set(summary["tiny_vit"]["count"]) == {"linear_last_cls", "alf"}
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    alf = next(r for r in children if r.data.tags["probe"] == "alf")
+    assert alf.info.run_name == "tiny_vit/count/alf"
+    assert 0.0 <= alf.data.metrics["test/balanced_accuracy"] <= 1.0
+    assert alf.data.params["tap"] == "norm2"
+    assert len(client.get_metric_history(alf.info.run_id, "train/loss")) > 1
+    artifacts = {a.path for a in client.list_artifacts(alf.info.run_id, "evaluation")}
+    assert {"evaluation/heatmap.png", "evaluation/heatmap.json", "evaluation/confusion.png"} <= artifacts
+    name = "layerprobe-count-tiny-vit"
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias(name, "champion")
+    best = max(children, key=lambda r: r.data.metrics["val/balanced_accuracy"])
+    assert champion.version == best.data.tags["registered_version"]
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    from layerprobe.features import read_features
+
+    test = read_features(Path("features/tiny_vit/count"), split="test")
+    predictions = loaded.predict(test.tokens[:5].float().numpy())
+    assert predictions.shape == (5,)
+    assert json.loads(Path("results/evaluate/run.json").read_text())["parent_run_id"] == parents[0].info.run_id
+
+    evaluate_flow("params.yaml")  # unchanged probes: a new parent run, but no duplicate model versions
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_failed_evaluation_leaves_runs_failed_not_dangling(trained_project):
+    from flows.evaluate import evaluate_flow
+
+    Path("probes/tiny_vit/count/alf/seed-0/probe.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(Exception, match="probe"):
+        evaluate_flow("params.yaml", probes=["alf"])
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+
+
+def test_runs_of_a_killed_process_are_closed_as_failed(project_dir):
+    experiment_id = tracking.setup_experiment("tiny", mlruns_dir="mlruns")
+    orphan = tracking.start_run(experiment_id, "orphan", tags={tracking.PID_TAG: "999999999"})
+    alive = tracking.start_run(experiment_id, "alive")
+    assert tracking.fail_dangling_runs(experiment_id) == [orphan]
+    client = MlflowClient()
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert client.get_run(alive).info.status == "RUNNING"
