@@ -78,11 +78,11 @@ def _describe_misfit(model_name: str, path: Path, kwargs: dict, error: Exception
         expected = timm.create_model(model_name, pretrained=False, **kwargs).state_dict()
     except Exception:
         return f"checkpoint {path} could not be loaded into {model_name!r}: {_first_line(error)}"
-    for key, value in loaded.items():
-        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+    for key, value in expected.items():  # model order: the first mismatch is the earliest layer that differs
+        if key in loaded and tuple(loaded[key].shape) != tuple(value.shape):
             return (
-                f"checkpoint {path} does not fit {model_name!r}: {key!r} has shape {tuple(value.shape)} in the "
-                f"checkpoint but {tuple(expected[key].shape)} in the model"
+                f"checkpoint {path} does not fit {model_name!r}: {key!r} has shape {tuple(loaded[key].shape)} in the "
+                f"checkpoint but {tuple(value.shape)} in the model"
             )
     missing = [key for key in expected if key not in loaded]
     if missing:

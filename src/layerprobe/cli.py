@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = _command(commands, "plan", "list every task with cache sizes and time estimates; checks disk space", run_plan)
     plan.add_argument("--images-per-second", type=float, help="skip the device measurement: ViT-B/16@224 images/s")
     plan.add_argument("--device", default="cpu", help="device whose throughput to measure (cpu or cuda)")
+    plan.add_argument("--tasks", action="store_true", help="also list every (backbone, dataset, probe) task")
 
     listing = _command(commands, "list", "list registered probes or dataset sources, or the params' names", run_list)
     listing.add_argument("what", choices=["probes", "sources", "backbones", "datasets"])
@@ -263,8 +264,8 @@ def run_plan(args) -> int:
     else:
         gflops_per_second = measure_gflops_per_second(args.device)
     plans = plan_suite(params, gflops_per_second=gflops_per_second)
-    needed, free = check_disk(plans, Path(params.paths.features))
-    print(format_plan(params, plans, needed=needed, free=free, gflops_per_second=gflops_per_second))
+    needed, free = check_disk(plans, Path(params.paths.features), dtype=params.extract.dtype)
+    print(format_plan(params, plans, needed=needed, free=free, gflops_per_second=gflops_per_second, list_tasks=args.tasks))
     return 0
 
 

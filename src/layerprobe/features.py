@@ -97,6 +97,11 @@ def write_shard(
     rows, width = values.shape[0], int(np.prod(values.shape[1:]))
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=DTYPES[dtype_name][1])
     label_values = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if not rows == len(label_values) == len(indices) == len(splits):
+        raise ValueError(
+            f"shard {path}: {rows} token rows but {len(label_values)} labels, {len(indices)} indices, "
+            f"{len(splits)} splits"
+        )
     batch = pa.record_batch(
         {
             "index": pa.array(np.asarray(indices, dtype=np.int64)),
@@ -105,8 +110,6 @@ def write_shard(
             "tokens": pa.FixedSizeListArray.from_arrays(flat, width),
         }
     )
-    if batch.num_rows != rows:
-        raise ValueError(f"shard {path}: {rows} token rows but {batch.num_rows} labels/indices/splits")
     schema = batch.schema.with_metadata(
         {PROVENANCE_KEY: canonical_json(metadata), SHAPE_KEY: json.dumps(list(values.shape[1:]))}
     )

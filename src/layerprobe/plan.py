@@ -133,7 +133,7 @@ def plan_suite(params: Params, *, gflops_per_second: float) -> list[CachePlan]:
     return plans
 
 
-def check_disk(plans: list[CachePlan], features_root: Path) -> tuple[int, int]:
+def check_disk(plans: list[CachePlan], features_root: Path, *, dtype: str = "float16") -> tuple[int, int]:
     """Refuse up front when the caches still to write would not fit on the features disk. Returns (needed, free)."""
     missing = [p for p in plans if not (features_root / p.backbone / p.dataset / "manifest.json").is_file()]
     needed = sum(p.bytes for p in missing)
@@ -142,9 +142,10 @@ def check_disk(plans: list[CachePlan], features_root: Path) -> tuple[int, int]:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if needed > free:
+        hint = ", or set extract.dtype: float16" if dtype != "float16" else ""
         raise ValueError(
             f"feature caches need {format_bytes(needed)} but {existing.resolve()} has {format_bytes(free)} free; "
-            "free space, point paths.features elsewhere, or use extract.dtype float16"
+            f"free space or point paths.features at a larger disk{hint}"
         )
     return needed, free
 
@@ -165,7 +166,9 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def format_plan(params: Params, plans: list[CachePlan], *, needed: int, free: int, gflops_per_second: float) -> str:
+def format_plan(
+    params: Params, plans: list[CachePlan], *, needed: int, free: int, gflops_per_second: float, list_tasks: bool = False
+) -> str:
     probes = params.suite.probes
     lines = [
         f"suite {params.suite.name}: {len(params.suite.backbones)} backbones x {len(params.suite.datasets)} datasets"
@@ -188,6 +191,7 @@ def format_plan(params: Params, plans: list[CachePlan], *, needed: int, free: in
             f"~{format_duration(sum(p.seconds for p in mine))} extraction"
         )
     lines.append(f"total still to write: {format_bytes(needed)} of {format_bytes(free)} free")
-    lines.append("probe tasks:")
-    lines.extend(f"  {b}/{d}/{p}" for b, d, p in params.tasks())
+    if list_tasks:
+        lines.append("probe tasks:")
+        lines.extend(f"  {b}/{d}/{p}" for b, d, p in params.tasks())
     return "\n".join(lines)

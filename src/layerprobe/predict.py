@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from layerprobe.checkpoint import load_probe
+from layerprobe.data.catalogue import decode_image
 from layerprobe.train import predict
 
 
@@ -19,11 +20,7 @@ def load_image_file(path: Path) -> Image.Image:
     """Open an image as RGB (grayscale and RGBA are converted); a missing or unreadable file is named in the error."""
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"not a readable image: {path} ({e.__class__.__name__})") from e
+    return decode_image(path, name=str(path))
 
 
 def predict_images(probe_dir: Path, image_paths: list[Path], *, device: str = "cpu", batch_size: int = 32) -> list[dict]:

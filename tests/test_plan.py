@@ -1,0 +1,84 @@
+"""`layerprobe plan`: the paper's whole suite resolves offline (timm names, dataset entries), sizes add up,
+and caches that would not fit on disk are refused before anything runs."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import timm
+
+from layerprobe.cli import main
+from layerprobe.config import load_params
+from layerprobe.plan import backbone_shape, check_disk, plan_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_params(ROOT / "params.paper.yaml")
+
+
+def test_paper_suite_names_the_papers_backbones_and_datasets(paper):
+    assert len(paper.suite.backbones) == 9 and len(paper.suite.datasets) == 20
+    pretrained = set(timm.list_pretrained())
+    for name, backbone in paper.backbones.items():  # the 9 plus the MAE extra set
+        assert backbone.model in pretrained, name
+    groups = {paper.datasets[d].group for d in paper.suite.datasets}
+    assert groups == {"natural multi-domain", "natural single-domain", "specialized", "structured"}
+    for name in paper.suite.datasets:
+        entry = paper.datasets[name]
+        assert entry.source == "wds" and entry.num_classes and set(entry.num_images) == {"train", "test"}, name
+    assert paper.probe_overrides("alf") == {"layers": "paper", "tokens": ["cls", "ap"]}
+
+
+def test_plan_resolves_every_task_of_the_paper_suite_in_dry_mode(paper):
+    plans = plan_suite(paper, gflops_per_second=400_000.0)
+    assert len(plans) == 9 * 20
+    vit_b_imagenet = next(p for p in plans if p.backbone == "vit_b16" and p.dataset == "imagenet1k")
+    assert vit_b_imagenet.num_layers == 13 and vit_b_imagenet.dim == 768
+    assert vit_b_imagenet.bytes == (1_281_167 + 50_000) * 13 * 2 * 768 * 2
+    large = next(p for p in plans if p.backbone == "vit_l16" and p.dataset == "cifar10")
+    assert large.num_layers == 25 and large.seconds > next(
+        p for p in plans if p.backbone == "vit_s16" and p.dataset == "cifar10"
+    ).seconds
+
+
+def test_vit_b16_flops_match_the_published_figure():
+    shape = backbone_shape(load_params(ROOT / "params.paper.yaml").backbones["vit_b16"])
+    assert shape.num_tokens == 197
+    assert 33 < shape.gflops_per_image < 37  # ~17.6 GMACs per image for ViT-B/16 at 224
+
+
+def test_caches_that_do_not_fit_are_refused_up_front(paper, tmp_path, monkeypatch):
+    plans = plan_suite(paper, gflops_per_second=1000.0)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 0, 10**9))
+    with pytest.raises(ValueError, match=r"feature caches need .* TB but .* has 1.0 GB free"):
+        check_disk(plans, tmp_path / "features")
+
+
+def test_unknown_backbone_or_source_is_named(paper, tmp_path):
+    import dataclasses
+
+    bad = dataclasses.replace(paper.backbones["vit_b16"], model="vit_base_patch16_2244")
+    with pytest.raises(ValueError, match="vit_base_patch16_2244"):
+        backbone_shape(bad)
+    from layerprobe.plan import check_dataset_entry
+
+    with pytest.raises(ValueError, match="wdss"):
+        check_dataset_entry("x", dataclasses.replace(paper.datasets["cifar10"], source="wdss"))
+    with pytest.raises(ValueError, match="datasets.x.options.rooot"):
+        check_dataset_entry("x", dataclasses.replace(paper.datasets["cifar10"], options={"rooot": "a"}))
+
+
+def test_plan_command_prints_every_task(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**14, 0, 10**13))  # a 10 TB disk
+    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000"]) == 0
+    out = capsys.readouterr().out
+    assert "900 probe tasks" in out
+    assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 |" in out
