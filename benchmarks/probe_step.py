@@ -26,8 +26,9 @@ def time_step(head: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, *, r
         head.zero_grad(set_to_none=True)
         start = time.perf_counter()
         logits = head(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat(logits.numel() // labels.numel()
-                                                                                   // logits.shape[-1]))
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.repeat(logits.numel() // labels.numel() // logits.shape[-1])
+        )
         loss.backward()
         if i > 0:  # the first call pays for allocations
             times.append(time.perf_counter() - start)

@@ -20,7 +20,12 @@ SHAPE = (3, 2, 5)  # L, T, D
 
 
 def _provenance(dtype: str) -> dict:
-    return {"backbone": "tiny", "layer_names": ["block0", "block1", "final"], "token_names": ["cls", "ap"], "dtype": dtype}
+    return {
+        "backbone": "tiny",
+        "layer_names": ["block0", "block1", "final"],
+        "token_names": ["cls", "ap"],
+        "dtype": dtype,
+    }
 
 
 def _write_cache(cache_dir, *, dtype="float16", shard_rows=(4, 3)):
@@ -46,7 +51,9 @@ def _write_cache(cache_dir, *, dtype="float16", shard_rows=(4, 3)):
         )
         entries.append((name, rows, sha))
         start = stop
-    write_manifest(cache_dir, provenance=_provenance(dtype), shards=entries, splits=["train", "val", "test"], plan_sha256="x")
+    write_manifest(
+        cache_dir, provenance=_provenance(dtype), shards=entries, splits=["train", "val", "test"], plan_sha256="x"
+    )
     return tokens, labels, indices, splits
 
 

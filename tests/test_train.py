@@ -101,7 +101,9 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not():
     def weights(seed: int) -> torch.Tensor:
         run = TrainSettings(**{**settings.__dict__, "seed": seed})
         grid = make_grid([1e-2], [1e-3])
-        return train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=grid, settings=run).probe.weight
+        return train_grid(
+            spec, tokens, labels, positions=positions, num_classes=3, grid=grid, settings=run
+        ).probe.weight
 
     assert torch.equal(weights(1), weights(1))
     assert not torch.equal(weights(1), weights(2))

@@ -552,4 +552,3 @@ def extract_member(stacked: nn.Module, member: int) -> nn.Module:
     single.load_state_dict(state)
     first = next(stacked.parameters())
     return single.to(device=first.device, dtype=first.dtype).train(stacked.training)
-

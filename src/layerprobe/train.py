@@ -174,7 +174,7 @@ def cosine_lr(base_lr: torch.Tensor, step: int, total_steps: int, min_lr: float)
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
+    """ "auto" -> cuda when available, else cpu."""
     if device not in DEVICE_CHOICES:
         raise ValueError(f"device {device!r} is not one of {DEVICE_CHOICES}")
     if device == "auto":
@@ -222,8 +222,9 @@ def train_selected(
         raise ValueError("grid is empty: give at least one HParams")
     device = resolve_device(settings.device)
     num_images, num_tokens, dim = features.shape
+    dropouts = [h.attn_dropout for h in grid]
     probe = build_probe(spec, num_tokens=num_tokens, dim=dim, num_classes=num_classes, grid_size=len(grid),
-                        attn_dropouts=[h.attn_dropout for h in grid], seed=settings.seed).to(device).train()  # fmt: skip
+                        attn_dropouts=dropouts, seed=settings.seed).to(device).train()  # fmt: skip
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
     optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
@@ -364,4 +365,3 @@ def sweep_probe(
                            settings=settings)  # fmt: skip
     return SweepResult(best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe,
                        history=refit.history)  # fmt: skip
-
