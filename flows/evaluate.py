@@ -70,13 +70,13 @@ def evaluate_probe_task(
 
 
 def _curves(history_file: Path) -> dict[str, list[tuple[int, float]]]:
-    """Training curves of the refit (the probe that was saved): loss and learning rate per logged step."""
+    """Training curves of the refit (the probe that was saved, G=1): loss and learning rate per logged step."""
     history = json.loads(history_file.read_text())
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for key in ("loss", "lr"):
-        if key in history:
-            curves[f"train/{key}"] = [(int(s), float(v[0] if isinstance(v, list) else v)) for s, v in zip(history["step"], history[key])]
-    return curves
+    return {
+        f"train/{key}": [(int(row["step"]), float(row[key][0])) for row in history]
+        for key in ("loss", "lr")
+        if history and key in history[0]
+    }
 
 
 def _run_params(params: Params, backbone: str, dataset: str, probe: str) -> dict:

@@ -31,9 +31,28 @@ def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
 
 def plot_layer_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", dpi: int = DPI) -> Path:
     """Draw `metrics.layer_attention_heatmap` output: layers across, cls/ap down, values in % in each cell."""
+    fig, ax = plt.subplots(figsize=heatmap_figsize(len(heatmap["layers"]), len(heatmap["tokens"])), layout="constrained")
+    image = _draw_heatmap(ax, heatmap, title=title)
+    fig.colorbar(image, ax=ax, label="attention (%)", fraction=0.05, pad=0.02)
+    return _save(fig, path, dpi)
+
+
+def plot_heatmap_grid(heatmaps: Mapping[str, Mapping], path: str | Path, *, dpi: int = DPI) -> Path:
+    """One layer-attention heatmap per task (e.g. `backbone/dataset`), stacked so tasks can be compared at a glance."""
+    if not heatmaps:
+        raise ValueError("heatmaps is empty: nothing to plot")
+    widest = max(len(h["layers"]) for h in heatmaps.values())
+    width, height = heatmap_figsize(widest, 2)
+    fig, axes = plt.subplots(len(heatmaps), 1, figsize=(width, height * len(heatmaps)), layout="constrained", squeeze=False)
+    for ax, (name, heatmap) in zip(axes[:, 0], heatmaps.items()):
+        image = _draw_heatmap(ax, heatmap, title=name)
+        fig.colorbar(image, ax=ax, label="%", fraction=0.05, pad=0.02)
+    return _save(fig, path, dpi)
+
+
+def _draw_heatmap(ax: plt.Axes, heatmap: Mapping, *, title: str = ""):
     layers, tokens = list(heatmap["layers"]), list(heatmap["tokens"])
     grid = np.array([[np.nan if w is None else 100.0 * w for w in row] for row in heatmap["weights"]]).T  # [T, L]
-    fig, ax = plt.subplots(figsize=heatmap_figsize(len(layers), len(tokens)), layout="constrained")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", vmin=0.0)
     ax.set_xticks(range(len(layers)), [name.replace("block", "b") for name in layers], rotation=45, ha="right")
     ax.set_yticks(range(len(tokens)), tokens)
@@ -46,8 +65,7 @@ def plot_layer_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", d
         if np.isfinite(value):
             colour = "black" if value > 0.6 * top else "white"  # readable on both ends of viridis
             ax.text(li, t, f"{value:.1f}", ha="center", va="center", fontsize=7, color=colour)
-    fig.colorbar(image, ax=ax, label="attention (%)", fraction=0.05, pad=0.02)
-    return _save(fig, path, dpi)
+    return image
 
 
 def plot_confusion_matrix(

@@ -7,6 +7,8 @@ G=1 is a single probe. Heads take already gathered, L2-normalised tokens `x  # [
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import re
 from collections.abc import Sequence
@@ -70,9 +72,19 @@ _PROBES: Registry[ProbeSpec] = Registry("probe")
 register_probe = _PROBES.register
 
 
-def get_probe_spec(name: str) -> ProbeSpec:
-    """The registered probe spec called `name` (ValueError with the choices otherwise)."""
-    return _PROBES.create(name)
+def get_probe_spec(name: str, **overrides) -> ProbeSpec:
+    """The registered probe spec called `name` (ValueError with the choices otherwise), with `overrides` applied.
+
+    Overrides come from params.yaml (`probes.<name>: {layers, tokens, num_heads}`); an unknown key is named.
+    """
+    spec = _PROBES.create(name)
+    allowed = {"layers", "tokens", "num_heads"}
+    for key in overrides:
+        if key not in allowed:
+            raise ValueError(f"probes.{name}.{key}: not a probe setting (choices: {', '.join(sorted(allowed))})")
+    if "tokens" in overrides:
+        overrides["tokens"] = tuple(overrides["tokens"])
+    return dataclasses.replace(spec, **overrides)
 
 
 def list_probes() -> list[str]:

@@ -102,10 +102,12 @@ def write_report(
     files["csv"].write_text(format_csv(rows, probes))
     series = gains_series(rows)
     files["gains"].write_text(json.dumps(series, indent=2) + "\n")
-    plot_gains(
-        [s["task"] for s in series], [s["gain"] for s in series], files["gains_png"],
-        title=f"{HEADLINE} gain over {BASELINE} (test balanced accuracy, pp)",
-    )
-    loaded = {name: json.loads(Path(path).read_text()) for name, path in heatmaps.items()}
-    plot_heatmap_grid(loaded, files["heatmaps_png"])
+    if series:
+        plot_gains({s["task"]: s["gain"] for s in series}, files["gains_png"], probe=HEADLINE, baseline=BASELINE)
+    else:
+        del files["gains_png"]  # no task has both probes: nothing to compare
+    if heatmaps:
+        plot_heatmap_grid({name: json.loads(Path(path).read_text()) for name, path in heatmaps.items()}, files["heatmaps_png"])
+    else:
+        del files["heatmaps_png"]
     return files

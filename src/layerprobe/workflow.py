@@ -183,8 +183,8 @@ def train_step(
             spec,
             train.tokens,
             train.labels,
-            val.tokens,
-            val.labels,
+            val_tokens=val.tokens,
+            val_labels=val.labels,
             positions=positions,
             num_classes=num_classes,
             grid=grid,
@@ -242,7 +242,7 @@ def evaluate_step(*, probe_dir: Path, features_dir: Path, out_dir: Path, batch_s
         probe, config = load_probe(Path(entry["dir"]))
         positions = [tuple(p) for p in config["positions"]]
         predictions, _, attention = predict(probe, test.tokens, positions=positions, batch_size=batch_size)
-        metrics = classification_metrics(test.labels.numpy(), predictions, config["num_classes"])
+        metrics = classification_metrics(test.labels.numpy(), predictions.numpy(), config["num_classes"])
         per_seed.append({"seed": entry["seed"], "val_balanced_accuracy": entry["val_balanced_accuracy"], **metrics})
         if first is None:
             first = (config, metrics, attention)
