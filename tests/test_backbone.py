@@ -88,3 +88,13 @@ def test_eval_transform_uses_the_models_input_size():
     assert json.loads(json.dumps(description)) == description
     assert description["input_size"] == [3, 32, 32] and description["crop_pct"] == 1.0
     assert describe_transform(model)["crop_pct"] == model.pretrained_cfg["crop_pct"]
+
+
+def test_random_init_is_seeded_so_the_same_backbone_comes_back():
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    first = create_backbone("vit_tiny_patch16_224", model_kwargs=kwargs)
+    again = create_backbone("vit_tiny_patch16_224", model_kwargs=kwargs)
+    other = create_backbone("vit_tiny_patch16_224", model_kwargs=kwargs, init_seed=1)
+    for (name, a), b, c in zip(first.state_dict().items(), again.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values()))

@@ -120,7 +120,7 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     assert len(versions) == 2
     champion = client.get_model_version_by_alias(name, "champion")
     best = max(children, key=lambda r: r.data.metrics["val/balanced_accuracy"])
-    assert champion.version == best.data.tags["registered_version"]
+    assert str(champion.version) == best.data.tags["registered_version"]
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     from layerprobe.features import read_features
 

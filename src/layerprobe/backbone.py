@@ -23,14 +23,19 @@ def create_backbone(
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
     model_kwargs: dict | None = None,
+    init_seed: int = 0,
 ) -> torch.nn.Module:
     """Create a frozen timm model in eval mode.
+
+    Random initialisation (no weights loaded) is seeded with `init_seed`, so a random-init backbone is the same
+    network every time: its cached features are reproducible and `predict` rebuilds the backbone a probe saw.
 
     Args:
         model_name: timm model name, optionally with a weights tag (`vit_base_patch16_clip_224.openai`).
         pretrained: Load timm's published weights (needs the hub or a warm cache).
         checkpoint: Local weights file (`.safetensors`, `.pth`, `.bin`); implies pretrained.
         model_kwargs: Extra `timm.create_model` arguments (`img_size`, `depth`, ...).
+        init_seed: Seed of the random initialisation (irrelevant when weights are loaded).
 
     Raises:
         ValueError: Unknown model name (with the nearest match) or a checkpoint that does not fit the model.
@@ -42,7 +47,9 @@ def create_backbone(
         raise unknown_name_error("model", model_name, timm.list_models())
     if checkpoint is None:
         try:
-            model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+            with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
+                torch.manual_seed(init_seed)
+                model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         except Exception as e:
             if not pretrained:
                 raise

@@ -26,10 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # One line naming what is wrong; the traceback helps nobody who typed a wrong name.
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"layerprobe {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input: one line naming what is wrong; the traceback helps nobody who typed a wrong name.
+        print(f"layerprobe {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

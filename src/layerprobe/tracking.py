@@ -163,7 +163,7 @@ def log_probe_model(
     client = MlflowClient()
     for version in _model_versions(registered_name):
         if version.tags.get("probe_hash") == probe_hash:
-            return version.source, version.version
+            return version.source, str(version.version)
     signature = mlflow.models.infer_signature(input_example, output_example)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

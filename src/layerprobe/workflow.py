@@ -177,6 +177,8 @@ def train_step(
     # Attention dropout only exists in attentive heads; a linear probe sweeps lr x wd alone.
     dropouts = attn_dropouts if spec.head == "attentive" else [0.0]
     grid = make_grid(lrs, weight_decays, dropouts)
+    # About 100 points per training curve in MLflow, whatever the step count.
+    settings = {"log_every": max(1, int(settings["min_steps"]) // 100), **settings}
     per_seed = []
     for seed in seeds:
         result = sweep_probe(
@@ -252,7 +254,7 @@ def evaluate_step(*, probe_dir: Path, features_dir: Path, out_dir: Path, batch_s
     )
     outputs = {"metrics": str(out_dir / "metrics.json"), "confusion_png": str(out_dir / "confusion.png")}
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_confusion_matrix(np.asarray(metrics["confusion"]), config["class_names"], out_dir / "confusion.png")
+    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), config["class_names"], out_dir / "confusion.png")
     if attention is not None:
         heatmap = layer_attention_heatmap(attention, config["token_labels"])
         write_json(out_dir / "heatmap.json", heatmap)
