@@ -80,7 +80,7 @@ def test_dvc_repro_end_to_end(repo):
         assert "test/balanced_accuracy" in child.data.metrics
     alf = next(r for r in children if r.data.tags["probe"] == "alf")
     assert "evaluation/heatmap.png" in {a.path for a in client.list_artifacts(alf.info.run_id, "evaluation")}
-    assert client.get_model_version_by_alias("layerprobe-count-tiny-vit", "champion").version in {"1", "2"}
+    assert str(client.get_model_version_by_alias("layerprobe-count-tiny-vit", "champion").version) in {"1", "2"}
     assert (repo / "results/report/report.md").read_text().count("| count |") == 1
     assert "test_balanced_accuracy" in run(["dvc", "metrics", "show"], repo, env).stdout
 
