@@ -73,17 +73,24 @@ def gpu_slot(device: str, limit: int) -> Iterator[None]:
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         yield
         return
+    with concurrency_slot(GPU_LIMIT, limit):
+        yield
+
+
+@contextlib.contextmanager
+def concurrency_slot(name: str, limit: int) -> Iterator[None]:
+    """One slot of Prefect's global concurrency limit `name`, created with `limit` slots if it does not exist."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            client.read_global_concurrency_limit_by_name(name)
         except Exception:  # noqa: BLE001 - absent: create it (another task may have won the race)
             with contextlib.suppress(Exception):
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+    with concurrency(name, occupy=1, strict=True):
         yield
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows.common import cached, gpu_slot, load_params, parse_stage_args, select
 from layerprobe.workflow import extract_step
@@ -23,10 +23,12 @@ def extract_features_task(
 ) -> dict:
     # dataset_version is unused in the body on purpose: it is part of the cache key, so new data means new features.
     with gpu_slot(extract_config["device"], gpu_limit):
-        return extract_step(
+        summary = extract_step(
             backbone, dataset, prepared_dir=Path(prepared_dir), out_dir=Path(out_dir), **backbone_config,
             **extract_config,
         )
+    get_run_logger().info("features %s/%s: %s (content hash %s)", backbone, dataset, out_dir, summary["content_hash"][:12])
+    return summary
 
 
 @flow(name="extract", log_prints=True)

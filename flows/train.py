@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows.common import cached, gpu_slot, load_params, parse_stage_args, select
 from layerprobe.config import Params
@@ -25,10 +25,16 @@ def train_probe_task(
 ) -> dict:
     # backbone/dataset/features_hash only name the run and key the cache; the features are read from features_dir.
     with gpu_slot(settings["device"], gpu_limit):
-        return train_step(
+        summary = train_step(
             probe, features_dir=Path(features_dir), out_dir=Path(out_dir), probe_overrides=probe_overrides,
             seeds=seeds, settings=settings, **grid,
         )
+    for seed in summary["seeds"]:
+        get_run_logger().info(
+            "%s/%s/%s seed %d: best %s, val balanced accuracy %.4f",
+            backbone, dataset, probe, seed["seed"], seed["best"], seed["val_balanced_accuracy"],
+        )
+    return summary
 
 
 def train_settings(params: Params) -> dict:

@@ -152,3 +152,31 @@ def test_runs_of_a_killed_process_are_closed_as_failed(project_dir):
     client = MlflowClient()
     assert client.get_run(orphan).info.status == "FAILED"
     assert client.get_run(alive).info.status == "RUNNING"
+
+
+def test_gpu_tasks_hold_a_slot_of_one_global_concurrency_limit(project_dir):
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    from flows.common import concurrency_slot
+
+    inside, overlaps = [], []
+
+    def worker() -> None:
+        with concurrency_slot("layerprobe-test-gpu", 1):
+            overlaps.append(len(inside))
+            inside.append(1)
+            time.sleep(0.3)
+            inside.pop()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == [0, 0, 0]  # never two holders at once
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name("layerprobe-test-gpu")
+    assert limit.limit == 1 and limit.active_slots == 0

@@ -172,10 +172,21 @@ def log_probe_model(
             artifacts={"probe": str(probe_dir)},
             signature=signature,
             input_example=input_example,
+            # The package travels with the model, so `models:/...` loads where layerprobe is not installed.
+            code_paths=[str(Path(__file__).parent)],
+            # Stated, not inferred: inference imports the model in a subprocess (~3 s per probe).
+            pip_requirements=_model_requirements(),
         )
     version = mlflow.register_model(info.model_uri, registered_name, tags={"probe_hash": probe_hash, "run_id": run_id})
     client.set_model_version_tag(registered_name, version.version, "probe_hash", probe_hash)
     return info.model_uri, str(version.version)
+
+
+def _model_requirements() -> list[str]:
+    """What the pyfunc imports at load time, pinned to the versions it was logged with."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "numpy", "safetensors", "scikit-learn")]
 
 
 def _model_versions(name: str) -> list:

@@ -17,7 +17,7 @@ import numpy as np
 
 from layerprobe.checkpoint import load_probe, save_probe
 from layerprobe.data import open_prepared, prepare_dataset
-from layerprobe.features import cache_content_hash, read_features
+from layerprobe.features import cache_content_hash, read_features, sha256_file
 from layerprobe.metrics import classification_metrics, layer_attention_heatmap, summarize_over_seeds
 from layerprobe.probes import get_probe_spec, select_token_positions, token_labels
 from layerprobe.train import HParams, TrainSettings, make_grid, predict, sweep_probe
@@ -136,16 +136,8 @@ def extract_step(
 
 def _weights_tag(model: str, *, pretrained: bool, checkpoint: str | None) -> str:
     if checkpoint:
-        return f"file:{Path(checkpoint).name}:{_file_sha256(Path(checkpoint))[:12]}"
+        return f"file:{Path(checkpoint).name}:{sha256_file(Path(checkpoint))[:12]}"
     return f"pretrained:{model}" if pretrained else "random-init"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- train -----------------------------------------------------------------------------------------------------
