@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from layerprobe.probes import ReferenceAttentiveHead, build_probe, get_probe_spec, normalize_tokens
+from layerprobe.train import flush_denormals
 
 
 def time_step(head: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, *, repeats: int) -> float:
@@ -36,6 +37,7 @@ def time_step(head: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, *, r
 
 
 def main() -> None:
+    flush_denormals()  # as the flows do; both paths measured alike
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=26)

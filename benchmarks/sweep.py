@@ -16,10 +16,11 @@ import time
 import torch
 
 from layerprobe.probes import get_probe_spec, select_token_positions
-from layerprobe.train import TrainSettings, make_grid, train_grid
+from layerprobe.train import TrainSettings, flush_denormals, make_grid, train_grid
 
 
 def main() -> None:
+    flush_denormals()  # as the flows do; both paths measured alike
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--num-images", type=int, default=5000)

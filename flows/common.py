@@ -18,9 +18,12 @@ from prefect.states import State  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from layerprobe.config import Params, load_params  # noqa: E402
+from layerprobe.train import flush_denormals  # noqa: E402
 from layerprobe.workflow import stable_hash  # noqa: E402
 
 GPU_LIMIT = "layerprobe-gpu"
+
+flush_denormals()  # flows run in processes of their own: set before any worker thread exists
 
 # Bad input (a missing path, a wrong key) fails fast; only what may pass on its own is retried.
 _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)

@@ -23,8 +23,18 @@ from layerprobe.workflow import evaluate_step, signature_example, write_json
 
 @task(name="evaluate-probe", task_run_name="evaluate-{backbone}-{dataset}-{probe}")
 def evaluate_probe_task(
-    backbone: str, dataset: str, probe: str, *, probe_dir: str, features_dir: str, out_dir: str, batch_size: int,
-    experiment_id: str, parent_run_id: str, run_params: dict, registered_name: str,
+    backbone: str,
+    dataset: str,
+    probe: str,
+    *,
+    probe_dir: str,
+    features_dir: str,
+    out_dir: str,
+    batch_size: int,
+    experiment_id: str,
+    parent_run_id: str,
+    run_params: dict,
+    registered_name: str,
 ) -> dict:
     run_id = tracking.start_run(experiment_id, f"{backbone}/{dataset}/{probe}", parent_run_id=parent_run_id)
     try:
@@ -36,7 +46,12 @@ def evaluate_probe_task(
         probe_config = json.loads((first_seed_dir / "probe.json").read_text())
         tracking.log_params(
             run_id,
-            {**run_params, "best": result["best"], "probe_spec": probe_config["spec"], "num_seeds": result["num_seeds"]},
+            {
+                **run_params,
+                "best": result["best"],
+                "probe_spec": probe_config["spec"],
+                "num_seeds": result["num_seeds"],
+            },
         )
         tracking.log_tags(
             run_id,
@@ -59,7 +74,11 @@ def evaluate_probe_task(
         )
         inputs, outputs = signature_example(probe_dir=first_seed_dir, features_dir=Path(features_dir))
         model_uri, version = tracking.log_probe_model(
-            run_id, probe_dir=first_seed_dir, input_example=inputs, output_example=outputs, registered_name=registered_name
+            run_id,
+            probe_dir=first_seed_dir,
+            input_example=inputs,
+            output_example=outputs,
+            registered_name=registered_name,
         )
         tracking.log_tags(run_id, {"registered_model": registered_name, "registered_version": version})
         tracking.end_run(run_id)
@@ -127,7 +146,9 @@ def evaluate_flow(
                     evaluate = evaluate_probe_task.with_options(**{**task_options(params), "persist_result": False})
                     futures.append(
                         evaluate.submit(
-                            backbone, dataset, probe,
+                            backbone,
+                            dataset,
+                            probe,
                             probe_dir=str(params.paths.probe_dir(backbone, dataset, probe)),
                             features_dir=str(params.paths.features_dir(backbone, dataset)),
                             out_dir=str(params.paths.evaluation_dir(backbone, dataset, probe)),
@@ -135,14 +156,19 @@ def evaluate_flow(
                             experiment_id=experiment_id,
                             parent_run_id=parent_run_id,
                             run_params=_run_params(params, backbone, dataset, probe),
-                            registered_name=tracking.registered_model_name(params.evaluate.registry_prefix, dataset, backbone),
+                            registered_name=tracking.registered_model_name(
+                                params.evaluate.registry_prefix, dataset, backbone
+                            ),
                         )
                     )
         results = [future.result() for future in futures]
         champions = _crown_champions(results, alias=params.evaluate.champion_alias)
         summary = _metrics_summary(results)
         write_json(params.paths.metrics_file, summary)
-        write_json(params.paths.pipeline_run_file, {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "champions": champions})
+        write_json(
+            params.paths.pipeline_run_file,
+            {"parent_run_id": parent_run_id, "experiment_id": experiment_id, "champions": champions},
+        )
         tracking.log_metrics(parent_run_id, _flat_metrics(summary))
         tracking.log_artifacts(parent_run_id, {"": params.paths.metrics_file})
         create_markdown_artifact(
@@ -188,7 +214,10 @@ def _flat_metrics(summary: dict) -> dict[str, float]:
 
 
 def _markdown(results: list[dict], champions: dict) -> str:
-    lines = ["| backbone | dataset | probe | test balanced acc | test acc | val balanced acc | version |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backbone | dataset | probe | test balanced acc | test acc | val balanced acc | version |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         crown = " (champion)" if champions.get(r["registered_model"], {}).get("probe") == r["probe"] else ""
         lines.append(

@@ -18,16 +18,29 @@ from layerprobe.workflow import extract_step
 
 @task(name="extract-features", task_run_name="extract-{backbone}-{dataset}")
 def extract_features_task(
-    backbone: str, dataset: str, *, dataset_version: str, prepared_dir: str, out_dir: str, backbone_config: dict,
-    extract_config: dict, gpu_limit: int,
+    backbone: str,
+    dataset: str,
+    *,
+    dataset_version: str,
+    prepared_dir: str,
+    out_dir: str,
+    backbone_config: dict,
+    extract_config: dict,
+    gpu_limit: int,
 ) -> dict:
     # dataset_version is unused in the body on purpose: it is part of the cache key, so new data means new features.
     with gpu_slot(extract_config["device"], gpu_limit):
         summary = extract_step(
-            backbone, dataset, prepared_dir=Path(prepared_dir), out_dir=Path(out_dir), **backbone_config,
+            backbone,
+            dataset,
+            prepared_dir=Path(prepared_dir),
+            out_dir=Path(out_dir),
+            **backbone_config,
             **extract_config,
         )
-    get_run_logger().info("features %s/%s: %s (content hash %s)", backbone, dataset, out_dir, summary["content_hash"][:12])
+    get_run_logger().info(
+        "features %s/%s: %s (content hash %s)", backbone, dataset, out_dir, summary["content_hash"][:12]
+    )
     return summary
 
 

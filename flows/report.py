@@ -20,7 +20,9 @@ from layerprobe.report import write_report
 
 @task(name="write-report")
 def write_report_task(summary: dict, out_dir: str, probes: list[str], groups: dict, heatmaps: dict[str, str]) -> dict:
-    files = write_report(summary, Path(out_dir), probes=probes, groups=groups, heatmaps={k: Path(v) for k, v in heatmaps.items()})
+    files = write_report(
+        summary, Path(out_dir), probes=probes, groups=groups, heatmaps={k: Path(v) for k, v in heatmaps.items()}
+    )
     return {name: str(path) for name, path in files.items()}
 
 
@@ -43,7 +45,9 @@ def report_flow(params_path: str = "params.yaml") -> dict:
     create_markdown_artifact(key="layerprobe-report", markdown=markdown, description=f"{params.suite.name} results")
     run_file = params.paths.pipeline_run_file
     if run_file.is_file():  # attach the report to the evaluate stage's parent run
-        tracking.setup_experiment(params.tracking.experiment, mlruns_dir=params.paths.mlruns, tracking_uri=params.tracking.tracking_uri)
+        tracking.setup_experiment(
+            params.tracking.experiment, mlruns_dir=params.paths.mlruns, tracking_uri=params.tracking.tracking_uri
+        )
         tracking.log_artifacts(json.loads(run_file.read_text())["parent_run_id"], {"report": params.paths.report_dir})
     print(markdown)
     return files

@@ -20,19 +20,39 @@ from layerprobe.workflow import train_step
 
 @task(name="train-probe", task_run_name="train-{backbone}-{dataset}-{probe}")
 def train_probe_task(
-    backbone: str, dataset: str, probe: str, *, features_dir: str, features_hash: str, out_dir: str,
-    probe_overrides: dict, grid: dict, seeds: list[int], settings: dict, gpu_limit: int,
+    backbone: str,
+    dataset: str,
+    probe: str,
+    *,
+    features_dir: str,
+    features_hash: str,
+    out_dir: str,
+    probe_overrides: dict,
+    grid: dict,
+    seeds: list[int],
+    settings: dict,
+    gpu_limit: int,
 ) -> dict:
     # backbone/dataset/features_hash only name the run and key the cache; the features are read from features_dir.
     with gpu_slot(settings["device"], gpu_limit):
         summary = train_step(
-            probe, features_dir=Path(features_dir), out_dir=Path(out_dir), probe_overrides=probe_overrides,
-            seeds=seeds, settings=settings, **grid,
+            probe,
+            features_dir=Path(features_dir),
+            out_dir=Path(out_dir),
+            probe_overrides=probe_overrides,
+            seeds=seeds,
+            settings=settings,
+            **grid,
         )
     for seed in summary["seeds"]:
         get_run_logger().info(
             "%s/%s/%s seed %d: best %s, val balanced accuracy %.4f",
-            backbone, dataset, probe, seed["seed"], seed["best"], seed["val_balanced_accuracy"],
+            backbone,
+            dataset,
+            probe,
+            seed["seed"],
+            seed["best"],
+            seed["val_balanced_accuracy"],
         )
     return summary
 
@@ -59,7 +79,11 @@ def train_flow(
     probes: list[str] | None = None,
 ) -> list[dict]:
     params = load_params(params_path)
-    grid = {"lrs": params.train.lrs, "weight_decays": params.train.weight_decays, "attn_dropouts": params.train.attn_dropouts}
+    grid = {
+        "lrs": params.train.lrs,
+        "weight_decays": params.train.weight_decays,
+        "attn_dropouts": params.train.attn_dropouts,
+    }
     futures = []
     for backbone in select(params.suite.backbones, backbones, "backbone"):
         for dataset in select(params.suite.datasets, datasets, "dataset"):
@@ -70,9 +94,17 @@ def train_flow(
                 train = cached(train_probe_task, params, output_marker=out_dir / "train.json")
                 futures.append(
                     train.submit(
-                        backbone, dataset, probe, features_dir=str(features_dir), features_hash=features_hash,
-                        out_dir=str(out_dir), probe_overrides=params.probe_overrides(probe), grid=grid,
-                        seeds=params.train.seeds, settings=train_settings(params), gpu_limit=params.flow.gpu_concurrency,
+                        backbone,
+                        dataset,
+                        probe,
+                        features_dir=str(features_dir),
+                        features_hash=features_hash,
+                        out_dir=str(out_dir),
+                        probe_overrides=params.probe_overrides(probe),
+                        grid=grid,
+                        seeds=params.train.seeds,
+                        settings=train_settings(params),
+                        gpu_limit=params.flow.gpu_concurrency,
                     )
                 )
     return [future.result() for future in futures]

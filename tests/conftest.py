@@ -46,10 +46,25 @@ def tiny_params(**train_overrides) -> dict:
     train.update(train_overrides)
     return {
         # dvc.yaml templates its paths from here, so they are spelled out even where they equal the defaults
-        "paths": {"data": "data/prepared", "features": "features", "probes": "probes", "results": "results", "mlruns": "mlruns"},
-        "suite": {"name": "tiny", "backbones": ["tiny_vit"], "datasets": ["count"], "probes": ["linear_last_cls", "alf"]},
+        "paths": {
+            "data": "data/prepared",
+            "features": "features",
+            "probes": "probes",
+            "results": "results",
+            "mlruns": "mlruns",
+        },
+        "suite": {
+            "name": "tiny",
+            "backbones": ["tiny_vit"],
+            "datasets": ["count"],
+            "probes": ["linear_last_cls", "alf"],
+        },
         "datasets": {
-            "count": {"source": "count_shapes", "options": {"num_images": 240, "image_size": 32, "seed": 0}, "group": "structured"}
+            "count": {
+                "source": "count_shapes",
+                "options": {"num_images": 240, "image_size": 32, "seed": 0},
+                "group": "structured",
+            }
         },
         "backbones": {"tiny_vit": TINY_BACKBONE},
         "probes": {"alf": {"num_heads": None}, "linear_last_cls": {}},

@@ -95,6 +95,7 @@ def test_random_init_is_seeded_so_the_same_backbone_comes_back():
     first = create_backbone("vit_tiny_patch16_224", model_kwargs=kwargs)
     again = create_backbone("vit_tiny_patch16_224", model_kwargs=kwargs)
     other = create_backbone("vit_tiny_patch16_224", model_kwargs=kwargs, init_seed=1)
-    for (name, a), b, c in zip(first.state_dict().items(), again.state_dict().values(), other.state_dict().values()):
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values()))
+    pairs = zip(first.state_dict().values(), other.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, c) for a, c in pairs)

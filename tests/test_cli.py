@@ -49,7 +49,9 @@ def test_extract_train_evaluate_predict_from_the_command_line(tmp_path, monkeypa
     assert main(["extract", *common, *options, "--model-kwargs", TINY, "--no-progress", "--device", "cpu"]) == 0
     features = tmp_path / "features/vit_tiny_patch16_224/count_shapes"
     assert json.loads((features / "manifest.json").read_text())["num_images"] == 120
-    assert main(["train", *common, "--probe", "alf", "--lr", "0.01", "--weight-decay", "0.0001", "--min-steps", "20"]) == 0
+    assert (
+        main(["train", *common, "--probe", "alf", "--lr", "0.01", "--weight-decay", "0.0001", "--min-steps", "20"]) == 0
+    )
     assert main(["evaluate", *common, "--probe", "alf"]) == 0
     capsys.readouterr()
     metrics = json.loads((tmp_path / "results/evaluate/vit_tiny_patch16_224/count_shapes/alf/metrics.json").read_text())

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT, tiny_params, write_params
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +52,10 @@ def repo(tmp_path, migrated_mlflow_db) -> tuple[Path, dict]:
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     run(["git", "init", "-q"], repo, env)
@@ -67,7 +69,11 @@ def test_dvc_repro_end_to_end(repo):
     repo, env = repo
     first = run(["dvc", "repro"], repo, env)
     assert stages_run(first.stdout) == [
-        "prepare", "extract@tiny_vit-count", "train@tiny_vit-count", "evaluate", "report"
+        "prepare",
+        "extract@tiny_vit-count",
+        "train@tiny_vit-count",
+        "evaluate",
+        "report",
     ]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny")

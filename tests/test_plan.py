@@ -41,9 +41,10 @@ def test_plan_resolves_every_task_of_the_paper_suite_in_dry_mode(paper):
     assert vit_b_imagenet.num_layers == 13 and vit_b_imagenet.dim == 768
     assert vit_b_imagenet.bytes == (1_281_167 + 50_000) * 13 * 2 * 768 * 2
     large = next(p for p in plans if p.backbone == "vit_l16" and p.dataset == "cifar10")
-    assert large.num_layers == 25 and large.seconds > next(
-        p for p in plans if p.backbone == "vit_s16" and p.dataset == "cifar10"
-    ).seconds
+    assert (
+        large.num_layers == 25
+        and large.seconds > next(p for p in plans if p.backbone == "vit_s16" and p.dataset == "cifar10").seconds
+    )
 
 
 def test_vit_b16_flops_match_the_published_figure():

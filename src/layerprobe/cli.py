@@ -22,6 +22,9 @@ from layerprobe.config import BackboneConfig, DatasetConfig, Params, ParamsError
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    torch.set_flush_denormal(True)  # as layerprobe.train.flush_denormals; before any worker thread starts
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -33,13 +36,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerprobe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="layerprobe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = _command(commands, "prepare", "materialise a dataset's train/val/test splits", run_prepare)
     _dataset_args(prepare)
 
-    extract = _command(commands, "extract", "extract per-layer cls/ap features of every block into a cache", run_extract)
+    extract = _command(
+        commands, "extract", "extract per-layer cls/ap features of every block into a cache", run_extract
+    )
     _backbone_args(extract)
     _dataset_args(extract)
     extract.add_argument("--tap", choices=["norm2", "block"], help="tap point (default: params extract.tap)")
@@ -49,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", type=Path, help="cache folder (default: paths.features/<backbone>/<dataset>)")
     extract.add_argument("--no-progress", action="store_true")
 
-    train = _command(commands, "train", "sweep a probe on cached features and save the best (refit on train+val)", run_train)
+    train = _command(
+        commands, "train", "sweep a probe on cached features and save the best (refit on train+val)", run_train
+    )
     train.add_argument("--backbone", required=True)
     train.add_argument("--dataset", required=True)
     train.add_argument("--probe", required=True, help="alf, linear_last_cls, ... (layerprobe list probes)")
@@ -58,17 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-steps", type=int)
     train.add_argument("--device")
 
-    evaluate = _command(commands, "evaluate", "score a trained probe on test: metrics, heatmap, confusion", run_evaluate)
+    evaluate = _command(
+        commands, "evaluate", "score a trained probe on test: metrics, heatmap, confusion", run_evaluate
+    )
     evaluate.add_argument("--backbone", required=True)
     evaluate.add_argument("--dataset", required=True)
     evaluate.add_argument("--probe", required=True)
 
     predict = _command(commands, "predict", "classify image files with a saved probe and its backbone", run_predict)
-    predict.add_argument("--probe", type=Path, required=True, help="a saved probe folder (probe.json + probe.safetensors)")
+    predict.add_argument(
+        "--probe", type=Path, required=True, help="a saved probe folder (probe.json + probe.safetensors)"
+    )
     predict.add_argument("--images", type=Path, nargs="+", required=True)
     predict.add_argument("--device", default="cpu")
 
-    plan = _command(commands, "plan", "list every task with cache sizes and time estimates; checks disk space", run_plan)
+    plan = _command(
+        commands, "plan", "list every task with cache sizes and time estimates; checks disk space", run_plan
+    )
     plan.add_argument("--images-per-second", type=float, help="skip the device measurement: ViT-B/16@224 images/s")
     plan.add_argument("--device", default="cpu", help="device whose throughput to measure (cpu or cuda)")
     plan.add_argument("--tasks", action="store_true", help="also list every (backbone, dataset, probe) task")
@@ -89,7 +104,7 @@ def _backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="a backbones: name from params, or any timm model name")
     parser.add_argument("--pretrained", action="store_true", help="timm model name only: load hub weights")
     parser.add_argument("--checkpoint", help="timm model name only: a local weights file")
-    parser.add_argument("--model-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"img_size": 32}\'')
+    parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON, e.g. '{\"img_size\": 32}'")
 
 
 def _dataset_args(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +148,10 @@ def _resolve_backbone(args, params: Params | None) -> BackboneConfig:
     if params and args.backbone in params.backbones:
         return params.backbones[args.backbone]
     return BackboneConfig(
-        model=args.backbone, pretrained=args.pretrained, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs or {}
+        model=args.backbone,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        model_kwargs=args.model_kwargs or {},
     )
 
 
@@ -238,7 +256,12 @@ def run_evaluate(args) -> int:
         features_dir=paths.features_dir(args.backbone, args.dataset),
         out_dir=paths.evaluation_dir(args.backbone, args.dataset, args.probe),
     )
-    print(json.dumps({k: result[k] for k in ("probe", "backbone", "dataset", "test", "val_balanced_accuracy", "outputs")}, indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("probe", "backbone", "dataset", "test", "val_balanced_accuracy", "outputs")},
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -264,7 +287,9 @@ def run_plan(args) -> int:
         gflops_per_second = measure_gflops_per_second(args.device)
     plans = plan_suite(params, gflops_per_second=gflops_per_second)
     needed, free = check_disk(plans, Path(params.paths.features), dtype=params.extract.dtype)
-    print(format_plan(params, plans, needed=needed, free=free, gflops_per_second=gflops_per_second, list_tasks=args.tasks))
+    print(
+        format_plan(params, plans, needed=needed, free=free, gflops_per_second=gflops_per_second, list_tasks=args.tasks)
+    )
     return 0
 
 

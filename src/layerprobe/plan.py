@@ -88,7 +88,9 @@ def check_dataset_entry(name: str, config: DatasetConfig) -> None:
     for key in config.options:
         if key not in signature.parameters and not accepts_any:
             choices = ", ".join(signature.parameters)
-            raise ValueError(f"datasets.{name}.options.{key}: source {config.source!r} takes no such option ({choices})")
+            raise ValueError(
+                f"datasets.{name}.options.{key}: source {config.source!r} takes no such option ({choices})"
+            )
 
 
 def measure_gflops_per_second(device: str = "cpu", *, size: int = 512, repeats: int = 5) -> float:
@@ -167,13 +169,20 @@ def format_duration(seconds: float) -> str:
 
 
 def format_plan(
-    params: Params, plans: list[CachePlan], *, needed: int, free: int, gflops_per_second: float, list_tasks: bool = False
+    params: Params,
+    plans: list[CachePlan],
+    *,
+    needed: int,
+    free: int,
+    gflops_per_second: float,
+    list_tasks: bool = False,
 ) -> str:
     probes = params.suite.probes
     lines = [
         f"suite {params.suite.name}: {len(params.suite.backbones)} backbones x {len(params.suite.datasets)} datasets"
         f" x {len(probes)} probes = {len(plans) * len(probes)} probe tasks",
-        f"throughput basis: {gflops_per_second:.0f} GFLOP/s; features as {params.extract.dtype}, tap {params.extract.tap}",
+        f"throughput basis: {gflops_per_second:.0f} GFLOP/s; "
+        f"features as {params.extract.dtype}, tap {params.extract.tap}",
         "",
         "| backbone | dataset | images | layers x tokens x dim | cache | extraction |",
         "|---|---|---:|---|---:|---:|",

@@ -31,7 +31,9 @@ def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
 
 def plot_layer_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", dpi: int = DPI) -> Path:
     """Draw `metrics.layer_attention_heatmap` output: layers across, cls/ap down, values in % in each cell."""
-    fig, ax = plt.subplots(figsize=heatmap_figsize(len(heatmap["layers"]), len(heatmap["tokens"])), layout="constrained")
+    fig, ax = plt.subplots(
+        figsize=heatmap_figsize(len(heatmap["layers"]), len(heatmap["tokens"])), layout="constrained"
+    )
     image = _draw_heatmap(ax, heatmap, title=title)
     fig.colorbar(image, ax=ax, label="attention (%)", fraction=0.05, pad=0.02)
     return _save(fig, path, dpi)
@@ -43,8 +45,10 @@ def plot_heatmap_grid(heatmaps: Mapping[str, Mapping], path: str | Path, *, dpi:
         raise ValueError("heatmaps is empty: nothing to plot")
     widest = max(len(h["layers"]) for h in heatmaps.values())
     width, height = heatmap_figsize(widest, 2)
-    fig, axes = plt.subplots(len(heatmaps), 1, figsize=(width, height * len(heatmaps)), layout="constrained", squeeze=False)
-    for ax, (name, heatmap) in zip(axes[:, 0], heatmaps.items()):
+    fig, axes = plt.subplots(
+        len(heatmaps), 1, figsize=(width, height * len(heatmaps)), layout="constrained", squeeze=False
+    )
+    for ax, (name, heatmap) in zip(axes[:, 0], heatmaps.items(), strict=True):
         image = _draw_heatmap(ax, heatmap, title=name)
         fig.colorbar(image, ax=ax, label="%", fraction=0.05, pad=0.02)
     return _save(fig, path, dpi)

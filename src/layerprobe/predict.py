@@ -23,7 +23,9 @@ def load_image_file(path: Path) -> Image.Image:
     return decode_image(path, name=str(path))
 
 
-def predict_images(probe_dir: Path, image_paths: list[Path], *, device: str = "cpu", batch_size: int = 32) -> list[dict]:
+def predict_images(
+    probe_dir: Path, image_paths: list[Path], *, device: str = "cpu", batch_size: int = 32
+) -> list[dict]:
     """Classify image files with a saved probe; returns [{path, label, class_name, probability}] in input order."""
     from layerprobe.backbone import create_backbone, create_eval_transform
     from layerprobe.extract import LayerTokenExtractor
@@ -39,7 +41,9 @@ def predict_images(probe_dir: Path, image_paths: list[Path], *, device: str = "c
     )
     extractor = LayerTokenExtractor(network, tap=source["tap"], final_projection=bool(source.get("final_projection")))
     if extractor.layer_names != source.get("layer_names", extractor.layer_names):
-        raise ValueError(f"probe {probe_dir} was trained on layers {source['layer_names']}, backbone gives {extractor.layer_names}")
+        raise ValueError(
+            f"probe {probe_dir} was trained on layers {source['layer_names']}, backbone gives {extractor.layer_names}"
+        )
     transform = create_eval_transform(network, crop_pct=source.get("crop_pct"))
     extractor.to(device)
     batches = []
@@ -52,6 +56,11 @@ def predict_images(probe_dir: Path, image_paths: list[Path], *, device: str = "c
     probabilities = torch.as_tensor(logits).float().softmax(-1)
     names = config["class_names"]
     return [
-        {"path": str(path), "label": int(label), "class_name": names[int(label)], "probability": float(probabilities[i, int(label)])}
-        for i, (path, label) in enumerate(zip(image_paths, labels))
+        {
+            "path": str(path),
+            "label": int(label),
+            "class_name": names[int(label)],
+            "probability": float(probabilities[i, int(label)]),
+        }
+        for i, (path, label) in enumerate(zip(image_paths, labels, strict=True))
     ]

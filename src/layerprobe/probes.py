@@ -8,7 +8,6 @@ G=1 is a single probe. Heads take already gathered, L2-normalised tokens `x  # [
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import re
 from collections.abc import Sequence

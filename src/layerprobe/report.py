@@ -107,7 +107,9 @@ def write_report(
     else:
         del files["gains_png"]  # no task has both probes: nothing to compare
     if heatmaps:
-        plot_heatmap_grid({name: json.loads(Path(path).read_text()) for name, path in heatmaps.items()}, files["heatmaps_png"])
+        plot_heatmap_grid(
+            {name: json.loads(Path(path).read_text()) for name, path in heatmaps.items()}, files["heatmaps_png"]
+        )
     else:
         del files["heatmaps_png"]
     return files

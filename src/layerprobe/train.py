@@ -168,6 +168,15 @@ def clip_grad_norm_per_member(params: Sequence[nn.Parameter], max_norm: float) -
     return norms
 
 
+def flush_denormals() -> None:
+    """Treat denormal floats as zero on CPU: decayed probe weights otherwise slow CPU arithmetic ~1.5x (measured).
+
+    Call it first thing in a process (our flows, CLI and benchmarks do): worker threads inherit the setting only
+    when they are created after it, and changing it inside a library call would surprise the caller.
+    """
+    torch.set_flush_denormal(True)
+
+
 def cosine_lr(base_lr: torch.Tensor, step: int, total_steps: int, min_lr: float) -> torch.Tensor:
     """Cosine decay from `base_lr` to `min_lr` over `total_steps`, no warm-up (the reference's schedule)."""
     return min_lr + 0.5 * (1 + math.cos(math.pi * step / total_steps)) * (base_lr - min_lr)

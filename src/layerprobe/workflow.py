@@ -131,7 +131,12 @@ def extract_step(
         device=device,
         progress=progress,
     )
-    return {"backbone": backbone_name, "dataset": dataset_name, "path": str(out_dir), "content_hash": cache_content_hash(out_dir)}
+    return {
+        "backbone": backbone_name,
+        "dataset": dataset_name,
+        "path": str(out_dir),
+        "content_hash": cache_content_hash(out_dir),
+    }
 
 
 def _weights_tag(model: str, *, pretrained: bool, checkpoint: str | None) -> str:
@@ -201,7 +206,9 @@ def train_step(
         write_json(seed_dir / "sweep.json", {"best": _hparams_dict(result.best), "configs": result.val_scores})
         write_json(seed_dir / "history.json", result.history)
         best_val = max(score["balanced_accuracy"] for score in result.val_scores)
-        per_seed.append({"seed": seed, "dir": str(seed_dir), "best": _hparams_dict(result.best), "val_balanced_accuracy": best_val})
+        per_seed.append(
+            {"seed": seed, "dir": str(seed_dir), "best": _hparams_dict(result.best), "val_balanced_accuracy": best_val}
+        )
     summary = {"probe": probe_name, "seeds": per_seed, "features_hash": cache_content_hash(Path(features_dir))}
     write_json(out_dir / "train.json", summary)
     return summary
@@ -250,7 +257,8 @@ def evaluate_step(*, probe_dir: Path, features_dir: Path, out_dir: Path, batch_s
     if attention is not None:
         heatmap = layer_attention_heatmap(attention, config["token_labels"])
         write_json(out_dir / "heatmap.json", heatmap)
-        title = f"{config['provenance'].get('backbone', '')} / {config['provenance'].get('dataset', '')} / {config['probe']}"
+        source = config["provenance"]
+        title = f"{source.get('backbone', '')} / {source.get('dataset', '')} / {config['probe']}"
         plot_layer_heatmap(heatmap, out_dir / "heatmap.png", title=title)
         outputs.update(heatmap_json=str(out_dir / "heatmap.json"), heatmap_png=str(out_dir / "heatmap.png"))
     result = {
