@@ -180,3 +180,17 @@ def test_gpu_tasks_hold_a_slot_of_one_global_concurrency_limit(project_dir):
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name("layerprobe-test-gpu")
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_served_pipeline_uses_the_cron_schedule_from_params(project_dir):
+    import yaml
+
+    from flows.serve import scheduled_deployment
+
+    data = yaml.safe_load(Path("params.yaml").read_text())
+    data["flow"]["serve"] = {"name": "nightly-test", "cron": "15 4 * * *"}
+    Path("params.yaml").write_text(yaml.safe_dump(data))
+    deployment = scheduled_deployment("params.yaml")
+    assert deployment.name == "nightly-test"
+    assert deployment.parameters == {"params_path": "params.yaml"}
+    assert [s.schedule.cron for s in deployment.schedules] == ["15 4 * * *"]
