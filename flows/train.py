@@ -13,7 +13,6 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.common import cached, gpu_slot, load_params, parse_stage_args, select
-from layerprobe.config import Params
 from layerprobe.features import cache_content_hash
 from layerprobe.workflow import train_step
 
@@ -57,20 +56,6 @@ def train_probe_task(
     return summary
 
 
-def train_settings(params: Params) -> dict:
-    config = params.train
-    return {
-        "epochs": config.epochs,
-        "min_steps": config.min_steps,
-        "batch_size": config.batch_size,
-        "grad_clip": config.grad_clip,
-        "jitter_std": config.jitter_std,
-        "jitter_prob": config.jitter_prob,
-        "min_lr": config.min_lr,
-        "device": config.device,
-    }
-
-
 @flow(name="train", log_prints=True)
 def train_flow(
     params_path: str = "params.yaml",
@@ -103,7 +88,7 @@ def train_flow(
                         probe_overrides=params.probe_overrides(probe),
                         grid=grid,
                         seeds=params.train.seeds,
-                        settings=train_settings(params),
+                        settings=params.train.recipe(),
                         gpu_limit=params.flow.gpu_concurrency,
                     )
                 )

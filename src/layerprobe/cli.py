@@ -222,16 +222,9 @@ def run_train(args) -> int:
     params = _params(args)
     config = params.train if params else TrainConfig(lrs=[1e-2, 1e-3], weight_decays=[1e-4, 1e-2])
     paths = _paths(params)
-    settings = {
-        "epochs": config.epochs,
-        "min_steps": args.min_steps or config.min_steps,
-        "batch_size": config.batch_size,
-        "grad_clip": config.grad_clip,
-        "jitter_std": config.jitter_std,
-        "jitter_prob": config.jitter_prob,
-        "min_lr": config.min_lr,
-        "device": args.device or config.device,
-    }
+    settings = config.recipe()
+    settings["min_steps"] = args.min_steps or config.min_steps
+    settings["device"] = args.device or config.device
     summary = train_step(
         args.probe,
         features_dir=paths.features_dir(args.backbone, args.dataset),

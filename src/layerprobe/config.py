@@ -167,6 +167,11 @@ class TrainConfig:
         if any(not 0.0 <= p < 1.0 for p in self.attn_dropouts):
             raise ParamsError(f"train.attn_dropouts must be in [0, 1), got {self.attn_dropouts}")
 
+    def recipe(self) -> dict[str, Any]:
+        """The per-run training settings (everything but the swept grid and the seeds)."""
+        keys = ("epochs", "min_steps", "batch_size", "grad_clip", "jitter_std", "jitter_prob", "min_lr", "device")
+        return {key: getattr(self, key) for key in keys}
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
