@@ -5,7 +5,7 @@ What: a 4 x 3 (lr x weight decay) `alf` grid on cache-like float16 features (ran
 same seed, so they compute the same 12 probes; the grid shares batches, normalisation, LN statistics and jitter
 and turns 12 skinny matmuls into one. Prints both wall times and their ratio (target <= 0.35).
 How:  /work/venv/bin/python benchmarks/sweep.py [--steps 200 --num-images 5000 --batch 512]
-Cost: about 2-4 minutes on 2 CPU cores at the defaults (mostly the one-after-another run); ~1.5 GB RAM.
+Cost: about 2.5 minutes on 2 CPU cores at the defaults (mostly the one-after-another run); ~1.5 GB RAM.
 """
 
 from __future__ import annotations

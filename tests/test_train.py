@@ -163,3 +163,43 @@ def test_sweep_picks_by_validation_balanced_accuracy_and_refits_one_probe():
     guess, logits, attention = predict(result.probe, tokens[400:], positions=positions)
     assert guess.shape == (100,) and logits.shape == (100, 3) and attention is None
     assert np.mean(guess.numpy() == labels[400:].numpy()) > 0.9
+
+
+def test_stacked_adamw_gives_each_member_its_own_lr_and_decay_and_decays_gradless_params():
+    generator = torch.Generator().manual_seed(1)
+    stacked = torch.nn.Parameter(torch.randn(3, 4, 2, generator=generator))
+    gradless = torch.nn.Parameter(torch.ones(3, 2))
+    lrs, decays = [1e-2, 1e-3, 3e-2], [0.0, 0.1, 0.5]
+    optimizer = StackedAdamW([stacked, gradless], weight_decay=torch.tensor(decays))
+    references = [torch.nn.Parameter(stacked.detach()[m].clone()) for m in range(3)]
+    torch_optimizers = [
+        torch.optim.AdamW([ref], lr=lr, weight_decay=wd) for ref, lr, wd in zip(references, lrs, decays, strict=True)
+    ]
+    for _ in range(4):
+        grad = torch.randn(3, 4, 2, generator=generator)
+        optimizer.zero_grad()
+        stacked.grad = grad.clone()
+        optimizer.step(torch.tensor(lrs))
+        for m, (ref, torch_optimizer) in enumerate(zip(references, torch_optimizers, strict=True)):
+            ref.grad = grad[m].clone()
+            torch_optimizer.step()
+    for m, ref in enumerate(references):
+        torch.testing.assert_close(stacked.detach()[m], ref.detach(), atol=1e-7, rtol=1e-6)
+    # No gradient: Adam's step is zero, only decoupled decay acts: (1 - lr * wd) ** 4.
+    expected = torch.tensor([(1 - lr * wd) ** 4 for lr, wd in zip(lrs, decays, strict=True)])
+    torch.testing.assert_close(gradless.detach()[:, 0], expected)
+
+
+def test_jitter_touches_only_training_batches_and_only_the_chosen_images():
+    tokens, labels = planted(64, signal={4: 0}, num_classes=2, seed=4)
+    spec = get_probe_spec("linear_concat_all")
+    positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
+
+    def weights(**jitter) -> torch.Tensor:
+        settings = TrainSettings(epochs=1, min_steps=5, batch_size=64, seed=0, device="cpu", **jitter)
+        grid = make_grid([1e-2], [0.0])
+        return train_grid(spec, tokens, labels, positions=positions, num_classes=2, grid=grid,
+                          settings=settings).probe.weight  # fmt: skip
+
+    assert torch.equal(weights(jitter_prob=0.0), weights(jitter_std=0.0))  # no image chosen == zero noise
+    assert not torch.equal(weights(jitter_prob=0.5), weights(jitter_prob=0.0))

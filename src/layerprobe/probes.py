@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerprobe.attention_pool import pool_and_project
 from layerprobe.registry import Registry, unknown_name_error
 
 TOKEN_CHOICES = ("cls", "ap")
@@ -380,37 +381,43 @@ class StackedAttentiveHead(nn.Module):
             dropout_noise: uniform draws `[B, H, K]` shared by all members; member g drops where noise < p_g.
                 Lets a grid and a lone member see the same masks. Drawn from torch's global RNG when None.
         """
-        batch, _, dim = x.shape
+        batch, num_tokens, dim = x.shape
         if dim != self.dim:
             raise ValueError(f"attentive head expects token width {self.dim}, got {dim}")
         g, h, e = self.grid_size, self.num_heads, self.head_dim
         x_hat = F.layer_norm(x, (dim,), eps=NORM_EPS)  # shared by every member: LN affine parts are per member
-        scores = torch.einsum("btd,ghd->gbht", x_hat, self._query_keys())
-        attention = scores.softmax(dim=-1)  # [G, B, H, K]
+        # Scores for every (member, head) pool j = g*H + h at once, in a [B, K, J] layout: one [B*K, D] x [D, J]
+        # matmul, the softmax runs over K in place, and pool_and_project reads it without a transposed copy.
+        query_keys = self._query_keys().reshape(g * h, dim)
+        scores = (x_hat.reshape(batch * num_tokens, dim) @ query_keys.T).view(batch, num_tokens, g * h)
+        attention = scores.softmax(dim=1)  # [B, K, J]
         weights = attention
         dropping = self.training and bool((self.attn_dropout > 0).any())
         if dropping:
             if dropout_noise is None:
-                dropout_noise = torch.rand(batch, h, x.shape[1], device=x.device)
-            p = self.attn_dropout.view(g, 1, 1, 1)
-            weights = attention * (dropout_noise[None] >= p) / (1.0 - p)
+                dropout_noise = torch.rand(batch, h, num_tokens, device=x.device)
+            p = self.attn_dropout.view(1, 1, g, 1)
+            keep = dropout_noise.transpose(1, 2)[:, :, None, :] >= p  # [B, K, G, H]
+            weights = (attention.view(batch, num_tokens, g, h) * keep / (1.0 - p)).view(batch, num_tokens, g * h)
         # W_v sum_t a_t LN_v(x_t) = (W_v gamma_v) (sum_t a_t xhat_t) + (W_v beta_v) sum_t a_t. Folding gamma_v and
-        # beta_v into W_v keeps elementwise work off the big [G, B, H, D] tensor.
-        pooled = torch.einsum("gbht,btd->gbhd", weights, x_hat)
+        # beta_v into W_v keeps elementwise work off the pooled [B, G*H, D] block, which is never stored whole.
         v_weight = self.v_weight.view(g, h, e, dim)
-        values = torch.einsum("gbhd,ghed->gbhe", pooled, v_weight * self.norm_v_weight[:, None, None, :])
+        value_weight = (v_weight * self.norm_v_weight[:, None, None, :]).view(g * h, e, dim)
+        values = pool_and_project(weights, x_hat, value_weight).view(batch, g, h, e)
         v_bias = torch.einsum("ghed,gd->ghe", v_weight, self.norm_v_bias)  # [G, H, h]
         constant = v_bias  # without dropout sum_t a_t = 1: W_v beta_v is the same for every image
         if dropping:
-            has_dropout = (self.attn_dropout > 0).to(x.dtype).view(g, 1, 1)
-            values = values + (weights.sum(dim=-1) * has_dropout)[..., None] * v_bias[:, None]
-            constant = v_bias * (1.0 - has_dropout)
-        values = values.reshape(g, batch, h * e)
-        attended = torch.einsum("gbe,gde->gbd", values, self.proj_weight)
+            has_dropout = (self.attn_dropout > 0).to(x.dtype).view(1, g, 1)
+            weight_sums = weights.sum(dim=1).view(batch, g, h) * has_dropout  # [B, G, H]
+            values = values + weight_sums[..., None] * v_bias
+            constant = v_bias * (1.0 - has_dropout.view(g, 1, 1))
+        attended = torch.einsum("bge,gde->gbd", values.reshape(batch, g, h * e), self.proj_weight)
         offset = torch.einsum("ge,gde->gd", constant.reshape(g, h * e), self.proj_weight) + self.proj_bias
         features = self._batch_norm(attended, offset)
         logits = torch.einsum("gbd,gcd->gbc", features, self.classifier_weight) + self.classifier_bias[:, None, :]
-        return (logits, attention) if return_attention else logits
+        if not return_attention:
+            return logits
+        return logits, attention.view(batch, num_tokens, g, h).permute(2, 0, 3, 1)  # [G, B, H, K]
 
 
 class ReferenceAttentiveHead(nn.Module):
