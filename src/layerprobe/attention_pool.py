@@ -37,7 +37,7 @@ class _BlockBuffers:
     """
 
     def __init__(self) -> None:
-        self.tensors: dict[tuple[str, int], torch.Tensor] = {}
+        self.tensors: dict[tuple, torch.Tensor] = {}  # (name, *shape) -> tensor
 
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A tensor of `shape` like `like`, the same one each time this name and shape are asked for."""
