@@ -16,7 +16,14 @@ import time
 import torch
 
 from layerprobe.probes import get_probe_spec, select_token_positions
-from layerprobe.train import TrainSettings, flush_denormals, make_grid, train_grid
+from layerprobe.train import (
+    PRECISION_CHOICES,
+    TrainSettings,
+    flush_denormals,
+    make_grid,
+    resolve_matmul_dtype,
+    train_grid,
+)
 
 
 def main() -> None:
@@ -28,6 +35,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--blocks", type=int, default=12, help="cached layers = blocks + final; alf skips block0")
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="probe matmul dtype")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -39,7 +47,8 @@ def main() -> None:
     grid = make_grid([1e-1, 1e-2, 1e-3, 1e-4], [1e-4, 1e-2, 1e-1])
     # epochs=1 and min_steps=steps: exactly `steps` steps whatever the batch plan gives per epoch.
     settings = TrainSettings(epochs=1, min_steps=args.steps, batch_size=args.batch, min_batches=1, device="cpu",
-                             log_every=max(args.steps, 1))  # fmt: skip
+                             precision=args.precision, log_every=max(args.steps, 1))  # fmt: skip
+    matmul_dtype = resolve_matmul_dtype(args.precision, torch.device("cpu"))
 
     def run(configs: list) -> tuple[float, int]:
         start = time.perf_counter()
@@ -49,6 +58,7 @@ def main() -> None:
 
     print(f"config: {len(grid)} configs, {args.num_images} images, {len(positions)} tokens, D={args.dim}, "
           f"batch {args.batch}, threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"probe matmuls in {matmul_dtype} (--precision {args.precision})")
     together, steps = run(grid)
     print(f"grid at once:          {together:.1f} s ({steps} steps)")
     alone = sum(run([config])[0] for config in grid)

@@ -51,6 +51,7 @@ def evaluate_probe_task(
                 "best": result["best"],
                 "probe_spec": probe_config["spec"],
                 "num_seeds": result["num_seeds"],
+                "training": probe_config.get("training", {}),  # device and matmul precision actually used
             },
         )
         tracking.log_tags(
@@ -119,6 +120,7 @@ def _run_params(params: Params, backbone: str, dataset: str, probe: str) -> dict
             "min_steps": params.train.min_steps,
             "batch_size": params.train.batch_size,
             "seeds": params.train.seeds,
+            "precision": params.train.precision,
         },
     }
 

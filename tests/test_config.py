@@ -42,6 +42,7 @@ def test_minimal_params_fill_defaults_and_read_yaml_exponents_as_floats(tmp_path
     assert params.train.lrs == [1e-3, 0.01]
     assert params.train.weight_decays == [0.0]
     assert params.extract.tap == "norm2"
+    assert params.train.precision == "auto" and params.train.recipe()["precision"] == "auto"
     assert params.paths.features_dir("b", "d") == Path("features/b/d")
 
 
@@ -66,6 +67,10 @@ def test_wrong_type_and_bad_values_are_named(tmp_path):
         load_params(write(tmp_path, data))
     data["extract"] = {"tap": "mlp"}
     with pytest.raises(ParamsError, match="extract.tap must be one of"):
+        load_params(write(tmp_path, data))
+    data["extract"] = {}
+    data["train"]["precision"] = "half"
+    with pytest.raises(ParamsError, match="train.precision must be one of .*'half'"):
         load_params(write(tmp_path, data))
 
 

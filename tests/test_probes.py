@@ -16,6 +16,7 @@ from layerprobe.probes import (
     list_probes,
     normalize_tokens,
     select_token_positions,
+    set_matmul_dtype,
     token_labels,
 )
 
@@ -111,6 +112,21 @@ def test_reassociated_gradients_match_the_straightforward_module():
     # gradient. The reference gets rounding noise there; the reassociated form leaves them out of the graph.
     assert reference.proj.bias.grad.abs().max() < 1e-4 and reference.norm_v.bias.grad.abs().max() < 1e-4
     assert head.proj_bias.grad is None and head.norm_v_bias.grad is None
+
+
+@pytest.mark.parametrize("name", ["alf", "linear_concat_all"])
+def test_bfloat16_matmuls_stay_close_to_float32_and_keep_float32_outputs(name):
+    head = build_probe(get_probe_spec(name), num_tokens=8, dim=64, num_classes=5, grid_size=2, seed=3)
+    randomise_(head, seed=4)
+    x = normalize_tokens(torch.randn(48, 8, 64))
+    exact = head(x)
+    assert set_matmul_dtype(head, torch.bfloat16) is head
+    mixed = head(x)
+    assert mixed.dtype == torch.float32
+    relative = (mixed - exact).norm() / exact.norm()
+    assert 1e-6 < relative < 2e-2  # 8-bit mantissas in the matmuls, float32 everywhere else
+    mixed.sum().backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in head.parameters())
 
 
 def test_heads_default_to_one_per_token_with_doubled_width():

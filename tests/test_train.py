@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,9 @@ from layerprobe.train import (
     class_weights,
     clip_grad_norm_per_member,
     make_grid,
+    native_bfloat16,
     predict,
+    resolve_matmul_dtype,
     sweep_probe,
     train_grid,
 )
@@ -42,20 +46,24 @@ def planted(num_images: int, *, signal: dict[int, int], num_classes: int, dim: i
     return tokens.half(), labels
 
 
-def fit_and_score(name: str, tokens, labels, test_tokens, test_labels, num_classes: int, lr: float = 1e-2):
+def fit_and_score(name: str, tokens, labels, test_tokens, test_labels, num_classes: int, lr: float = 1e-2,
+                  precision: str = "float32"):  # fmt: skip
     spec = get_probe_spec(name)
     positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
     trained = train_grid(spec, tokens, labels, positions=positions, num_classes=num_classes,
-                         grid=[HParams(lr, 1e-4)], settings=FAST)  # fmt: skip
+                         grid=[HParams(lr, 1e-4)], settings=replace(FAST, precision=precision))  # fmt: skip
+    assert trained.probe.matmul_dtype == torch.float32  # evaluation always computes in full precision
     guess, _, attention = predict(trained.probe, test_tokens, positions=positions, batch_size=256)
     accuracy = classification_metrics(test_labels, guess, num_classes)["accuracy"]
     return accuracy, attention, token_labels(LAYERS, TOKENS, positions)
 
 
-def test_alf_finds_the_one_layer_that_holds_the_label():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_alf_finds_the_one_layer_that_holds_the_label(precision):
     tokens, labels = planted(900, signal={3: 0}, num_classes=4)
     train, test = slice(0, 600), slice(600, 900)
-    accuracy, attention, names = fit_and_score("alf", tokens[train], labels[train], tokens[test], labels[test], 4)
+    accuracy, attention, names = fit_and_score("alf", tokens[train], labels[train], tokens[test], labels[test], 4,
+                                               precision=precision)  # fmt: skip
     assert accuracy > 0.9
     heatmap = layer_attention_heatmap(attention, names)
     top = max(heatmap["token_weights"], key=heatmap["token_weights"].get)
@@ -74,11 +82,13 @@ def test_alf_attends_to_both_layers_when_the_label_needs_both():
     assert set(top_two) == {"block1/ap", "final/ap"}
 
 
-def test_a_grid_trained_at_once_equals_each_config_trained_alone():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_grid_trained_at_once_equals_each_config_trained_alone(precision):
     tokens, labels = planted(200, signal={2: 0}, num_classes=3, seed=2)
     spec = get_probe_spec("alf")
     positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
-    settings = TrainSettings(epochs=1, min_steps=25, batch_size=64, seed=5, device="cpu", log_every=5)
+    settings = TrainSettings(epochs=1, min_steps=25, batch_size=64, seed=5, device="cpu", log_every=5,
+                             precision=precision)  # fmt: skip
     grid = [HParams(1e-2, 1e-4, 0.0), HParams(1e-2, 1e-1, 0.3), HParams(1e-3, 1e-4, 0.1), HParams(3e-2, 0.0, 0.3)]
     together = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=grid, settings=settings)
     assert together.steps == 25 and together.history[-1]["step"] == 25
@@ -87,7 +97,13 @@ def test_a_grid_trained_at_once_equals_each_config_trained_alone():
                            settings=settings).probe.state_dict()  # fmt: skip
         member = extract_member(together.probe, m).state_dict()
         for key, value in alone.items():
-            torch.testing.assert_close(member[key], value, atol=1e-5, rtol=1e-5, msg=f"member {m} {key}")
+            if precision == "float32":
+                torch.testing.assert_close(member[key], value, atol=1e-5, rtol=1e-5, msg=f"member {m} {key}")
+            elif value.is_floating_point():
+                # bfloat16 rounds each matmul's result: a last-bit difference in float32 accumulation (the grid's
+                # matmuls are wider) can round the other way, and 25 steps at lr 3e-2 grow it to ~2e-3 (measured).
+                relative = (member[key] - value).norm() / value.norm().clamp_min(1e-12)
+                assert relative < 1e-2, f"member {m} {key}: relative difference {relative:.1e}"
     members = [extract_member(together.probe, m).state_dict()["k_weight"] for m in range(4)]
     assert not torch.allclose(members[0], members[1])  # the configs really trained differently
 
@@ -137,6 +153,36 @@ def test_clipping_is_per_member_and_matches_torch():
     clip_grad_norm_per_member([param], 5.0)
     torch.testing.assert_close(param.grad[0], reference.grad)
     assert torch.equal(param.grad[1], small)  # under the limit: untouched
+
+
+def test_precision_resolves_auto_by_hardware_and_names_bad_values(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_matmul_dtype("float32", cpu) == torch.float32
+    assert resolve_matmul_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_matmul_dtype("auto", cpu) == (torch.bfloat16 if native_bfloat16(cpu) else torch.float32)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not native_bfloat16(cpu) and resolve_matmul_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_matmul_dtype("auto", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="precision 'half'"):
+        resolve_matmul_dtype("half", cpu)
+    with pytest.raises(ValueError, match="TrainSettings.precision 'fp8'"):
+        TrainSettings(precision="fp8")
+
+
+def test_bfloat16_training_is_deterministic_and_differs_from_float32():
+    tokens, labels = planted(200, signal={3: 0}, num_classes=3, seed=6)
+    spec = get_probe_spec("alf")
+    positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
+
+    def weights(precision: str) -> torch.Tensor:
+        settings = TrainSettings(epochs=1, min_steps=10, batch_size=64, seed=0, device="cpu", precision=precision)
+        return train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=make_grid([1e-2], [1e-4]),
+                          settings=settings).probe.k_weight  # fmt: skip
+
+    assert torch.equal(weights("bfloat16"), weights("bfloat16"))
+    assert not torch.equal(weights("bfloat16"), weights("float32"))
 
 
 def test_recipe_helpers_follow_the_reference():

@@ -1,117 +1,159 @@
-"""Attention pooling followed by a per-head value projection, computed in cache-sized blocks of images.
+"""Attention pooling followed by a per-head value projection, one grid member at a time.
 
 In the reassociated ALF head (DESIGN.md "Cost"), every member g and head h pools the tokens with its attention
 weights and then projects the pooled vector:
 
-    values[b, j, :] = W[j] @ (sum_t weights[b, t, j] * tokens[b, t, :])        j = (g, h)
+    values[g, b, h, :] = W[g, h] @ (sum_t weights[(g, h), b, t] * tokens[b, t, :])
 
-The pooled tensor is `[B, G*H, D]`: 226 MB for a 12-member grid at batch 512, D=384. Written out whole, the
-forward and backward pass stream it five times through main memory and the CPU spends most of a step waiting on
-it (measured: ~250 of ~310 ms of a 12-member step). This module never materialises it: it works through the
-batch a block of images at a time, small enough to stay in cache, and recomputes the block in the backward pass
-(one cheap batched matmul) instead of saving it. On CUDA, memory bandwidth is not the limit and one block is the
-whole batch.
+The two steps batch over different axes: pooling is one small matmul per image (`[H, K] x [K, D]`), the
+projection one matmul per head (`[B, D] x [D, E]`), and BLAS batches only over a tensor's outermost axis. So each
+member's pooled block `[B, H, D]` is copied once into head-major order between them. Working one member at a time
+keeps that block small (9 MB in bfloat16 at batch 512, D=384, 24 heads) where the whole grid's would be 113 MB,
+gives the projection its best shape, and writes the output straight into the `[G, B, H*E]` layout the output
+projection reads.
+
+The backward pass needs each member's pooled block again. It keeps the forward's copies when they fit in
+`KEEP_POOLED_BYTES` (reading one back costs about 0.2 ms per member) and recomputes them otherwise (about 1.4 ms
+per member on the project's CPU), so memory stays bounded for large grids and batches.
+
+In float32 the head-major order is a strided view that BLAS batches over directly; oneDNN's bfloat16 matmul
+would copy such a batch itself, more slowly, so for bfloat16 the copy is made here, into reused scratch.
+
+Matmuls run in the tokens' dtype (bfloat16 for mixed precision: float32 accumulation, results rounded to
+bfloat16); values come out in the tokens' dtype, gradients in their inputs' dtypes.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Pooled block size that measured fastest on the project's 2-core CPU (4 MiB L2 in all): 8 MiB, i.e. 16-32
-# images for a 12-member grid. A block several times larger already streams through main memory.
-CPU_BLOCK_BYTES = 8 * 2**20
+# Pooled blocks kept from the forward pass for the backward pass, at most this many bytes in all.
+KEEP_POOLED_BYTES = 1 << 30
 
 
-def rows_per_block(num_rows: int, pooled_row_bytes: int, device: torch.device) -> int:
-    """Images per block: the whole batch on accelerators, else as many as keep a pooled block near CPU_BLOCK_BYTES."""
-    if device.type != "cpu":
-        return max(num_rows, 1)
-    return max(1, min(num_rows, CPU_BLOCK_BYTES // max(pooled_row_bytes, 1)))
+class _Scratch:
+    """Named scratch tensors, each allocated once per pass and reused by every member."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like, self.tensors = like, {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        if name not in self.tensors:
+            self.tensors[name] = self.like.new_empty(shape)
+        return self.tensors[name]
 
 
-class _BlockBuffers:
-    """Block-sized scratch tensors, reused from block to block.
+def _member_weights(weights: torch.Tensor, heads: slice, dtype: torch.dtype) -> torch.Tensor:
+    """One member's attention as per-image matrices `[B, H, K]` in `dtype`."""
+    return weights[heads].transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
 
-    A fresh multi-megabyte tensor per block would come from new, zero-filled pages of memory each time (the
-    allocator hands large blocks back to the system); faulting them in cost as much as the matmul writing them.
-    """
 
-    def __init__(self) -> None:
-        self.tensors: dict[tuple, torch.Tensor] = {}  # (name, *shape) -> tensor
+def _swap_leading(tensor: torch.Tensor, storage: torch.Tensor) -> torch.Tensor:
+    """`tensor` with its two leading axes swapped: a view in float32, whose BLAS batches over strided matrices;
+    otherwise a copy into `storage` (oneDNN's bfloat16 matmul would copy a strided batch itself, more slowly)."""
+    if tensor.dtype == torch.float32:
+        return tensor.transpose(0, 1)
+    return storage.view(tensor.shape[1], tensor.shape[0], tensor.shape[2]).copy_(tensor.transpose(0, 1))
 
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A tensor of `shape` like `like`, the same one each time this name and shape are asked for."""
-        key = (name, *shape)
-        if key not in self.tensors:
-            self.tensors[key] = like.new_empty(shape)
-        return self.tensors[key]
+
+def _pool_by_head(member_weights: torch.Tensor, tokens: torch.Tensor, scratch: _Scratch, storage: torch.Tensor):
+    """One member's pooled tokens, head-major `[H, B, D]`, held in `storage` (B*H*D elements)."""
+    shape = (*member_weights.shape[:2], tokens.shape[2])  # [B, H, D]
+    if tokens.dtype == torch.float32:
+        return torch.bmm(member_weights, tokens, out=storage.view(shape)).transpose(0, 1)
+    return _swap_leading(torch.bmm(member_weights, tokens, out=scratch.get("pooled", *shape)), storage)
 
 
 class _PoolAndProject(torch.autograd.Function):
-    """values `[B, J, E]` from weights `[B, K, J]`, tokens `[B, K, D]` and value maps `[J, E, D]`, block by block."""
+    """values `[G, B, H*E]` from weights `[G*H, B, K]`, tokens `[B, K, D]` and value maps `[G*H, E, D]`."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, tokens: torch.Tensor, value_weight: torch.Tensor) -> torch.Tensor:
-        num_rows, _, num_pools = weights.shape
-        step = rows_per_block(num_rows, num_pools * tokens.shape[-1] * tokens.element_size(), tokens.device)
-        values = weights.new_empty(num_rows, num_pools, value_weight.shape[1])
-        projection = value_weight.transpose(1, 2)  # [J, D, E]
-        buffers = _BlockBuffers()
-        for start in range(0, num_rows, step):
-            rows = slice(start, start + step)
-            block_weights = weights[rows].transpose(1, 2)  # [n, J, K]
-            pooled_shape = (block_weights.shape[0], num_pools, tokens.shape[2])
-            pooled = torch.bmm(block_weights, tokens[rows], out=buffers.get("pooled", pooled_shape, tokens))
-            values[rows] = torch.bmm(pooled.transpose(0, 1), projection).transpose(0, 1)  # [n, J, E]
-        ctx.save_for_backward(weights, tokens, value_weight)
-        ctx.step = step
+    def forward(
+        ctx, weights: torch.Tensor, tokens: torch.Tensor, value_weight: torch.Tensor, num_members: int, keep: bool
+    ) -> torch.Tensor:
+        num_pools, batch, _ = weights.shape
+        num_heads, width, dim, dtype = num_pools // num_members, value_weight.shape[1], tokens.shape[2], tokens.dtype
+        keep = keep and num_pools * batch * dim * tokens.element_size() <= KEEP_POOLED_BYTES
+        kept = []  # one tensor per member: each stays under glibc's mmap limit, so the allocator reuses them
+        values = tokens.new_empty(num_members, batch, num_heads * width)
+        projection = value_weight.to(dtype).transpose(1, 2)  # [J, D, E]
+        scratch = _Scratch(tokens)
+        for member in range(num_members):
+            heads = slice(member * num_heads, (member + 1) * num_heads)
+            size = num_heads * batch * dim
+            storage = tokens.new_empty(size) if keep else scratch.get("by_head", size)
+            pooled = _pool_by_head(_member_weights(weights, heads, dtype), tokens, scratch, storage)
+            if keep:
+                kept.append(pooled)
+            member_values = torch.bmm(pooled, projection[heads], out=scratch.get("values", num_heads, batch, width))
+            values[member].view(batch, num_heads, width).copy_(member_values.transpose(0, 1))
+        ctx.save_for_backward(weights, tokens, value_weight, *kept)
+        ctx.num_members = num_members
         return values
 
     @staticmethod
     def backward(ctx, grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weights, tokens, value_weight = ctx.saved_tensors
-        need_weights, need_tokens, need_value_weight = ctx.needs_input_grad
+        weights, tokens, value_weight, *kept = ctx.saved_tensors
+        need_weights, need_tokens, need_value_weight, _, _ = ctx.needs_input_grad
+        num_pools, batch, _ = weights.shape
+        num_members, width, dim, dtype = ctx.num_members, value_weight.shape[1], tokens.shape[2], tokens.dtype
+        num_heads = num_pools // num_members
         grad_weights = torch.empty_like(weights) if need_weights else None
-        grad_tokens = torch.empty_like(tokens) if need_tokens else None
-        grad_value_weight = torch.zeros_like(value_weight) if need_value_weight else None
-        buffers = _BlockBuffers()
-        for start in range(0, weights.shape[0], ctx.step):
-            rows = slice(start, start + ctx.step)
-            block_weights = weights[rows].transpose(1, 2)  # [n, J, K]
-            grad_block = grad_values[rows].transpose(0, 1)  # [J, n, E]
-            count, num_pools = block_weights.shape[:2]
-            if need_value_weight:  # the pooled block is recomputed: cheaper than keeping it
-                pooled_shape = (count, num_pools, tokens.shape[2])
-                pooled = torch.bmm(block_weights, tokens[rows], out=buffers.get("pooled", pooled_shape, tokens))
-                grad_value_weight.baddbmm_(grad_block.transpose(1, 2), pooled.transpose(0, 1))  # [J, E, D]
-            grad_shape = (num_pools, count, tokens.shape[2])
-            grad_pooled = torch.bmm(grad_block, value_weight, out=buffers.get("grad_pooled", grad_shape, tokens))
-            grad_pooled = grad_pooled.transpose(0, 1)  # [n, J, D]
-            if need_weights:
-                grad_weights[rows] = torch.bmm(tokens[rows], grad_pooled.transpose(1, 2))  # [n, K, J]
+        accumulate = torch.promote_types(dtype, torch.float32)  # summed over members: never in bfloat16
+        grad_tokens = torch.zeros(tokens.shape, dtype=accumulate, device=tokens.device) if need_tokens else None
+        grad_value_weight = torch.empty_like(value_weight) if need_value_weight else None
+        value_maps = value_weight.to(dtype)  # [J, E, D]
+        tokens_t = tokens.transpose(1, 2)  # [B, D, K]
+        scratch = _Scratch(tokens)
+        for member in range(num_members):
+            heads = slice(member * num_heads, (member + 1) * num_heads)
+            member_weights = _member_weights(weights, heads, dtype)  # [B, H, K]
+            grad_member = scratch.get("grad_values", num_heads, batch, width)
+            grad_member.copy_(grad_values[member].view(batch, num_heads, width).transpose(0, 1))  # [H, B, E]
+            if need_value_weight:
+                if kept:
+                    pooled = kept[member]
+                else:
+                    storage = scratch.get("by_head", num_heads * batch * dim)
+                    pooled = _pool_by_head(member_weights, tokens, scratch, storage)
+                grad_value_weight[heads] = torch.bmm(grad_member.transpose(1, 2), pooled)  # [H, E, D]
+            grad_by_head = scratch.get("grad_by_head", num_heads, batch, dim)
+            torch.bmm(grad_member, value_maps[heads], out=grad_by_head)  # [H, B, D]
+            grad_pooled = _swap_leading(grad_by_head, scratch.get("grad_pooled", batch * num_heads * dim))
+            if need_weights:  # per image [H, D] x [D, K], written back head-major
+                grad_weights[heads] = torch.bmm(grad_pooled, tokens_t).transpose(0, 1)
             if need_tokens:
-                grad_tokens[rows] = torch.bmm(block_weights.transpose(1, 2), grad_pooled)  # [n, K, D]
-        return grad_weights, grad_tokens, grad_value_weight
+                grad_tokens += torch.bmm(member_weights.transpose(1, 2), grad_pooled)  # [B, K, D]
+        grad_tokens = None if grad_tokens is None else grad_tokens.to(dtype)
+        return grad_weights, grad_tokens, grad_value_weight, None, None
 
 
-def pool_and_project(weights: torch.Tensor, tokens: torch.Tensor, value_weight: torch.Tensor) -> torch.Tensor:
-    """`W[j] @ sum_t weights[b, t, j] tokens[b, t]` for every image b and pool j, without the pooled tensor.
+def pool_and_project(
+    weights: torch.Tensor, tokens: torch.Tensor, value_weight: torch.Tensor, *, num_members: int = 1
+) -> torch.Tensor:
+    """`W[j] @ sum_t weights[j, b, t] tokens[b, t]` for every pool j and image b, member by member.
 
     Args:
-        weights: attention weights `[B, K, J]` (J pools, e.g. grid members x heads, over K tokens).
-        tokens: `[B, K, D]`.
+        weights: attention weights `[J, B, K]`, J = num_members x H pools over K tokens, member-major.
+        tokens: `[B, K, D]`; its dtype is the matmuls' dtype (e.g. bfloat16 for mixed precision).
         value_weight: one `[E, D]` map per pool, `[J, E, D]`.
+        num_members: G, grid members; each member's H pools are projected together.
 
     Returns:
-        `[B, J, E]`. Differentiable in all three inputs.
+        `[G, B, H*E]` in the tokens' dtype, heads concatenated as the output projection reads them.
+        Differentiable in all three tensors.
     """
-    batch, num_tokens, num_pools = weights.shape
+    num_pools, batch, num_tokens = weights.shape
     if tokens.shape[:2] != (batch, num_tokens) or value_weight.dim() != 3 or value_weight.shape[0] != num_pools:
         raise ValueError(
             f"pool_and_project: weights {tuple(weights.shape)}, tokens {tuple(tokens.shape)} and "
-            f"value_weight {tuple(value_weight.shape)} do not fit [B, K, J], [B, K, D], [J, E, D]"
+            f"value_weight {tuple(value_weight.shape)} do not fit [J, B, K], [B, K, D], [J, E, D]"
         )
     if value_weight.shape[2] != tokens.shape[2]:
         raise ValueError(f"pool_and_project: value_weight width {value_weight.shape[2]} != token width "
                          f"{tokens.shape[2]}")  # fmt: skip
-    return _PoolAndProject.apply(weights, tokens, value_weight)
+    if num_members < 1 or num_pools % num_members:
+        raise ValueError(f"pool_and_project: {num_pools} pools do not split into {num_members} members")
+    # Keep pooled blocks only when a backward pass can follow (never while predicting).
+    keep = torch.is_grad_enabled() and (weights.requires_grad or value_weight.requires_grad)
+    return _PoolAndProject.apply(weights, tokens, value_weight, num_members, keep)

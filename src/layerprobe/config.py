@@ -18,6 +18,7 @@ import yaml
 
 TAPS = ("norm2", "block")
 DTYPES = ("float16", "float32")
+PRECISIONS = ("auto", "float32", "bfloat16")  # train.precision; layerprobe.train.PRECISION_CHOICES
 TOKENS = ("cls", "ap")
 
 
@@ -159,8 +160,11 @@ class TrainConfig:
     min_lr: float = 1e-6
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"
+    precision: str = "auto"  # probe matmuls: auto (bfloat16 where native) | float32 | bfloat16
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ParamsError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         for key in ("lrs", "weight_decays", "attn_dropouts", "seeds"):
             if not getattr(self, key):
                 raise ParamsError(f"train.{key} must not be empty")
@@ -169,7 +173,8 @@ class TrainConfig:
 
     def recipe(self) -> dict[str, Any]:
         """The per-run training settings (everything but the swept grid and the seeds)."""
-        keys = ("epochs", "min_steps", "batch_size", "grad_clip", "jitter_std", "jitter_prob", "min_lr", "device")
+        keys = ("epochs", "min_steps", "batch_size", "grad_clip", "jitter_std", "jitter_prob", "min_lr", "device",
+                "precision")  # fmt: skip
         return {key: getattr(self, key) for key in keys}
 
 

@@ -220,6 +220,16 @@ def normalize_tokens(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- heads
 
 
+def set_matmul_dtype(head: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Run `head`'s matmuls in `dtype` (e.g. bfloat16 for mixed-precision training); returns `head`.
+
+    Only the matmul operands are rounded: accumulation is float32, and parameters, softmax, norms, logits and the
+    loss stay in the parameters' dtype. Not saved with the probe: a loaded probe computes in float32.
+    """
+    head.matmul_dtype = dtype
+    return head
+
+
 def _uniform_(tensor: torch.Tensor, fan_in: int, generator: torch.Generator) -> None:
     # nn.Linear's default init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
     # weight and bias; the reference keeps these defaults.
@@ -235,6 +245,7 @@ class StackedLinearHead(nn.Module):
         self.grid_size, self.in_features, self.num_classes = grid_size, in_features, num_classes
         self.weight = nn.Parameter(torch.empty(grid_size, num_classes, in_features))
         self.bias = nn.Parameter(torch.empty(grid_size, num_classes))
+        self.matmul_dtype = torch.float32  # see `set_matmul_dtype`
         self.reset_parameters(seed=0)
 
     @torch.no_grad()
@@ -259,7 +270,8 @@ class StackedLinearHead(nn.Module):
         flat = x.reshape(x.shape[0], -1)  # [B, K*D], ordered cls@l, ap@l, ... like the reference's concat
         if flat.shape[1] != self.in_features:
             raise ValueError(f"linear head expects {self.in_features} features per image, got {flat.shape[1]}")
-        logits = torch.einsum("bf,gcf->gbc", flat, self.weight) + self.bias[:, None, :]
+        dtype = self.matmul_dtype
+        logits = torch.einsum("bf,gcf->gbc", flat.to(dtype), self.weight.to(dtype)).to(x.dtype) + self.bias[:, None, :]
         return (logits, None) if return_attention else logits
 
 
@@ -305,6 +317,7 @@ class StackedAttentiveHead(nn.Module):
         self.register_buffer("bn_num_batches_tracked", torch.zeros(g, dtype=torch.long))
         self.register_buffer("attn_dropout", torch.tensor(attn_dropout, dtype=torch.float32))
         self.bn_momentum = 0.1
+        self.matmul_dtype = torch.float32  # see `set_matmul_dtype`
         self.reset_parameters(seed=0)
 
     @torch.no_grad()
@@ -386,38 +399,40 @@ class StackedAttentiveHead(nn.Module):
             raise ValueError(f"attentive head expects token width {self.dim}, got {dim}")
         g, h, e = self.grid_size, self.num_heads, self.head_dim
         x_hat = F.layer_norm(x, (dim,), eps=NORM_EPS)  # shared by every member: LN affine parts are per member
-        # Scores for every (member, head) pool j = g*H + h at once, in a [B, K, J] layout: one [B*K, D] x [D, J]
-        # matmul, the softmax runs over K in place, and pool_and_project reads it without a transposed copy.
-        query_keys = self._query_keys().reshape(g * h, dim)
-        scores = (x_hat.reshape(batch * num_tokens, dim) @ query_keys.T).view(batch, num_tokens, g * h)
-        attention = scores.softmax(dim=1)  # [B, K, J]
+        tokens = x_hat.to(self.matmul_dtype)  # the matmuls' copy, made once for every member
+        # Scores for every (member, head) pool j = g*H + h at once: one [J, D] x [D, B*K] matmul. The [J, B, K]
+        # layout gives the softmax contiguous rows and pool_and_project per-member slices.
+        query_keys = self._query_keys().reshape(g * h, dim).to(self.matmul_dtype)
+        scores = (query_keys @ tokens.reshape(batch * num_tokens, dim).T).to(x.dtype).view(g * h, batch, num_tokens)
+        attention = scores.softmax(dim=-1)  # [J, B, K]
         weights = attention
         dropping = self.training and bool((self.attn_dropout > 0).any())
         if dropping:
             if dropout_noise is None:
                 dropout_noise = torch.rand(batch, h, num_tokens, device=x.device)
-            p = self.attn_dropout.view(1, 1, g, 1)
-            keep = dropout_noise.transpose(1, 2)[:, :, None, :] >= p  # [B, K, G, H]
-            weights = (attention.view(batch, num_tokens, g, h) * keep / (1.0 - p)).view(batch, num_tokens, g * h)
+            p = self.attn_dropout.view(g, 1, 1, 1)
+            keep = dropout_noise.transpose(0, 1)[None] >= p  # [G, H, B, K]
+            weights = (attention.view(g, h, batch, num_tokens) * keep / (1.0 - p)).view(g * h, batch, num_tokens)
         # W_v sum_t a_t LN_v(x_t) = (W_v gamma_v) (sum_t a_t xhat_t) + (W_v beta_v) sum_t a_t. Folding gamma_v and
-        # beta_v into W_v keeps elementwise work off the pooled [B, G*H, D] block, which is never stored whole.
+        # beta_v into W_v keeps elementwise work off the pooled [B, H, D] blocks, which are never stored.
         v_weight = self.v_weight.view(g, h, e, dim)
         value_weight = (v_weight * self.norm_v_weight[:, None, None, :]).view(g * h, e, dim)
-        values = pool_and_project(weights, x_hat, value_weight).view(batch, g, h, e)
-        v_bias = torch.einsum("ghed,gd->ghe", v_weight, self.norm_v_bias)  # [G, H, h]
+        values = pool_and_project(weights, tokens, value_weight, num_members=g)  # [G, B, H*e]
+        v_bias = torch.einsum("ghed,gd->ghe", v_weight, self.norm_v_bias)  # [G, H, e]
         constant = v_bias  # without dropout sum_t a_t = 1: W_v beta_v is the same for every image
         if dropping:
-            has_dropout = (self.attn_dropout > 0).to(x.dtype).view(1, g, 1)
-            weight_sums = weights.sum(dim=1).view(batch, g, h) * has_dropout  # [B, G, H]
-            values = values + weight_sums[..., None] * v_bias
-            constant = v_bias * (1.0 - has_dropout.view(g, 1, 1))
-        attended = torch.einsum("bge,gde->gbd", values.reshape(batch, g, h * e), self.proj_weight)
+            has_dropout = (self.attn_dropout > 0).to(x.dtype).view(g, 1, 1)
+            weight_sums = weights.sum(dim=-1).view(g, h, batch).transpose(1, 2) * has_dropout  # [G, B, H]
+            values = values + (weight_sums[..., None] * v_bias[:, None]).reshape(g, batch, h * e)
+            constant = v_bias * (1.0 - has_dropout)
+        projection = self.proj_weight.to(self.matmul_dtype).transpose(1, 2)  # [G, H*e, D]
+        attended = torch.bmm(values.to(self.matmul_dtype), projection).to(x.dtype)  # [G, B, D]
         offset = torch.einsum("ge,gde->gd", constant.reshape(g, h * e), self.proj_weight) + self.proj_bias
         features = self._batch_norm(attended, offset)
         logits = torch.einsum("gbd,gcd->gbc", features, self.classifier_weight) + self.classifier_bias[:, None, :]
         if not return_attention:
             return logits
-        return logits, attention.view(batch, num_tokens, g, h).permute(2, 0, 3, 1)  # [G, B, H, K]
+        return logits, attention.view(g, h, batch, num_tokens).transpose(1, 2)  # [G, B, H, K]
 
 
 class ReferenceAttentiveHead(nn.Module):

@@ -18,9 +18,17 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from layerprobe.probes import ProbeSpec, StackedAttentiveHead, build_probe, gather_raw, normalize_tokens
+from layerprobe.probes import (
+    ProbeSpec,
+    StackedAttentiveHead,
+    build_probe,
+    gather_raw,
+    normalize_tokens,
+    set_matmul_dtype,
+)
 
 DEVICE_CHOICES = ("cpu", "cuda", "auto")
+PRECISION_CHOICES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,10 @@ class TrainSettings:
         min_lr: end of the cosine decay.
         seed: initialisation, shuffling, jitter and dropout draws.
         device: "cpu", "cuda" or "auto" (cuda when available).
+        precision: dtype of the probe's matmuls in training: "float32", "bfloat16" (mixed precision, as
+            CLIP_benchmark trains its probes under autocast) or "auto" (bfloat16 where the device computes it
+            natively, see `native_bfloat16`). Parameters, optimizer state, softmax, norms and loss stay float32,
+            and evaluation always computes in float32.
         log_every: record the loss every this many steps.
     """
 
@@ -51,6 +63,7 @@ class TrainSettings:
     min_lr: float = 1e-6
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     log_every: int = 50
 
     def __post_init__(self) -> None:
@@ -63,6 +76,8 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.jitter_prob must lie in [0, 1], got {self.jitter_prob}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"TrainSettings.device {self.device!r} is not one of {DEVICE_CHOICES}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"TrainSettings.precision {self.precision!r} is not one of {PRECISION_CHOICES}")
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX.
+
+    Elsewhere bfloat16 matmuls are emulated and slower than float32, so "auto" precision keeps float32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's capability checks
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def resolve_matmul_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The matmul dtype `precision` means on `device` ("auto": bfloat16 where native, else float32)."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISION_CHOICES}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return getattr(torch, precision)
+
+
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """n / (C * n_c) per class, 0 for classes absent from `labels` (the reference's weighting)."""
     counts = torch.bincount(labels, minlength=num_classes).double()
@@ -235,6 +272,7 @@ def train_selected(
     dropouts = [h.attn_dropout for h in grid]
     probe = build_probe(spec, num_tokens=num_tokens, dim=dim, num_classes=num_classes, grid_size=len(grid),
                         attn_dropouts=dropouts, seed=settings.seed).to(device).train()  # fmt: skip
+    set_matmul_dtype(probe, resolve_matmul_dtype(settings.precision, device))
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
     optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
@@ -276,6 +314,7 @@ def train_selected(
             step += 1
             if step % settings.log_every == 0 or step == total_steps:
                 history.append({"step": step, "loss": member_loss.detach().cpu().tolist(), "lr": lr.cpu().tolist()})
+    set_matmul_dtype(probe, torch.float32)  # predictions from the trained probe are computed in full precision
     return TrainedGrid(probe=probe.eval(), history=history, steps=total_steps, epochs=epochs)
 
 

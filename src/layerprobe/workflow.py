@@ -20,7 +20,15 @@ from layerprobe.data import open_prepared, prepare_dataset
 from layerprobe.features import cache_content_hash, read_features, sha256_file
 from layerprobe.metrics import classification_metrics, layer_attention_heatmap, summarize_over_seeds
 from layerprobe.probes import get_probe_spec, select_token_positions, token_labels
-from layerprobe.train import HParams, TrainSettings, make_grid, predict, sweep_probe
+from layerprobe.train import (
+    HParams,
+    TrainSettings,
+    make_grid,
+    predict,
+    resolve_device,
+    resolve_matmul_dtype,
+    sweep_probe,
+)
 
 
 def stable_hash(payload: Any) -> str:
@@ -176,6 +184,10 @@ def train_step(
     grid = make_grid(lrs, weight_decays, dropouts)
     # About 100 points per training curve in MLflow, whatever the step count.
     settings = {"log_every": max(1, int(settings["min_steps"]) // 100), **settings}
+    # What "auto" resolved to on this machine, saved with every probe and logged to MLflow.
+    device = resolve_device(settings.get("device", "auto"))
+    matmul_dtype = resolve_matmul_dtype(settings.get("precision", "auto"), device)
+    training = {"device": device.type, "precision": str(matmul_dtype).removeprefix("torch.")}
     per_seed = []
     for seed in seeds:
         result = sweep_probe(
@@ -201,6 +213,7 @@ def train_step(
             "positions": [list(p) for p in positions],
             "features": {"path": str(features_dir), "content_hash": cache_content_hash(Path(features_dir))},
             "provenance": train.metadata,
+            "training": training,
         }
         save_probe(seed_dir, result.probe, config)
         write_json(seed_dir / "sweep.json", {"best": _hparams_dict(result.best), "configs": result.val_scores})
