@@ -1,11 +1,12 @@
 """Time an ALF hyperparameter sweep trained as one stacked grid vs the same configs trained one after another.
 
-What: a 4 x 3 (lr x weight decay) `alf` grid on cache-like float16 features (random, 13 layers x cls/ap, so
-26 tokens and 26 heads, D=384), the paper's recipe (jitter, clipping, cosine) at batch 512. Both runs use the
-same seed, so they compute the same 12 probes; the grid shares batches, normalisation, LN statistics and jitter
-and turns 12 skinny matmuls into one. Prints both wall times and their ratio (target <= 0.35).
-How:  /work/venv/bin/python benchmarks/sweep.py [--steps 200 --num-images 5000 --batch 512]
-Cost: about 2.5 minutes on 2 CPU cores at the defaults (mostly the one-after-another run); ~1.5 GB RAM.
+What: a 4 x 3 (lr x weight decay) `alf` grid on cache-like float16 features (random, 13 cached layers x cls/ap;
+alf reads the paper's set, blocks 1-11 + final: 24 tokens, 24 heads, D=384), the paper's recipe (jitter,
+clipping, cosine) at batch 512. Both runs use the same seed, so they compute the same 12 probes; the grid shares
+batches, normalisation, LN statistics, jitter and the score matmul. Prints both wall times and their ratio
+(target <= 0.35), with the probe matmuls in the dtype `--precision` resolves to (auto: bfloat16 where native).
+How:  python benchmarks/sweep.py [--steps 200 --num-images 5000 --batch 512 --precision auto|float32|bfloat16]
+Cost: about 1.5 minutes (bfloat16) or 2.5 minutes (float32) on 2 CPU cores at the defaults; ~1.5 GB RAM.
 """
 
 from __future__ import annotations
