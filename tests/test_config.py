@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layerprobe.config import ParamsError, load_params
+from layerprobe.config import PRECISIONS, ParamsError, load_params
+from layerprobe.train import PRECISION_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,7 @@ def test_minimal_params_fill_defaults_and_read_yaml_exponents_as_floats(tmp_path
     assert params.train.weight_decays == [0.0]
     assert params.extract.tap == "norm2"
     assert params.train.precision == "auto" and params.train.recipe()["precision"] == "auto"
+    assert PRECISIONS == PRECISION_CHOICES  # the YAML reader and the trainer accept the same names
     assert params.paths.features_dir("b", "d") == Path("features/b/d")
 
 

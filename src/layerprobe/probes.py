@@ -414,7 +414,7 @@ class StackedAttentiveHead(nn.Module):
             keep = dropout_noise.transpose(0, 1)[None] >= p  # [G, H, B, K]
             weights = (attention.view(g, h, batch, num_tokens) * keep / (1.0 - p)).view(g * h, batch, num_tokens)
         # W_v sum_t a_t LN_v(x_t) = (W_v gamma_v) (sum_t a_t xhat_t) + (W_v beta_v) sum_t a_t. Folding gamma_v and
-        # beta_v into W_v keeps elementwise work off the pooled [B, H, D] blocks, which are never stored.
+        # beta_v into W_v keeps elementwise work off the pooled [B, H, D] blocks, each member's as large as x.
         v_weight = self.v_weight.view(g, h, e, dim)
         value_weight = (v_weight * self.norm_v_weight[:, None, None, :]).view(g * h, e, dim)
         values = pool_and_project(weights, tokens, value_weight, num_members=g)  # [G, B, H*e]
