@@ -74,7 +74,7 @@ class _PoolAndProject(torch.autograd.Function):
         num_pools, batch, _ = weights.shape
         num_heads, width, dim, dtype = num_pools // num_members, value_weight.shape[1], tokens.shape[2], tokens.dtype
         keep = keep and num_pools * batch * dim * tokens.element_size() <= KEEP_POOLED_BYTES
-        kept = []  # one tensor per member: each stays under glibc's mmap limit, so the allocator reuses them
+        kept = []  # one pooled block per member, freed with the autograd graph
         values = tokens.new_empty(num_members, batch, num_heads * width)
         projection = value_weight.to(dtype).transpose(1, 2)  # [J, D, E]
         scratch = _Scratch(tokens)
@@ -154,6 +154,6 @@ def pool_and_project(
                          f"{tokens.shape[2]}")  # fmt: skip
     if num_members < 1 or num_pools % num_members:
         raise ValueError(f"pool_and_project: {num_pools} pools do not split into {num_members} members")
-    # Keep pooled blocks only when a backward pass can follow (never while predicting).
-    keep = torch.is_grad_enabled() and (weights.requires_grad or value_weight.requires_grad)
+    # Pooled blocks serve only the value maps' gradient: keep them when that can be asked for (never when predicting).
+    keep = torch.is_grad_enabled() and value_weight.requires_grad
     return _PoolAndProject.apply(weights, tokens, value_weight, num_members, keep)
