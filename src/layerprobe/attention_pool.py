@@ -48,10 +48,15 @@ def _member_weights(weights: torch.Tensor, heads: slice, dtype: torch.dtype) -> 
     return weights[heads].transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
 
 
+def _batches_strided(dtype: torch.dtype) -> bool:
+    """Whether matmuls in `dtype` batch over strided matrices as they are (float32 BLAS does; oneDNN's bfloat16
+    matmul would copy such a batch itself, more slowly than the one copy made here)."""
+    return dtype == torch.float32
+
+
 def _swap_leading(tensor: torch.Tensor, storage: torch.Tensor) -> torch.Tensor:
-    """`tensor` with its two leading axes swapped: a view in float32, whose BLAS batches over strided matrices;
-    otherwise a copy into `storage` (oneDNN's bfloat16 matmul would copy a strided batch itself, more slowly)."""
-    if tensor.dtype == torch.float32:
+    """`tensor` with its two leading axes swapped: a view where batches may be strided, else a copy into `storage`."""
+    if _batches_strided(tensor.dtype):
         return tensor.transpose(0, 1)
     return storage.view(tensor.shape[1], tensor.shape[0], tensor.shape[2]).copy_(tensor.transpose(0, 1))
 
@@ -59,9 +64,8 @@ def _swap_leading(tensor: torch.Tensor, storage: torch.Tensor) -> torch.Tensor:
 def _pool_by_head(member_weights: torch.Tensor, tokens: torch.Tensor, scratch: _Scratch, storage: torch.Tensor):
     """One member's pooled tokens, head-major `[H, B, D]`, held in `storage` (B*H*D elements)."""
     shape = (*member_weights.shape[:2], tokens.shape[2])  # [B, H, D]
-    if tokens.dtype == torch.float32:
-        return torch.bmm(member_weights, tokens, out=storage.view(shape)).transpose(0, 1)
-    return _swap_leading(torch.bmm(member_weights, tokens, out=scratch.get("pooled", *shape)), storage)
+    pooled = storage.view(shape) if _batches_strided(tokens.dtype) else scratch.get("pooled", *shape)
+    return _swap_leading(torch.bmm(member_weights, tokens, out=pooled), storage)
 
 
 class _PoolAndProject(torch.autograd.Function):
@@ -107,15 +111,16 @@ class _PoolAndProject(torch.autograd.Function):
         scratch = _Scratch(tokens)
         for member in range(num_members):
             heads = slice(member * num_heads, (member + 1) * num_heads)
-            member_weights = _member_weights(weights, heads, dtype)  # [B, H, K]
+            recompute = need_value_weight and not kept
+            member_weights = _member_weights(weights, heads, dtype) if recompute or need_tokens else None  # [B, H, K]
             grad_member = scratch.get("grad_values", num_heads, batch, width)
             grad_member.copy_(grad_values[member].view(batch, num_heads, width).transpose(0, 1))  # [H, B, E]
             if need_value_weight:
-                if kept:
-                    pooled = kept[member]
-                else:
+                if recompute:
                     storage = scratch.get("by_head", num_heads * batch * dim)
                     pooled = _pool_by_head(member_weights, tokens, scratch, storage)
+                else:
+                    pooled = kept[member]
                 grad_value_weight[heads] = torch.bmm(grad_member.transpose(1, 2), pooled)  # [H, E, D]
             grad_by_head = scratch.get("grad_by_head", num_heads, batch, dim)
             torch.bmm(grad_member, value_maps[heads], out=grad_by_head)  # [H, B, D]
