@@ -10,8 +10,8 @@ Then it says how low the ratio can go on this machine. With s the shared part of
 the ratio is (s + 12 m) / (12 (s + m)); both are read off the two runs' step times. A member's step cannot take
 less than its own matmuls (each timed here at its shape, operands contiguous and warm, alone or batched over the
 members as the grid computes it, whichever is faster per member) plus its clipping and AdamW update: the "member
-floor". The ratio with every member at that floor and the shared part as measured
-is the lowest any implementation using this machine's matmul kernels can print (a faster shared part raises it).
+floor". The ratio with every member at that floor and the shared part as measured is the lowest any
+implementation using this machine's matmul kernels can print (a faster shared part raises it).
 How:  python benchmarks/sweep.py [--steps 200 --num-images 5000 --batch 512 --precision auto|float32|bfloat16]
 Cost: about 2-3 minutes (bfloat16) or 3-4 minutes (float32) on 2 CPU cores at the defaults; ~1.5 GB RAM.
 """
@@ -143,8 +143,7 @@ def main() -> None:
     print(f"grid at once:          {together:.1f} s ({steps} steps)")
     alone = sum(run([config])[0] for config in grid)
     print(f"one after another:     {alone:.1f} s ({len(grid)} x {steps} steps)")
-    ratio = together / alone
-    print(f"ratio at once / one after another: {ratio:.3f}  (target <= 0.35)")
+    print(f"ratio at once / one after another: {together / alone:.3f}  (target <= 0.35)")
 
     g = len(grid)
     grid_step, lone_step = together / steps, alone / (g * steps)
