@@ -149,6 +149,9 @@ def main() -> None:
     grid_step, lone_step = together / steps, alone / (g * steps)
     member = (grid_step - lone_step) / (g - 1)
     shared = lone_step - member
+    if shared <= 0 or member <= 0:  # start-up costs swamp a few steps
+        print(f"too few steps ({steps}) to split a step into shared and per-member parts: run more --steps")
+        return
     head = build_probe(spec, num_tokens=len(positions), dim=args.dim, num_classes=args.classes)
     floor = member_floor_seconds(head, batch=args.batch, num_tokens=len(positions), grid_size=g, dtype=matmul_dtype)
     best = (shared + g * floor) / (g * (shared + floor))
