@@ -4,7 +4,8 @@ What it does: generates random, already-transformed images batch by batch from a
 memory at once), then times
   (a) `layerprobe.extract.write_token_shards` — the same tensor-batch loop `extract_features` runs: extractor forward
       at the chosen tap, cls/ap pooling, host copy, Arrow shard writes to a temporary directory;
-  (b) a bare `model.forward_features` loop on identical tensors (same inference_mode and bf16 autocast on CUDA),
+  (b) a bare `model.forward_features` loop on identical tensors (same inference_mode; with --precision bfloat16 the
+      same autocast),
 and prints images/s for both, the ratio (a)/(b) and the peak host RSS. The ratio is also given in process CPU time,
 which other processes on a shared CPU cannot inflate (on GPU read the wall-clock ratio). A warm-up batch runs first;
 CUDA is synchronised before every clock read. Image decoding and resizing are excluded (the DataLoader's job).
@@ -31,7 +32,9 @@ import numpy as np
 import torch
 
 from layerprobe.backbone import create_backbone
-from layerprobe.extract import LayerTokenExtractor, ShardPlan, resolve_device, write_token_shards
+from layerprobe.config import DTYPES, EXTRACT_PRECISIONS, TAPS
+from layerprobe.device import resolve_device
+from layerprobe.extract import LayerTokenExtractor, ShardPlan, write_token_shards
 from layerprobe.features import shard_name
 
 
@@ -88,7 +91,8 @@ def time_extraction(
 
 def time_bare_forward(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> tuple[float, float]:
     """Wall and process-CPU seconds of forward_features alone."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    bfloat16 = args.precision == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bfloat16 else contextlib.nullcontext()
     synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode(), autocast:
@@ -105,8 +109,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-images", type=int, default=1024)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    parser.add_argument("--tap", default="norm2", choices=["norm2", "block"])
+    parser.add_argument("--dtype", default="float16", choices=DTYPES)
+    parser.add_argument("--tap", default="norm2", choices=TAPS)
+    parser.add_argument(
+        "--precision", default="float32", choices=EXTRACT_PRECISIONS, help="forward dtype (extract.precision)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is reported")
     parser.add_argument("--model-kwargs", default="{}", help="JSON dict for timm.create_model")
     args = parser.parse_args()
@@ -115,7 +122,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_backbone(args.model, model_kwargs={"img_size": args.img_size, **json.loads(args.model_kwargs)})
     model.to(device)
-    extractor = LayerTokenExtractor(model, tap=args.tap)
+    extractor = LayerTokenExtractor(model, tap=args.tap, precision=args.precision)
     warm_up = next(generate_batches(args.batch_size, args.batch_size, args.img_size, device))
     extractor(warm_up)
     with torch.inference_mode():
@@ -135,7 +142,8 @@ def main() -> None:
     n = args.num_images
     print(
         f"device={device} model={args.model} img_size={args.img_size} batch={args.batch_size} images={n} "
-        f"tap={args.tap} dtype={args.dtype} threads={torch.get_num_threads()} best of {args.repeats}"
+        f"tap={args.tap} dtype={args.dtype} precision={args.precision} threads={torch.get_num_threads()} "
+        f"best of {args.repeats}"
     )
     print(f"(a) extraction + shard writes: {n / full[0]:9.1f} images/s ({full[0]:.2f} s wall, {full[1]:.2f} s CPU)")
     print(f"(b) bare forward_features:     {n / bare[0]:9.1f} images/s ({bare[0]:.2f} s wall, {bare[1]:.2f} s CPU)")

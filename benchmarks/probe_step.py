@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from layerprobe.device import flush_denormals
 from layerprobe.probes import ReferenceAttentiveHead, build_probe, get_probe_spec, normalize_tokens
-from layerprobe.train import flush_denormals
 
 
 def time_step(head: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, *, repeats: int) -> float:

@@ -23,17 +23,10 @@ import time
 
 import torch
 
+from layerprobe.config import PRECISIONS, TrainConfig
+from layerprobe.device import flush_denormals, resolve_matmul_dtype
 from layerprobe.probes import StackedAttentiveHead, build_probe, get_probe_spec, select_token_positions
-from layerprobe.train import (
-    PRECISION_CHOICES,
-    StackedAdamW,
-    TrainSettings,
-    clip_grad_norm_per_member,
-    flush_denormals,
-    make_grid,
-    resolve_matmul_dtype,
-    train_grid,
-)
+from layerprobe.train import StackedAdamW, clip_grad_norm_per_member, make_grid, train_grid
 
 
 def median_seconds(fn, *, repeats: int = 20) -> float:
@@ -115,7 +108,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--blocks", type=int, default=12, help="cached layers = blocks + final; alf skips block0")
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="probe matmul dtype")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="probe matmul dtype")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -126,14 +119,14 @@ def main() -> None:
     positions = select_token_positions(layer_names, ["cls", "ap"], layers=spec.layers, tokens=spec.tokens)
     grid = make_grid([1e-1, 1e-2, 1e-3, 1e-4], [1e-4, 1e-2, 1e-1])
     # epochs=1 and min_steps=steps: exactly `steps` steps whatever the batch plan gives per epoch.
-    settings = TrainSettings(epochs=1, min_steps=args.steps, batch_size=args.batch, min_batches=1, device="cpu",
-                             precision=args.precision, log_every=max(args.steps, 1))  # fmt: skip
+    config = TrainConfig(epochs=1, min_steps=args.steps, batch_size=args.batch, min_batches=1, device="cpu",
+                         precision=args.precision)  # fmt: skip
     matmul_dtype = resolve_matmul_dtype(args.precision, torch.device("cpu"))
 
     def run(configs: list) -> tuple[float, int]:
         start = time.perf_counter()
         trained = train_grid(spec, tokens, labels, positions=positions, num_classes=args.classes, grid=configs,
-                             settings=settings)  # fmt: skip
+                             config=config)  # fmt: skip
         return time.perf_counter() - start, trained.steps
 
     print(f"config: {len(grid)} configs, {args.num_images} images, {len(positions)} tokens, D={args.dim}, "

@@ -1,4 +1,9 @@
-"""What every flow shares: params loading, task retry policy, caching keyed on inputs, a GPU concurrency slot."""
+"""What every flow shares: params loading, the task retry policy, a GPU concurrency slot, name filters.
+
+Staleness is decided by the steps' completion markers (`layerprobe.fingerprint`), not by Prefect's result cache:
+a marker travels with its output (and with DVC), while Prefect's cache lives in the user's Prefect home and would
+outlive the clone and the code that filled it. So tasks run with caching off and return small JSON summaries.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,21 @@ import argparse
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-# Telemetry cannot reach out from our machines; set before prefect is imported anywhere.
+# Set before prefect is imported anywhere: telemetry cannot reach out from our machines, and a temporary server on a
+# busy machine can take longer than Prefect's default 20 s to answer (the run would fail before doing anything).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import Task, get_run_logger  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
 from prefect.states import State  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from layerprobe.config import Params, load_params  # noqa: E402
-from layerprobe.train import flush_denormals  # noqa: E402
-from layerprobe.workflow import stable_hash  # noqa: E402
+from layerprobe.device import flush_denormals  # noqa: E402
 
 GPU_LIMIT = "layerprobe-gpu"
 
@@ -42,30 +48,25 @@ def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 
 def task_options(params: Params) -> dict[str, Any]:
-    """Retries with exponential back-off on transient errors; JSON results so nothing is pickled."""
+    """Retries with exponential back-off on transient errors; no result cache (the steps' markers decide)."""
     return {
         "retries": params.flow.retries,
         "retry_delay_seconds": exponential_backoff(backoff_factor=params.flow.retry_delay_seconds),
         "retry_condition_fn": is_transient,
-        "persist_result": True,
-        "result_serializer": "json",
+        "cache_policy": NO_CACHE,
+        "persist_result": False,
     }
 
 
-def input_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache on the task's own inputs (paths, configs and the upstream content hashes passed in)."""
-    return f"{context.task.name}-{stable_hash(parameters)}"
-
-
-def cached(task: Task, params: Params, *, output_marker: Path) -> Task:
-    """`task` with retries and input caching; the cache is refreshed when its output marker no longer exists.
-
-    Prefect's cache remembers a result, not the files it describes: if a user (or `dvc repro`) deleted the output,
-    a cache hit would point at nothing, so such a run recomputes and overwrites the cache entry.
-    """
-    return task.with_options(
-        cache_key_fn=input_cache_key, refresh_cache=not Path(output_marker).exists(), **task_options(params)
-    )
+def log_step(summary: dict, what: str) -> None:
+    """One line per step: reused or computed, and why (the fingerprint part that changed)."""
+    logger = get_run_logger()
+    if summary.get("status") == "reused":
+        logger.info("%s: up to date (fingerprint matches), reused", what)
+    else:
+        logger.info("%s: computed (%s)", what, summary.get("reason") or "forced")
+    for warning in summary.get("warnings", []):
+        logger.warning("%s: %s", what, warning)
 
 
 @contextlib.contextmanager
@@ -118,8 +119,4 @@ def select(names: list[str], wanted: list[str] | None, kind: str) -> list[str]:
     return [n for n in names if n in wanted]
 
 
-def logger():
-    return get_run_logger()
-
-
-__all__ = ["Params", "load_params", "cached", "gpu_slot", "parse_stage_args", "select", "logger", "task_options"]
+__all__ = ["Params", "load_params", "gpu_slot", "log_step", "parse_stage_args", "select", "task_options"]

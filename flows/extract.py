@@ -1,46 +1,32 @@
 """Extract stage: run each frozen backbone once over each prepared dataset into a per-layer feature cache.
 
 Run:  python -m flows.extract [--params params.yaml] [--backbone NAME ...] [--dataset NAME ...]
-Cost: one forward pass per image per backbone (GPU and bf16 when present); the offline suite takes about a minute
-on 2 CPU cores. Resumable: a killed run keeps its finished shards, and a rerun recomputes none of them.
+Cost: one forward pass per image per backbone (GPU when present); the offline suite takes seconds per cache on
+2 CPU cores. A cache whose manifest records the same fingerprint (backbone section and weights' bytes, extraction
+settings, dataset version, the code) is reused; a killed run keeps its finished shards.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from prefect import flow, task
 
-from prefect import flow, get_run_logger, task
-
-from flows.common import cached, gpu_slot, load_params, parse_stage_args, select
-from layerprobe.workflow import extract_step
+from flows.common import gpu_slot, load_params, log_step, parse_stage_args, select, task_options
+from layerprobe.config import BackboneConfig, ExtractConfig, PathsConfig
+from layerprobe.workflow.extract import extract_step
 
 
-@task(name="extract-features", task_run_name="extract-{backbone}-{dataset}")
-def extract_features_task(
-    backbone: str,
-    dataset: str,
-    *,
-    dataset_version: str,
-    prepared_dir: str,
-    out_dir: str,
-    backbone_config: dict,
-    extract_config: dict,
-    gpu_limit: int,
+@task(name="extract-features", task_run_name="extract-{backbone_name}-{dataset_name}")
+def extract_task(
+    backbone_name: str,
+    dataset_name: str,
+    backbone: BackboneConfig,
+    extract: ExtractConfig,
+    paths: PathsConfig,
+    gpu_limit: int = 1,
 ) -> dict:
-    # dataset_version is unused in the body on purpose: it is part of the cache key, so new data means new features.
-    with gpu_slot(extract_config["device"], gpu_limit):
-        summary = extract_step(
-            backbone,
-            dataset,
-            prepared_dir=Path(prepared_dir),
-            out_dir=Path(out_dir),
-            **backbone_config,
-            **extract_config,
-        )
-    get_run_logger().info(
-        "features %s/%s: %s (content hash %s)", backbone, dataset, out_dir, summary["content_hash"][:12]
-    )
+    with gpu_slot(extract.device, gpu_limit):
+        summary = extract_step(backbone_name, dataset_name, backbone=backbone, extract=extract, paths=paths)
+    log_step(summary, f"features {backbone_name}/{dataset_name} (content hash {summary['content_hash'][:12]})")
     return summary
 
 
@@ -49,54 +35,13 @@ def extract_flow(
     params_path: str = "params.yaml", backbones: list[str] | None = None, datasets: list[str] | None = None
 ) -> list[dict]:
     params = load_params(params_path)
-    futures = []
-    for backbone in select(params.suite.backbones, backbones, "backbone"):
-        for dataset in select(params.suite.datasets, datasets, "dataset"):
-            prepared_dir = params.paths.prepared_dir(dataset)
-            out_dir = params.paths.features_dir(backbone, dataset)
-            extract = cached(extract_features_task, params, output_marker=out_dir / "manifest.json")
-            futures.append(
-                extract.submit(
-                    backbone,
-                    dataset,
-                    dataset_version=_dataset_version(prepared_dir),
-                    prepared_dir=str(prepared_dir),
-                    out_dir=str(out_dir),
-                    backbone_config=_backbone_kwargs(params.backbones[backbone]),
-                    extract_config=_extract_kwargs(params.extract),
-                    gpu_limit=params.flow.gpu_concurrency,
-                )
-            )
+    extract = extract_task.with_options(**task_options(params))
+    futures = [
+        extract.submit(b, d, params.backbones[b], params.extract, params.paths, params.flow.gpu_concurrency)
+        for b in select(params.suite.backbones, backbones, "backbone")
+        for d in select(params.suite.datasets, datasets, "dataset")
+    ]
     return [future.result() for future in futures]
-
-
-def _dataset_version(prepared_dir: Path) -> str:
-    splits = prepared_dir / "splits.json"
-    if not splits.is_file():
-        raise FileNotFoundError(f"dataset not prepared: {splits} is missing (run the prepare stage first)")
-    return json.loads(splits.read_text())["version"]
-
-
-def _backbone_kwargs(config) -> dict:
-    return {
-        "model": config.model,
-        "pretrained": config.pretrained,
-        "checkpoint": config.checkpoint,
-        "model_kwargs": dict(config.model_kwargs),
-        "crop_pct": config.crop_pct,
-        "final_projection": config.final_projection,
-    }
-
-
-def _extract_kwargs(config) -> dict:
-    return {
-        "tap": config.tap,
-        "dtype": config.dtype,
-        "batch_size": config.batch_size,
-        "num_workers": config.num_workers,
-        "shard_size": config.shard_size,
-        "device": config.device,
-    }
 
 
 if __name__ == "__main__":

@@ -2,52 +2,35 @@
 
 Run:  python -m flows.prepare [--params params.yaml] [--dataset NAME ...]
 Cost: seconds for the offline suite (generated images and sklearn digits); for folder/torchvision/wds sources it
-reads labels once and writes only the split index, never a copy of the images.
+reads labels once and writes only the split index, never a copy of the images (an image folder's files are
+decoded once, to report every broken one up front). A dataset whose splits.json records the same fingerprint
+(source, options, split settings, the listing of its files, the code) is left as it is.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, task
 
-from flows.common import cached, load_params, parse_stage_args, select
-from layerprobe.workflow import prepare_step
+from flows.common import load_params, log_step, parse_stage_args, select, task_options
+from layerprobe.config import DatasetConfig, PathsConfig, PrepareConfig
+from layerprobe.workflow.prepare import prepare_step
 
 
 @task(name="prepare-dataset", task_run_name="prepare-{name}")
-def prepare_dataset_task(
-    name: str, *, source: str, options: dict, out_dir: str, val_fraction: float, test_fraction: float, seed: int
-) -> dict:
-    return prepare_step(
-        name,
-        source=source,
-        options=options,
-        out_dir=Path(out_dir),
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
-    )
+def prepare_task(name: str, dataset: DatasetConfig, prepare: PrepareConfig, paths: PathsConfig) -> dict:
+    summary = prepare_step(name, dataset=dataset, prepare=prepare, paths=paths)
+    log_step(summary, f"dataset {name}")
+    return summary
 
 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> list[dict]:
     params = load_params(params_path)
-    futures = []
-    for name in select(params.suite.datasets, datasets, "dataset"):
-        dataset, out_dir = params.datasets[name], params.paths.prepared_dir(name)
-        prepare = cached(prepare_dataset_task, params, output_marker=out_dir / "splits.json")
-        futures.append(
-            prepare.submit(
-                name,
-                source=dataset.source,
-                options=dataset.options,
-                out_dir=str(out_dir),
-                val_fraction=params.prepare.val_fraction,
-                test_fraction=params.prepare.test_fraction,
-                seed=params.prepare.seed,
-            )
-        )
+    prepare = prepare_task.with_options(**task_options(params))
+    futures = [
+        prepare.submit(name, params.datasets[name], params.prepare, params.paths)
+        for name in select(params.suite.datasets, datasets, "dataset")
+    ]
     return [future.result() for future in futures]
 
 

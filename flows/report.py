@@ -7,7 +7,6 @@ Cost: seconds (reads metrics files, draws two figures).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, task
@@ -15,6 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.common import load_params, parse_stage_args
 from layerprobe import tracking
+from layerprobe.config import HEATMAP_JSON
+from layerprobe.files import read_json
 from layerprobe.report import write_report
 
 
@@ -32,12 +33,12 @@ def report_flow(params_path: str = "params.yaml") -> dict:
     metrics_file = params.paths.metrics_file
     if not metrics_file.is_file():
         raise FileNotFoundError(f"no evaluation results at {metrics_file} (run the evaluate stage first)")
-    summary = json.loads(metrics_file.read_text())
+    summary = read_json(metrics_file)
     heatmaps = {
-        f"{b}/{d}": str(params.paths.evaluation_dir(b, d, "alf") / "heatmap.json")
+        f"{b}/{d}": str(params.paths.evaluation_dir(b, d, "alf") / HEATMAP_JSON)
         for b in params.suite.backbones
         for d in params.suite.datasets
-        if (params.paths.evaluation_dir(b, d, "alf") / "heatmap.json").is_file()
+        if (params.paths.evaluation_dir(b, d, "alf") / HEATMAP_JSON).is_file()
     }
     groups = {name: dataset.group for name, dataset in params.datasets.items()}
     files = write_report_task(summary, str(params.paths.report_dir), params.suite.probes, groups, heatmaps)
@@ -48,7 +49,7 @@ def report_flow(params_path: str = "params.yaml") -> dict:
         tracking.setup_experiment(
             params.tracking.experiment, mlruns_dir=params.paths.mlruns, tracking_uri=params.tracking.tracking_uri
         )
-        tracking.log_artifacts(json.loads(run_file.read_text())["parent_run_id"], {"report": params.paths.report_dir})
+        tracking.log_artifacts(read_json(run_file)["parent_run_id"], {"report": params.paths.report_dir})
     print(markdown)
     return files
 

@@ -2,57 +2,33 @@
 
 Run:  python -m flows.train [--params params.yaml] [--backbone NAME ...] [--dataset NAME ...] [--probe NAME ...]
 Cost: the whole lr x wd (x attention-dropout) grid trains at once on cached features; on 2 CPU cores a tiny
-backbone's probes take seconds each. Finished probes are cached (keyed on the feature cache's content hash and
-the probe's settings), so a rerun after a kill, or after changing one probe, trains only what changed.
+backbone's probes take seconds each. A probe whose train.json records the same fingerprint (probe and recipe
+params, the feature cache's content hash, the code) is reused, so a rerun trains only what changed.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from prefect import flow, task
 
-from prefect import flow, get_run_logger, task
-
-from flows.common import cached, gpu_slot, load_params, parse_stage_args, select
-from layerprobe.features import cache_content_hash
-from layerprobe.workflow import train_step
+from flows.common import gpu_slot, load_params, log_step, parse_stage_args, select, task_options
+from layerprobe.config import PathsConfig, ProbeConfig, TrainConfig
+from layerprobe.workflow.train import train_step
 
 
-@task(name="train-probe", task_run_name="train-{backbone}-{dataset}-{probe}")
-def train_probe_task(
-    backbone: str,
-    dataset: str,
-    probe: str,
-    *,
-    features_dir: str,
-    features_hash: str,
-    out_dir: str,
-    probe_overrides: dict,
-    grid: dict,
-    seeds: list[int],
-    settings: dict,
-    gpu_limit: int,
+@task(name="train-probe", task_run_name="train-{backbone_name}-{dataset_name}-{probe_name}")
+def train_task(
+    backbone_name: str,
+    dataset_name: str,
+    probe_name: str,
+    probe: ProbeConfig,
+    train: TrainConfig,
+    paths: PathsConfig,
+    gpu_limit: int = 1,
 ) -> dict:
-    # backbone/dataset/features_hash only name the run and key the cache; the features are read from features_dir.
-    with gpu_slot(settings["device"], gpu_limit):
-        summary = train_step(
-            probe,
-            features_dir=Path(features_dir),
-            out_dir=Path(out_dir),
-            probe_overrides=probe_overrides,
-            seeds=seeds,
-            settings=settings,
-            **grid,
-        )
-    for seed in summary["seeds"]:
-        get_run_logger().info(
-            "%s/%s/%s seed %d: best %s, val balanced accuracy %.4f",
-            backbone,
-            dataset,
-            probe,
-            seed["seed"],
-            seed["best"],
-            seed["val_balanced_accuracy"],
-        )
+    with gpu_slot(train.device, gpu_limit):
+        summary = train_step(backbone_name, dataset_name, probe_name, probe=probe, train=train, paths=paths)
+    best = ", ".join(f"seed {s['seed']}: {s['best']} val {s['val_balanced_accuracy']:.4f}" for s in summary["seeds"])
+    log_step(summary, f"probe {backbone_name}/{dataset_name}/{probe_name} ({best})")
     return summary
 
 
@@ -64,34 +40,13 @@ def train_flow(
     probes: list[str] | None = None,
 ) -> list[dict]:
     params = load_params(params_path)
-    grid = {
-        "lrs": params.train.lrs,
-        "weight_decays": params.train.weight_decays,
-        "attn_dropouts": params.train.attn_dropouts,
-    }
-    futures = []
-    for backbone in select(params.suite.backbones, backbones, "backbone"):
-        for dataset in select(params.suite.datasets, datasets, "dataset"):
-            features_dir = params.paths.features_dir(backbone, dataset)
-            features_hash = cache_content_hash(features_dir)  # fails here, naming the dir, if extraction is missing
-            for probe in select(params.suite.probes, probes, "probe"):
-                out_dir = params.paths.probe_dir(backbone, dataset, probe)
-                train = cached(train_probe_task, params, output_marker=out_dir / "train.json")
-                futures.append(
-                    train.submit(
-                        backbone,
-                        dataset,
-                        probe,
-                        features_dir=str(features_dir),
-                        features_hash=features_hash,
-                        out_dir=str(out_dir),
-                        probe_overrides=params.probe_overrides(probe),
-                        grid=grid,
-                        seeds=params.train.seeds,
-                        settings=params.train.recipe(),
-                        gpu_limit=params.flow.gpu_concurrency,
-                    )
-                )
+    train = train_task.with_options(**task_options(params))
+    futures = [
+        train.submit(b, d, p, params.probe_config(p), params.train, params.paths, params.flow.gpu_concurrency)
+        for b in select(params.suite.backbones, backbones, "backbone")
+        for d in select(params.suite.datasets, datasets, "dataset")
+        for p in select(params.suite.probes, probes, "probe")
+    ]
     return [future.result() for future in futures]
 
 

@@ -47,6 +47,8 @@ def tiny_params(**train_overrides) -> dict:
     return {
         # dvc.yaml templates its paths from here, so they are spelled out even where they equal the defaults
         "paths": {
+            "datasets": "datasets",
+            "checkpoints": "checkpoints",
             "data": "data/prepared",
             "features": "features",
             "probes": "probes",

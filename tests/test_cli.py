@@ -87,3 +87,40 @@ def test_list_names_from_params_files(path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     assert main(["list", "backbones", "--params", path]) == 0
     assert len(capsys.readouterr().out.split()) >= 2
+
+
+def _image_folder(root: Path, classes: list[str], *, seed: int, per_class: int = 4) -> Path:
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_another_image_folder_or_a_new_file_re_prepares_and_re_extracts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    first = _image_folder(tmp_path / "A", ["cat", "dog"], seed=0)
+    second = _image_folder(tmp_path / "B", ["bird", "fish", "frog"], seed=1)
+
+    def extract(root: Path) -> dict:
+        argv = ["extract", "--backbone", "vit_tiny_patch16_224", "--dataset", "imagefolder", "--option",
+                f"root={root}", "--model-kwargs", TINY, "--no-progress", "--device", "cpu"]  # fmt: skip
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    cache = tmp_path / "features/vit_tiny_patch16_224/imagefolder"
+    from_first = extract(first)
+    assert from_first["status"] == "computed"
+    assert extract(first)["status"] == "reused"
+    from_second = extract(second)  # same dataset name, other folder: never A's splits or features under B's name
+    assert from_second["status"] == "computed" and from_second["content_hash"] != from_first["content_hash"]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["provenance"]["class_names"] == ["bird", "fish", "frog"] and manifest["num_images"] == 12
+    splits = json.loads((tmp_path / "data/prepared/imagefolder/splits.json").read_text())
+    assert splits["class_names"] == ["bird", "fish", "frog"]
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(second / "fish" / "new.png")
+    with_new_file = extract(second)
+    assert with_new_file["status"] == "computed" and with_new_file["content_hash"] != from_second["content_hash"]
+    assert json.loads((cache / "manifest.json").read_text())["num_images"] == 13

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layerprobe.config import PRECISIONS, ParamsError, load_params
-from layerprobe.train import PRECISION_CHOICES
+from layerprobe.config import ParamsError, TrainConfig, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +42,8 @@ def test_minimal_params_fill_defaults_and_read_yaml_exponents_as_floats(tmp_path
     assert params.train.lrs == [1e-3, 0.01]
     assert params.train.weight_decays == [0.0]
     assert params.extract.tap == "norm2"
-    assert params.train.precision == "auto" and params.train.recipe()["precision"] == "auto"
-    assert PRECISIONS == PRECISION_CHOICES  # the YAML reader and the trainer accept the same names
+    assert params.train.precision == "auto"
+    assert params.train.epochs == TrainConfig().epochs == 40  # one set of defaults: the reference's recipe
     assert params.paths.features_dir("b", "d") == Path("features/b/d")
 
 
@@ -57,9 +56,22 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
 
 def test_missing_key_is_named(tmp_path):
     data = minimal()
-    del data["train"]["lrs"]
-    with pytest.raises(ParamsError, match="missing key 'train.lrs'"):
+    del data["suite"]["probes"]
+    with pytest.raises(ParamsError, match="missing key 'suite.probes'"):
         load_params(write(tmp_path, data))
+
+
+def test_train_values_are_checked_where_they_are_read(tmp_path):
+    data = minimal()
+    for key, value, message in [
+        ("jitter_prob", 1.5, "train.jitter_prob must be in"),
+        ("batch_size", 0, "train.batch_size must be >= 1"),
+        ("device", "tpu", "train.device must be auto, cpu or cuda"),
+        ("lrs", [], "train.lrs must not be empty"),
+    ]:
+        data["train"] = {key: value}
+        with pytest.raises(ParamsError, match=message):
+            load_params(write(tmp_path, data))
 
 
 def test_wrong_type_and_bad_values_are_named(tmp_path):

@@ -206,9 +206,28 @@ def test_imagefolder_errors_name_the_culprit(tmp_path):
         create_dataset("imagefolder", root=str(root))
     _one_line(excinfo)
     (root / "dog" / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match=r"notes\.txt' has an unknown extension \(images: .*\.png") as excinfo:
+    with pytest.raises(ValueError, match=r"\(images: .*\.png.*\): .*notes\.txt' has an unknown extension") as excinfo:
         create_dataset("imagefolder", root=str(root))
     _one_line(excinfo)
+
+
+def test_prepare_reports_every_bad_file_of_an_image_folder_at_once_and_writes_nothing(tmp_path):
+    root = tmp_path / "folder"
+    for label in ("cat", "dog"):
+        for i in range(3):
+            _save(Image.fromarray(_rgb(i, size=16)), root / label / f"{i}.png")
+    good = _png_bytes(Image.fromarray(_rgb(0, size=64)))
+    (root / "cat" / "cut.png").write_bytes(good[: len(good) // 2])
+    (root / "dog" / "fake.jpg").write_text("this is text with an image extension")
+    (root / "dog" / "notes.txt").write_text("not an image either")
+    out = tmp_path / "prepared"
+    with pytest.raises(ImageFileError) as excinfo:
+        _prepare(out, source="imagefolder", root=str(root))
+    message = _one_line(excinfo)
+    assert "3 bad file(s)" in message
+    for name in ("cut.png: truncated or corrupt", "fake.jpg: not an image", "notes.txt' has an unknown extension"):
+        assert name in message
+    assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
 def test_imagefolder_corrupt_files_raise_image_file_error_naming_the_file(tmp_path):

@@ -17,7 +17,7 @@ from flows.common import task_options
 from layerprobe import tracking
 from layerprobe.config import load_params
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
 def test_task_failing_once_with_a_transient_error_is_retried_and_succeeds(project_dir):
@@ -70,23 +70,31 @@ def trained_project(project_dir):
     return project_dir
 
 
-def test_rerun_of_the_stages_hits_the_cache(trained_project, monkeypatch):
-    import flows.extract
-    import flows.train
+def test_rerun_of_the_stages_reuses_every_output_whose_fingerprint_matches(trained_project):
+    from flows.extract import extract_flow
+    from flows.prepare import prepare_flow
+    from flows.train import train_flow
 
-    calls = []
-    monkeypatch.setattr(flows.train, "train_step", lambda *a, **k: calls.append("train"))
-    monkeypatch.setattr(flows.extract, "extract_step", lambda *a, **k: calls.append("extract"))
     probe_file = Path("probes/tiny_vit/count/alf/seed-0/probe.safetensors")
     before = probe_file.stat().st_mtime_ns
-    results = flows.train.train_flow("params.yaml")
-    flows.extract.extract_flow("params.yaml")
-    assert calls == []  # every task came from Prefect's cache
-    assert {r["probe"] for r in results} == {"linear_last_cls", "alf"}
+    summaries = prepare_flow("params.yaml") + extract_flow("params.yaml") + train_flow("params.yaml")
+    assert [s["status"] for s in summaries] == ["reused"] * 4  # 1 dataset, 1 cache, 2 probes
     assert probe_file.stat().st_mtime_ns == before
 
 
-def test_deleted_output_is_recomputed_despite_the_cache(trained_project):
+def test_a_probe_parameter_retrains_that_probe_only(trained_project):
+    import yaml
+
+    from flows.train import train_flow
+
+    data = yaml.safe_load(Path("params.yaml").read_text())
+    data["probes"]["alf"]["num_heads"] = 2
+    Path("params.yaml").write_text(yaml.safe_dump(data))
+    status = {s["probe"]: (s["status"], s["reason"]) for s in train_flow("params.yaml")}
+    assert status == {"linear_last_cls": ("reused", None), "alf": ("computed", "params changed")}
+
+
+def test_deleted_output_is_recomputed(trained_project):
     import shutil
 
     from flows.train import train_flow

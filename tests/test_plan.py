@@ -31,7 +31,7 @@ def test_paper_suite_names_the_papers_backbones_and_datasets(paper):
     for name in paper.suite.datasets:
         entry = paper.datasets[name]
         assert entry.source == "wds" and entry.num_classes and set(entry.num_images) == {"train", "test"}, name
-    assert paper.probe_overrides("alf") == {"layers": "paper", "tokens": ["cls", "ap"]}
+    assert paper.probe_config("alf").overrides() == {"layers": "paper", "tokens": ["cls", "ap"]}
 
 
 def test_plan_resolves_every_task_of_the_paper_suite_in_dry_mode(paper):

@@ -8,26 +8,25 @@ import numpy as np
 import pytest
 import torch
 
+from layerprobe.config import TrainConfig
+from layerprobe.device import native_bfloat16, resolve_matmul_dtype
 from layerprobe.metrics import classification_metrics, layer_attention_heatmap
 from layerprobe.probes import extract_member, get_probe_spec, select_token_positions, token_labels
 from layerprobe.train import (
     HParams,
     StackedAdamW,
-    TrainSettings,
     batch_plan,
     class_weights,
     clip_grad_norm_per_member,
     make_grid,
-    native_bfloat16,
     predict,
-    resolve_matmul_dtype,
     sweep_probe,
     train_grid,
 )
 
 LAYERS = ["block0", "block1", "block2", "block3", "block4", "final"]
 TOKENS = ["cls", "ap"]
-FAST = TrainSettings(epochs=1, min_steps=150, batch_size=128, seed=0, device="cpu", log_every=50)
+FAST = TrainConfig(epochs=1, min_steps=150, batch_size=128, device="cpu")
 
 
 def planted(num_images: int, *, signal: dict[int, int], num_classes: int, dim: int = 32, seed: int = 0):
@@ -51,7 +50,7 @@ def fit_and_score(name: str, tokens, labels, test_tokens, test_labels, num_class
     spec = get_probe_spec(name)
     positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
     trained = train_grid(spec, tokens, labels, positions=positions, num_classes=num_classes,
-                         grid=[HParams(lr, 1e-4)], settings=replace(FAST, precision=precision))  # fmt: skip
+                         grid=[HParams(lr, 1e-4)], config=replace(FAST, precision=precision))  # fmt: skip
     assert trained.probe.matmul_dtype == torch.float32  # evaluation always computes in full precision
     guess, _, attention = predict(trained.probe, test_tokens, positions=positions, batch_size=256)
     accuracy = classification_metrics(test_labels, guess, num_classes)["accuracy"]
@@ -87,14 +86,13 @@ def test_a_grid_trained_at_once_equals_each_config_trained_alone(precision):
     tokens, labels = planted(200, signal={2: 0}, num_classes=3, seed=2)
     spec = get_probe_spec("alf")
     positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
-    settings = TrainSettings(epochs=1, min_steps=25, batch_size=64, seed=5, device="cpu", log_every=5,
-                             precision=precision)  # fmt: skip
+    config = TrainConfig(epochs=1, min_steps=25, batch_size=64, device="cpu", precision=precision)
     grid = [HParams(1e-2, 1e-4, 0.0), HParams(1e-2, 1e-1, 0.3), HParams(1e-3, 1e-4, 0.1), HParams(3e-2, 0.0, 0.3)]
-    together = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=grid, settings=settings)
+    together = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=grid, config=config, seed=5)
     assert together.steps == 25 and together.history[-1]["step"] == 25
     for m, hparams in enumerate(grid):
         alone = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=[hparams],
-                           settings=settings).probe.state_dict()  # fmt: skip
+                           config=config, seed=5).probe.state_dict()  # fmt: skip
         member = extract_member(together.probe, m).state_dict()
         for key, value in alone.items():
             if precision == "float32":
@@ -112,13 +110,12 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not():
     tokens, labels = planted(150, signal={4: 0}, num_classes=3, seed=3)
     spec = get_probe_spec("linear_concat_all")
     positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
-    settings = TrainSettings(epochs=1, min_steps=20, batch_size=32, seed=1, device="cpu")
+    config = TrainConfig(epochs=1, min_steps=20, batch_size=32, device="cpu")
 
     def weights(seed: int) -> torch.Tensor:
-        run = TrainSettings(**{**settings.__dict__, "seed": seed})
         grid = make_grid([1e-2], [1e-3])
         return train_grid(
-            spec, tokens, labels, positions=positions, num_classes=3, grid=grid, settings=run
+            spec, tokens, labels, positions=positions, num_classes=3, grid=grid, config=config, seed=seed
         ).probe.weight
 
     assert torch.equal(weights(1), weights(1))
@@ -167,8 +164,8 @@ def test_precision_resolves_auto_by_hardware_and_names_bad_values(monkeypatch):
     assert resolve_matmul_dtype("auto", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="precision 'half'"):
         resolve_matmul_dtype("half", cpu)
-    with pytest.raises(ValueError, match="TrainSettings.precision 'fp8'"):
-        TrainSettings(precision="fp8")
+    with pytest.raises(ValueError, match="train.precision must be one of .*'fp8'"):
+        TrainConfig(precision="fp8")
 
 
 def test_bfloat16_training_is_deterministic_and_differs_from_float32():
@@ -177,9 +174,9 @@ def test_bfloat16_training_is_deterministic_and_differs_from_float32():
     positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
 
     def weights(precision: str) -> torch.Tensor:
-        settings = TrainSettings(epochs=1, min_steps=10, batch_size=64, seed=0, device="cpu", precision=precision)
+        config = TrainConfig(epochs=1, min_steps=10, batch_size=64, device="cpu", precision=precision)
         return train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=make_grid([1e-2], [1e-4]),
-                          settings=settings).probe.k_weight  # fmt: skip
+                          config=config).probe.k_weight  # fmt: skip
 
     assert torch.equal(weights("bfloat16"), weights("bfloat16"))
     assert not torch.equal(weights("bfloat16"), weights("float32"))
@@ -187,11 +184,11 @@ def test_bfloat16_training_is_deterministic_and_differs_from_float32():
 
 def test_recipe_helpers_follow_the_reference():
     assert class_weights(torch.tensor([0, 0, 0, 1]), 3).tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
-    batch, steps_per_epoch, epochs = batch_plan(1000, TrainSettings(epochs=2, min_steps=1000, batch_size=300))
+    batch, steps_per_epoch, epochs = batch_plan(1000, TrainConfig(epochs=2, min_steps=1000, batch_size=300))
     assert (batch, steps_per_epoch) == (200, 5)  # 4 batches of 300 would leave a runt; at least 5 batches
     assert steps_per_epoch * epochs >= 1000 and epochs == 200
     with pytest.raises(ValueError, match="device"):
-        TrainSettings(device="tpu")
+        TrainConfig(device="tpu")
 
 
 def test_sweep_picks_by_validation_balanced_accuracy_and_refits_one_probe():
@@ -201,7 +198,7 @@ def test_sweep_picks_by_validation_balanced_accuracy_and_refits_one_probe():
     grid = make_grid([1e-2, 1e-7], [1e-4])  # lr 1e-7 barely moves: it must lose
     result = sweep_probe(spec, tokens[:300], labels[:300], val_tokens=tokens[300:400], val_labels=labels[300:400],
                          positions=positions, num_classes=3, grid=grid,
-                         settings=TrainSettings(epochs=1, min_steps=60, batch_size=64, device="cpu"))  # fmt: skip
+                         config=TrainConfig(epochs=1, min_steps=60, batch_size=64, device="cpu"))  # fmt: skip
     assert result.best == grid[0] and result.best_index == 0
     assert len(result.val_scores) == 2
     assert result.val_scores[0]["balanced_accuracy"] > result.val_scores[1]["balanced_accuracy"]
@@ -242,10 +239,10 @@ def test_jitter_touches_only_training_batches_and_only_the_chosen_images():
     positions = select_token_positions(LAYERS, TOKENS, layers="paper", tokens=("cls", "ap"))
 
     def weights(**jitter) -> torch.Tensor:
-        settings = TrainSettings(epochs=1, min_steps=5, batch_size=64, seed=0, device="cpu", **jitter)
+        config = TrainConfig(epochs=1, min_steps=5, batch_size=64, device="cpu", **jitter)
         grid = make_grid([1e-2], [0.0])
         return train_grid(spec, tokens, labels, positions=positions, num_classes=2, grid=grid,
-                          settings=settings).probe.weight  # fmt: skip
+                          config=config).probe.weight  # fmt: skip
 
     assert torch.equal(weights(jitter_prob=0.0), weights(jitter_std=0.0))  # no image chosen == zero noise
     assert not torch.equal(weights(jitter_prob=0.5), weights(jitter_prob=0.0))

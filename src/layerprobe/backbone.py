@@ -42,9 +42,7 @@ def create_backbone(
         FileNotFoundError: `checkpoint` does not exist.
     """
     kwargs = dict(model_kwargs or {})
-    architecture = timm.models.split_model_name_tag(model_name)[0]
-    if not timm.is_model(architecture):
-        raise unknown_name_error("model", model_name, timm.list_models())
+    check_model_name(model_name)
     if checkpoint is None:
         try:
             with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG stream
@@ -62,6 +60,12 @@ def create_backbone(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def check_model_name(model_name: str) -> None:
+    """A timm model name (with or without a weights tag); an unknown one fails with the nearest match."""
+    if not timm.is_model(timm.models.split_model_name_tag(model_name)[0]):
+        raise unknown_name_error("model", model_name, timm.list_models())
 
 
 def _create_from_checkpoint(model_name: str, path: Path, kwargs: dict) -> torch.nn.Module:

@@ -17,10 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from layerprobe.config import PROBE_CONFIG, PROBE_WEIGHTS
 from layerprobe.probes import head_from_description
 
-WEIGHTS_FILE = "probe.safetensors"
-CONFIG_FILE = "probe.json"
 FORMAT_VERSION = 1
 
 
@@ -59,11 +58,11 @@ def save_probe(directory: str | Path, probe: nn.Module, config: dict) -> Path:
     text = json.dumps(document, indent=2, sort_keys=False)
     tensors = {name: value.detach().cpu().contiguous() for name, value in probe.state_dict().items()}
     # Temporaries then rename; the JSON goes last, so a directory with probe.json has complete weights.
-    weights_tmp, config_tmp = directory / f".{WEIGHTS_FILE}.tmp", directory / f".{CONFIG_FILE}.tmp"
+    weights_tmp, config_tmp = directory / f".{PROBE_WEIGHTS}.tmp", directory / f".{PROBE_CONFIG}.tmp"
     save_file(tensors, str(weights_tmp), metadata={"format_version": str(FORMAT_VERSION)})
     config_tmp.write_text(text)
-    os.replace(weights_tmp, directory / WEIGHTS_FILE)
-    os.replace(config_tmp, directory / CONFIG_FILE)
+    os.replace(weights_tmp, directory / PROBE_WEIGHTS)
+    os.replace(config_tmp, directory / PROBE_CONFIG)
     return directory
 
 
@@ -72,7 +71,7 @@ def load_probe(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"probe directory {directory} does not exist")
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    config_path, weights_path = directory / PROBE_CONFIG, directory / PROBE_WEIGHTS
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: {directory} holds no saved probe")
     try:

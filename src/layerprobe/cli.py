@@ -14,17 +14,31 @@ Outputs go where the pipeline puts them (paths: in params.yaml), so a CLI step a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from layerprobe.config import BackboneConfig, DatasetConfig, Params, ParamsError, load_params
+from layerprobe.config import (
+    TAPS,
+    BackboneConfig,
+    DatasetConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    Params,
+    ParamsError,
+    PathsConfig,
+    PrepareConfig,
+    ProbeConfig,
+    TrainConfig,
+    load_params,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
+    from layerprobe.device import flush_denormals
 
-    torch.set_flush_denormal(True)  # as layerprobe.train.flush_denormals; before any worker thread starts
+    flush_denormals()  # before any worker thread starts
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -49,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _backbone_args(extract)
     _dataset_args(extract)
-    extract.add_argument("--tap", choices=["norm2", "block"], help="tap point (default: params extract.tap)")
+    extract.add_argument("--tap", choices=TAPS, help="tap point (default: params extract.tap)")
     extract.add_argument("--batch-size", type=int)
     extract.add_argument("--num-workers", type=int)
     extract.add_argument("--device", help="cpu, cuda or auto")
@@ -147,6 +161,9 @@ def _resolve_dataset(args, params: Params | None) -> DatasetConfig:
 def _resolve_backbone(args, params: Params | None) -> BackboneConfig:
     if params and args.backbone in params.backbones:
         return params.backbones[args.backbone]
+    from layerprobe.backbone import check_model_name
+
+    check_model_name(args.backbone)
     return BackboneConfig(
         model=args.backbone,
         pretrained=args.pretrained,
@@ -155,60 +172,59 @@ def _resolve_backbone(args, params: Params | None) -> BackboneConfig:
     )
 
 
-def _paths(params: Params | None):
-    from layerprobe.config import PathsConfig
-
+def _paths(params: Params | None) -> PathsConfig:
     return params.paths if params else PathsConfig()
 
 
+def _section(params: Params | None, name: str, default):
+    """A params section, or its defaults when the CLI runs without a params file."""
+    return getattr(params, name) if params else default
+
+
+def _overrides(config, **values):
+    """`config` with the command-line values that were given (None means "not given")."""
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if v is not None})
+
+
 def run_prepare(args) -> int:
-    from layerprobe.config import PrepareConfig
-    from layerprobe.workflow import prepare_step
+    from layerprobe.workflow.prepare import prepare_step
 
     params = _params(args)
-    dataset = _resolve_dataset(args, params)
-    prepare = params.prepare if params else PrepareConfig()
     summary = prepare_step(
         args.dataset,
-        source=dataset.source,
-        options=dataset.options,
-        out_dir=_paths(params).prepared_dir(args.dataset),
-        val_fraction=prepare.val_fraction,
-        test_fraction=prepare.test_fraction,
-        seed=prepare.seed,
+        dataset=_resolve_dataset(args, params),
+        prepare=_section(params, "prepare", PrepareConfig()),
+        paths=_paths(params),
     )
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def run_extract(args) -> int:
-    from layerprobe.config import ExtractConfig
-    from layerprobe.workflow import extract_step
+    from layerprobe.workflow.extract import extract_step
+    from layerprobe.workflow.prepare import prepare_step
 
     params = _params(args)
-    backbone = _resolve_backbone(args, params)
+    backbone = _resolve_backbone(args, params)  # a wrong model name fails before any data is prepared
     paths = _paths(params)
-    prepared_dir = paths.prepared_dir(args.dataset)
-    if not (prepared_dir / "splits.json").is_file():
-        run_prepare(args)
-    extract = params.extract if params else ExtractConfig()
+    # The prepare step reuses the prepared dataset only when its fingerprint (source, options, files) matches.
+    prepare_step(
+        args.dataset,
+        dataset=_resolve_dataset(args, params),
+        prepare=_section(params, "prepare", PrepareConfig()),
+        paths=paths,
+    )
+    extract = _overrides(
+        _section(params, "extract", ExtractConfig()),
+        tap=args.tap, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+    )  # fmt: skip
     summary = extract_step(
         args.backbone,
         args.dataset,
-        prepared_dir=prepared_dir,
-        out_dir=args.out or paths.features_dir(args.backbone, args.dataset),
-        model=backbone.model,
-        pretrained=backbone.pretrained,
-        checkpoint=backbone.checkpoint,
-        model_kwargs=dict(backbone.model_kwargs),
-        crop_pct=backbone.crop_pct,
-        final_projection=backbone.final_projection,
-        tap=args.tap or extract.tap,
-        dtype=extract.dtype,
-        batch_size=args.batch_size or extract.batch_size,
-        num_workers=extract.num_workers if args.num_workers is None else args.num_workers,
-        shard_size=extract.shard_size,
-        device=args.device or extract.device,
+        backbone=backbone,
+        extract=extract,
+        paths=paths,
+        out_dir=args.out,
         progress=not args.no_progress,
     )
     print(json.dumps(summary, indent=2))
@@ -216,45 +232,38 @@ def run_extract(args) -> int:
 
 
 def run_train(args) -> int:
-    from layerprobe.config import TrainConfig
-    from layerprobe.workflow import train_step
+    from layerprobe.workflow.train import train_step
 
     params = _params(args)
-    config = params.train if params else TrainConfig(lrs=[1e-2, 1e-3], weight_decays=[1e-4, 1e-2])
-    paths = _paths(params)
-    settings = config.recipe()
-    settings["min_steps"] = args.min_steps or config.min_steps
-    settings["device"] = args.device or config.device
+    train = _overrides(
+        _section(params, "train", TrainConfig()),
+        lrs=args.lr, weight_decays=args.weight_decay, min_steps=args.min_steps, device=args.device,
+    )  # fmt: skip
     summary = train_step(
+        args.backbone,
+        args.dataset,
         args.probe,
-        features_dir=paths.features_dir(args.backbone, args.dataset),
-        out_dir=paths.probe_dir(args.backbone, args.dataset, args.probe),
-        probe_overrides=params.probe_overrides(args.probe) if params else {},
-        lrs=args.lr or config.lrs,
-        weight_decays=args.weight_decay or config.weight_decays,
-        attn_dropouts=config.attn_dropouts,
-        seeds=config.seeds,
-        settings=settings,
+        probe=params.probe_config(args.probe) if params else ProbeConfig(),
+        train=train,
+        paths=_paths(params),
     )
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def run_evaluate(args) -> int:
-    from layerprobe.workflow import evaluate_step
+    from layerprobe.workflow.evaluate import evaluate_step
 
-    paths = _paths(_params(args))
+    params = _params(args)
     result = evaluate_step(
-        probe_dir=paths.probe_dir(args.backbone, args.dataset, args.probe),
-        features_dir=paths.features_dir(args.backbone, args.dataset),
-        out_dir=paths.evaluation_dir(args.backbone, args.dataset, args.probe),
+        args.backbone,
+        args.dataset,
+        args.probe,
+        evaluate=_section(params, "evaluate", EvaluateConfig()),
+        paths=_paths(params),
     )
-    print(
-        json.dumps(
-            {k: result[k] for k in ("probe", "backbone", "dataset", "test", "val_balanced_accuracy", "outputs")},
-            indent=2,
-        )
-    )
+    shown = ("probe", "backbone", "dataset", "test", "val_balanced_accuracy", "outputs", "status")
+    print(json.dumps({k: result[k] for k in shown}, indent=2))
     return 0
 
 

@@ -16,10 +16,33 @@ from typing import Any
 
 import yaml
 
-TAPS = ("norm2", "block")
-DTYPES = ("float16", "float32")
-PRECISIONS = ("auto", "float32", "bfloat16")  # train.precision; layerprobe.train.PRECISION_CHOICES
-TOKENS = ("cls", "ap")
+TAPS = ("norm2", "block")  # extract.tap: the paper's norm2 hook, or each block's output (residual stream)
+DTYPES = ("float16", "float32")  # extract.dtype: the feature cache's storage type
+PRECISIONS = ("auto", "float32", "bfloat16")  # train.precision: the probe matmuls' dtype
+EXTRACT_PRECISIONS = ("float32", "bfloat16")  # extract.precision: the backbone forward's dtype
+TOKENS = ("cls", "ap")  # per-layer tokens of the feature cache, in cache order
+
+# Artifact file names: the one place they are spelled; PathsConfig and the modules that read and write each
+# artifact use these. Completion markers are written last and record the fingerprint of what made the output.
+SPLITS_FILE = "splits.json"  # prepare's completion marker
+IMAGES_TAR = "images.tar"  # a materialised dataset's pixels
+MANIFEST_FILE = "manifest.json"  # extract's completion marker
+TRAIN_MARKER = "train.json"  # train's completion marker, per probe
+PROBE_WEIGHTS = "probe.safetensors"
+PROBE_CONFIG = "probe.json"
+SWEEP_FILE = "sweep.json"  # every grid member's validation scores
+HISTORY_FILE = "history.json"  # the refit's training curves
+METRICS_FILE = "metrics.json"  # evaluate's completion marker per probe, and the suite's summary
+HEATMAP_JSON = "heatmap.json"
+HEATMAP_PNG = "heatmap.png"
+CONFUSION_PNG = "confusion.png"
+REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of them)
+    "markdown": "report.md",
+    "csv": "report.csv",
+    "gains": "gains.json",
+    "gains_png": "gains.png",
+    "heatmaps_png": "heatmaps.png",
+}
 
 
 class ParamsError(ValueError):
@@ -30,6 +53,8 @@ class ParamsError(ValueError):
 class PathsConfig:
     """Where each stage writes; relative paths are relative to the project root (where dvc.yaml lives)."""
 
+    datasets: str = "datasets"  # local image folders and webdatasets; the prepare stage's DVC deps watch it
+    checkpoints: str = "checkpoints"  # local backbone weight files; the extract stage's DVC deps watch it
     data: str = "data/prepared"
     features: str = "features"
     probes: str = "probes"
@@ -39,18 +64,33 @@ class PathsConfig:
     def prepared_dir(self, dataset: str) -> Path:
         return Path(self.data) / dataset
 
+    def splits_file(self, dataset: str) -> Path:
+        return self.prepared_dir(dataset) / SPLITS_FILE
+
     def features_dir(self, backbone: str, dataset: str) -> Path:
         return Path(self.features) / backbone / dataset
+
+    def manifest_file(self, backbone: str, dataset: str) -> Path:
+        return self.features_dir(backbone, dataset) / MANIFEST_FILE
 
     def probe_dir(self, backbone: str, dataset: str, probe: str) -> Path:
         return Path(self.probes) / backbone / dataset / probe
 
+    def train_marker(self, backbone: str, dataset: str, probe: str) -> Path:
+        return self.probe_dir(backbone, dataset, probe) / TRAIN_MARKER
+
+    def seed_dir(self, backbone: str, dataset: str, probe: str, seed: int) -> Path:
+        return self.probe_dir(backbone, dataset, probe) / f"seed-{seed}"
+
     def evaluation_dir(self, backbone: str, dataset: str, probe: str) -> Path:
         return Path(self.results) / "evaluate" / backbone / dataset / probe
 
+    def evaluation_marker(self, backbone: str, dataset: str, probe: str) -> Path:
+        return self.evaluation_dir(backbone, dataset, probe) / METRICS_FILE
+
     @property
     def metrics_file(self) -> Path:
-        return Path(self.results) / "metrics.json"
+        return Path(self.results) / METRICS_FILE
 
     @property
     def pipeline_run_file(self) -> Path:
@@ -114,18 +154,24 @@ class PrepareConfig:
 class ExtractConfig:
     tap: str = "norm2"
     dtype: str = "float16"
+    precision: str = "float32"  # the backbone forward: float32 (as the reference ran) or bfloat16 autocast
     batch_size: int = 64
     num_workers: int = 0
     shard_size: int = 1024
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.tap not in TAPS:
-            raise ParamsError(f"extract.tap must be one of {TAPS}, got {self.tap!r}")
-        if self.dtype not in DTYPES:
-            raise ParamsError(f"extract.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise ParamsError("extract.batch_size and extract.shard_size must be positive")
+        _check_choice("extract.tap", self.tap, TAPS)
+        _check_choice("extract.dtype", self.dtype, DTYPES)
+        _check_choice("extract.precision", self.precision, EXTRACT_PRECISIONS)
+        for key in ("batch_size", "shard_size"):
+            _check_positive(f"extract.{key}", getattr(self, key))
+        if self.num_workers < 0:
+            raise ParamsError(f"extract.num_workers must be >= 0, got {self.num_workers}")
+
+    def fingerprint_params(self) -> dict[str, Any]:
+        """What decides the cached values and their layout; batch size, workers and device only change speed."""
+        return {"tap": self.tap, "dtype": self.dtype, "precision": self.precision, "shard_size": self.shard_size}
 
 
 @dataclass(frozen=True)
@@ -146,36 +192,57 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The paper's recipe (DESIGN.md "Training recipe") with a grid small enough for the suite's budget."""
+    """The training recipe and its sweep grid; defaults are the reference code's (DESIGN.md "Training recipe").
 
-    lrs: list[float]
-    weight_decays: list[float]
-    attn_dropouts: list[float] = field(default_factory=lambda: [0.0])
-    epochs: int = 10
+    Every member of the lr x weight decay (x attention dropout) grid trains with the same recipe and seed.
+    """
+
+    lrs: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3])
+    weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    attn_dropouts: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])
+    epochs: int = 40  # passes over the training set, raised to reach min_steps
     min_steps: int = 1000  # the reference raises epochs until at least 1000 optimisation steps
-    batch_size: int = 256
-    grad_clip: float = 5.0
-    jitter_std: float = 0.05
-    jitter_prob: float = 0.5
-    min_lr: float = 1e-6
+    batch_size: int = 2048  # largest batch; batches are evened out so the last one is not a runt
+    min_batches: int = 5  # at least this many batches per epoch (the reference shrinks batches on small sets)
+    grad_clip: float = 5.0  # per-member gradient-norm clip
+    jitter_std: float = 0.05  # Gaussian noise on normalised training tokens...
+    jitter_prob: float = 0.5  # ...for this share of the images
+    min_lr: float = 1e-6  # end of the cosine decay (no warm-up)
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"
     precision: str = "auto"  # probe matmuls: auto (bfloat16 where native) | float32 | bfloat16
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ParamsError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check_choice("train.precision", self.precision, PRECISIONS)
         for key in ("lrs", "weight_decays", "attn_dropouts", "seeds"):
             if not getattr(self, key):
                 raise ParamsError(f"train.{key} must not be empty")
         if any(not 0.0 <= p < 1.0 for p in self.attn_dropouts):
             raise ParamsError(f"train.attn_dropouts must be in [0, 1), got {self.attn_dropouts}")
+        for key in ("epochs", "batch_size", "min_batches"):
+            _check_positive(f"train.{key}", getattr(self, key))
+        for key in ("min_steps", "jitter_std", "min_lr"):
+            if getattr(self, key) < 0:
+                raise ParamsError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.grad_clip <= 0:
+            raise ParamsError(f"train.grad_clip must be positive, got {self.grad_clip}")
+        if not 0.0 <= self.jitter_prob <= 1.0:
+            raise ParamsError(f"train.jitter_prob must be in [0, 1], got {self.jitter_prob}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ParamsError(f"train.device must be auto, cpu or cuda[:n], got {self.device!r}")
 
-    def recipe(self) -> dict[str, Any]:
-        """The per-run training settings (everything but the swept grid and the seeds)."""
-        keys = ("epochs", "min_steps", "batch_size", "grad_clip", "jitter_std", "jitter_prob", "min_lr", "device",
-                "precision")  # fmt: skip
-        return {key: getattr(self, key) for key in keys}
+    @property
+    def log_every(self) -> int:
+        """Record the loss about 100 times per run, whatever its length."""
+        return max(1, self.min_steps // 100)
+
+    def fingerprint_params(self, *, matmul_precision: str) -> dict[str, Any]:
+        """Everything that decides the trained probes: the recipe, grid and seeds with the precision "auto"
+        resolved to (the device only changes speed)."""
+        values = dataclasses.asdict(self)
+        del values["device"]
+        values["precision"] = matmul_precision
+        return values
 
 
 @dataclass(frozen=True)
@@ -210,8 +277,8 @@ class Params:
     suite: SuiteConfig
     datasets: dict[str, DatasetConfig]
     backbones: dict[str, BackboneConfig]
-    probes: dict[str, ProbeConfig]
-    train: TrainConfig
+    probes: dict[str, ProbeConfig] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -232,9 +299,9 @@ class Params:
         """Every (backbone, dataset, probe) of the suite, in a stable order."""
         return [(b, d, p) for b in self.suite.backbones for d in self.suite.datasets for p in self.suite.probes]
 
-    def probe_overrides(self, probe: str) -> dict[str, Any]:
-        config = self.probes.get(probe)
-        return config.overrides() if config else {}
+    def probe_config(self, probe: str) -> ProbeConfig:
+        """The params' overrides of a registered probe (none when the probe has no entry)."""
+        return self.probes.get(probe) or ProbeConfig()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -315,6 +382,16 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ParamsError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ParamsError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value < 1:
+        raise ParamsError(f"{key} must be >= 1, got {value}")
 
 
 def _join(where: str, key: str) -> str:

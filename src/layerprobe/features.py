@@ -23,13 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from layerprobe.config import MANIFEST_FILE
+from layerprobe.files import canonical_json, read_json, sha256_file, tmp_path, write_json
 from layerprobe.registry import unknown_name_error
 
-MANIFEST = "manifest.json"
 FORMAT = "layerprobe-features/1"
 PROVENANCE_KEY = b"layerprobe.provenance"
 SHAPE_KEY = b"layerprobe.shape"
-TMP_SUFFIX = ".tmp"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
@@ -47,25 +47,6 @@ class FeatureSet:
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.arrow"
-
-
-def canonical_json(value: object) -> str:
-    """Stable JSON text (sorted keys, tuples as lists) so equal provenance compares and hashes equal."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, value: object) -> None:
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def write_shard(
@@ -113,7 +94,7 @@ def write_shard(
     schema = batch.schema.with_metadata(
         {PROVENANCE_KEY: canonical_json(metadata), SHAPE_KEY: json.dumps(list(values.shape[1:]))}
     )
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    tmp = tmp_path(path)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(batch)
     os.replace(tmp, path)
@@ -136,10 +117,10 @@ def open_shard(path: Path) -> tuple[pa.RecordBatch, dict, list[int]]:
 
 def read_manifest(cache_dir: Path) -> dict:
     """The manifest of a complete cache; a directory without one is an incomplete (or foreign) cache."""
-    path = Path(cache_dir) / MANIFEST
+    path = Path(cache_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"feature cache {cache_dir} is incomplete or missing: no {MANIFEST} (run extract)")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"feature cache {cache_dir} is incomplete or missing: no {MANIFEST_FILE} (run extract)")
+    return read_json(path)
 
 
 def content_hash(provenance: dict, shard_hashes: Sequence[str]) -> str:
@@ -167,15 +148,19 @@ def write_manifest(
     shard_hashes = [sha for _, _, sha in shards]
     manifest = {
         "format": FORMAT,
+        "fingerprint": provenance.get("fingerprint"),  # what made the cache (layerprobe.fingerprint)
         "provenance": provenance,
         "num_images": int(sum(rows for _, rows, _ in shards)),
         "splits": list(splits),
         "dtype": provenance["dtype"],
         "plan_sha256": plan_sha256,
-        "shards": [{"file": file, "rows": int(rows), "sha256": sha} for file, rows, sha in shards],
+        "shards": [
+            {"file": file, "rows": int(rows), "sha256": sha, "bytes": (Path(cache_dir) / file).stat().st_size}
+            for file, rows, sha in shards
+        ],
         "content_hash": content_hash(provenance, shard_hashes),
     }
-    write_json_atomic(Path(cache_dir) / MANIFEST, manifest)
+    write_json(Path(cache_dir) / MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -201,7 +186,11 @@ def read_features(cache_dir: Path, *, split: str | list[str] | None = None) -> F
 
     shards = []  # (batch, row mask or None) for every shard, opened once
     for entry in manifest["shards"]:
-        batch, _, shape = open_shard(cache_dir / entry["file"])
+        path = cache_dir / entry["file"]
+        if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
+            raise ValueError(f"feature cache {cache_dir}: {entry['file']} is missing or changed since extraction; "
+                             "re-run extract")  # fmt: skip
+        batch, _, shape = open_shard(path)
         mask = None
         if wanted is not None:
             mask = pc.is_in(batch.column("split"), value_set=pa.array(wanted)).to_numpy(zero_copy_only=False)

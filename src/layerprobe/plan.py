@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from layerprobe.config import BackboneConfig, DatasetConfig, Params
+from layerprobe.config import MANIFEST_FILE, SPLITS_FILE, BackboneConfig, DatasetConfig, Params
 
 BYTES_PER_VALUE = {"float16": 2, "float32": 4}
 NUM_TOKENS = 2  # cls and ap per layer
@@ -68,7 +68,7 @@ def backbone_shape(config: BackboneConfig) -> BackboneShape:
 
 def dataset_size(name: str, config: DatasetConfig, prepared_dir: Path) -> int:
     """Images to extract: the prepared split index if present, else the entry's recorded counts, else its options."""
-    splits_file = prepared_dir / "splits.json"
+    splits_file = prepared_dir / SPLITS_FILE
     if splits_file.is_file():
         return int(sum(len(ix) for ix in json.loads(splits_file.read_text())["splits"].values()))
     if config.num_images:
@@ -137,7 +137,7 @@ def plan_suite(params: Params, *, gflops_per_second: float) -> list[CachePlan]:
 
 def check_disk(plans: list[CachePlan], features_root: Path, *, dtype: str = "float16") -> tuple[int, int]:
     """Refuse up front when the caches still to write would not fit on the features disk. Returns (needed, free)."""
-    missing = [p for p in plans if not (features_root / p.backbone / p.dataset / "manifest.json").is_file()]
+    missing = [p for p in plans if not (features_root / p.backbone / p.dataset / MANIFEST_FILE).is_file()]
     needed = sum(p.bytes for p in missing)
     existing = features_root
     while not existing.exists():

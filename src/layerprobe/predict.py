@@ -39,7 +39,12 @@ def predict_images(
         checkpoint=source.get("checkpoint"),
         model_kwargs=source.get("model_kwargs") or {},
     )
-    extractor = LayerTokenExtractor(network, tap=source["tap"], final_projection=bool(source.get("final_projection")))
+    extractor = LayerTokenExtractor(
+        network,
+        tap=source["tap"],
+        final_projection=bool(source.get("final_projection")),
+        precision=source.get("precision", "float32"),
+    )
     if extractor.layer_names != source.get("layer_names", extractor.layer_names):
         raise ValueError(
             f"probe {probe_dir} was trained on layers {source['layer_names']}, backbone gives {extractor.layer_names}"

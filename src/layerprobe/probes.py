@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerprobe.attention_pool import pool_and_project
+from layerprobe.config import TOKENS
 from layerprobe.registry import Registry, unknown_name_error
 
-TOKEN_CHOICES = ("cls", "ap")
 LAYER_PRESETS = ("all", "last", "paper")
 HEAD_CHOICES = ("linear", "attentive")
 NORM_EPS = 1e-5  # nn.LayerNorm / nn.BatchNorm1d default, as in the reference
@@ -58,10 +58,10 @@ class ProbeSpec:
                 raise ValueError(f"probe {self.name!r}: layers must not be empty")
         object.__setattr__(self, "tokens", tuple(self.tokens))
         for token in self.tokens:
-            if token not in TOKEN_CHOICES:
-                raise unknown_name_error("token", token, list(TOKEN_CHOICES))
+            if token not in TOKENS:
+                raise unknown_name_error("token", token, list(TOKENS))
         if not self.tokens or len(set(self.tokens)) != len(self.tokens):
-            raise ValueError(f"probe {self.name!r}: tokens {self.tokens} must be a non-empty subset of {TOKEN_CHOICES}")
+            raise ValueError(f"probe {self.name!r}: tokens {self.tokens} must be a non-empty subset of {TOKENS}")
         if self.head not in HEAD_CHOICES:
             raise unknown_name_error("probe head", self.head, list(HEAD_CHOICES))
         if self.num_heads is not None and self.num_heads < 1:
@@ -118,7 +118,7 @@ def _alf() -> ProbeSpec:
 
 
 # NOTE: `attentive_last_tokens` (all final-layer patch tokens, attentive, 8 heads as in the reference) is one more
-# entry here once the feature cache stores a "patches" token group: add "patches" to TOKEN_CHOICES and register
+# entry here once the feature cache stores a "patches" token group: add "patches" to TOKENS and register
 # ProbeSpec("attentive_last_tokens", layers="last", tokens=("cls", "patches"), head="attentive", num_heads=8).
 # select_token_positions/gather_tokens only index (layer, token) slots, so nothing else changes.
 

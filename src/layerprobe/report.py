@@ -11,9 +11,48 @@ import io
 import json
 from pathlib import Path
 
+from layerprobe.config import REPORT_FILES
+
 BASELINE = "linear_last_cls"
 HEADLINE = "alf"
 METRIC = "test_balanced_accuracy"  # the paper's headline metric
+
+
+def metrics_summary(evaluations: list[dict]) -> dict:
+    """The evaluate stage's summary {backbone: {dataset: {probe: test/val metrics}}} from per-probe evaluations."""
+    summary: dict = {}
+    for r in evaluations:
+        summary.setdefault(r["backbone"], {}).setdefault(r["dataset"], {})[r["probe"]] = {
+            "test_balanced_accuracy": r["test"]["balanced_accuracy"],
+            "test_accuracy": r["test"]["accuracy"],
+            "val_balanced_accuracy": r["val_balanced_accuracy"],
+        }
+    return summary
+
+
+def flat_metrics(summary: dict) -> dict[str, float]:
+    """`test/balanced_accuracy/<backbone>/<dataset>/<probe>` for the parent MLflow run."""
+    return {
+        f"test/balanced_accuracy/{b}/{d}/{p}": v["test_balanced_accuracy"]
+        for b, datasets in summary.items()
+        for d, probes in datasets.items()
+        for p, v in probes.items()
+    }
+
+
+def evaluation_markdown(evaluations: list[dict], champions: dict[str, dict]) -> str:
+    """One row per evaluated probe (percent), with its registered version and the champion marked."""
+    lines = [
+        "| backbone | dataset | probe | test balanced acc | test acc | val balanced acc | version |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in evaluations:
+        crown = " (champion)" if champions.get(r["registered_model"], {}).get("probe") == r["probe"] else ""
+        lines.append(
+            f"| {r['backbone']} | {r['dataset']} | {r['probe']} | {100 * r['test']['balanced_accuracy']:.2f} | "
+            f"{100 * r['test']['accuracy']:.2f} | {100 * r['val_balanced_accuracy']:.2f} | {r['version']}{crown} |"
+        )
+    return "\n".join(lines)
 
 
 def results_rows(summary: dict, *, probes: list[str], groups: dict[str, str | None] | None = None) -> list[dict]:
@@ -91,13 +130,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = results_rows(summary, probes=probes, groups=groups)
-    files = {
-        "markdown": out_dir / "report.md",
-        "csv": out_dir / "report.csv",
-        "gains": out_dir / "gains.json",
-        "gains_png": out_dir / "gains.png",
-        "heatmaps_png": out_dir / "heatmaps.png",
-    }
+    files = {key: out_dir / name for key, name in REPORT_FILES.items()}
     files["markdown"].write_text(format_markdown(rows, probes))
     files["csv"].write_text(format_csv(rows, probes))
     series = gains_series(rows)

@@ -19,9 +19,14 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from layerprobe.config import HISTORY_FILE, PROBE_CONFIG, SWEEP_FILE, Params
+from layerprobe.files import read_json
+
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PID_TAG = "layerprobe.pid"
 HOST_TAG = "layerprobe.host"
+# MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds model-training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def resolve_tracking_uri(mlruns_dir: str | Path, configured: str | None = None) -> str:
@@ -40,13 +45,16 @@ def setup_experiment(experiment: str, *, mlruns_dir: str | Path, tracking_uri: s
     mlflow.set_tracking_uri(resolve_tracking_uri(mlruns_dir, tracking_uri))
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    artifacts = (Path(mlruns_dir).resolve() / "artifacts" / experiment).as_uri()
-    try:
-        return client.create_experiment(experiment, artifact_location=artifacts)
-    except mlflow.exceptions.MlflowException:  # another process created it between the two calls
-        return client.get_experiment_by_name(experiment).experiment_id
+    if found is None:
+        artifacts = (Path(mlruns_dir).resolve() / "artifacts" / experiment).as_uri()
+        try:
+            return client.create_experiment(experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException:  # another process created it between the two calls
+            found = client.get_experiment_by_name(experiment)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in found.tags:  # an experiment made by an older version (or by hand)
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def run_tags() -> dict[str, str]:
@@ -223,3 +231,95 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# --------------------------------------------------------------------------------------------------- evaluation runs
+
+
+def run_params(params: Params, backbone: str, dataset: str, probe: str) -> dict[str, Any]:
+    """What a probe's MLflow run records as params: backbone, dataset, probe, extraction and the training grid."""
+    backbone_config = params.backbones[backbone]
+    train = params.train
+    return {
+        "backbone": backbone,
+        "model": backbone_config.model,
+        "pretrained": backbone_config.pretrained,
+        "checkpoint": backbone_config.checkpoint,
+        "model_kwargs": backbone_config.model_kwargs,
+        "dataset": dataset,
+        "dataset_source": params.datasets[dataset].source,
+        "probe": probe,
+        "tap": params.extract.tap,
+        "feature_dtype": params.extract.dtype,
+        "extract_precision": params.extract.precision,
+        "train": {key: getattr(train, key) for key in ("lrs", "weight_decays", "attn_dropouts", "epochs",
+                                                        "min_steps", "batch_size", "seeds", "precision")},
+    }  # fmt: skip
+
+
+def log_probe_run(
+    experiment_id: str,
+    parent_run_id: str,
+    evaluation: dict,
+    *,
+    trained: dict,
+    run_params: dict[str, Any],
+    evaluation_dir: Path,
+    features_dir: Path,
+    registered_name: str,
+) -> dict[str, str]:
+    """One child run for an evaluated probe: params, tags, test metrics, training curves, the evaluation folder
+    and sweep as artifacts, and the probe as a registered model version. Returns run id, version and model uri.
+
+    The run ends FAILED (with the error as a tag) if anything here fails, so no run is left dangling.
+    """
+    from layerprobe.workflow.evaluate import signature_example
+
+    backbone, dataset, probe = evaluation["backbone"], evaluation["dataset"], evaluation["probe"]
+    run_id = start_run(experiment_id, f"{backbone}/{dataset}/{probe}", parent_run_id=parent_run_id)
+    try:
+        seed_dir = Path(trained["seeds"][0]["dir"])
+        probe_config = read_json(seed_dir / PROBE_CONFIG)
+        log_params(run_id, {**run_params, "best": evaluation["best"], "probe_spec": probe_config["spec"],
+                            "num_seeds": evaluation["num_seeds"],
+                            "training": trained.get("training", {})})  # fmt: skip
+        log_tags(run_id, {"backbone": backbone, "dataset": dataset, "probe": probe,
+                          "features.content_hash": trained["features_hash"],
+                          "dvc.dataset_version": probe_config["provenance"].get("dataset_version", "")})  # fmt: skip
+        metrics = {f"test/{k}": v for k, v in evaluation["test"].items()}
+        metrics.update({f"test/{k}_std": v for k, v in evaluation["test_std"].items()})
+        metrics["val/balanced_accuracy"] = evaluation["val_balanced_accuracy"]
+        log_metrics(run_id, metrics)
+        log_curves(run_id, training_curves(read_json(seed_dir / HISTORY_FILE)))
+        log_artifacts(run_id, {"evaluation": evaluation_dir, "sweep": seed_dir / SWEEP_FILE})
+        inputs, outputs = signature_example(probe_dir=seed_dir, features_dir=features_dir)
+        model_uri, version = log_probe_model(run_id, probe_dir=seed_dir, input_example=inputs,
+                                             output_example=outputs, registered_name=registered_name)  # fmt: skip
+        log_tags(run_id, {"registered_model": registered_name, "registered_version": version})
+        end_run(run_id)
+    except BaseException as error:
+        end_run(run_id, failed=True, error=repr(error))
+        raise
+    return {"run_id": run_id, "registered_model": registered_name, "version": version, "model_uri": model_uri}
+
+
+def training_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The refit's curves (the probe that was saved, G=1): loss and learning rate per logged step."""
+    return {
+        f"train/{key}": [(int(row["step"]), float(row[key][0])) for row in history]
+        for key in ("loss", "lr")
+        if history and key in history[0]
+    }
+
+
+def crown_champions(results: list[dict], *, alias: str) -> dict[str, dict]:
+    """Give `alias` to the best probe per registered model (dataset, backbone) by validation balanced accuracy,
+    never by test. Returns {registered model: {probe, version}}."""
+    best: dict[str, dict] = {}
+    for result in results:
+        name = result["registered_model"]
+        if name not in best or result["val_balanced_accuracy"] > best[name]["val_balanced_accuracy"]:
+            best[name] = result
+    for name, result in best.items():
+        set_alias(name, alias, result["version"])
+    return {name: {"probe": r["probe"], "version": r["version"]} for name, r in best.items()}

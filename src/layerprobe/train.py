@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
+from layerprobe.config import TrainConfig
+from layerprobe.device import resolve_device, resolve_matmul_dtype
 from layerprobe.probes import (
     ProbeSpec,
     StackedAttentiveHead,
@@ -26,58 +28,6 @@ from layerprobe.probes import (
     normalize_tokens,
     set_matmul_dtype,
 )
-
-DEVICE_CHOICES = ("cpu", "cuda", "auto")
-PRECISION_CHOICES = ("auto", "float32", "bfloat16")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How to train (shared by every member of a grid).
-
-    Attributes:
-        epochs: passes over the training set (raised so the run has at least `min_steps` steps).
-        min_steps: at least 1000 optimisation steps, as the reference: small datasets otherwise undertrain.
-        batch_size: largest batch; batches are evened out so the last one is not a runt.
-        min_batches: at least this many batches per epoch (the reference shrinks batches on small datasets).
-        grad_clip: per-member gradient-norm clip.
-        jitter_std: std of the Gaussian noise added to normalised training tokens.
-        jitter_prob: probability that an image's tokens get that noise.
-        min_lr: end of the cosine decay.
-        seed: initialisation, shuffling, jitter and dropout draws.
-        device: "cpu", "cuda" or "auto" (cuda when available).
-        precision: dtype of the probe's matmuls in training: "float32", "bfloat16" (mixed precision, as
-            CLIP_benchmark trains its probes under autocast) or "auto" (bfloat16 where the device computes it
-            natively, see `native_bfloat16`). Parameters, optimizer state, softmax, norms and loss stay float32,
-            and evaluation always computes in float32.
-        log_every: record the loss every this many steps.
-    """
-
-    epochs: int = 40
-    min_steps: int = 1000
-    batch_size: int = 2048
-    min_batches: int = 5
-    grad_clip: float = 5.0
-    jitter_std: float = 0.05
-    jitter_prob: float = 0.5
-    min_lr: float = 1e-6
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "min_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_steps < 0 or self.grad_clip <= 0 or self.jitter_std < 0 or self.min_lr < 0:
-            raise ValueError(f"TrainSettings has a negative/zero value that must be positive: {self}")
-        if not 0.0 <= self.jitter_prob <= 1.0:
-            raise ValueError(f"TrainSettings.jitter_prob must lie in [0, 1], got {self.jitter_prob}")
-        if self.device not in DEVICE_CHOICES:
-            raise ValueError(f"TrainSettings.device {self.device!r} is not one of {DEVICE_CHOICES}")
-        if self.precision not in PRECISION_CHOICES:
-            raise ValueError(f"TrainSettings.precision {self.precision!r} is not one of {PRECISION_CHOICES}")
 
 
 @dataclass(frozen=True)
@@ -184,49 +134,9 @@ def clip_grad_norm_per_member(params: Sequence[nn.Parameter], max_norm: float) -
     return norms
 
 
-def flush_denormals() -> None:
-    """Treat denormal floats as zero on CPU: decayed probe weights otherwise slow CPU arithmetic ~1.5x (measured).
-
-    Call it first thing in a process (our flows, CLI and benchmarks do): worker threads inherit the setting only
-    when they are created after it, and changing it inside a library call would surprise the caller.
-    """
-    torch.set_flush_denormal(True)
-
-
 def cosine_lr(base_lr: torch.Tensor, step: int, total_steps: int, min_lr: float) -> torch.Tensor:
     """Cosine decay from `base_lr` to `min_lr` over `total_steps`, no warm-up (the reference's schedule)."""
     return min_lr + 0.5 * (1 + math.cos(math.pi * step / total_steps)) * (base_lr - min_lr)
-
-
-def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu."""
-    if device not in DEVICE_CHOICES:
-        raise ValueError(f"device {device!r} is not one of {DEVICE_CHOICES}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX.
-
-    Elsewhere bfloat16 matmuls are emulated and slower than float32, so "auto" precision keeps float32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's capability checks
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return False
-
-
-def resolve_matmul_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The matmul dtype `precision` means on `device` ("auto": bfloat16 where native, else float32)."""
-    if precision not in PRECISION_CHOICES:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISION_CHOICES}")
-    if precision == "auto":
-        return torch.bfloat16 if native_bfloat16(device) else torch.float32
-    return getattr(torch, precision)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -236,12 +146,12 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights.float()
 
 
-def batch_plan(num_images: int, settings: TrainSettings) -> tuple[int, int, int]:
+def batch_plan(num_images: int, config: TrainConfig) -> tuple[int, int, int]:
     """(batch size, steps per epoch, epochs): evened-out batches, epochs raised to reach `min_steps`."""
-    num_batches = max(math.ceil(num_images / settings.batch_size), min(settings.min_batches, num_images // 2), 1)
+    num_batches = max(math.ceil(num_images / config.batch_size), min(config.min_batches, num_images // 2), 1)
     batch_size = math.ceil(num_images / num_batches)
     steps_per_epoch = math.ceil(num_images / batch_size)
-    epochs = max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))
+    epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
     return batch_size, steps_per_epoch, epochs
 
 
@@ -261,30 +171,31 @@ def train_selected(
     *,
     num_classes: int,
     grid: Sequence[HParams],
-    settings: TrainSettings,
+    config: TrainConfig,
+    seed: int = 0,
 ) -> TrainedGrid:
     """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype)."""
     _check_inputs(features, labels, num_classes)
     if not grid:
         raise ValueError("grid is empty: give at least one HParams")
-    device = resolve_device(settings.device)
+    device = resolve_device(config.device)
     num_images, num_tokens, dim = features.shape
     dropouts = [h.attn_dropout for h in grid]
     probe = build_probe(spec, num_tokens=num_tokens, dim=dim, num_classes=num_classes, grid_size=len(grid),
-                        attn_dropouts=dropouts, seed=settings.seed).to(device).train()  # fmt: skip
-    set_matmul_dtype(probe, resolve_matmul_dtype(settings.precision, device))
+                        attn_dropouts=dropouts, seed=seed).to(device).train()  # fmt: skip
+    set_matmul_dtype(probe, resolve_matmul_dtype(config.precision, device))
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
     optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
     features, labels = features.to(device), labels.to(device)
     weights = class_weights(labels, num_classes)
 
-    batch_size, steps_per_epoch, epochs = batch_plan(num_images, settings)
+    batch_size, steps_per_epoch, epochs = batch_plan(num_images, config)
     total_steps = steps_per_epoch * epochs
     # Separate generators, so drawing (or not) one kind of randomness never shifts another.
-    shuffle_gen = torch.Generator().manual_seed(settings.seed)
-    jitter_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
-    dropout_gen = torch.Generator(device=device).manual_seed(settings.seed + 2)
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    jitter_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    dropout_gen = torch.Generator(device=device).manual_seed(seed + 2)
     attentive = isinstance(probe, StackedAttentiveHead)
     history: list[dict] = []
     step = 0
@@ -294,10 +205,10 @@ def train_selected(
             rows = order[start : start + batch_size]
             x = normalize_tokens(features[rows].float())  # [b, K, D]
             b = x.shape[0]
-            jittered = (torch.rand(b, generator=jitter_gen, device=device) < settings.jitter_prob).nonzero()[:, 0]
+            jittered = (torch.rand(b, generator=jitter_gen, device=device) < config.jitter_prob).nonzero()[:, 0]
             # Noise only for the images that get it: drawing Gaussians is most of the data path's cost on CPU.
             noise = torch.randn((len(jittered), *x.shape[1:]), generator=jitter_gen, device=device)
-            x = x.index_add(0, jittered, noise, alpha=settings.jitter_std)
+            x = x.index_add(0, jittered, noise, alpha=config.jitter_std)
             dropout_noise = None
             if attentive:  # drawn every step for every grid, so a lone member sees the same masks
                 dropout_noise = torch.rand(b, probe.num_heads, num_tokens, generator=dropout_gen, device=device)
@@ -306,13 +217,13 @@ def train_selected(
             per_image = F.cross_entropy(logits.permute(1, 2, 0), y[:, None].expand(-1, len(grid)),
                                         weight=weights, reduction="none")  # fmt: skip
             member_loss = per_image.sum(0) / weights[y].sum()  # each member's weighted mean, as CrossEntropyLoss
-            lr = cosine_lr(base_lr, step, total_steps, settings.min_lr)
+            lr = cosine_lr(base_lr, step, total_steps, config.min_lr)
             optimizer.zero_grad()
             member_loss.sum().backward()  # members share no parameters, so their gradients stay independent
-            clip_grad_norm_per_member(params, settings.grad_clip)
+            clip_grad_norm_per_member(params, config.grad_clip)
             optimizer.step(lr)
             step += 1
-            if step % settings.log_every == 0 or step == total_steps:
+            if step % config.log_every == 0 or step == total_steps:
                 history.append({"step": step, "loss": member_loss.detach().cpu().tolist(), "lr": lr.cpu().tolist()})
     set_matmul_dtype(probe, torch.float32)  # predictions from the trained probe are computed in full precision
     return TrainedGrid(probe=probe.eval(), history=history, steps=total_steps, epochs=epochs)
@@ -326,7 +237,8 @@ def train_grid(
     positions: Sequence[tuple[int, int]],
     num_classes: int,
     grid: Sequence[HParams],
-    settings: TrainSettings,
+    config: TrainConfig,
+    seed: int = 0,
 ) -> TrainedGrid:
     """Train all configs of `grid` at once on the same batches.
 
@@ -337,13 +249,14 @@ def train_grid(
         positions: slots from `select_token_positions`.
         num_classes: C.
         grid: hyperparameters, one per member.
-        settings: the shared recipe.
+        config: the shared recipe (its grid lists are not read here: `grid` is).
+        seed: initialisation, shuffling, jitter and dropout draws.
 
     Returns:
         The stacked probe (G = len(grid), eval mode) and the loss/lr history.
     """
     return train_selected(spec, gather_raw(tokens, positions), labels, num_classes=num_classes, grid=grid,
-                          settings=settings)  # fmt: skip
+                          config=config, seed=seed)  # fmt: skip
 
 
 @torch.no_grad()
@@ -391,14 +304,15 @@ def sweep_probe(
     positions: Sequence[tuple[int, int]],
     num_classes: int,
     grid: Sequence[HParams],
-    settings: TrainSettings,
+    config: TrainConfig,
+    seed: int = 0,
 ) -> SweepResult:
     """Train the grid on train, pick the best member by validation balanced accuracy, refit it on train+val.
 
-    Ties go to the first member in grid order. The refit is a G=1 run with the same settings and seed.
+    Ties go to the first member in grid order. The refit is a G=1 run with the same recipe and seed.
     """
     train_features, val_features = gather_raw(tokens, positions), gather_raw(val_tokens, positions)
-    trained = train_selected(spec, train_features, labels, num_classes=num_classes, grid=grid, settings=settings)
+    trained = train_selected(spec, train_features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
     predictions, _, _ = predict_selected(trained.probe, val_features)
     truth = val_labels.cpu().numpy()
     val_scores = []
@@ -412,6 +326,6 @@ def sweep_probe(
     best = grid[best_index]
     refit = train_selected(spec, torch.cat([train_features, val_features.to(train_features.dtype)]),
                            torch.cat([labels, val_labels]), num_classes=num_classes, grid=[best],
-                           settings=settings)  # fmt: skip
+                           config=config, seed=seed)  # fmt: skip
     return SweepResult(best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe,
                        history=refit.history)  # fmt: skip

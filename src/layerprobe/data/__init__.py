@@ -18,6 +18,7 @@ from layerprobe.data.catalogue import (
     list_sources,
     register_source,
     source_factory,
+    source_inputs,
 )
 from layerprobe.data.prepared import PreparedDataset, open_prepared, prepare_dataset
 from layerprobe.data.splits import make_splits
@@ -34,4 +35,5 @@ __all__ = [
     "prepare_dataset",
     "register_source",
     "source_factory",
+    "source_inputs",
 ]

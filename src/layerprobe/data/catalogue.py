@@ -43,14 +43,19 @@ class ImageDataset(Protocol):
 
 _SOURCES: Registry[ImageDataset] = Registry("dataset source")
 _MATERIALISED: set[str] = set()
+_INPUT_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def register_source(name: str, *, materialise: bool = False) -> Callable[[Callable[..., ImageDataset]], Callable]:
+def register_source(
+    name: str, *, materialise: bool = False, input_options: tuple[str, ...] = ()
+) -> Callable[[Callable[..., ImageDataset]], Callable]:
     """Decorator registering a factory `(**options) -> ImageDataset` under `name`.
 
     Args:
         name: the source name used in params.yaml.
         materialise: small self-contained sources whose pixels `prepare_dataset` copies into the prepared folder.
+        input_options: options naming the files or folders the source reads (e.g. `root`): their listing is part
+            of the prepared dataset's fingerprint, so a new or rewritten image re-prepares it.
     """
     register = _SOURCES.register(name)
 
@@ -58,9 +63,16 @@ def register_source(name: str, *, materialise: bool = False) -> Callable[[Callab
         register(factory)
         if materialise:
             _MATERIALISED.add(name)
+        _INPUT_OPTIONS[name] = tuple(input_options)
         return factory
 
     return decorate
+
+
+def source_inputs(source: str, options: dict[str, Any]) -> list[Path]:
+    """The files and folders a source reads, from its options (none for generated and bundled sources)."""
+    _SOURCES.get(source)  # unknown names fail with did-you-mean
+    return [Path(options[key]) for key in _INPUT_OPTIONS.get(source, ()) if options.get(key) is not None]
 
 
 def list_sources() -> list[str]:

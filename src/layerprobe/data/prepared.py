@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from layerprobe.config import IMAGES_TAR, SPLITS_FILE
 from layerprobe.data.catalogue import ImageDataset, create_dataset, is_materialised
 from layerprobe.data.sources import TarImageDataset
 from layerprobe.data.splits import SPLIT_NAMES, make_splits
+from layerprobe.files import canonical_json, read_json, write_bytes_atomic
 
-SPLITS_FILE = "splits.json"
-IMAGES_TAR = "images.tar"
 _REQUIRED_KEYS = ("name", "source", "options", "class_names", "num_images", "version", "splits", "materialised")
 
 
@@ -41,12 +39,6 @@ class PreparedDataset:
     splits: dict[str, np.ndarray]
     class_names: list[str]
     version: str  # short content hash: changes whenever splits, class names, source or pixels change
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _write_tar(dataset: ImageDataset, path: Path) -> str:
@@ -69,13 +61,18 @@ def _write_tar(dataset: ImageDataset, path: Path) -> str:
                 )  # fmt: skip
                 tar.addfile(info, io.BytesIO(data))
     data = buffer.getvalue()
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def _version(splits: dict[str, list[int]], class_names: list[str], description: dict, images_sha256: str | None) -> str:
-    content = {"splits": splits, "class_names": class_names, "description": description, "images": images_sha256}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def _version(
+    splits: dict[str, list[int]], class_names: list[str], description: dict, images: str | None, inputs: str | None
+) -> str:
+    """Short content hash of the prepared dataset: its splits, classes and source, and its pixels (the tar's sha256
+    for materialised sources, the fingerprint of the source's files otherwise)."""
+    content = {"splits": splits, "class_names": class_names, "description": description, "images": images,
+               "inputs": inputs}  # fmt: skip
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:12]
 
 
 def prepare_dataset(
@@ -87,10 +84,18 @@ def prepare_dataset(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    fingerprint: dict | None = None,
 ) -> PreparedDataset:
-    """Build the source, cut its splits and write `out_dir` (see the module docstring for the layout)."""
+    """Build the source, cut its splits and write `out_dir` (see the module docstring for the layout).
+
+    `fingerprint` (from `layerprobe.fingerprint`) is recorded in splits.json, and its `inputs` part (the source
+    files' listing) enters the dataset's version, so features made from other files never pass for these.
+    """
     out_dir = Path(out_dir)
     dataset = create_dataset(source, **options)
+    verify = getattr(dataset, "verify_images", None)
+    if verify is not None:  # hand-assembled folders: every broken file reported at once, before anything is written
+        verify()
     splits = make_splits(
         dataset.labels,
         official_splits=dataset.official_splits,
@@ -121,10 +126,13 @@ def prepare_dataset(
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": seed,
-        "version": _version(split_lists, list(dataset.class_names), description, images_sha256),
+        "version": _version(
+            split_lists, list(dataset.class_names), description, images_sha256, (fingerprint or {}).get("inputs")
+        ),
+        "fingerprint": fingerprint,
         "splits": split_lists,
     }
-    _write_atomic(marker, (json.dumps(payload, sort_keys=True, default=str) + "\n").encode())
+    write_bytes_atomic(marker, (canonical_json(payload) + "\n").encode())
     if materialised:  # hand back what open_prepared will give, so downstream code sees one kind of dataset
         dataset = TarImageDataset([tar_path], list(dataset.class_names), description=description)
     return PreparedDataset(name, out_dir, dataset, splits, list(dataset.class_names), payload["version"])
@@ -137,9 +145,9 @@ def open_prepared(out_dir: Path) -> PreparedDataset:
     if not marker.is_file():
         raise FileNotFoundError(f"{str(marker)!r} is missing: run the prepare stage for this dataset first")
     try:
-        payload = json.loads(marker.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(marker)!r} is corrupt (not JSON: {e}); re-run the prepare stage") from e
+        payload = read_json(marker)
+    except ValueError as e:
+        raise ValueError(f"{e}; re-run the prepare stage") from e
     missing = [key for key in _REQUIRED_KEYS if not isinstance(payload, dict) or key not in payload]
     missing += [f"splits.{key}" for key in SPLIT_NAMES if not missing and key not in payload["splits"]]
     if missing:

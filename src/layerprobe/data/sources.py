@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,13 +49,16 @@ class ImageFolderDataset:
         if not self.class_names:
             raise ValueError(f"source 'imagefolder': no class folders under {str(self.root)!r}")
         index = {name: i for i, name in enumerate(self.class_names)}
-        paths, labels, splits = [], [], []
+        paths, labels, splits, problems = [], [], [], []
         for split, _ in parts:
             for class_dir in class_dirs[split]:
-                files = self._image_files(class_dir)
+                files, bad = self._image_files(class_dir)
+                problems += bad
                 paths += files
                 labels += [index[class_dir.name]] * len(files)
                 splits += [split] * len(files)
+        if problems:  # failing anyway: decode the rest too, so one error names every bad file
+            _raise_all(problems + _decode_problems(paths), self.root)
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.official_splits = np.asarray(splits) if has_splits else None
@@ -64,18 +68,19 @@ class ImageFolderDataset:
         return sorted((d for d in folder.iterdir() if d.is_dir() and _visible(d)), key=lambda d: d.name)
 
     @staticmethod
-    def _image_files(class_dir: Path) -> list[Path]:
-        files = []
+    def _image_files(class_dir: Path) -> tuple[list[Path], list[str]]:
+        """The class folder's images, and a line for each file that cannot be one (all of them, not the first)."""
+        files, problems = [], []
         for path in sorted(class_dir.rglob("*")):
             if any(part.startswith(".") for part in path.relative_to(class_dir).parts) or not path.is_file():
                 continue  # hidden files (.DS_Store, editor swap files) are not samples
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                known = ", ".join(IMAGE_EXTENSIONS)
-                raise ValueError(f"source 'imagefolder': {str(path)!r} has an unknown extension (images: {known})")
-            files.append(path)
-        if not files:
-            raise ValueError(f"source 'imagefolder': class folder {str(class_dir)!r} has no images")
-        return files
+                problems.append(f"{str(path)!r} has an unknown extension")
+            else:
+                files.append(path)
+        if not files and not problems:
+            problems.append(f"class folder {str(class_dir)!r} has no images")
+        return files, problems
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,11 +88,41 @@ class ImageFolderDataset:
     def load_image(self, index: int) -> Image.Image:
         return decode_image(self.paths[index], name=str(self.paths[index]))
 
+    def verify_images(self) -> None:
+        """Decode every image once and report every one that fails in one error (prepare calls this, so a folder
+        with three broken files is fixed in one round, not three)."""
+        _raise_all(_decode_problems(self.paths), self.root)
+
     def describe(self) -> dict[str, Any]:
         return {"source": "imagefolder", "options": {"root": str(self.root)}, "root": str(self.root)}
 
 
-@register_source("imagefolder")
+def _decode_problems(paths: list[Path]) -> list[str]:
+    """A line for every file that does not decode as an image (threads: PIL decodes without the GIL)."""
+
+    def problem(path: Path) -> str | None:
+        try:
+            decode_image(path, name=str(path))
+        except ImageFileError as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return [line for line in pool.map(problem, paths) if line]
+
+
+def _raise_all(problems: list[str], root: Path) -> None:
+    """One error naming every problem of an image folder (the first few in full, then a count)."""
+    if not problems:
+        return
+    shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    extensions = ", ".join(IMAGE_EXTENSIONS)
+    raise ImageFileError(
+        f"source 'imagefolder': {len(problems)} bad file(s) under {str(root)!r} (images: {extensions}): {shown}"
+    )
+
+
+@register_source("imagefolder", input_options=("root",))
 def imagefolder(*, root: str) -> ImageFolderDataset:
     """Class-per-folder images; `root/train` and `root/test` give official splits."""
     return ImageFolderDataset(root)
@@ -214,7 +249,7 @@ class TorchvisionDataset:
         return {"source": "torchvision", "options": options, "root": str(self.root)}
 
 
-@register_source("torchvision")
+@register_source("torchvision", input_options=("root",))
 def torchvision(*, name: str, root: str, download: bool = False) -> TorchvisionDataset:
     """Any torchvision classification dataset by class name (`MNIST`, `CIFAR10`, ...)."""
     return TorchvisionDataset(name, root, download=download)
@@ -363,7 +398,7 @@ def _read_classnames(path: Path) -> list[str] | None:
     return [line.strip() for line in lines]
 
 
-@register_source("wds")
+@register_source("wds", input_options=("root",))
 def wds(*, root: str) -> TarImageDataset:
     """A local CLIP-benchmark webdataset: `root/{train,test}/*.tar` and `root/classnames.txt`."""
     folder = _require_dir(Path(root), "wds")

@@ -1,0 +1,77 @@
+"""Atomic writes and content hashes of files: what every stage uses to write outputs a killed run cannot corrupt."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TMP_SUFFIX = ".tmp"
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON text (sorted keys, no spaces) so equal values compare and hash equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def stable_hash(value: Any, *, length: int = 16) -> str:
+    """Short sha256 of a JSON-able value (sorted keys): cache keys, versions and fingerprints."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tmp_path(path: Path) -> Path:
+    """The hidden temporary name `path` is written under before the rename."""
+    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write to a temporary name, then rename: a killed run never leaves half a file under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """Write JSON atomically (indented, sorted keys); numpy values and paths are converted."""
+    text = json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n"
+    return write_bytes_atomic(path, text.encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a corrupt one fails naming its path."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is corrupt (not JSON: {e})") from e
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

@@ -1,0 +1,107 @@
+"""Evaluate step: score one trained probe (every seed) once on the test split; metrics, heatmap, confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from layerprobe.config import (
+    CONFUSION_PNG,
+    HEATMAP_JSON,
+    HEATMAP_PNG,
+    PROBE_CONFIG,
+    PROBE_WEIGHTS,
+    EvaluateConfig,
+    PathsConfig,
+)
+from layerprobe.files import read_json, sha256_file, write_json
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, staleness
+
+
+def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
+    """The saved probes' bytes and the feature cache's content (evaluation has no result-deciding params)."""
+    probes = [
+        {
+            "seed": entry["seed"],
+            **{name: sha256_file(Path(entry["dir"]) / name) for name in (PROBE_WEIGHTS, PROBE_CONFIG)},
+        }
+        for entry in trained["seeds"]
+    ]
+    return make_fingerprint(__name__, params={}, inputs={"probes": probes, "features": features_hash})
+
+
+def evaluate_step(
+    backbone_name: str, dataset_name: str, probe_name: str, *, evaluate: EvaluateConfig, paths: PathsConfig
+) -> dict:
+    """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, mean ± std over seeds), the
+    layer-attention heatmap (attentive probes) and the confusion matrix, all but the seed summary from the first
+    seed's probe; metrics.json last, as the completion marker."""
+    from layerprobe.checkpoint import load_probe
+    from layerprobe.features import cache_content_hash, read_features
+    from layerprobe.metrics import classification_metrics, layer_attention_heatmap, summarize_over_seeds
+    from layerprobe.plots import plot_confusion_matrix, plot_layer_heatmap
+    from layerprobe.train import predict
+
+    train_marker = paths.train_marker(backbone_name, dataset_name, probe_name)
+    if not train_marker.is_file():
+        raise FileNotFoundError(f"probe {probe_name!r} is not trained: {train_marker} is missing (run train)")
+    trained = read_json(train_marker)
+    features_dir = paths.features_dir(backbone_name, dataset_name)
+    fingerprint = evaluate_fingerprint(trained, features_hash=cache_content_hash(features_dir))
+    out_dir = paths.evaluation_dir(backbone_name, dataset_name, probe_name)
+    marker = paths.evaluation_marker(backbone_name, dataset_name, probe_name)
+    reason = staleness(marker, fingerprint)
+    if reason is None:
+        return {**read_json(marker), "status": "reused", "reason": None}
+
+    marker.unlink(missing_ok=True)
+    test = read_features(features_dir, split="test")
+    per_seed, first = [], None
+    for entry in trained["seeds"]:
+        probe, config = load_probe(Path(entry["dir"]))
+        positions = [tuple(p) for p in config["positions"]]
+        predictions, _, attention = predict(probe, test.tokens, positions=positions, batch_size=evaluate.batch_size)
+        metrics = classification_metrics(test.labels.numpy(), predictions.numpy(), config["num_classes"])
+        per_seed.append({"seed": entry["seed"], "val_balanced_accuracy": entry["val_balanced_accuracy"], **metrics})
+        if first is None:
+            first = (config, metrics, attention)
+    config, metrics, attention = first
+    summary = summarize_over_seeds(
+        [{k: s[k] for k in ("accuracy", "balanced_accuracy", "val_balanced_accuracy")} for s in per_seed]
+    )
+    outputs = {"metrics": str(marker), "confusion_png": str(out_dir / CONFUSION_PNG)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), config["class_names"], out_dir / CONFUSION_PNG)
+    if attention is not None:
+        heatmap = layer_attention_heatmap(attention, config["token_labels"])
+        write_json(out_dir / HEATMAP_JSON, heatmap)
+        plot_layer_heatmap(heatmap, out_dir / HEATMAP_PNG, title=f"{backbone_name} / {dataset_name} / {probe_name}")
+        outputs.update(heatmap_json=str(out_dir / HEATMAP_JSON), heatmap_png=str(out_dir / HEATMAP_PNG))
+    result = {
+        "probe": probe_name,
+        "backbone": backbone_name,
+        "dataset": dataset_name,
+        "test": {k: v["mean"] for k, v in summary.items() if k != "val_balanced_accuracy"},
+        "test_std": {k: v["std"] for k, v in summary.items() if k != "val_balanced_accuracy"},
+        "val_balanced_accuracy": summary["val_balanced_accuracy"]["mean"],
+        "seeds": per_seed,
+        "best": trained["seeds"][0]["best"],
+        "num_seeds": len(per_seed),
+        "outputs": outputs,
+        "fingerprint": fingerprint.as_dict(),
+    }
+    write_json(marker, result)
+    return {**result, "status": "computed", "reason": reason}
+
+
+def signature_example(*, probe_dir: Path, features_dir: Path, num_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A few cached test rows `[n, L, T, D]` float32 and the probe's predictions on them, for the MLflow signature."""
+    from layerprobe.checkpoint import load_probe
+    from layerprobe.features import read_features
+    from layerprobe.train import predict
+
+    probe, config = load_probe(Path(probe_dir))
+    tokens = read_features(Path(features_dir), split="test").tokens[:num_rows].float()
+    predictions, _, _ = predict(probe, tokens, positions=[tuple(p) for p in config["positions"]], batch_size=num_rows)
+    return tokens.numpy(), np.asarray(predictions, dtype=np.int64)

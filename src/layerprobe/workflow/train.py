@@ -1,0 +1,111 @@
+"""Train step: sweep one probe's grid on one feature cache (scored on val), refit the best on train+val per seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+from layerprobe.config import HISTORY_FILE, SWEEP_FILE, PathsConfig, ProbeConfig, TrainConfig
+from layerprobe.device import dtype_name, resolve_device, resolve_matmul_dtype
+from layerprobe.files import read_json, write_json
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, staleness
+
+
+def train_fingerprint(probe_name: str, probe: ProbeConfig, train: TrainConfig, *, features_hash: str) -> Fingerprint:
+    """The probe and its overrides, the recipe with its resolved precision, and the feature cache's content."""
+    precision = dtype_name(resolve_matmul_dtype(train.precision, resolve_device(train.device)))
+    params = {"probe": probe_name, "overrides": probe.overrides(), "train": train.fingerprint_params(
+        matmul_precision=precision)}  # fmt: skip
+    return make_fingerprint(__name__, params=params, inputs={"features": features_hash})
+
+
+def train_step(
+    backbone_name: str,
+    dataset_name: str,
+    probe_name: str,
+    *,
+    probe: ProbeConfig,
+    train: TrainConfig,
+    paths: PathsConfig,
+) -> dict:
+    """Train (or reuse) probe `probe_name` on the (backbone, dataset) feature cache.
+
+    Writes `seed-<s>/` (probe.safetensors + probe.json, sweep.json with every config's validation scores,
+    history.json with the refit's curves) per seed, then `train.json` last as the completion marker.
+    """
+    from layerprobe.checkpoint import save_probe
+    from layerprobe.features import cache_content_hash, read_features
+    from layerprobe.probes import get_probe_spec, select_token_positions, token_labels
+    from layerprobe.train import make_grid, sweep_probe
+
+    features_dir = paths.features_dir(backbone_name, dataset_name)
+    features_hash = cache_content_hash(features_dir)  # fails naming the folder when extraction has not run
+    fingerprint = train_fingerprint(probe_name, probe, train, features_hash=features_hash)
+    out_dir = paths.probe_dir(backbone_name, dataset_name, probe_name)
+    marker = paths.train_marker(backbone_name, dataset_name, probe_name)
+    reason = staleness(marker, fingerprint)
+    if reason is None:
+        return {**read_json(marker), "status": "reused", "reason": None}
+
+    marker.unlink(missing_ok=True)  # from here until the new marker, the folder is incomplete
+    spec = get_probe_spec(probe_name, **probe.overrides())
+    train_set = read_features(features_dir, split="train")
+    val_set = read_features(features_dir, split="val")
+    positions = select_token_positions(
+        train_set.layer_names, train_set.token_names, layers=spec.layers, tokens=spec.tokens
+    )
+    num_classes = len(train_set.metadata["class_names"])
+    # Attention dropout only exists in attentive heads; a linear probe sweeps lr x wd alone.
+    grid = make_grid(train.lrs, train.weight_decays, train.attn_dropouts if spec.head == "attentive" else [0.0])
+    device = resolve_device(train.device)
+    training = {"device": device.type, "precision": dtype_name(resolve_matmul_dtype(train.precision, device))}
+    for stale in out_dir.glob("seed-*"):  # seeds no longer asked for must not linger in the output
+        if stale.name not in {f"seed-{seed}" for seed in train.seeds}:
+            shutil.rmtree(stale)
+    per_seed = []
+    for seed in train.seeds:
+        result = sweep_probe(
+            spec,
+            train_set.tokens,
+            train_set.labels,
+            val_tokens=val_set.tokens,
+            val_labels=val_set.labels,
+            positions=positions,
+            num_classes=num_classes,
+            grid=grid,
+            config=train,
+            seed=seed,
+        )
+        seed_dir = paths.seed_dir(backbone_name, dataset_name, probe_name, seed)
+        best = dataclasses.asdict(result.best)
+        config = {
+            "probe": probe_name,
+            "spec": _spec_dict(spec),
+            "best": best,
+            "seed": seed,
+            "num_classes": num_classes,
+            "class_names": train_set.metadata["class_names"],
+            "token_labels": token_labels(train_set.layer_names, train_set.token_names, positions),
+            "positions": [list(p) for p in positions],
+            "features": {"path": str(features_dir), "content_hash": features_hash},
+            "provenance": train_set.metadata,
+            "training": training,
+        }
+        save_probe(seed_dir, result.probe, config)
+        write_json(seed_dir / SWEEP_FILE, {"best": best, "configs": result.val_scores})
+        write_json(seed_dir / HISTORY_FILE, result.history)
+        best_val = max(score["balanced_accuracy"] for score in result.val_scores)
+        per_seed.append({"seed": seed, "dir": str(seed_dir), "best": best, "val_balanced_accuracy": best_val})
+    summary = {
+        "probe": probe_name,
+        "seeds": per_seed,
+        "features_hash": features_hash,
+        "training": training,
+        "fingerprint": fingerprint.as_dict(),
+    }
+    write_json(marker, summary)
+    return {**summary, "status": "computed", "reason": reason}
+
+
+def _spec_dict(spec) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(spec).items()}
