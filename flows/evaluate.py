@@ -14,12 +14,12 @@ import datetime as dt
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import load_params, log_step, parse_stage_args, select, task_options
+from flows.common import load_params, log_step, run_stage, select, task_options, task_runner
 from layerprobe import tracking
 from layerprobe.config import EvaluateConfig, PathsConfig
 from layerprobe.files import read_json, write_json
 from layerprobe.report import evaluation_markdown, flat_metrics, metrics_summary
-from layerprobe.workflow.evaluate import evaluate_step
+from layerprobe.workflow.evaluate import evaluate_step, signature_example
 
 
 @task(name="evaluate-probe", task_run_name="evaluate-{backbone_name}-{dataset_name}-{probe_name}")
@@ -36,20 +36,24 @@ def evaluate_task(
 ) -> dict:
     evaluation = evaluate_step(backbone_name, dataset_name, probe_name, evaluate=evaluate, paths=paths)
     log_step(evaluation, f"evaluation {backbone_name}/{dataset_name}/{probe_name}")
+    trained = read_json(paths.train_marker(backbone_name, dataset_name, probe_name))
     run = tracking.log_probe_run(
         experiment_id,
         parent_run_id,
         evaluation,
-        trained=read_json(paths.train_marker(backbone_name, dataset_name, probe_name)),
+        trained=trained,
         run_params=run_params,
         evaluation_dir=paths.evaluation_dir(backbone_name, dataset_name, probe_name),
-        features_dir=paths.features_dir(backbone_name, dataset_name),
+        signature_example=signature_example(
+            probe_dir=paths.seed_dir(backbone_name, dataset_name, probe_name, trained["seeds"][0]["seed"]),
+            features_dir=paths.features_dir(backbone_name, dataset_name),
+        ),
         registered_name=tracking.registered_model_name(evaluate.registry_prefix, dataset_name, backbone_name),
     )
     return {**evaluation, **run}
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, task_runner=task_runner())
 def evaluate_flow(
     params_path: str = "params.yaml",
     backbones: list[str] | None = None,
@@ -104,5 +108,4 @@ def evaluate_flow(
 
 
 if __name__ == "__main__":
-    args = parse_stage_args(__doc__.splitlines()[0], filters=("backbone", "dataset", "probe"))
-    evaluate_flow(args.params, backbones=args.backbones, datasets=args.datasets, probes=args.probes)
+    run_stage(evaluate_flow, __doc__.splitlines()[0], filters=("backbone", "dataset", "probe"))

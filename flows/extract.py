@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import gpu_slot, load_params, log_step, parse_stage_args, select, task_options
+from flows.common import gpu_slot, load_params, log_step, run_stage, select, task_options, task_runner
 from layerprobe.config import BackboneConfig, ExtractConfig, PathsConfig
 from layerprobe.workflow.extract import extract_step
 
@@ -30,7 +30,7 @@ def extract_task(
     return summary
 
 
-@flow(name="extract", log_prints=True)
+@flow(name="extract", log_prints=True, task_runner=task_runner())
 def extract_flow(
     params_path: str = "params.yaml", backbones: list[str] | None = None, datasets: list[str] | None = None
 ) -> list[dict]:
@@ -45,5 +45,4 @@ def extract_flow(
 
 
 if __name__ == "__main__":
-    args = parse_stage_args(__doc__.splitlines()[0], filters=("backbone", "dataset"))
-    extract_flow(args.params, backbones=args.backbones, datasets=args.datasets)
+    run_stage(extract_flow, __doc__.splitlines()[0], filters=("backbone", "dataset"))

@@ -1,8 +1,9 @@
-"""The whole pipeline as one Prefect flow: prepare → extract → train → evaluate → report.
+"""The whole pipeline as one Prefect flow: pretrain → prepare → extract → train → evaluate → report.
 
 Run:  python -m flows.pipeline [--params params.yaml]      (what `flows/serve.py` schedules)
-Under DVC, `dvc repro` runs the same stage flows one by one and decides what is stale; this entry point is for
-Prefect deployments and schedules, where task caching skips finished extraction and training.
+Under DVC, `dvc repro` runs the same stage flows one by one and decides which stages are stale; this entry point is
+for Prefect deployments and schedules. Either way each unit's completion marker decides whether it is recomputed,
+so a scheduled rerun redoes only what changed.
 Cost: the sum of the stages (the offline suite: a few minutes on 2 CPU cores).
 """
 
@@ -10,16 +11,18 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import parse_stage_args
+from flows.common import run_stage
 from flows.evaluate import evaluate_flow
 from flows.extract import extract_flow
 from flows.prepare import prepare_flow
+from flows.pretrain import pretrain_flow
 from flows.report import report_flow
 from flows.train import train_flow
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml") -> dict:
+    pretrain_flow(params_path)
     prepare_flow(params_path)
     extract_flow(params_path)
     train_flow(params_path)
@@ -28,5 +31,4 @@ def pipeline(params_path: str = "params.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    args = parse_stage_args(__doc__.splitlines()[0])
-    pipeline(args.params)
+    run_stage(pipeline, __doc__.splitlines()[0])

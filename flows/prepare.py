@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import load_params, log_step, parse_stage_args, select, task_options
+from flows.common import load_params, log_step, run_stage, select, task_options, task_runner
 from layerprobe.config import DatasetConfig, PathsConfig, PrepareConfig
 from layerprobe.workflow.prepare import prepare_step
 
@@ -23,7 +23,7 @@ def prepare_task(name: str, dataset: DatasetConfig, prepare: PrepareConfig, path
     return summary
 
 
-@flow(name="prepare", log_prints=True)
+@flow(name="prepare", log_prints=True, task_runner=task_runner())
 def prepare_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> list[dict]:
     params = load_params(params_path)
     prepare = prepare_task.with_options(**task_options(params))
@@ -35,5 +35,4 @@ def prepare_flow(params_path: str = "params.yaml", datasets: list[str] | None = 
 
 
 if __name__ == "__main__":
-    args = parse_stage_args(__doc__.splitlines()[0], filters=("dataset",))
-    prepare_flow(args.params, datasets=args.datasets)
+    run_stage(prepare_flow, __doc__.splitlines()[0], filters=("dataset",))

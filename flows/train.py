@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import gpu_slot, load_params, log_step, parse_stage_args, select, task_options
+from flows.common import gpu_slot, load_params, log_step, run_stage, select, task_options, task_runner
 from layerprobe.config import PathsConfig, ProbeConfig, TrainConfig
 from layerprobe.workflow.train import train_step
 
@@ -32,7 +32,7 @@ def train_task(
     return summary
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, task_runner=task_runner())
 def train_flow(
     params_path: str = "params.yaml",
     backbones: list[str] | None = None,
@@ -51,5 +51,4 @@ def train_flow(
 
 
 if __name__ == "__main__":
-    args = parse_stage_args(__doc__.splitlines()[0], filters=("backbone", "dataset", "probe"))
-    train_flow(args.params, backbones=args.backbones, datasets=args.datasets, probes=args.probes)
+    run_stage(train_flow, __doc__.splitlines()[0], filters=("backbone", "dataset", "probe"))

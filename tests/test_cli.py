@@ -17,7 +17,7 @@ TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_head
 
 
 def test_every_subcommand_has_help():
-    for command in ("prepare", "extract", "train", "evaluate", "predict", "plan", "list"):
+    for command in ("pretrain", "prepare", "extract", "train", "evaluate", "predict", "plan", "list"):
         result = subprocess.run(
             [sys.executable, "-m", "layerprobe.cli", command, "--help"], capture_output=True, text=True, timeout=120
         )

@@ -10,6 +10,8 @@ import yaml
 from layerprobe.fingerprint import import_closure
 
 ROOT = Path(__file__).resolve().parents[1]
+# Files a stage depends on without importing them.
+ALSO_DECIDES = {"evaluate": ("src/layerprobe/mlflow_model.py",)}  # loaded by MLflow from its path
 
 
 def stage_modules() -> dict[str, tuple[str, list[str]]]:
@@ -47,3 +49,18 @@ def test_the_closure_check_would_catch_a_missing_module():
     without = [dep for dep in deps if dep != "src/layerprobe/attention_pool.py"]
     listed = [ROOT / dep for dep in without if "${" not in dep]
     assert any(not any(p == dep or p.is_relative_to(dep) for dep in listed) for p in closure)
+
+
+def test_no_stage_lists_code_it_does_not_run():
+    """Extra modules in deps would rerun a stage for nothing; folders are fine when the closure uses them."""
+    extra = {}
+    for name, (module, deps) in stage_modules().items():
+        closure = import_closure(module)
+        unused = [
+            dep
+            for dep in deps
+            if dep.endswith(".py") and ROOT / dep not in closure and dep not in ALSO_DECIDES.get(name, ())
+        ]
+        if unused:
+            extra[name] = unused
+    assert not extra, f"dvc.yaml deps list modules these stages never import: {extra}"

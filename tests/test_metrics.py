@@ -39,7 +39,7 @@ def test_heatmap_averages_images_then_heads_and_sums_layers():
     heatmap = layer_attention_heatmap(attention, labels)
     assert heatmap["layers"] == ["block1", "final"] and heatmap["tokens"] == ["cls", "ap"]
     assert heatmap["weights"] == [[0.0, 0.5], [0.0, 0.5]]
-    assert heatmap["layer_totals"] == [0.5, 0.5]
+    assert heatmap["layer_means"] == [0.25, 0.25]  # the mean of a layer's cls and ap shares
     with pytest.raises(ValueError, match="K=4"):
         layer_attention_heatmap(attention[:, :, :3], labels)
 

@@ -42,15 +42,19 @@ def test_missing_probe_leaves_no_gain():
     assert gains_series(rows) == []
 
 
-def test_write_report_writes_tables_and_figures(tmp_path):
+def test_write_report_writes_tables_and_one_attention_matrix_per_backbone(tmp_path):
     heatmap = {
         "layers": ["block1", "final"],
         "tokens": ["cls", "ap"],
         "weights": [[0.1, 0.2], [0.3, 0.4]],
+        "layer_means": [0.15, 0.35],
     }
-    heatmap_file = tmp_path / "heatmap.json"
-    heatmap_file.write_text(json.dumps(heatmap))
-    files = write_report(SUMMARY, tmp_path / "report", probes=PROBES, groups={}, heatmaps={"vit/digits": heatmap_file})
+    heatmaps = {"vit": {"digits": heatmap, "texture": heatmap}, "dino": {"digits": heatmap}}
+    files = write_report(SUMMARY, tmp_path / "report", probes=PROBES, groups={"digits": "natural"}, heatmaps=heatmaps)
     for path in files.values():
         assert path.is_file() and path.stat().st_size > 0
+    assert {"attention/vit", "attention/dino"} <= set(files)
     assert json.loads(files["gains"].read_text())[0] == {"task": "vit/digits", "gain": pytest.approx(25.0)}
+    attention = json.loads(files["attention_json"].read_text())
+    assert len(attention) == 3 * 2 * 3  # 3 (backbone, dataset) pairs x 2 layers x (cls, ap, layer mean)
+    assert {"backbone": "vit", "dataset": "texture", "layer": "final", "token": "layer", "share": 0.35} in attention

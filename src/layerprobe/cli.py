@@ -1,5 +1,6 @@
 """`layerprobe` command: each subcommand runs one step on its own, without Prefect, DVC or MLflow.
 
+    layerprobe pretrain --backbone vit_shapes_d6                         (a backbone with a `pretrain` recipe)
     layerprobe prepare  --dataset digits
     layerprobe extract  --backbone vit_tiny_d6 --dataset digits        (names from params.yaml, or a timm model
     layerprobe train    --backbone vit_tiny_d6 --dataset digits --probe alf      name and a dataset source name)
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="layerprobe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = _command(
+        commands, "pretrain", "train a backbone from scratch on its params `pretrain` recipe", run_pretrain
+    )
+    pretrain.add_argument("--backbone", required=True, help="a backbones: name from params with a `pretrain` recipe")
+    pretrain.add_argument("--no-progress", action="store_true")
 
     prepare = _command(commands, "prepare", "materialise a dataset's train/val/test splits", run_prepare)
     _dataset_args(prepare)
@@ -184,6 +191,19 @@ def _section(params: Params | None, name: str, default):
 def _overrides(config, **values):
     """`config` with the command-line values that were given (None means "not given")."""
     return dataclasses.replace(config, **{k: v for k, v in values.items() if v is not None})
+
+
+def run_pretrain(args) -> int:
+    from layerprobe.workflow.pretrain import pretrain_step
+
+    params = load_params(args.params)
+    if args.backbone not in params.backbones:
+        from layerprobe.registry import unknown_name_error
+
+        raise unknown_name_error("backbone", args.backbone, list(params.backbones))
+    summary = pretrain_step(args.backbone, backbone=params.backbones[args.backbone], progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    return 0
 
 
 def run_prepare(args) -> int:

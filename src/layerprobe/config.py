@@ -41,7 +41,8 @@ REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of the
     "csv": "report.csv",
     "gains": "gains.json",
     "gains_png": "gains.png",
-    "heatmaps_png": "heatmaps.png",
+    "attention_json": "attention.json",  # alf's layer attention, long format
+    "attention": "attention",  # a folder: one layer-attention matrix figure per backbone
 }
 
 
@@ -125,8 +126,40 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """How the pretrain stage trains a backbone from scratch (DVC-tracked, offline, float32, deterministic).
+
+    The images come from a registered dataset source (`source` + `options`, usually a generated task); the saved
+    checkpoint holds the encoder only (no classifier), so the backbone sets `model_kwargs.num_classes: 0`.
+    """
+
+    source: str = "shapes"
+    options: dict[str, Any] = field(default_factory=dict)
+    objective: str = "supervised"  # layerprobe.pretrain.list_objectives()
+    steps: int = 900
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 45  # linear warm-up, then cosine decay to 0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    held_out: float = 0.1  # share of the images kept out of training to report accuracy
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size"):
+            _check_positive(f"pretrain.{key}", getattr(self, key))
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ParamsError("pretrain.lr and pretrain.grad_clip must be positive, weight_decay and warmup_steps >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 < self.held_out < 1.0:
+            raise ParamsError("pretrain.label_smoothing must be in [0, 1) and pretrain.held_out in (0, 1)")
+
+
+@dataclass(frozen=True)
 class BackboneConfig:
-    """A frozen timm model: name, weights (hub `pretrained` or a local `checkpoint` file) and model kwargs."""
+    """A frozen timm model: name, weights (hub `pretrained`, a local `checkpoint` file, or trained here by the
+    pretrain stage into `checkpoint` when `pretrain` is set) and model kwargs."""
 
     model: str
     pretrained: bool = False
@@ -135,6 +168,17 @@ class BackboneConfig:
     crop_pct: float | None = None
     final_projection: bool = False  # OpenAI-CLIP ports: the paper's last "layer" is the projected image tokens
     family: str | None = None
+    pretrain: PretrainConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrain is None:
+            return
+        if not self.checkpoint or self.pretrained:
+            raise ParamsError("a backbone with `pretrain` needs `checkpoint` (where the stage saves its weights) "
+                              "and `pretrained: false`")  # fmt: skip
+        if self.model_kwargs.get("num_classes") != 0:
+            raise ParamsError("a backbone with `pretrain` needs model_kwargs.num_classes: 0 (its checkpoint holds "
+                              "the encoder only)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -342,7 +386,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     try:
         return cls(**values)
     except ParamsError as e:
-        raise ParamsError(str(e)) from None
+        # Name the section unless the message already does (sections' own checks name their keys).
+        message = str(e)
+        raise ParamsError(message if not where or message.startswith(where) else f"{where}: {message}") from None
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:

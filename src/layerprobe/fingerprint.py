@@ -18,6 +18,7 @@ import ast
 import functools
 import importlib.util
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -71,10 +72,16 @@ def staleness(marker: Path, fingerprint: Fingerprint) -> str | None:
 # --------------------------------------------------------------------------------------------------- code
 
 
+# Steps run in Prefect's worker threads, and CPython 3.11's `ast` constructor is not thread-safe ("AST constructor
+# recursion depth mismatch"): every parse goes through this lock.
+_AST_LOCK = threading.RLock()
+
+
 @functools.cache
 def code_fingerprint(module: str) -> str:
     """Hash of `module`'s import closure (normalised sources) and of the library versions that decide numbers."""
-    sources = {_module_name(path): _normalised_source(path) for path in import_closure(module)}
+    with _AST_LOCK:
+        sources = {_module_name(path): _normalised_source(path) for path in import_closure(module)}
     return stable_hash({"sources": sources, "libraries": library_versions()})
 
 
@@ -94,6 +101,11 @@ def import_closure(module: str) -> list[Path]:
     Imports are read from the source (`ast`), inside functions too, so lazily imported modules count; only modules
     of our own packages (`PACKAGES`) are followed.
     """
+    with _AST_LOCK:
+        return _closure(module)
+
+
+def _closure(module: str) -> list[Path]:
     seen: dict[str, Path] = {}
     pending = [module]
     while pending:

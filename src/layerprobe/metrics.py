@@ -65,7 +65,8 @@ def layer_attention_heatmap(attention: np.ndarray | torch.Tensor, token_labels: 
 
     Returns:
         {"layers": [L], "tokens": [T], "weights": [L][T] (None where a slot was not read),
-        "layer_totals": [L] (cls + ap of a layer), "token_weights": {label: weight}}.
+        "layer_means": [L] (the mean over a layer's tokens, as the paper's per-layer figure),
+        "token_weights": {label: weight}}.
     """
     values = _as_numpy(attention).astype(np.float64)
     if values.ndim != 3 or values.shape[2] != len(token_labels):
@@ -86,6 +87,6 @@ def layer_attention_heatmap(attention: np.ndarray | torch.Tensor, token_labels: 
         "layers": layers,
         "tokens": tokens,
         "weights": weights,
-        "layer_totals": [float(sum(w for w in row if w is not None)) for row in weights],
+        "layer_means": [float(np.mean([w for w in row if w is not None])) for row in weights],
         "token_weights": {label: float(w) for label, w in zip(token_labels, per_token, strict=True)},
     }

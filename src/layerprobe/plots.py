@@ -39,19 +39,54 @@ def plot_layer_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", d
     return _save(fig, path, dpi)
 
 
-def plot_heatmap_grid(heatmaps: Mapping[str, Mapping], path: str | Path, *, dpi: int = DPI) -> Path:
-    """One layer-attention heatmap per task (e.g. `backbone/dataset`), stacked so tasks can be compared at a glance."""
+def plot_attention_matrix(heatmaps: Mapping[str, Mapping], path: str | Path, *, title: str, dpi: int = DPI) -> Path:
+    """One backbone's layer attention on every dataset at a glance: rows datasets, columns layers, three panels.
+
+    `heatmaps` maps a row label (dataset) to `metrics.layer_attention_heatmap` output. The CLS and AP panels give
+    the share of the probe's attention (over test images and heads) on that token, so a row sums to 100% over both;
+    the third gives each layer's mean over its two tokens, as the paper's per-layer figure.
+    """
     if not heatmaps:
         raise ValueError("heatmaps is empty: nothing to plot")
-    widest = max(len(h["layers"]) for h in heatmaps.values())
-    width, height = heatmap_figsize(widest, 2)
-    fig, axes = plt.subplots(
-        len(heatmaps), 1, figsize=(width, height * len(heatmaps)), layout="constrained", squeeze=False
+    rows = list(heatmaps)
+    layers = list(next(iter(heatmaps.values()))["layers"])
+    for name, heatmap in heatmaps.items():
+        if list(heatmap["layers"]) != layers:
+            raise ValueError(
+                f"heatmap {name!r} has layers {heatmap['layers']}, others {layers}: one backbone per figure"
+            )
+    panels = {}
+    for token in ("cls", "ap"):
+        panels[f"{token.upper()} token: % of attention"] = np.array(
+            [[_token_share(heatmaps[r], layer, token) for layer in layers] for r in rows]
+        )
+    panels["per layer: mean of CLS and AP (%)"] = np.array(
+        [[100 * m for m in heatmaps[r]["layer_means"]] for r in rows]
     )
-    for ax, (name, heatmap) in zip(axes[:, 0], heatmaps.items(), strict=True):
-        image = _draw_heatmap(ax, heatmap, title=name)
-        fig.colorbar(image, ax=ax, label="%", fraction=0.05, pad=0.02)
+    width = 1.6 + 0.42 * len(layers)
+    fig, axes = plt.subplots(1, 3, figsize=(1.8 + 3 * width, 1.3 + 0.34 * len(rows)), layout="constrained")
+    top = max(np.nanmax(values) for values in panels.values())
+    for index, (ax, (label, values)) in enumerate(zip(axes, panels.items(), strict=True)):
+        image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", vmin=0.0, vmax=top)
+        ax.set_xticks(range(len(layers)), [name.replace("block", "b") for name in layers], rotation=45, ha="right")
+        ax.set_yticks(range(len(rows)), rows if index == 0 else [])
+        ax.set_xlabel("layer")
+        ax.set_title(label, fontsize=9)
+        for (r, c), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 * top else "white")  # fmt: skip
+    fig.colorbar(image, ax=axes, label="%", fraction=0.03, pad=0.01)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path, dpi)
+
+
+def _token_share(heatmap: Mapping, layer: str, token: str) -> float:
+    """% of attention on (layer, token), NaN where the probe did not read that slot."""
+    if token not in heatmap["tokens"]:
+        return np.nan
+    weight = heatmap["weights"][list(heatmap["layers"]).index(layer)][list(heatmap["tokens"]).index(token)]
+    return np.nan if weight is None else 100.0 * weight
 
 
 def _draw_heatmap(ax: plt.Axes, heatmap: Mapping, *, title: str = ""):

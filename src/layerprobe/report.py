@@ -121,16 +121,38 @@ def gains_series(rows: list[dict]) -> list[dict]:
     return [{"task": f"{r['backbone']}/{r['dataset']}", "gain": r["gain"]} for r in rows if r["gain"] is not None]
 
 
+def attention_rows(heatmaps: dict[str, dict[str, dict]]) -> list[dict]:
+    """Long-format layer attention, `{backbone, dataset, layer, token, share}` (token "layer" = the per-layer mean)."""
+    rows = []
+    for backbone, by_dataset in heatmaps.items():
+        for dataset, heatmap in by_dataset.items():
+            for layer, weights, mean in zip(heatmap["layers"], heatmap["weights"], heatmap["layer_means"], strict=True):
+                for token, weight in zip([*heatmap["tokens"], "layer"], [*weights, mean], strict=True):
+                    if weight is not None:
+                        rows.append({"backbone": backbone, "dataset": dataset, "layer": layer, "token": token,
+                                     "share": weight})  # fmt: skip
+    return rows
+
+
 def write_report(
-    summary: dict, out_dir: Path, *, probes: list[str], groups: dict[str, str | None], heatmaps: dict[str, Path]
+    summary: dict,
+    out_dir: Path,
+    *,
+    probes: list[str],
+    groups: dict[str, str | None],
+    heatmaps: dict[str, dict[str, dict]],
 ) -> dict[str, Path]:
-    """Write report.md, report.csv, gains.json, gains.png and heatmaps.png; return their paths."""
-    from layerprobe.plots import plot_gains, plot_heatmap_grid
+    """Write report.md, report.csv, gains.json and gains.png, and the layer attention of `alf`: one matrix figure per
+    backbone (`attention/<backbone>.png`, rows datasets, columns layers) and its numbers (attention.json).
+
+    `heatmaps` maps backbone -> dataset -> `metrics.layer_attention_heatmap` output. Returns every file written.
+    """
+    from layerprobe.plots import plot_attention_matrix, plot_gains
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = results_rows(summary, probes=probes, groups=groups)
-    files = {key: out_dir / name for key, name in REPORT_FILES.items()}
+    files = {key: out_dir / name for key, name in REPORT_FILES.items() if key != "attention"}
     files["markdown"].write_text(format_markdown(rows, probes))
     files["csv"].write_text(format_csv(rows, probes))
     series = gains_series(rows)
@@ -139,10 +161,11 @@ def write_report(
         plot_gains({s["task"]: s["gain"] for s in series}, files["gains_png"], probe=HEADLINE, baseline=BASELINE)
     else:
         del files["gains_png"]  # no task has both probes: nothing to compare
-    if heatmaps:
-        plot_heatmap_grid(
-            {name: json.loads(Path(path).read_text()) for name, path in heatmaps.items()}, files["heatmaps_png"]
-        )
-    else:
-        del files["heatmaps_png"]
+    files["attention_json"].write_text(json.dumps(attention_rows(heatmaps), indent=1) + "\n")
+    for backbone, by_dataset in heatmaps.items():
+        labels = {f"{d} ({groups[d]})" if groups.get(d) else d: heatmap for d, heatmap in by_dataset.items()}
+        files[f"attention/{backbone}"] = plot_attention_matrix(
+            labels, out_dir / REPORT_FILES["attention"] / f"{backbone}.png",
+            title=f"{backbone}: where {HEADLINE} attends, per dataset (test images, mean over heads)",
+        )  # fmt: skip
     return files

@@ -7,6 +7,7 @@ file store is deprecated and refused by 3.13+); artifacts live under `<mlruns>/a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -122,7 +123,7 @@ def end_run(run_id: str, *, failed: bool = False, error: str | None = None) -> N
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
     """Log flat params (nested dicts are joined with '.'); values are stringified as MLflow stores them."""
-    flat = _flatten(params)
+    flat = _flatten(_plain(params))
     batch = [Param(k, str(v)[:6000]) for k, v in flat.items()]
     client = MlflowClient()
     for start in range(0, len(batch), 100):  # MLflow's batch limit for params
@@ -222,6 +223,15 @@ def registered_model_name(prefix: str, dataset: str, backbone: str) -> str:
     return f"{prefix}-{dataset}-{backbone}".replace("/", "-").replace("_", "-")
 
 
+def _plain(value: Any) -> Any:
+    """Config dataclasses as dicts, so they flatten into `section.key` params."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
@@ -265,16 +275,15 @@ def log_probe_run(
     trained: dict,
     run_params: dict[str, Any],
     evaluation_dir: Path,
-    features_dir: Path,
+    signature_example: tuple[np.ndarray, np.ndarray],
     registered_name: str,
 ) -> dict[str, str]:
     """One child run for an evaluated probe: params, tags, test metrics, training curves, the evaluation folder
     and sweep as artifacts, and the probe as a registered model version. Returns run id, version and model uri.
 
+    `signature_example` is a few input rows and the probe's predictions on them (the model's signature).
     The run ends FAILED (with the error as a tag) if anything here fails, so no run is left dangling.
     """
-    from layerprobe.workflow.evaluate import signature_example
-
     backbone, dataset, probe = evaluation["backbone"], evaluation["dataset"], evaluation["probe"]
     run_id = start_run(experiment_id, f"{backbone}/{dataset}/{probe}", parent_run_id=parent_run_id)
     try:
@@ -292,7 +301,7 @@ def log_probe_run(
         log_metrics(run_id, metrics)
         log_curves(run_id, training_curves(read_json(seed_dir / HISTORY_FILE)))
         log_artifacts(run_id, {"evaluation": evaluation_dir, "sweep": seed_dir / SWEEP_FILE})
-        inputs, outputs = signature_example(probe_dir=seed_dir, features_dir=features_dir)
+        inputs, outputs = signature_example
         model_uri, version = log_probe_model(run_id, probe_dir=seed_dir, input_example=inputs,
                                              output_example=outputs, registered_name=registered_name)  # fmt: skip
         log_tags(run_id, {"registered_model": registered_name, "registered_version": version})
@@ -310,6 +319,24 @@ def training_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
         for key in ("loss", "lr")
         if history and key in history[0]
     }
+
+
+def log_pretrain_run(experiment_id: str, summary: dict, *, recipe: Any) -> str:
+    """One run `pretrain/<backbone>`: the recipe as params, held-out accuracy, the loss curve, the checkpoint's hash."""
+    run_id = start_run(experiment_id, f"pretrain/{summary['backbone']}", tags={"backbone": summary["backbone"],
+                                                                              "stage": "pretrain"})  # fmt: skip
+    try:
+        log_params(run_id, {"pretrain": recipe, "classes": summary["classes"], "num_images": summary["num_images"]})
+        log_metrics(run_id, {"pretrain/held_out_accuracy": summary["held_out_accuracy"],
+                             "pretrain/seconds": summary["seconds"]})  # fmt: skip
+        log_curves(run_id, {f"pretrain/{key}": [(row["step"], row[key]) for row in summary["history"]]
+                            for key in ("loss", "lr")})  # fmt: skip
+        log_tags(run_id, {"checkpoint": summary["checkpoint"], "checkpoint.sha256": summary["sha256"]})
+        end_run(run_id)
+    except BaseException as error:
+        end_run(run_id, failed=True, error=repr(error))
+        raise
+    return run_id
 
 
 def crown_champions(results: list[dict], *, alias: str) -> dict[str, dict]:

@@ -102,6 +102,39 @@ def count_shapes(*, num_images: int = 2000, image_size: int = 32, seed: int = 0,
     return ArrayDataset(_render(mask, rng), labels, names, description=_describe("count_shapes", **options))
 
 
+SHAPES = ["square", "disc", "triangle", "cross", "ring", "diamond"]
+
+
+@register_source("shapes", materialise=True)
+def shapes(*, num_images: int = 2000, image_size: int = 32, seed: int = 0) -> ArrayDataset:
+    """Label = which of six shapes (square, disc, triangle, cross, ring, diamond) the image holds, at a random size,
+    place and colour among single-pixel distractors: the pretraining task of the offline suite's backbones."""
+    _check_options("shapes", num_images=num_images, image_size=image_size, num_classes=len(SHAPES))
+    rng = np.random.default_rng(seed)
+    labels = _balanced_labels(num_images, len(SHAPES), rng)
+    side = rng.uniform(0.3, 0.55, num_images).astype(np.float32) * image_size
+    top = rng.random(num_images).astype(np.float32) * (image_size - side)
+    left = rng.random(num_images).astype(np.float32) * (image_size - side)
+    ys, xs = _grid(image_size)
+    s, y0, x0 = (a[:, None, None] for a in (side, top, left))
+    dy, dx = (ys - y0) / s - 0.5, (xs - x0) / s - 0.5  # [-0.5, 0.5] inside each shape's box
+    inside = (np.abs(dy) <= 0.5) & (np.abs(dx) <= 0.5)
+    radius = np.sqrt(dy**2 + dx**2)
+    flip = np.where(rng.random(num_images) < 0.5, 1.0, -1.0).astype(np.float32)[:, None, None]  # triangles up or down
+    masks = [
+        inside,
+        radius <= 0.5,
+        inside & (np.abs(dx) <= (0.5 + flip * dy) / 2),
+        inside & ((np.abs(dx) <= 1 / 6) | (np.abs(dy) <= 1 / 6)),
+        (radius <= 0.5) & (radius >= 0.28),
+        np.abs(dx) + np.abs(dy) <= 0.5,
+    ]
+    mask = np.select([(labels == k)[:, None, None] for k in range(len(SHAPES))], masks, default=False)
+    options = {"num_images": num_images, "image_size": image_size, "seed": seed}
+    images = _render(mask, rng, speckles=image_size // 4)
+    return ArrayDataset(images, labels, list(SHAPES), description=_describe("shapes", **options))
+
+
 _POSITIONS = ["top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right"]
 
 

@@ -1,0 +1,160 @@
+"""One local Prefect API server shared by the stage processes of a run, instead of a temporary server per process.
+
+`dvc repro` runs each stage as its own `python -m flows.<stage>` process, and without PREFECT_API_URL Prefect starts
+a temporary server inside every one of them (5-10 s each, and on a busy machine it can miss its start-up deadline).
+`prefect_api()` instead attaches to a server recorded under PREFECT_HOME (`layerprobe-server/server.json`), starting
+it the first time; the server stops itself once no stage process has been attached for `IDLE_SECONDS`. With
+PREFECT_API_URL set (your own `prefect server start`, a work pool's server, the test harness), that server is used.
+
+Run by hand (what `prefect_api()` starts):  python -m flows.local_server --port 4300 --idle-seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+IDLE_SECONDS = 60  # DVC starts the next stage within seconds; a minute also covers a slow machine
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """The API this process talks to: PREFECT_API_URL if set, else the shared local server (started if needed)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    state = _state_dir()
+    client = state / "clients" / str(os.getpid())
+    client.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(state / "lock"):  # one process starts the server; the others wait and attach
+        url = _running_server(state) or _start_server(state)
+        client.touch()  # attached: the server stays up while this process lives
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        client.unlink(missing_ok=True)
+
+
+def _state_dir() -> Path:
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()).expanduser() / "layerprobe-server"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _running_server(state: Path) -> str | None:
+    """The recorded server's API URL if it answers and runs this Prefect version, else None."""
+    import prefect
+
+    try:
+        record = json.loads((state / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("prefect") != prefect.__version__ or not _healthy(record["url"]):
+        return None
+    return record["url"]
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _start_server(state: Path) -> str:
+    import prefect
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    with socket.socket() as probe:  # a free port now; the server binds it a moment later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    root = Path(__file__).resolve().parents[1]  # so `-m flows.local_server` imports from any working directory
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "flows.local_server", "--port", str(port), "--state", str(state)]
+    with open(state / "server.log", "ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    while not _healthy(url):
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the local Prefect server exited with code {process.returncode}; see {state}/server.log"
+            )
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the local Prefect server did not answer within the start-up timeout; see {state}")
+        time.sleep(0.2)
+    (state / "server.json").write_text(json.dumps({"url": url, "pid": process.pid, "prefect": prefect.__version__}))
+    print(f"Prefect API: local server at {url}, shared by the stages (stops {IDLE_SECONDS} s after the last one)")
+    return url
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(port: int, state: Path, idle_seconds: float) -> None:
+    """Run Prefect's API (no UI, no background services, as its temporary server) until idle for `idle_seconds`."""
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(ephemeral=True, final=True), host="127.0.0.1", port=port, log_level="error")
+    )
+
+    def stop_when_idle() -> None:
+        last_attached = time.monotonic()
+        while not server.should_exit:
+            time.sleep(1.0)
+            attached = [p for p in (state / "clients").glob("*") if p.name.isdigit()]
+            for path in attached:
+                if not _alive(int(path.name)):
+                    path.unlink(missing_ok=True)  # a killed stage never detached itself
+            if any(path.exists() for path in attached):
+                last_attached = time.monotonic()
+            elif time.monotonic() - last_attached > idle_seconds:
+                server.should_exit = True
+
+    threading.Thread(target=stop_when_idle, daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--state", type=Path, required=True, help="folder of server.json and clients/")
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS)
+    args = parser.parse_args()
+    (args.state / "clients").mkdir(parents=True, exist_ok=True)
+    serve(args.port, args.state, args.idle_seconds)
