@@ -85,8 +85,25 @@ def mean_row(rows: list[dict], probes: list[str], *, backbone: str) -> dict:
     return mean
 
 
-def format_markdown(rows: list[dict], probes: list[str]) -> str:
-    """One table per backbone: rows datasets (+ mean), columns probes and the gain of alf over linear_last_cls."""
+def layer_reading(heatmap: dict) -> dict:
+    """Where a probe reads: the final layer's attention, the most-attended intermediate layer and the top layer.
+
+    Shares are per layer (the mean over its tokens, as the paper's figure), in percent.
+    """
+    layers, means = list(heatmap["layers"]), [100.0 * m for m in heatmap["layer_means"]]
+    inner = max(range(len(layers) - 1), key=lambda i: means[i]) if len(layers) > 1 else None
+    top = max(range(len(layers)), key=lambda i: means[i])
+    return {
+        "final": means[-1],
+        "intermediate": None if inner is None else means[inner],
+        "intermediate_layer": None if inner is None else layers[inner],
+        "top_layer": layers[top],
+    }
+
+
+def format_markdown(rows: list[dict], probes: list[str], heatmaps: dict[str, dict[str, dict]] | None = None) -> str:
+    """One table per backbone: rows datasets (+ mean), columns probes and the gain of alf over linear_last_cls; then,
+    where `heatmaps` has the backbone, where alf reads on each dataset (its layer attention)."""
     parts = [f"# Results: test balanced accuracy (%), gain = {HEADLINE} - {BASELINE} (pp)\n"]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         table = [r for r in rows if r["backbone"] == backbone] + [mean_row(rows, probes, backbone=backbone)]
@@ -98,7 +115,28 @@ def format_markdown(rows: list[dict], probes: list[str]) -> str:
             cells = [_cell(r[p], bold=r[p] is not None and r[p] == best) for p in probes]
             gain = "" if r["gain"] is None else f"{r['gain']:+.2f}"
             parts.append(f"| {r['dataset']} | {r['group']} | " + " | ".join(cells) + f" | {gain} |")
+        by_dataset = (heatmaps or {}).get(backbone, {})
+        if by_dataset:
+            parts.append(_reading_table([r for r in rows if r["backbone"] == backbone], by_dataset))
     return "\n".join(parts) + "\n"
+
+
+def _reading_table(rows: list[dict], heatmaps: dict[str, dict]) -> str:
+    """Per dataset: the gain, the final layer's attention share and the most-read layers (`layer_reading`)."""
+    lines = [
+        f"\nWhere {HEADLINE} reads (% of its attention per layer: the mean over the layer's CLS and AP tokens; "
+        "spread evenly it would be 100 / tokens read):\n",
+        "| dataset | group | gain | final layer | most-read intermediate layer | most-read layer |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in (r for r in rows if r["dataset"] in heatmaps):
+        read = layer_reading(heatmaps[r["dataset"]])
+        gain = "" if r["gain"] is None else f"{r['gain']:+.2f}"
+        inner = "–" if read["intermediate"] is None else f"{read['intermediate_layer']}: {read['intermediate']:.1f}"
+        lines.append(
+            f"| {r['dataset']} | {r['group']} | {gain} | {read['final']:.1f} | {inner} | {read['top_layer']} |"
+        )
+    return "\n".join(lines)
 
 
 def _cell(value: float | None, *, bold: bool) -> str:
@@ -153,7 +191,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = results_rows(summary, probes=probes, groups=groups)
     files = {key: out_dir / name for key, name in REPORT_FILES.items() if key != "attention"}
-    files["markdown"].write_text(format_markdown(rows, probes))
+    files["markdown"].write_text(format_markdown(rows, probes, heatmaps))
     files["csv"].write_text(format_csv(rows, probes))
     series = gains_series(rows)
     files["gains"].write_text(json.dumps(series, indent=2) + "\n")
