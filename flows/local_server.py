@@ -24,7 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-IDLE_SECONDS = 60  # DVC starts the next stage within seconds; a minute also covers a slow machine
+# DVC starts the next stage within seconds; a minute also covers a slow machine (LAYERPROBE_SERVER_IDLE_SECONDS).
+IDLE_SECONDS = float(os.environ.get("LAYERPROBE_SERVER_IDLE_SECONDS", 60))
 
 
 @contextlib.contextmanager
@@ -38,10 +39,10 @@ def prefect_api() -> Iterator[str]:
     state = _state_dir()
     client = state / "clients" / str(os.getpid())
     client.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(state / "lock"):  # one process starts the server; the others wait and attach
-        url = _running_server(state) or _start_server(state)
-        client.touch()  # attached: the server stays up while this process lives
+    client.touch()  # attached (before any start): the server stays up while this process lives
     try:
+        with _locked(state / "lock"):  # one process starts the server; the others wait and attach
+            url = _running_server(state) or _start_server(state)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
@@ -96,7 +97,8 @@ def _start_server(state: Path) -> str:
     url = f"http://127.0.0.1:{port}/api"
     root = Path(__file__).resolve().parents[1]  # so `-m flows.local_server` imports from any working directory
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "flows.local_server", "--port", str(port), "--state", str(state)]
+    command = [sys.executable, "-m", "flows.local_server", "--port", str(port), "--state", str(state),
+               "--idle-seconds", str(IDLE_SECONDS)]  # fmt: skip
     with open(state / "server.log", "ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
@@ -110,7 +112,7 @@ def _start_server(state: Path) -> str:
             raise RuntimeError(f"the local Prefect server did not answer within the start-up timeout; see {state}")
         time.sleep(0.2)
     (state / "server.json").write_text(json.dumps({"url": url, "pid": process.pid, "prefect": prefect.__version__}))
-    print(f"Prefect API: local server at {url}, shared by the stages (stops {IDLE_SECONDS} s after the last one)")
+    print(f"Prefect API: local server at {url}, shared by the stages (stops {IDLE_SECONDS:g} s after the last one)")
     return url
 
 
