@@ -75,12 +75,21 @@ def log_step(summary: dict, what: str) -> None:
         logger.warning("%s: %s", what, warning)
 
 
+def worker_name() -> str | None:
+    """The name of the Prefect worker running this flow (it sets PREFECT__WORKER_NAME), None when run in process."""
+    return os.environ.get("PREFECT__WORKER_NAME") or None
+
+
 @contextlib.contextmanager
 def gpu_slot(device: str, limit: int) -> Iterator[None]:
-    """Hold one slot of the global `layerprobe-gpu` limit while a task uses CUDA, so tasks never share a GPU."""
+    """Hold one slot of the global `layerprobe-gpu` limit while a task uses CUDA, so tasks never share a GPU.
+
+    Under a worker the unit already holds its worker's own slot (`gpu:<worker>`, flows/unit.py), so no global limit
+    is taken: a unit never waits on another machine's GPU.
+    """
     import torch
 
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()) or worker_name():
         yield
         return
     with concurrency_slot(GPU_LIMIT, limit):
@@ -104,26 +113,40 @@ def concurrency_slot(name: str, limit: int) -> Iterator[None]:
         yield
 
 
-def run_stage(flow: Callable[..., Any], description: str, *, filters: tuple[str, ...] = (), compute: bool = True):
-    """The `python -m flows.<stage>` entry: parse `--params` and the name filters, attach to a Prefect API (the
-    shared local server unless PREFECT_API_URL is set, see flows.local_server) and run `flow`."""
+def run_stage(
+    flow: Callable[..., Any],
+    description: str,
+    *,
+    filters: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    compute: bool = True,
+):
+    """The `python -m flows.<stage>` entry: parse `--params`, the name filters and required names, attach to a
+    Prefect API (the shared local server unless PREFECT_API_URL is set, see flows.local_server) and run `flow`."""
     from flows.local_server import prefect_api
 
-    args = parse_stage_args(description, filters=filters)
+    args = parse_stage_args(description, filters=filters, required=required)
     if compute:  # before any worker thread exists, so every thread inherits it
         from layerprobe.device import flush_denormals
 
         flush_denormals()
+    names = {f"{name}s": getattr(args, f"{name}s") for name in filters}
+    names.update({name: getattr(args, name) for name in required})
     with prefect_api():
-        return flow(args.params, **{f"{name}s": getattr(args, f"{name}s") for name in filters})
+        return flow(args.params, **names)
 
 
-def parse_stage_args(description: str, *, filters: tuple[str, ...] = ()) -> argparse.Namespace:
-    """`--params FILE` plus optional name filters (`--backbone`, `--dataset`, `--probe`), each repeatable."""
+def parse_stage_args(
+    description: str, *, filters: tuple[str, ...] = (), required: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """`--params FILE`, optional name filters (`--backbone`, `--dataset`, `--probe`, each repeatable) and required
+    single names."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     for name in filters:
         parser.add_argument(f"--{name}", action="append", dest=f"{name}s", help=f"only this {name} (repeatable)")
+    for name in required:
+        parser.add_argument(f"--{name}", required=True, help=f"the {name}'s name in params")
     return parser.parse_args()
 
 
@@ -140,4 +163,4 @@ def select(names: list[str], wanted: list[str] | None, kind: str) -> list[str]:
 
 
 __all__ = ["Params", "gpu_slot", "load_params", "log_step", "parse_stage_args", "run_stage", "select", "task_options",
-           "task_runner"]  # fmt: skip
+           "task_runner", "worker_name"]  # fmt: skip

@@ -59,7 +59,9 @@ def evaluate_flow(
     backbones: list[str] | None = None,
     datasets: list[str] | None = None,
     probes: list[str] | None = None,
+    units: list[list[str]] | None = None,
 ) -> dict:
+    """Evaluate the suite's probes (narrowed by the name filters, or to `units`: [backbone, dataset] pairs)."""
     params = load_params(params_path)
     experiment_id = tracking.setup_experiment(
         params.tracking.experiment, mlruns_dir=params.paths.mlruns, tracking_uri=params.tracking.tracking_uri
@@ -83,6 +85,7 @@ def evaluate_flow(
             )  # fmt: skip
             for b in select(params.suite.backbones, backbones, "backbone")
             for d in select(params.suite.datasets, datasets, "dataset")
+            if units is None or [b, d] in units
             for p in select(params.suite.probes, probes, "probe")
         ]
         results = [future.result() for future in futures]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -23,6 +22,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from layerprobe.files import file_lock
 
 # DVC starts the next stage within seconds; a minute also covers a slow machine (LAYERPROBE_SERVER_IDLE_SECONDS).
 IDLE_SECONDS = float(os.environ.get("LAYERPROBE_SERVER_IDLE_SECONDS", 60))
@@ -41,7 +42,7 @@ def prefect_api() -> Iterator[str]:
     client.parent.mkdir(parents=True, exist_ok=True)
     client.touch()  # attached (before any start): the server stays up while this process lives
     try:
-        with _locked(state / "lock"):  # one process starts the server; the others wait and attach
+        with file_lock(state / "lock"):  # one process starts the server; the others wait and attach
             url = _running_server(state) or _start_server(state)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
@@ -53,16 +54,6 @@ def _state_dir() -> Path:
     from prefect.settings import PREFECT_HOME
 
     return Path(PREFECT_HOME.value()).expanduser() / "layerprobe-server"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _running_server(state: Path) -> str | None:

@@ -1,33 +1,54 @@
-"""The whole pipeline as one Prefect flow: pretrain → prepare → extract → train → evaluate → report.
+"""The whole pipeline as one Prefect flow: pretrain, then every unit (backbone x dataset: prepare, extract, train
+every probe), then evaluate and report once.
 
-Run:  python -m flows.pipeline [--params params.yaml]      (what `flows/serve.py` schedules)
-Under DVC, `dvc repro` runs the same stage flows one by one and decides which stages are stale; this entry point is
-for Prefect deployments and schedules. Either way each unit's completion marker decides whether it is recomputed,
-so a scheduled rerun redoes only what changed.
+Run:  python -m flows.pipeline [--params params.yaml]       (what `flows/serve.py` schedules)
+      layerprobe run [--pool NAME]                          (the same, then `dvc commit` so DVC records it)
+Units run in this process unless `flow.work_pool` (or --pool) names a Prefect work pool: then each is a run of the
+unit deployment that the pool's workers pick up, one per GPU (flows/fanout.py). A unit that fails fails alone: the
+others finish, are evaluated and reported, and the pipeline then fails naming every failed unit and its error.
+Under DVC, `dvc repro` runs the stage flows instead; either way completion markers decide what is recomputed.
 Cost: the sum of the stages (the offline suite: a few minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
 
-from prefect import flow
+import dataclasses
 
-from flows.common import run_stage
+from prefect import flow, get_run_logger
+
+from flows.common import load_params, run_stage
 from flows.evaluate import evaluate_flow
-from flows.extract import extract_flow
-from flows.prepare import prepare_flow
+from flows.fanout import run_units
 from flows.pretrain import pretrain_flow
 from flows.report import report_flow
-from flows.train import train_flow
+from layerprobe.files import write_json
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml") -> dict:
+def pipeline(params_path: str = "params.yaml", work_pool: str | None = None) -> dict:
+    params = load_params(params_path)
+    if work_pool is not None:  # --pool overrides params' flow.work_pool
+        params = dataclasses.replace(params, flow=dataclasses.replace(params.flow, work_pool=work_pool))
     pretrain_flow(params_path)
-    prepare_flow(params_path)
-    extract_flow(params_path)
-    train_flow(params_path)
-    evaluate_flow(params_path)
-    return report_flow(params_path)
+    units = [(b, d) for b in params.suite.backbones for d in params.suite.datasets]
+    outcomes = run_units(params, params_path, units)
+    completed = [(o["backbone"], o["dataset"]) for o in outcomes if o["state"] == "COMPLETED"]
+    report = None
+    if completed:
+        evaluate_flow(params_path, units=[list(unit) for unit in completed])
+        report = report_flow(params_path)
+    summary = {"units": outcomes, "report": report}
+    write_json(params.paths.units_file, outcomes)  # where every unit ran, when, and what it reused or recomputed
+    failed = [o for o in outcomes if o["state"] != "COMPLETED"]
+    for outcome in outcomes:
+        get_run_logger().info(
+            "unit %s/%s: %s%s", outcome["backbone"], outcome["dataset"], outcome["state"],
+            f" ({outcome['error']})" if "error" in outcome else "",
+        )  # fmt: skip
+    if failed:
+        listed = "; ".join(f"{o['backbone']}/{o['dataset']}: {o['error']}" for o in failed)
+        raise RuntimeError(f"{len(failed)} of {len(outcomes)} units failed (the others are evaluated): {listed}")
+    return summary
 
 
 if __name__ == "__main__":

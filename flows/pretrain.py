@@ -8,6 +8,8 @@ reused. Each run is also an MLflow run (`pretrain/<backbone>`): recipe, loss cur
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, task
 
 from flows.common import gpu_slot, load_params, log_step, run_stage, select, task_options, task_runner
@@ -27,7 +29,12 @@ def pretrain_task(backbone_name: str, backbone: BackboneConfig, gpu_limit: int =
 @flow(name="pretrain", log_prints=True, task_runner=task_runner())
 def pretrain_flow(params_path: str = "params.yaml", backbones: list[str] | None = None) -> list[dict]:
     params = load_params(params_path)
+    params.paths.pretrained_dir.mkdir(parents=True, exist_ok=True)  # the stage's output, even with nothing to train
     names = [b for b in select(params.suite.backbones, backbones, "backbone") if params.backbones[b].pretrain]
+    for name in names:
+        if not Path(params.backbones[name].checkpoint).resolve().is_relative_to(params.paths.pretrained_dir.resolve()):
+            raise ValueError(f"backbones.{name}.checkpoint must lie in {params.paths.pretrained_dir}/, the pretrain "
+                             "stage's output that DVC tracks")  # fmt: skip
     pretrain = pretrain_task.with_options(**task_options(params))
     futures = [pretrain.submit(b, params.backbones[b], params.flow.gpu_concurrency) for b in names]
     summaries = [future.result() for future in futures]

@@ -16,13 +16,15 @@ from layerprobe.cli import main
 TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'
 
 
-def test_every_subcommand_has_help():
-    for command in ("pretrain", "prepare", "extract", "train", "evaluate", "predict", "plan", "list"):
-        result = subprocess.run(
-            [sys.executable, "-m", "layerprobe.cli", command, "--help"], capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0, result.stderr
-        assert "--params" in result.stdout
+def test_every_subcommand_has_help(capsys):
+    for command in ("pretrain", "prepare", "extract", "train", "evaluate", "run", "predict", "plan", "list"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "--params" in capsys.readouterr().out
+    help_text = subprocess.run([sys.executable, "-m", "layerprobe.cli", "--help"], capture_output=True, text=True,
+                               timeout=120)  # fmt: skip
+    assert help_text.returncode == 0 and "layerprobe run" in help_text.stdout
 
 
 def test_unknown_model_is_one_line_naming_it(tmp_path, monkeypatch, capsys):

@@ -62,6 +62,11 @@ class PathsConfig:
     results: str = "results"
     mlruns: str = "mlruns"
 
+    @property
+    def pretrained_dir(self) -> Path:
+        """Where the pretrain stage's checkpoints go (its DVC output); a backbone's `checkpoint` points inside."""
+        return Path(self.checkpoints) / "pretrained"
+
     def prepared_dir(self, dataset: str) -> Path:
         return Path(self.data) / dataset
 
@@ -92,6 +97,11 @@ class PathsConfig:
     @property
     def metrics_file(self) -> Path:
         return Path(self.results) / METRICS_FILE
+
+    @property
+    def units_file(self) -> Path:
+        """The pipeline's record of its last fan-out: each unit's state, worker, slot, times and step statuses."""
+        return Path(self.results) / "units.json"
 
     @property
     def pipeline_run_file(self) -> Path:
@@ -310,10 +320,23 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class FlowConfig:
+    """How Prefect runs the work: retries, GPU slots, schedules, and where units run (in process or on a pool)."""
+
     retries: int = 2
     retry_delay_seconds: float = 2.0
-    gpu_concurrency: int = 1  # tasks that use the GPU share one global concurrency limit of this many slots
+    gpu_concurrency: int = 1  # in-process runs: tasks that use the GPU share one global limit of this many slots
     serve: ServeConfig = field(default_factory=ServeConfig)
+    # Units (backbone x dataset: extract, then every probe) run on this Prefect work pool, one per worker (and GPU);
+    # null runs them in this process. Outputs must then live on a filesystem every worker sees (paths.*).
+    work_pool: str | None = None
+    unit_deployment: str = "layerprobe-unit"  # the deployment of flows/unit.py that the pipeline creates on the pool
+    worker_wait_seconds: float = 120.0  # fail (not hang) when units wait this long with no live worker in the pool
+
+    def __post_init__(self) -> None:
+        if self.work_pool is not None and not self.work_pool.strip():
+            raise ParamsError("flow.work_pool must be a work pool name or null (run units in this process)")
+        if self.retries < 0 or self.gpu_concurrency < 1 or self.worker_wait_seconds <= 0:
+            raise ParamsError("flow.retries must be >= 0, flow.gpu_concurrency >= 1, flow.worker_wait_seconds > 0")
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
 def _cut(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split `indices` into (kept, cut) with about `fraction` cut, stratified by label where possible."""
+    from sklearn.model_selection import train_test_split  # here: importing scikit-learn costs every process ~1.5 s
+
     if fraction <= 0.0 or len(indices) < 2:
         return indices, indices[:0]
     classes, counts = np.unique(labels[indices], return_counts=True)

@@ -37,11 +37,7 @@ def evaluate_step(
     """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, mean ± std over seeds), the
     layer-attention heatmap (attentive probes) and the confusion matrix, all but the seed summary from the first
     seed's probe; metrics.json last, as the completion marker."""
-    from layerprobe.checkpoint import load_probe
-    from layerprobe.features import cache_content_hash, read_features
-    from layerprobe.metrics import classification_metrics, layer_attention_heatmap, summarize_over_seeds
-    from layerprobe.plots import plot_confusion_matrix, plot_layer_heatmap
-    from layerprobe.train import predict
+    from layerprobe.features import cache_content_hash
 
     train_marker = paths.train_marker(backbone_name, dataset_name, probe_name)
     if not train_marker.is_file():
@@ -54,6 +50,12 @@ def evaluate_step(
     reason = staleness(marker, fingerprint)
     if reason is None:
         return {**read_json(marker), "status": "reused", "reason": None}
+
+    from layerprobe.checkpoint import load_probe
+    from layerprobe.features import read_features
+    from layerprobe.metrics import classification_metrics, layer_attention_heatmap, summarize_over_seeds
+    from layerprobe.plots import plot_confusion_matrix, plot_layer_heatmap
+    from layerprobe.train import predict
 
     marker.unlink(missing_ok=True)
     test = read_features(features_dir, split="test")

@@ -50,9 +50,6 @@ def extract_step(
     A cache whose manifest records the same fingerprint is reused without building the model; otherwise the
     extractor keeps finished shards of this very fingerprint (a killed run resumes) and recomputes the rest.
     """
-    from layerprobe.backbone import create_backbone, create_eval_transform, describe_transform
-    from layerprobe.data import open_prepared
-    from layerprobe.extract import LayerTokenExtractor, extract_features
     from layerprobe.features import cache_content_hash
 
     splits_file = paths.splits_file(dataset_name)
@@ -63,6 +60,11 @@ def extract_step(
     out_dir = Path(out_dir) if out_dir else paths.features_dir(backbone_name, dataset_name)
     reason = staleness(out_dir / MANIFEST_FILE, fingerprint)
     if reason is not None:
+        # Imported only when there is work: timm alone costs a reused cache seconds.
+        from layerprobe.backbone import create_backbone, create_eval_transform, describe_transform
+        from layerprobe.data import open_prepared
+        from layerprobe.extract import LayerTokenExtractor, extract_features
+
         prepared = open_prepared(paths.prepared_dir(dataset_name))  # fails on a broken dataset before the model
         network = create_backbone(
             backbone.model, pretrained=backbone.pretrained, checkpoint=backbone.checkpoint,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from layerprobe.config import DatasetConfig, PathsConfig, PrepareConfig
 from layerprobe.data import prepare_dataset, source_inputs
-from layerprobe.files import read_json
+from layerprobe.files import file_lock, read_json
 from layerprobe.fingerprint import Fingerprint, files_listing, make_fingerprint, staleness
 
 
@@ -21,19 +21,22 @@ def prepare_step(name: str, *, dataset: DatasetConfig, prepare: PrepareConfig, p
     """Materialise dataset `name` unless its splits.json records the same fingerprint; returns a summary."""
     out_dir = paths.prepared_dir(name)
     fingerprint = prepare_fingerprint(dataset, prepare)
-    reason = staleness(paths.splits_file(name), fingerprint)
-    if reason is not None:
-        prepare_dataset(
-            name,
-            source=dataset.source,
-            options=dataset.options,
-            out_dir=out_dir,
-            val_fraction=prepare.val_fraction,
-            test_fraction=prepare.test_fraction,
-            seed=prepare.seed,
-            fingerprint=fingerprint.as_dict(),
-        )
-    marker = read_json(paths.splits_file(name))
+    # Units of several backbones may prepare one dataset at once (on other machines of a work pool): one does it,
+    # the others wait and reuse it. A file lock, because the kernel drops it with a process that dies holding it.
+    with file_lock(out_dir.parent / f".{name}.prepare.lock"):
+        reason = staleness(paths.splits_file(name), fingerprint)
+        if reason is not None:
+            prepare_dataset(
+                name,
+                source=dataset.source,
+                options=dataset.options,
+                out_dir=out_dir,
+                val_fraction=prepare.val_fraction,
+                test_fraction=prepare.test_fraction,
+                seed=prepare.seed,
+                fingerprint=fingerprint.as_dict(),
+            )
+        marker = read_json(paths.splits_file(name))
     return {
         "dataset": name,
         "path": str(out_dir),

@@ -33,10 +33,7 @@ def train_step(
     Writes `seed-<s>/` (probe.safetensors + probe.json, sweep.json with every config's validation scores,
     history.json with the refit's curves) per seed, then `train.json` last as the completion marker.
     """
-    from layerprobe.checkpoint import save_probe
-    from layerprobe.features import cache_content_hash, read_features
-    from layerprobe.probes import get_probe_spec, select_token_positions, token_labels
-    from layerprobe.train import make_grid, sweep_probe
+    from layerprobe.features import cache_content_hash
 
     features_dir = paths.features_dir(backbone_name, dataset_name)
     features_hash = cache_content_hash(features_dir)  # fails naming the folder when extraction has not run
@@ -46,6 +43,11 @@ def train_step(
     reason = staleness(marker, fingerprint)
     if reason is None:
         return {**read_json(marker), "status": "reused", "reason": None}
+
+    from layerprobe.checkpoint import save_probe
+    from layerprobe.features import read_features
+    from layerprobe.probes import get_probe_spec, select_token_positions, token_labels
+    from layerprobe.train import make_grid, sweep_probe
 
     marker.unlink(missing_ok=True)  # from here until the new marker, the folder is incomplete
     spec = get_probe_spec(probe_name, **probe.overrides())

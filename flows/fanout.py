@@ -1,0 +1,160 @@
+"""Fan units (backbone x dataset) out: in this process, or as runs of the unit deployment on a Prefect work pool.
+
+On a pool, the pipeline creates (or updates) the deployment `unit/<flow.unit_deployment>` from this project's
+folder, which every worker must see at the same path (a shared filesystem), submits one run per unit with
+`run_deployment(timeout=0)`, and waits for all of them. It never hangs on a pool nobody serves: a missing pool is
+an error at once, and units left waiting `flow.worker_wait_seconds` with no live worker fail the wait.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from uuid import UUID
+
+from prefect import get_run_logger
+
+from flows.unit import unit_flow
+from layerprobe.config import Params
+
+ROOT = Path(__file__).resolve().parents[1]
+POLL_SECONDS = 2.0
+
+
+def run_units(params: Params, params_path: str, units: list[tuple[str, str]]) -> list[dict]:
+    """Run every unit and return one outcome each: {backbone, dataset, state, summary (the unit's return) | error}."""
+    if params.flow.work_pool is None:
+        return [_run_in_process(params_path, backbone, dataset) for backbone, dataset in units]
+    return _run_on_pool(params, params_path, units)
+
+
+def _run_in_process(params_path: str, backbone: str, dataset: str) -> dict:
+    state = unit_flow(params_path, backbone=backbone, dataset=dataset, return_state=True)
+    return _outcome(backbone, dataset, state)
+
+
+def _outcome(backbone: str, dataset: str, state, *, flow_run_id: UUID | None = None) -> dict:
+    """A unit's final state as a JSON-able record; a failure keeps its error's first line."""
+    outcome = {"backbone": backbone, "dataset": dataset, "state": state.type.value, "flow_run_id": str(flow_run_id)}
+    if state.is_completed():
+        outcome["summary"] = state.result()
+    else:
+        error = state.result(raise_on_failure=False)
+        text = str(error) if isinstance(error, BaseException) else (state.message or state.name)
+        outcome["error"] = " ".join(text.split())[:500]
+    return outcome
+
+
+# ------------------------------------------------------------------------------------------------ work pool
+
+
+def live_workers(client, pool: str) -> list[str]:
+    """Names of the pool's workers with a recent heartbeat (servers without background services never mark a
+    vanished worker OFFLINE, so the heartbeat's age decides)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    alive = []
+    for worker in client.read_workers_for_work_pool(work_pool_name=pool):
+        interval = worker.heartbeat_interval_seconds or 30
+        if worker.last_heartbeat_time and (now - worker.last_heartbeat_time).total_seconds() < 3 * interval:
+            alive.append(worker.name)
+    return alive
+
+
+def check_pool(client, pool: str) -> list[str]:
+    """The pool exists and someone serves it; returns the live workers' names, or raises a one-line error."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        client.read_work_pool(pool)
+    except ObjectNotFound:
+        raise ValueError(
+            f"work pool {pool!r} does not exist on the Prefect server: create it with "
+            f"`prefect work-pool create {pool} --type process` and start workers (README: Run on many machines)"
+        ) from None
+    workers = live_workers(client, pool)
+    if not workers:
+        raise ValueError(f"work pool {pool!r} has no live worker: start one with `prefect worker start --pool {pool}`")
+    return workers
+
+
+def deploy_unit(params: Params) -> UUID:
+    """Create or update the unit deployment on the pool: this folder as the code, run in it, results kept in it."""
+    source = unit_flow.from_source(source=str(ROOT), entrypoint="flows/unit.py:unit_flow")
+    return source.deploy(
+        name=params.flow.unit_deployment,
+        work_pool_name=params.flow.work_pool,
+        build=False,
+        push=False,
+        print_next_steps=False,
+        job_variables={"working_dir": str(ROOT), "env": result_settings(params)},
+    )
+
+
+def result_settings(params: Params) -> dict[str, str]:
+    """Units on a pool persist their small summary as JSON under paths.results, where any machine can read it."""
+    return {
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
+        "PREFECT_LOCAL_STORAGE_PATH": str(results_storage(params)),
+    }
+
+
+def results_storage(params: Params) -> Path:
+    """Where units' Prefect results go: under paths.results, on the filesystem every worker sees."""
+    return (ROOT / params.paths.results / "prefect").resolve()
+
+
+def _crash_if_orphaned(client, run, alive: list[str]) -> None:
+    """A run whose worker stopped heartbeating (killed machine or worker) would stay RUNNING forever: mark it
+    Crashed, so the wait ends and a rerun picks the unit up (finished steps inside it are kept by their markers)."""
+    from prefect.states import Crashed
+
+    worker = run.labels.get("prefect.worker.name")
+    if worker and worker not in alive and not run.state.is_scheduled():
+        message = f"worker {worker!r} stopped answering while running this unit"
+        client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+
+
+def _run_on_pool(params: Params, params_path: str, units: list[tuple[str, str]]) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    pool, wait = params.flow.work_pool, params.flow.worker_wait_seconds
+    with get_client(sync_client=True) as client:
+        workers = check_pool(client, pool)
+        deployment_id = deploy_unit(params)
+        logger.info("%d units on work pool %r (live workers: %s)", len(units), pool, ", ".join(workers))
+        runs = {
+            run_deployment(
+                deployment_id,
+                parameters={"params_path": params_path, "backbone": backbone, "dataset": dataset},
+                timeout=0,  # submit and return: all units are queued at once, the workers take them
+                flow_run_name=f"unit-{backbone}-{dataset}",
+            ).id: (backbone, dataset)
+            for backbone, dataset in units
+        }
+        finished, last_live = {}, time.monotonic()
+        while len(finished) < len(runs):
+            time.sleep(POLL_SECONDS)
+            alive = live_workers(client, pool)
+            for run_id, (backbone, dataset) in runs.items():
+                if run_id in finished:
+                    continue
+                run = client.read_flow_run(run_id)
+                if run.state is not None and not run.state.is_final():
+                    _crash_if_orphaned(client, run, alive)
+                    run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    finished[run_id] = _outcome(backbone, dataset, run.state, flow_run_id=run_id)
+                    logger.info("unit %s/%s: %s", backbone, dataset, run.state.type.value)
+            if alive:
+                last_live = time.monotonic()
+            elif time.monotonic() - last_live > wait:
+                waiting = [f"{b}/{d}" for run_id, (b, d) in runs.items() if run_id not in finished]
+                raise RuntimeError(
+                    f"work pool {pool!r} has had no live worker for {wait:g} s; units not finished: "
+                    f"{', '.join(waiting)} (start workers and run again: finished units are kept)"
+                )
+    return [finished[run_id] for run_id in runs]

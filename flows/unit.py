@@ -1,0 +1,69 @@
+"""A unit of work: one (backbone, dataset) on one device. Prepare the dataset if needed, extract its features, then
+train every probe of the suite on them.
+
+Run:  python -m flows.unit --params params.yaml --backbone NAME --dataset NAME     (in process)
+The pipeline (flows/pipeline.py) fans units out: in process by default, or, with `flow.work_pool`, as runs of the
+deployment `unit/<flow.unit_deployment>` that Prefect workers pick up (`prefect worker start --pool <pool>`).
+Under a worker the unit holds the worker's concurrency slot `gpu:<worker>` for its whole run, so two units never
+share a worker's GPU (units sharing a dataset prepare it once: the prepare step locks it). Every step reuses
+outputs whose fingerprint matches, so a rerun after a kill resumes.
+Cost: one backbone pass over the dataset, plus the probes' sweeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+
+from prefect import flow
+
+from flows.common import concurrency_slot, load_params, run_stage, task_options, task_runner, worker_name
+from flows.extract import extract_task
+from flows.prepare import prepare_task
+from flows.train import train_task
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+@flow(name="unit", log_prints=True, task_runner=task_runner(), flow_run_name="unit-{backbone}-{dataset}")
+def unit_flow(params_path: str = "params.yaml", backbone: str = "", dataset: str = "") -> dict:
+    params = load_params(params_path)
+    if backbone not in params.backbones or dataset not in params.datasets:
+        from layerprobe.registry import unknown_name_error
+
+        bad, kind, known = (backbone, "backbone", params.backbones) if backbone not in params.backbones else (
+            dataset, "dataset", params.datasets)  # fmt: skip
+        raise unknown_name_error(kind, bad, list(known))
+    options = task_options(params)
+    worker = worker_name()
+    slot = f"gpu:{worker}" if worker else None
+    with concurrency_slot(slot, 1) if slot else contextlib.nullcontext():
+        started = _now()
+        prepared = prepare_task.with_options(**options)(dataset, params.datasets[dataset], params.prepare, params.paths)
+        features = extract_task.with_options(**options)(
+            backbone, dataset, params.backbones[backbone], params.extract, params.paths, params.flow.gpu_concurrency
+        )
+        train = train_task.with_options(**options)
+        futures = [
+            train.submit(
+                backbone, dataset, p, params.probe_config(p), params.train, params.paths, params.flow.gpu_concurrency
+            )  # fmt: skip
+            for p in params.suite.probes
+        ]
+        probes = {future.result()["probe"]: future.result()["status"] for future in futures}
+        finished = _now()
+    return {
+        "backbone": backbone,
+        "dataset": dataset,
+        "worker": worker,
+        "slot": slot,
+        "started": started,
+        "finished": finished,
+        "status": {"prepare": prepared["status"], "extract": features["status"], "train": probes},
+    }
+
+
+if __name__ == "__main__":
+    run_stage(unit_flow, __doc__.splitlines()[0], required=("backbone", "dataset"))

@@ -1,0 +1,140 @@
+"""Units fanned out over a Prefect `process` work pool served by two workers, as on a GPU cluster (here on CPU).
+
+The test session's Prefect server plays the shared server; two `prefect worker start` subprocesses (CUDA hidden)
+play two GPUs. `layerprobe run --pool` runs the tiny suite as units (backbone x dataset). The first run holds two
+units of a dataset whose folder is missing and loses one worker mid-run: those units fail alone, named in the
+error, while the others finish and are evaluated. The rerun, with a fresh second worker, picks the lost unit up,
+reuses everything that was finished, and commits to DVC, after which `dvc repro` has nothing to do.
+Slow: about two minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
+
+POOL = "test-gpus"
+BACKBONES, DATASETS = ["tiny_vit", "tiny_vit_b"], ["count", "texture"]
+
+
+def suite_params(*, broken: bool) -> dict:
+    """The tiny suite as 2 backbones x 2 datasets (4 units), plus a dataset whose folder does not exist."""
+    params = tiny_params()
+    tiny = params["backbones"]["tiny_vit"]
+    params["backbones"]["tiny_vit_b"] = {**tiny, "model_kwargs": {**tiny["model_kwargs"], "depth": 2}}
+    params["datasets"]["texture"] = {"source": "texture", "options": {"num_images": 240, "image_size": 32, "seed": 0}}
+    params["datasets"]["broken"] = {"source": "imagefolder", "options": {"root": "datasets/missing"}}
+    params["suite"].update(backbones=BACKBONES, datasets=DATASETS + (["broken"] if broken else []),
+                           probes=["linear_last_cls"])  # fmt: skip
+    return params
+
+
+def start_worker(name: str, env: dict) -> subprocess.Popen:
+    """`prefect worker start` as a GPU node would run it: one unit at a time, its device pinned (here: none)."""
+    worker_env = {**env, "CUDA_VISIBLE_DEVICES": "", "PREFECT_WORKER_QUERY_SECONDS": "1",
+                  "PREFECT_WORKER_HEARTBEAT_SECONDS": "2"}  # fmt: skip
+    command = ["prefect", "worker", "start", "--pool", POOL, "--type", "process", "--name", name, "--limit", "1"]
+    return subprocess.Popen(command, env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def stop(process: subprocess.Popen, name: str) -> None:
+    """Kill a worker and the unit it runs at once, as a lost machine: nobody is left to report the unit's end."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if f"PREFECT__WORKER_NAME={name}".encode() in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def running_units(worker: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=50)
+    return [r.name for r in runs if r.labels.get("prefect.worker.name") == worker and r.state and r.state.is_running()]
+
+
+def assert_each_slot_held_one_unit_at_a_time(outcomes: list[dict]) -> None:
+    by_slot: dict[str, list[tuple]] = {}
+    for outcome in outcomes:
+        if outcome["state"] == "COMPLETED":
+            summary = outcome["summary"]
+            assert summary["slot"] == f"gpu:{summary['worker']}"
+            times = (dt.datetime.fromisoformat(summary["started"]), dt.datetime.fromisoformat(summary["finished"]))
+            by_slot.setdefault(summary["slot"], []).append(times)
+    for slot, spans in by_slot.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert end <= start, f"two units held {slot} at once"
+
+
+def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_to_dvc(dvc_repo):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    repo, env = dvc_repo
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+    write_params(repo, suite_params(broken=True))
+    workers = {name: start_worker(name, env) for name in ("gpu0", "gpu1")}
+    command = [sys.executable, "-m", "layerprobe.cli", "run", "--pool", POOL]
+    try:
+        first = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Lose gpu1 (the worker and the unit it runs) as soon as it runs a unit that would succeed.
+        deadline, lost = time.monotonic() + 300, None
+        while lost is None:
+            assert first.poll() is None and time.monotonic() < deadline, "gpu1 never ran a unit"
+            names = [n for n in running_units("gpu1") if not n.endswith("-broken")]
+            lost = names[0].removeprefix("unit-").replace("-", "/") if names else None
+            time.sleep(0.2)
+        stop(workers["gpu1"], "gpu1")
+        out, err = first.communicate(timeout=600)
+        assert first.returncode == 1, out[-2000:] + err[-2000:]
+        error = err.strip().splitlines()[-1]
+        assert "3 of 6 units failed" in error, error
+        for unit in ("tiny_vit/broken", "tiny_vit_b/broken"):
+            assert f"{unit}: source 'imagefolder': root" in error  # bad input fails its unit alone, named
+        assert f"{lost}: worker 'gpu1' stopped answering" in error
+        outcomes = json.loads((repo / "results/units.json").read_text())
+        done = {f"{o['backbone']}/{o['dataset']}" for o in outcomes if o["state"] == "COMPLETED"}
+        assert len(done) == 3 and lost not in done
+        metrics = json.loads((repo / "results/metrics.json").read_text())  # the finished units were evaluated
+        assert {f"{b}/{d}" for b, datasets in metrics.items() for d in datasets} == done
+        assert_each_slot_held_one_unit_at_a_time(outcomes)
+
+        # The rerun, on gpu0 and a new gpu2: the lost unit is picked up, everything finished is reused, and DVC
+        # records it all.
+        write_params(repo, suite_params(broken=False))
+        workers["gpu2"] = start_worker("gpu2", env)
+        second = run(command, repo, env)
+        assert "dvc.lock records this run" in second.stdout
+        outcomes = json.loads((repo / "results/units.json").read_text())
+        assert all(o["state"] == "COMPLETED" and o["summary"]["worker"] in ("gpu0", "gpu2") for o in outcomes)
+        for outcome in outcomes:  # the units finished in the first run are reused whole
+            unit, status = f"{outcome['backbone']}/{outcome['dataset']}", outcome["summary"]["status"]
+            if unit != lost:
+                assert {status["prepare"], status["extract"], *status["train"].values()} == {"reused"}, unit
+        assert_each_slot_held_one_unit_at_a_time(outcomes)
+        for backbone in BACKBONES:
+            for dataset in DATASETS:
+                assert (repo / f"probes/{backbone}/{dataset}/linear_last_cls/train.json").is_file()
+        assert "up to date" in run(["dvc", "status"], repo, env).stdout
+        assert "Running stage" not in run(["dvc", "repro"], repo, env).stdout
+    finally:
+        for name, process in workers.items():
+            stop(process, name)
