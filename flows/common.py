@@ -30,11 +30,13 @@ from layerprobe.config import Params, load_params  # noqa: E402
 GPU_LIMIT = "layerprobe-gpu"
 # Tasks of a stage run two at a time: every task is torch code using all cores, and running all of a stage's tasks
 # at once only makes their threads fight (measured on 2 cores: 25 probes in 82 s at once, 41 s two at a time).
+# A worker given one core (OMP_NUM_THREADS=1, several workers per machine) sets LAYERPROBE_TASK_WORKERS=1, so its
+# units stay on that core.
 TASK_WORKERS = 2
 
 
 def task_runner() -> ThreadPoolTaskRunner:
-    return ThreadPoolTaskRunner(max_workers=TASK_WORKERS)
+    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("LAYERPROBE_TASK_WORKERS", TASK_WORKERS)))
 
 
 # Bad input (a missing path, a wrong key) fails fast; only what may pass on its own is retried.

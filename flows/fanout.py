@@ -15,7 +15,7 @@ from uuid import UUID
 
 from prefect import get_run_logger
 
-from flows.unit import unit_flow
+from flows.unit import WORKER_SLOT_ENV, unit_flow
 from layerprobe.config import Params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +61,12 @@ def live_workers(client, pool: str) -> list[str]:
     return alive
 
 
-def check_pool(client, pool: str) -> list[str]:
-    """The pool exists and someone serves it; returns the live workers' names, or raises a one-line error."""
+def check_pool(client, pool: str) -> tuple[str, list[str]]:
+    """The pool exists and someone serves it; returns its type and live workers' names, or raises a one-line error."""
     from prefect.exceptions import ObjectNotFound
 
     try:
-        client.read_work_pool(pool)
+        pool_type = client.read_work_pool(pool).type
     except ObjectNotFound:
         raise ValueError(
             f"work pool {pool!r} does not exist on the Prefect server: create it with "
@@ -75,11 +75,21 @@ def check_pool(client, pool: str) -> list[str]:
     workers = live_workers(client, pool)
     if not workers:
         raise ValueError(f"work pool {pool!r} has no live worker: start one with `prefect worker start --pool {pool}`")
-    return workers
+    return pool_type, workers
 
 
-def deploy_unit(params: Params) -> UUID:
-    """Create or update the unit deployment on the pool: this folder as the code, run in it, results kept in it."""
+def deploy_unit(params: Params, pool_type: str) -> UUID:
+    """Create or update the unit deployment on the pool: this folder as the code, run in it, results kept in it.
+
+    On a `process` pool a worker is one GPU (pinned with CUDA_VISIBLE_DEVICES), so its units take turns on the
+    worker's slot `gpu:<worker>`. On container pools (kubernetes, docker) each unit is its own job that asks the
+    cluster for a GPU (the pool's base job template), so units of one worker run side by side, holding no slot.
+    """
+    env = result_settings(params)
+    job_variables: dict = {"env": env}
+    if pool_type == "process":
+        env[WORKER_SLOT_ENV] = "1"
+        job_variables["working_dir"] = str(ROOT)
     source = unit_flow.from_source(source=str(ROOT), entrypoint="flows/unit.py:unit_flow")
     return source.deploy(
         name=params.flow.unit_deployment,
@@ -87,7 +97,7 @@ def deploy_unit(params: Params) -> UUID:
         build=False,
         push=False,
         print_next_steps=False,
-        job_variables={"working_dir": str(ROOT), "env": result_settings(params)},
+        job_variables=job_variables,
     )
 
 
@@ -123,8 +133,8 @@ def _run_on_pool(params: Params, params_path: str, units: list[tuple[str, str]])
     logger = get_run_logger()
     pool, wait = params.flow.work_pool, params.flow.worker_wait_seconds
     with get_client(sync_client=True) as client:
-        workers = check_pool(client, pool)
-        deployment_id = deploy_unit(params)
+        pool_type, workers = check_pool(client, pool)
+        deployment_id = deploy_unit(params, pool_type)
         logger.info("%d units on work pool %r (live workers: %s)", len(units), pool, ", ".join(workers))
         runs = {
             run_deployment(

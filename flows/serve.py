@@ -2,7 +2,8 @@
 
 Run:  python -m flows.serve [--params params.yaml]
 Keeps a process running that starts `pipeline` at each scheduled time (Prefect `serve`); stop it with Ctrl-C.
-Point PREFECT_API_URL at a Prefect server (`prefect server start`) to see the schedule and runs in its UI.
+Needs PREFECT_API_URL pointing at a Prefect server (`prefect server start`): its scheduler service creates the
+scheduled runs, and its UI shows them. A temporary server has no scheduler, so nothing would ever run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ def scheduled_deployment(params_path: str = "params.yaml") -> RunnerDeployment:
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    from prefect.settings import PREFECT_API_URL
+
     args = parse_stage_args(__doc__.splitlines()[0])
+    if not PREFECT_API_URL.value():
+        raise SystemExit(
+            "flows.serve: error: schedules need a Prefect server with its scheduler: run `prefect server start` "
+            "and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     prefect.serve(scheduled_deployment(args.params))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,8 @@ train every probe of the suite on them.
 Run:  python -m flows.unit --params params.yaml --backbone NAME --dataset NAME     (in process)
 The pipeline (flows/pipeline.py) fans units out: in process by default, or, with `flow.work_pool`, as runs of the
 deployment `unit/<flow.unit_deployment>` that Prefect workers pick up (`prefect worker start --pool <pool>`).
-Under a worker the unit holds the worker's concurrency slot `gpu:<worker>` for its whole run, so two units never
-share a worker's GPU (units sharing a dataset prepare it once: the prepare step locks it). Every step reuses
+Under a `process` worker the unit holds the worker's concurrency slot `gpu:<worker>` for its whole run, so two units
+never share a worker's GPU (units sharing a dataset prepare it once: the prepare step locks it). Every step reuses
 outputs whose fingerprint matches, so a rerun after a kill resumes.
 Cost: one backbone pass over the dataset, plus the probes' sweeps.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 
 from prefect import flow
 
@@ -21,6 +22,9 @@ from flows.common import concurrency_slot, load_params, run_stage, task_options,
 from flows.extract import extract_task
 from flows.prepare import prepare_task
 from flows.train import train_task
+
+# Set by the unit deployment on `process` pools, where a worker is one GPU and its units take turns on `gpu:<worker>`.
+WORKER_SLOT_ENV = "LAYERPROBE_WORKER_SLOT"
 
 
 def _now() -> str:
@@ -38,7 +42,7 @@ def unit_flow(params_path: str = "params.yaml", backbone: str = "", dataset: str
         raise unknown_name_error(kind, bad, list(known))
     options = task_options(params)
     worker = worker_name()
-    slot = f"gpu:{worker}" if worker else None
+    slot = f"gpu:{worker}" if worker and os.environ.get(WORKER_SLOT_ENV) else None
     with concurrency_slot(slot, 1) if slot else contextlib.nullcontext():
         started = _now()
         prepared = prepare_task.with_options(**options)(dataset, params.datasets[dataset], params.prepare, params.paths)

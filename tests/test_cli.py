@@ -126,3 +126,23 @@ def test_another_image_folder_or_a_new_file_re_prepares_and_re_extracts(tmp_path
     with_new_file = extract(second)
     assert with_new_file["status"] == "computed" and with_new_file["content_hash"] != from_second["content_hash"]
     assert json.loads((cache / "manifest.json").read_text())["num_images"] == 13
+
+
+def test_pool_and_schedule_without_a_prefect_server_are_one_line_errors(tmp_path):
+    """A work pool and a schedule both need a real Prefect server; without PREFECT_API_URL each says so and stops."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root)])
+    (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
+    (tmp_path / "flows").symlink_to(root / "flows")
+    for command, needle in (
+        ([sys.executable, "-m", "layerprobe.cli", "run", "--pool", "gpu"], "work pool 'gpu' needs the Prefect server"),
+        ([sys.executable, "-m", "flows.serve"], "schedules need a Prefect server"),
+    ):
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and needle in lines[0], result.stderr[-1500:]
+        assert "PREFECT_API_URL" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flows", "params.yaml"]  # nothing computed or written
