@@ -102,3 +102,33 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("suite: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_backbone_preprocessing_values_are_checked(tmp_path):
+    data = minimal()
+    for key, value, message in [
+        ("interpolation", "lanczos", r"backbones.b: interpolation must be one of .*'lanczos'"),
+        ("mean", [0.5, 0.5], r"backbones.b: mean must be 3 floats"),
+        ("std", [0.5, 0.0, 0.5], r"backbones.b: std must be positive"),
+        ("std", ["a", 1, 1], r"backbones.b.std\[0\] must be float"),
+        ("crop_pct", 1.5, r"backbones.b: crop_pct must be in \(0, 1\]"),
+        ("pos_embed_resample", "bicubic", r"backbones.b: pos_embed_resample must be one of"),
+    ]:
+        data["backbones"]["b"] = {"model": "vit_tiny_patch16_224", key: value}
+        with pytest.raises(ParamsError, match=message):
+            load_params(write(tmp_path, data))
+    data["backbones"]["b"] = {"model": "vit_tiny_patch16_224", "interpolation": "bilinear", "mean": [0, 0.5, 1]}
+    backbone = load_params(write(tmp_path, data)).backbones["b"]
+    assert backbone.preprocessing() == {"crop_pct": None, "interpolation": "bilinear", "mean": [0.0, 0.5, 1.0],
+                                        "std": None}  # fmt: skip
+    assert backbone.pos_embed_resample == "timm"
+
+
+def test_jitter_val_is_a_bool_off_by_default_and_on_in_the_paper_params(tmp_path):
+    data = minimal()
+    assert load_params(write(tmp_path, data)).train.jitter_val is False
+    data["train"]["jitter_val"] = "yes"
+    with pytest.raises(ParamsError, match="train.jitter_val must be bool"):
+        load_params(write(tmp_path, data))
+    assert load_params(ROOT / "params.yaml").train.jitter_val is False
+    assert load_params(ROOT / "params.paper.yaml").train.jitter_val is True

@@ -6,7 +6,15 @@ import dataclasses
 import os
 from pathlib import Path
 
-from layerprobe.config import BackboneConfig, DatasetConfig, ExtractConfig, PrepareConfig, ProbeConfig, TrainConfig
+from layerprobe.config import (
+    BackboneConfig,
+    DatasetConfig,
+    ExtractConfig,
+    PrepareConfig,
+    PretrainConfig,
+    ProbeConfig,
+    TrainConfig,
+)
 from layerprobe.files import write_json
 from layerprobe.fingerprint import (
     _normalised_source,
@@ -17,6 +25,7 @@ from layerprobe.fingerprint import (
 )
 from layerprobe.workflow.extract import extract_fingerprint
 from layerprobe.workflow.prepare import prepare_fingerprint
+from layerprobe.workflow.pretrain import pretrain_fingerprint
 from layerprobe.workflow.train import train_fingerprint
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "layerprobe"
@@ -109,4 +118,26 @@ def test_step_fingerprints_follow_params_and_inputs_but_not_speed_knobs(tmp_path
     assert train_fingerprint("alf", ProbeConfig(), train, features_hash="g").value != probe
     assert train_fingerprint("alf", ProbeConfig(), dataclasses.replace(train, device="auto"), features_hash="f") == (
         train_fingerprint("alf", ProbeConfig(), train, features_hash="f")
+    )
+
+
+def test_preprocessing_pos_embed_and_jitter_val_make_their_caches_stale(tmp_path):
+    backbone = BackboneConfig(model="vit_small_patch14_dinov2", model_kwargs={"img_size": 224}, crop_pct=0.875)
+    marker = tmp_path / "manifest.json"
+    write_json(marker, {"fingerprint": extract_fingerprint(backbone, ExtractConfig(), dataset_version="v1").as_dict()})
+    for change in ({"interpolation": "bilinear"}, {"mean": [0.4, 0.4, 0.4]}, {"std": [0.2, 0.2, 0.2]},
+                   {"crop_pct": 1.0}, {"pos_embed_resample": "dinov2"}):  # fmt: skip
+        changed = extract_fingerprint(dataclasses.replace(backbone, **change), ExtractConfig(), dataset_version="v1")
+        assert staleness(marker, changed) == "params changed", change
+    assert staleness(marker, extract_fingerprint(backbone, ExtractConfig(), dataset_version="v1")) is None
+
+    pretrained = dataclasses.replace(backbone, checkpoint="c.safetensors", model_kwargs={"num_classes": 0},
+                                     pretrain=PretrainConfig())  # fmt: skip
+    assert pretrain_fingerprint(pretrained) != pretrain_fingerprint(
+        dataclasses.replace(pretrained, interpolation="nearest")
+    )
+
+    train = TrainConfig(device="cpu", precision="float32")
+    assert train_fingerprint("alf", ProbeConfig(), train, features_hash="f") != train_fingerprint(
+        "alf", ProbeConfig(), dataclasses.replace(train, jitter_val=True), features_hash="f"
     )

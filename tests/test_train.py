@@ -246,3 +246,28 @@ def test_jitter_touches_only_training_batches_and_only_the_chosen_images():
 
     assert torch.equal(weights(jitter_prob=0.0), weights(jitter_std=0.0))  # no image chosen == zero noise
     assert not torch.equal(weights(jitter_prob=0.5), weights(jitter_prob=0.0))
+
+
+def test_jitter_val_changes_only_the_validation_scores_and_reproducibly():
+    tokens, labels = planted(400, signal={5: 0}, num_classes=3, seed=5)
+    spec = get_probe_spec("linear_last_cls_ap")
+    positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
+    grid = make_grid([1e-2, 1e-3], [1e-4])
+    # A large jitter, so the noisy validation tokens move the scores visibly at this size.
+    config = TrainConfig(epochs=1, min_steps=30, batch_size=64, device="cpu", jitter_std=0.5)
+
+    def sweep(train_config: TrainConfig):
+        return sweep_probe(spec, tokens[:250], labels[:250], val_tokens=tokens[250:], val_labels=labels[250:],
+                           positions=positions, num_classes=3, grid=grid, config=train_config)  # fmt: skip
+
+    off, on, again = sweep(config), sweep(replace(config, jitter_val=True)), sweep(replace(config, jitter_val=True))
+    scores = [[s["accuracy"] for s in result.val_scores] for result in (off, on, again)]
+    assert scores[1] != scores[0]  # selection sees the noisy tokens
+    assert scores[1] == scores[2]  # seeded: the same noise every run
+    # Off is today's sweep: the scores of the grid trained alone, predicted on the clean tokens.
+    trained = train_grid(spec, tokens[:250], labels[:250], positions=positions, num_classes=3, grid=grid,
+                         config=config)  # fmt: skip
+    clean, _, _ = predict(trained.probe, tokens[250:], positions=positions)
+    assert scores[0] == [float((member.numpy() == labels[250:].numpy()).mean()) for member in clean]
+    # Only the scores change: the same member wins here, and its refit is the one without jitter_val.
+    assert on.best == off.best and torch.equal(on.probe.weight, off.probe.weight)

@@ -21,6 +21,10 @@ DTYPES = ("float16", "float32")  # extract.dtype: the feature cache's storage ty
 PRECISIONS = ("auto", "float32", "bfloat16")  # train.precision: the probe matmuls' dtype
 EXTRACT_PRECISIONS = ("float32", "bfloat16")  # extract.precision: the backbone forward's dtype
 TOKENS = ("cls", "ap")  # per-layer tokens of the feature cache, in cache order
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # backbones.*.interpolation: the eval resize filter
+# backbones.*.pos_embed_resample: how a checkpoint's position-embedding table is fitted to the model's patch grid at
+# load: timm's (bicubic, antialiased) or DINOv2's own run-time rule (bicubic, no antialias, scale (n + 0.1) / N)
+POS_EMBED_RESAMPLES = ("timm", "dinov2")
 
 # Artifact file names: the one place they are spelled; PathsConfig and the modules that read and write each
 # artifact use these. Completion markers are written last and record the fingerprint of what made the output.
@@ -175,12 +179,29 @@ class BackboneConfig:
     pretrained: bool = False
     checkpoint: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Eval preprocessing (resize to floor(size / crop_pct), centre crop, normalise); null keeps the model's own
+    # (its timm pretrained_cfg).
     crop_pct: float | None = None
+    interpolation: str | None = None  # the resize filter: bilinear | bicubic | nearest
+    mean: list[float] | None = None  # per-channel normalisation, 3 floats each
+    std: list[float] | None = None
+    pos_embed_resample: str = "timm"  # fitting a checkpoint's position embeddings to the model's grid: timm | dinov2
     final_projection: bool = False  # OpenAI-CLIP ports: the paper's last "layer" is the projected image tokens
     family: str | None = None
     pretrain: PretrainConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ParamsError(f"crop_pct must be in (0, 1] or null, got {self.crop_pct}")
+        if self.interpolation is not None:
+            _check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ParamsError(f"{key} must be 3 floats (one per RGB channel) or null, got {value}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ParamsError(f"std must be positive, got {self.std}")
+        _check_choice("pos_embed_resample", self.pos_embed_resample, POS_EMBED_RESAMPLES)
         if self.pretrain is None:
             return
         if not self.checkpoint or self.pretrained:
@@ -189,6 +210,10 @@ class BackboneConfig:
         if self.model_kwargs.get("num_classes") != 0:
             raise ParamsError("a backbone with `pretrain` needs model_kwargs.num_classes: 0 (its checkpoint holds "
                               "the encoder only)")  # fmt: skip
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The eval-transform overrides, as `layerprobe.backbone.create_eval_transform` takes them (None: model's)."""
+        return {"crop_pct": self.crop_pct, "interpolation": self.interpolation, "mean": self.mean, "std": self.std}
 
 
 @dataclass(frozen=True)
@@ -261,6 +286,9 @@ class TrainConfig:
     grad_clip: float = 5.0  # per-member gradient-norm clip
     jitter_std: float = 0.05  # Gaussian noise on normalised training tokens...
     jitter_prob: float = 0.5  # ...for this share of the images
+    # The same jitter (seeded) on the validation tokens that score the grid, as the reference's loader applies it
+    # (its val subset shares the training set's noise transform); the refit and the test split never see it.
+    jitter_val: bool = False
     min_lr: float = 1e-6  # end of the cosine decay (no warm-up)
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"

@@ -38,6 +38,7 @@ def predict_images(
         pretrained=bool(source.get("pretrained", False)),
         checkpoint=source.get("checkpoint"),
         model_kwargs=source.get("model_kwargs") or {},
+        pos_embed_resample=source.get("pos_embed_resample", "timm"),
     )
     extractor = LayerTokenExtractor(
         network,
@@ -49,7 +50,8 @@ def predict_images(
         raise ValueError(
             f"probe {probe_dir} was trained on layers {source['layer_names']}, backbone gives {extractor.layer_names}"
         )
-    transform = create_eval_transform(network, crop_pct=source.get("crop_pct"))
+    # Caches written before `preprocessing` was recorded name only their crop_pct.
+    transform = create_eval_transform(network, **(source.get("preprocessing") or {"crop_pct": source.get("crop_pct")}))
     extractor.to(device)
     batches = []
     for start in range(0, len(images), batch_size):

@@ -1,7 +1,8 @@
 """Probe training with the paper's recipe, a whole hyperparameter grid at once, sweep selection and refit.
 
 Recipe (reference code's defaults): AdamW, cosine decay to 1e-6 without warm-up, class-weighted cross-entropy,
-at least 1000 steps, grad-norm clip 5, Gaussian feature jitter (sigma 0.05, p 0.5) on training batches only.
+at least 1000 steps, grad-norm clip 5, Gaussian feature jitter (sigma 0.05, p 0.5) on training batches (and, with
+`jitter_val`, on the validation tokens that score the grid, as the reference's loader does).
 All members of a grid see the same batches, jitter and dropout draws, so member m ends with the same weights as
 its config trained alone with the same seed; only the compute is shared.
 """
@@ -164,6 +165,14 @@ def _check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
 
 
+def jitter_tokens(x: torch.Tensor, *, std: float, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of `std` on a random `prob` share of the images of normalised tokens `x  # [b, K, D]`."""
+    chosen = (torch.rand(x.shape[0], generator=generator, device=x.device) < prob).nonzero()[:, 0]
+    # Noise only for the images that get it: drawing Gaussians is most of the data path's cost on CPU.
+    noise = torch.randn((len(chosen), *x.shape[1:]), generator=generator, device=x.device)
+    return x.index_add(0, chosen, noise, alpha=std)
+
+
 def train_selected(
     spec: ProbeSpec,
     features: torch.Tensor,
@@ -205,10 +214,7 @@ def train_selected(
             rows = order[start : start + batch_size]
             x = normalize_tokens(features[rows].float())  # [b, K, D]
             b = x.shape[0]
-            jittered = (torch.rand(b, generator=jitter_gen, device=device) < config.jitter_prob).nonzero()[:, 0]
-            # Noise only for the images that get it: drawing Gaussians is most of the data path's cost on CPU.
-            noise = torch.randn((len(jittered), *x.shape[1:]), generator=jitter_gen, device=device)
-            x = x.index_add(0, jittered, noise, alpha=config.jitter_std)
+            x = jitter_tokens(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
             dropout_noise = None
             if attentive:  # drawn every step for every grid, so a lone member sees the same masks
                 dropout_noise = torch.rand(b, probe.num_heads, num_tokens, generator=dropout_gen, device=device)
@@ -261,15 +267,30 @@ def train_grid(
 
 @torch.no_grad()
 def predict_selected(
-    probe: nn.Module, features: torch.Tensor, *, batch_size: int = 4096
+    probe: nn.Module,
+    features: torch.Tensor,
+    *,
+    batch_size: int = 4096,
+    jitter_std: float = 0.0,
+    jitter_prob: float = 0.0,
+    jitter_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens."""
+    """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens.
+
+    A non-zero `jitter_std` and `jitter_prob` add the training jitter to the normalised tokens first, drawn from a
+    generator seeded with `jitter_seed` (and batch by batch): every member sees the same noisy tokens, a rerun the
+    same noise.
+    """
     was_training = probe.training
     probe.eval()
     device = next(probe.parameters()).device
+    jitter = jitter_std > 0 and jitter_prob > 0
+    generator = torch.Generator(device=device).manual_seed(jitter_seed) if jitter else None
     logits, attention = [], []
     for start in range(0, features.shape[0], batch_size):
         x = normalize_tokens(features[start : start + batch_size].to(device).float())
+        if generator is not None:
+            x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator)
         batch_logits, batch_attention = probe(x, return_attention=True)
         logits.append(batch_logits.cpu())
         if batch_attention is not None:
@@ -309,11 +330,19 @@ def sweep_probe(
 ) -> SweepResult:
     """Train the grid on train, pick the best member by validation balanced accuracy, refit it on train+val.
 
-    Ties go to the first member in grid order. The refit is a G=1 run with the same recipe and seed.
+    Ties go to the first member in grid order. The refit is a G=1 run with the same recipe and seed. With
+    `config.jitter_val` the validation tokens get the training jitter (seeded by `seed`) before scoring; only the
+    choice of member depends on it.
     """
     train_features, val_features = gather_raw(tokens, positions), gather_raw(val_tokens, positions)
     trained = train_selected(spec, train_features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
-    predictions, _, _ = predict_selected(trained.probe, val_features)
+    predictions, _, _ = predict_selected(
+        trained.probe,
+        val_features,
+        jitter_std=config.jitter_std if config.jitter_val else 0.0,
+        jitter_prob=config.jitter_prob,
+        jitter_seed=seed + 3,  # its own stream: training's shuffle, jitter and dropout use seed .. seed + 2
+    )
     truth = val_labels.cpu().numpy()
     val_scores = []
     for hparams, member_predictions in zip(grid, predictions, strict=True):

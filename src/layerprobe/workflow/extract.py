@@ -68,7 +68,7 @@ def extract_step(
         prepared = open_prepared(paths.prepared_dir(dataset_name))  # fails on a broken dataset before the model
         network = create_backbone(
             backbone.model, pretrained=backbone.pretrained, checkpoint=backbone.checkpoint,
-            model_kwargs=backbone.model_kwargs,
+            model_kwargs=backbone.model_kwargs, pos_embed_resample=backbone.pos_embed_resample,
         )  # fmt: skip
         extractor = LayerTokenExtractor(
             network, tap=extract.tap, final_projection=backbone.final_projection, precision=extract.precision
@@ -80,8 +80,9 @@ def extract_step(
             "pretrained": backbone.pretrained,
             "checkpoint": backbone.checkpoint,
             "model_kwargs": backbone.model_kwargs,
-            "crop_pct": backbone.crop_pct,
-            "transform": describe_transform(network, crop_pct=backbone.crop_pct),
+            "pos_embed_resample": backbone.pos_embed_resample,
+            "preprocessing": backbone.preprocessing(),
+            "transform": describe_transform(network, **backbone.preprocessing()),
             "dataset": dataset_name,
             "dataset_version": prepared.version,
             "class_names": prepared.class_names,
@@ -91,7 +92,7 @@ def extract_step(
             images=prepared.dataset,
             splits=prepared.splits,
             extractor=extractor,
-            transform=create_eval_transform(network, crop_pct=backbone.crop_pct),
+            transform=create_eval_transform(network, **backbone.preprocessing()),
             out_dir=out_dir,
             provenance=provenance,
             shard_size=extract.shard_size,

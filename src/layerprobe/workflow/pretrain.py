@@ -19,7 +19,7 @@ def pretrain_fingerprint(backbone: BackboneConfig) -> Fingerprint:
     params = {
         "model": backbone.model,
         "model_kwargs": backbone.model_kwargs,
-        "crop_pct": backbone.crop_pct,
+        "preprocessing": backbone.preprocessing(),
         "pretrain": {k: v for k, v in dataclasses.asdict(recipe).items() if k != "device"},
     }
     return make_fingerprint(__name__, params=params, inputs=files_listing(source_inputs(recipe.source, recipe.options)))
@@ -57,7 +57,7 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
         kwargs = {**backbone.model_kwargs, "num_classes": len(dataset.class_names)}
         model = timm.create_model(backbone.model, pretrained=False, **kwargs)
     # The extraction's own preprocessing, so pretraining sees images exactly as the probes' features will.
-    transform = create_eval_transform(model, crop_pct=backbone.crop_pct)
+    transform = create_eval_transform(model, **backbone.preprocessing())
     images = torch.stack([transform(dataset.load_image(i)) for i in range(len(dataset))])  # [N, 3, H, W]
     labels = torch.as_tensor(dataset.labels)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(recipe.seed))
