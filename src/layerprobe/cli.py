@@ -293,7 +293,7 @@ def run_evaluate(args) -> int:
         evaluate=_section(params, "evaluate", EvaluateConfig()),
         paths=_paths(params),
     )
-    shown = ("probe", "backbone", "dataset", "test", "val_balanced_accuracy", "outputs", "status")
+    shown = ("probe", "backbone", "dataset", "test", "test_ci", "val_balanced_accuracy", "outputs", "status")
     print(json.dumps({k: result[k] for k in shown}, indent=2))
     return 0
 
