@@ -75,7 +75,8 @@ def main() -> None:
     print(f"pretrain-sized ViT training steps/s, {cores} cores; busy = {cores} busy-loop processes beside it")
     for machine, by_policy in figures.items():
         default, passive = by_policy[None], by_policy["PASSIVE"]
-        print(f"{machine:5s} default {default:7.2f}   PASSIVE {passive:7.2f}   ratio PASSIVE/default {passive / default:.2f}")
+        ratio = passive / default
+        print(f"{machine:5s} default {default:7.2f}   PASSIVE {passive:7.2f}   ratio PASSIVE/default {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Report stage: the paper-style table (datasets x probes per backbone, gain of alf over linear_last_cls) and, per
-backbone, a layer-attention matrix (datasets x layers), written for DVC and logged to the evaluate stage's MLflow
-parent run.
+"""Report stage: the paper-style table (datasets x probes per backbone, gain of alf over linear_last_cls, bootstrap
+intervals) and, per backbone, a layer-attention matrix (datasets x layers), written for DVC and logged to the
+evaluate stage's MLflow parent run (with each gain and its paired-bootstrap interval as metrics).
 
 Run:  python -m flows.report [--params params.yaml]
-Cost: seconds (reads metrics files, draws two figures).
+Cost: seconds (reads metrics and predictions files, 1000 bootstrap resamples per task, draws two figures).
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.common import load_params, run_stage
 from layerprobe import tracking
-from layerprobe.config import HEATMAP_JSON
-from layerprobe.files import read_json
-from layerprobe.report import HEADLINE, write_report
+from layerprobe.config import HEATMAP_JSON, PREDICTIONS_FILE
+from layerprobe.files import read_arrays, read_json
+from layerprobe.report import BASELINE, HEADLINE, gain_intervals, gain_metrics, write_report
 
 
 @task(name="write-report")
-def write_report_task(summary: dict, out_dir: Path, probes: list[str], groups: dict, heatmaps: dict) -> dict:
+def write_report_task(
+    summary: dict, out_dir: Path, probes: list[str], groups: dict, heatmaps: dict, intervals: dict
+) -> dict:
     return {name: str(path) for name, path in write_report(summary, out_dir, probes=probes, groups=groups,
-                                                           heatmaps=heatmaps).items()}  # fmt: skip
+                                                           heatmaps=heatmaps, intervals=intervals).items()}  # fmt: skip
 
 
 @flow(name="report", log_prints=True)
@@ -34,13 +36,19 @@ def report_flow(params_path: str = "params.yaml") -> dict:
         raise FileNotFoundError(f"no evaluation results at {metrics_file} (run the evaluate stage first)")
     summary = read_json(metrics_file)
     heatmaps = {}  # backbone -> dataset -> the headline probe's layer attention
+    predictions = {}  # backbone -> dataset -> probe -> test labels and predictions, to pair the two probes
     for b in params.suite.backbones:
         for d in params.suite.datasets:
             path = params.paths.evaluation_dir(b, d, HEADLINE) / HEATMAP_JSON
             if path.is_file():
                 heatmaps.setdefault(b, {})[d] = read_json(path)
+            for p in (HEADLINE, BASELINE):
+                path = params.paths.evaluation_dir(b, d, p) / PREDICTIONS_FILE
+                if d in summary.get(b, {}) and path.is_file():  # only tasks this summary (and parent run) holds
+                    predictions.setdefault(b, {}).setdefault(d, {})[p] = read_arrays(path)
+    intervals = gain_intervals(predictions)
     groups = {name: dataset.group for name, dataset in params.datasets.items()}
-    files = write_report_task(summary, params.paths.report_dir, params.suite.probes, groups, heatmaps)
+    files = write_report_task(summary, params.paths.report_dir, params.suite.probes, groups, heatmaps, intervals)
     markdown = Path(files["markdown"]).read_text()
     create_markdown_artifact(key="layerprobe-report", markdown=markdown, description=f"{params.suite.name} results")
     run_file = params.paths.pipeline_run_file
@@ -48,7 +56,9 @@ def report_flow(params_path: str = "params.yaml") -> dict:
         tracking.setup_experiment(
             params.tracking.experiment, mlruns_dir=params.paths.mlruns, tracking_uri=params.tracking.tracking_uri
         )
-        tracking.log_artifacts(read_json(run_file)["parent_run_id"], {"report": params.paths.report_dir})
+        parent_run_id = read_json(run_file)["parent_run_id"]
+        tracking.log_metrics(parent_run_id, gain_metrics(intervals))
+        tracking.log_artifacts(parent_run_id, {"report": params.paths.report_dir})
     print(markdown)
     return files
 

@@ -12,6 +12,9 @@ import pytest
 from PIL import Image
 
 from layerprobe.cli import main
+from layerprobe.features import read_features
+from layerprobe.files import read_arrays
+from layerprobe.metrics import classification_metrics
 
 TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'
 
@@ -56,8 +59,18 @@ def test_extract_train_evaluate_predict_from_the_command_line(tmp_path, monkeypa
     )
     assert main(["evaluate", *common, "--probe", "alf"]) == 0
     capsys.readouterr()
-    metrics = json.loads((tmp_path / "results/evaluate/vit_tiny_patch16_224/count_shapes/alf/metrics.json").read_text())
+    evaluation = tmp_path / "results/evaluate/vit_tiny_patch16_224/count_shapes/alf"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["balanced_accuracy"] <= 1.0
+    # every seed's test predictions, for the report to pair probes; written before the marker
+    saved = read_arrays(evaluation / "predictions.npz")
+    assert saved["predictions"].shape == (1, len(saved["labels"])) and saved["predictions"].dtype == np.uint8
+    np.testing.assert_array_equal(saved["labels"], read_features(features, split="test").labels.numpy())
+    scored = classification_metrics(saved["labels"], saved["predictions"][0], int(saved["num_classes"]))
+    assert scored["balanced_accuracy"] == pytest.approx(metrics["test"]["balanced_accuracy"])
+    low, high = metrics["test_ci"]["balanced_accuracy"]
+    assert low <= metrics["test"]["balanced_accuracy"] <= high and high - low > 0
+    assert (evaluation / "predictions.npz").stat().st_mtime_ns <= (evaluation / "metrics.json").stat().st_mtime_ns
 
     rng = np.random.default_rng(0)
     images = []

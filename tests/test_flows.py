@@ -119,10 +119,13 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     alf = next(r for r in children if r.data.tags["probe"] == "alf")
     assert alf.info.run_name == "tiny_vit/count/alf"
     assert 0.0 <= alf.data.metrics["test/balanced_accuracy"] <= 1.0
+    low, high = alf.data.metrics["test/balanced_accuracy_ci_low"], alf.data.metrics["test/balanced_accuracy_ci_high"]
+    assert low <= alf.data.metrics["test/balanced_accuracy"] <= high
     assert alf.data.params["tap"] == "norm2"
     assert len(client.get_metric_history(alf.info.run_id, "train/loss")) > 1
     artifacts = {a.path for a in client.list_artifacts(alf.info.run_id, "evaluation")}
-    assert {"evaluation/heatmap.png", "evaluation/heatmap.json", "evaluation/confusion.png"} <= artifacts
+    assert {"evaluation/heatmap.png", "evaluation/heatmap.json", "evaluation/confusion.png",
+            "evaluation/predictions.npz"} <= artifacts  # fmt: skip
     name = "layerprobe-count-tiny-vit"
     versions = client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 2
@@ -136,6 +139,18 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     predictions = loaded.predict(test.tokens[:5].float().numpy())
     assert predictions.shape == (5,)
     assert json.loads(Path("results/evaluate/run.json").read_text())["parent_run_id"] == parents[0].info.run_id
+
+    # The report pairs the two probes' test predictions: the gain and its interval on the parent run and in the table.
+    from flows.report import report_flow
+
+    report_flow("params.yaml")
+    parent = client.get_run(parents[0].info.run_id).data.metrics
+    gain = parent["test/balanced_accuracy_gain/tiny_vit/count"]
+    by_probe = {r.data.tags["probe"]: r.data.metrics["test/balanced_accuracy"] for r in children}
+    assert gain == pytest.approx(by_probe["alf"] - by_probe["linear_last_cls"])
+    low, high = (parent[f"test/balanced_accuracy_gain_ci_{bound}/tiny_vit/count"] for bound in ("low", "high"))
+    assert low <= gain <= high
+    assert f"{100 * gain:+.2f} [{100 * low:.1f}, {100 * high:.1f}] |" in Path("results/report/report.md").read_text()
 
     evaluate_flow("params.yaml")  # unchanged probes: a new parent run, but no duplicate model versions
     assert len(client.search_model_versions(f"name = '{name}'")) == 2

@@ -56,3 +56,17 @@ def test_plots_write_pngs_of_the_expected_size(tmp_path):
     gains_path = plot_gains({"svhn": 27.3, "stl10": 0.04, "x": -1.0}, tmp_path / "gains.png", probe="alf",
                             baseline="linear_last_cls")  # fmt: skip
     assert cm_path.stat().st_size > 1000 and gains_path.stat().st_size > 1000
+
+
+def test_gains_figure_draws_interval_bars(tmp_path):
+    gains = {"svhn": 27.3, "stl10": 0.04, "x": -1.0}
+
+    def draw(name: str, intervals: dict) -> np.ndarray:
+        path = plot_gains(gains, tmp_path / name, probe="alf", baseline="linear_last_cls", intervals=intervals)
+        return matplotlib.image.imread(path)
+
+    # a skewed interval (the point outside it, as a percentile interval can be) must still draw
+    wide = draw("wide.png", {"svhn": (15.0, 33.0), "x": (-0.5, 2.0)})
+    narrow = draw("narrow.png", {"svhn": (27.0, 27.6)})
+    assert wide.shape == narrow.shape
+    assert np.abs(wide - narrow).sum() > 100  # same bars and title: only the error bars differ

@@ -83,3 +83,16 @@ def test_plan_command_prints_every_task(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "900 probe tasks" in out
     assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 |" in out
+
+
+def test_plan_command_on_a_short_disk_prints_the_plan_then_refuses(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 0, 10**9))  # 1 GB free, TBs needed
+    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000"]) == 2
+    captured = capsys.readouterr()
+    assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 |" in captured.out  # the whole plan first
+    assert "total still to write:" in captured.out and "of 1.0 GB free" in captured.out
+    refusal = captured.err.strip().splitlines()
+    assert len(refusal) == 1
+    assert refusal[0].startswith("layerprobe plan: error: feature caches need ") and "has 1.0 GB free" in refusal[0]

@@ -293,7 +293,7 @@ def run_evaluate(args) -> int:
         evaluate=_section(params, "evaluate", EvaluateConfig()),
         paths=_paths(params),
     )
-    shown = ("probe", "backbone", "dataset", "test", "val_balanced_accuracy", "outputs", "status")
+    shown = ("probe", "backbone", "dataset", "test", "test_ci", "val_balanced_accuracy", "outputs", "status")
     print(json.dumps({k: result[k] for k in shown}, indent=2))
     return 0
 
@@ -348,7 +348,7 @@ def run_predict(args) -> int:
 
 
 def run_plan(args) -> int:
-    from layerprobe.plan import check_disk, format_plan, measure_gflops_per_second, plan_suite
+    from layerprobe.plan import disk_need, disk_refusal, format_plan, measure_gflops_per_second, plan_suite
 
     params = load_params(args.params)
     if args.images_per_second:
@@ -360,10 +360,14 @@ def run_plan(args) -> int:
     else:
         gflops_per_second = measure_gflops_per_second(args.device)
     plans = plan_suite(params, gflops_per_second=gflops_per_second)
-    needed, free = check_disk(plans, Path(params.paths.features), dtype=params.extract.dtype)
+    needed, free, where = disk_need(plans, Path(params.paths.features))
     print(
         format_plan(params, plans, needed=needed, free=free, gflops_per_second=gflops_per_second, list_tasks=args.tasks)
     )
+    refusal = disk_refusal(needed, free, where, dtype=params.extract.dtype)
+    if refusal:  # after the plan, so whoever sizes the disk sees which caches need the space
+        sys.stdout.flush()
+        raise ValueError(refusal)
     return 0
 
 

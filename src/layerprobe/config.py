@@ -37,6 +37,7 @@ PROBE_CONFIG = "probe.json"
 SWEEP_FILE = "sweep.json"  # every grid member's validation scores
 HISTORY_FILE = "history.json"  # the refit's training curves
 METRICS_FILE = "metrics.json"  # evaluate's completion marker per probe, and the suite's summary
+PREDICTIONS_FILE = "predictions.npz"  # per probe: test labels and every seed's predicted labels
 HEATMAP_JSON = "heatmap.json"
 HEATMAP_PNG = "heatmap.png"
 CONFUSION_PNG = "confusion.png"

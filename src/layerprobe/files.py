@@ -57,6 +57,29 @@ def write_json(path: str | Path, value: Any) -> Path:
     return write_bytes_atomic(path, text.encode())
 
 
+def write_arrays(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write numeric arrays as one compressed `.npz`, atomically (no pickled objects, so reading needs none)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a `write_arrays` file; a corrupt one fails naming its path."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{str(path)!r} is corrupt (not an .npz of arrays: {e})") from e
+
+
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file; a corrupt one fails naming its path."""
     path = Path(path)

@@ -137,19 +137,33 @@ def plan_suite(params: Params, *, gflops_per_second: float) -> list[CachePlan]:
 
 def check_disk(plans: list[CachePlan], features_root: Path, *, dtype: str = "float16") -> tuple[int, int]:
     """Refuse up front when the caches still to write would not fit on the features disk. Returns (needed, free)."""
+    needed, free, where = disk_need(plans, features_root)
+    refusal = disk_refusal(needed, free, where, dtype=dtype)
+    if refusal:
+        raise ValueError(refusal)
+    return needed, free
+
+
+def disk_need(plans: list[CachePlan], features_root: Path) -> tuple[int, int, Path]:
+    """Bytes of the caches not yet written, bytes free on the features disk, and the folder that was measured (the
+    nearest existing one)."""
     missing = [p for p in plans if not (features_root / p.backbone / p.dataset / MANIFEST_FILE).is_file()]
     needed = sum(p.bytes for p in missing)
     existing = features_root
     while not existing.exists():
         existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if needed > free:
-        hint = ", or set extract.dtype: float16" if dtype != "float16" else ""
-        raise ValueError(
-            f"feature caches need {format_bytes(needed)} but {existing.resolve()} has {format_bytes(free)} free; "
-            f"free space or point paths.features at a larger disk{hint}"
-        )
-    return needed, free
+    return needed, shutil.disk_usage(existing).free, existing
+
+
+def disk_refusal(needed: int, free: int, where: Path, *, dtype: str = "float16") -> str | None:
+    """The one-line refusal when `needed` bytes do not fit in `free`; None when they do."""
+    if needed <= free:
+        return None
+    hint = ", or set extract.dtype: float16" if dtype != "float16" else ""
+    return (
+        f"feature caches need {format_bytes(needed)} but {where.resolve()} has {format_bytes(free)} free; "
+        f"free space or point paths.features at a larger disk{hint}"
+    )
 
 
 def format_bytes(count: float) -> str:

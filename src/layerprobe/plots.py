@@ -137,21 +137,30 @@ def plot_gains(
     *,
     probe: str,
     baseline: str,
-    errors: Mapping[str, float] | None = None,
+    intervals: Mapping[str, tuple[float, float]] | None = None,
+    level: str = "95 %",
     dpi: int = DPI,
 ) -> Path:
-    """Bar per dataset of `probe`'s gain over `baseline` (percentage points), with the mean as a dashed line."""
+    """Bar per dataset of `probe`'s gain over `baseline` (percentage points), with the mean as a dashed line.
+
+    `intervals` maps a bar to its (low, high) interval, drawn as an error bar (bars without one get none).
+    """
     if not gains:
         raise ValueError("gains is empty: nothing to plot")
     names = list(gains)
     values = np.array([gains[n] for n in names], dtype=float)
-    yerr = None if errors is None else np.array([errors.get(n, 0.0) for n in names], dtype=float)
+    yerr = None
+    if intervals:
+        bounds = np.array([intervals.get(n, (v, v)) for n, v in zip(names, values, strict=True)], dtype=float)
+        # Percentile intervals need not be centred on the point; clip so a skewed one never gives a negative length.
+        yerr = np.clip(np.stack([values - bounds[:, 0], bounds[:, 1] - values]), 0.0, None)  # [2, bars]
     fig, ax = plt.subplots(figsize=(2.0 + 0.5 * len(names), 3.6), layout="constrained")
     ax.bar(range(len(names)), values, yerr=yerr, color=np.where(values >= 0, "tab:green", "tab:red"), capsize=3)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.axhline(values.mean(), color="tab:blue", linestyle="--", linewidth=1, label=f"mean {values.mean():+.2f} pp")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel(f"{probe} − {baseline} (pp)")
-    ax.set_title(f"gain of {probe} over {baseline}")
+    title = f"gain of {probe} over {baseline}"
+    ax.set_title(title + (f"\n(bars: paired-bootstrap {level} interval)" if intervals else ""), fontsize=9)
     ax.legend(loc="best", fontsize=8)
     return _save(fig, path, dpi)

@@ -1,7 +1,9 @@
 """The paper-style results table: datasets x probes per backbone, with the gain of `alf` over `linear_last_cls`.
 
 Pure functions from the evaluate stage's metrics summary ({backbone: {dataset: {probe: metrics}}}) to rows,
-Markdown, CSV and a gains series that `dvc plots` can draw. Accuracies are reported in percent.
+Markdown, CSV and a gains series that `dvc plots` can draw. Accuracies are reported in percent, each with a bootstrap
+interval over test images (and the std over seeds when there are several); each gain with a paired-bootstrap
+interval from both probes' predictions on the same test images (`gain_intervals`).
 """
 
 from __future__ import annotations
@@ -9,23 +11,35 @@ from __future__ import annotations
 import csv
 import io
 import json
+import zlib
 from pathlib import Path
 
+import numpy as np
+
 from layerprobe.config import REPORT_FILES
+from layerprobe.metrics import CI_LEVEL, paired_bootstrap_draws, percentile_interval
 
 BASELINE = "linear_last_cls"
 HEADLINE = "alf"
 METRIC = "test_balanced_accuracy"  # the paper's headline metric
+MEAN = "mean"  # the row (and gain interval) of the mean over a backbone's datasets
+LEVEL = f"{100 * CI_LEVEL:g} %"
 
 
 def metrics_summary(evaluations: list[dict]) -> dict:
-    """The evaluate stage's summary {backbone: {dataset: {probe: test/val metrics}}} from per-probe evaluations."""
+    """The evaluate stage's summary {backbone: {dataset: {probe: test/val metrics}}} from per-probe evaluations:
+    means over seeds, their std, and the bootstrap interval over test images of test balanced accuracy."""
     summary: dict = {}
     for r in evaluations:
+        low, high = r["test_ci"]["balanced_accuracy"]
         summary.setdefault(r["backbone"], {}).setdefault(r["dataset"], {})[r["probe"]] = {
             "test_balanced_accuracy": r["test"]["balanced_accuracy"],
+            "test_balanced_accuracy_ci_low": low,
+            "test_balanced_accuracy_ci_high": high,
+            "test_balanced_accuracy_std": r["test_std"]["balanced_accuracy"],
             "test_accuracy": r["test"]["accuracy"],
             "val_balanced_accuracy": r["val_balanced_accuracy"],
+            "num_seeds": r["num_seeds"],
         }
     return summary
 
@@ -40,23 +54,82 @@ def flat_metrics(summary: dict) -> dict[str, float]:
     }
 
 
+def gain_metrics(intervals: dict) -> dict[str, float]:
+    """`test/balanced_accuracy_gain[_ci_low|_ci_high]/<backbone>/<dataset>` (fractions) for the parent MLflow run."""
+    return {
+        f"test/balanced_accuracy_gain{suffix}/{b}/{d}": interval[key]
+        for b, datasets in intervals.items()
+        for d, interval in datasets.items()
+        for suffix, key in (("", "gain"), ("_ci_low", "low"), ("_ci_high", "high"))
+    }
+
+
 def evaluation_markdown(evaluations: list[dict], champions: dict[str, dict]) -> str:
     """One row per evaluated probe (percent), with its registered version and the champion marked."""
     lines = [
-        "| backbone | dataset | probe | test balanced acc | test acc | val balanced acc | version |",
-        "|---|---|---|---|---|---|---|",
+        f"| backbone | dataset | probe | test balanced acc | {LEVEL} interval | test acc | val balanced acc | "
+        "version |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in evaluations:
         crown = " (champion)" if champions.get(r["registered_model"], {}).get("probe") == r["probe"] else ""
+        low, high = r["test_ci"]["balanced_accuracy"]
         lines.append(
             f"| {r['backbone']} | {r['dataset']} | {r['probe']} | {100 * r['test']['balanced_accuracy']:.2f} | "
-            f"{100 * r['test']['accuracy']:.2f} | {100 * r['val_balanced_accuracy']:.2f} | {r['version']}{crown} |"
+            f"[{100 * low:.1f}, {100 * high:.1f}] | {100 * r['test']['accuracy']:.2f} | "
+            f"{100 * r['val_balanced_accuracy']:.2f} | {r['version']}{crown} |"
         )
     return "\n".join(lines)
 
 
-def results_rows(summary: dict, *, probes: list[str], groups: dict[str, str | None] | None = None) -> list[dict]:
-    """One row per (backbone, dataset): each probe's test balanced accuracy (%) and the headline gain (pp)."""
+def gain_intervals(predictions: dict[str, dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
+    """Paired-bootstrap intervals of the gain of HEADLINE over BASELINE, per task and for each backbone's mean.
+
+    Args:
+        predictions: backbone -> dataset -> probe -> the evaluate step's predictions file (`files.read_arrays`:
+            labels [N], predictions [S, N], num_classes); tasks lacking either probe are skipped.
+
+    Returns:
+        backbone -> dataset (and MEAN, over the datasets with both probes) -> {"gain", "low", "high"} as fractions.
+        Each task resamples its own test images (seeded by its name, so reruns agree); the mean's interval averages
+        the tasks' draws, as the datasets' test sets are independent.
+    """
+    intervals: dict[str, dict[str, dict]] = {}
+    for backbone, datasets in predictions.items():
+        draws = []
+        for dataset, by_probe in datasets.items():
+            if HEADLINE not in by_probe or BASELINE not in by_probe:
+                continue
+            ours, theirs = by_probe[HEADLINE], by_probe[BASELINE]
+            if not np.array_equal(ours["labels"], theirs["labels"]):
+                raise ValueError(
+                    f"{backbone}/{dataset}: {HEADLINE} and {BASELINE} were not scored on the same test images "
+                    "(their labels differ); re-run evaluate"
+                )
+            gain, task_draws = paired_bootstrap_draws(
+                ours["labels"], ours["predictions"], theirs["predictions"], int(ours["num_classes"]),
+                seed=zlib.crc32(f"{backbone}/{dataset}".encode()),
+            )  # fmt: skip
+            low, high = percentile_interval(task_draws)
+            intervals.setdefault(backbone, {})[dataset] = {"gain": gain, "low": low, "high": high}
+            draws.append(task_draws)
+        if draws:
+            mean = [intervals[backbone][d]["gain"] for d in intervals[backbone]]
+            low, high = percentile_interval(np.mean(draws, axis=0))
+            intervals[backbone][MEAN] = {"gain": float(np.mean(mean)), "low": low, "high": high}
+    return intervals
+
+
+def results_rows(
+    summary: dict,
+    *,
+    probes: list[str],
+    groups: dict[str, str | None] | None = None,
+    intervals: dict[str, dict[str, dict]] | None = None,
+) -> list[dict]:
+    """One row per (backbone, dataset): each probe's test balanced accuracy (%), its bootstrap interval
+    (`<probe>_ci_low`, `<probe>_ci_high`) and std over seeds (`<probe>_std`, None for one seed), and the headline gain
+    (pp) with its paired interval (`gain_ci_low`, `gain_ci_high`) from `intervals` (`gain_intervals`)."""
     rows = []
     for backbone, datasets in summary.items():
         for dataset, by_probe in datasets.items():
@@ -65,8 +138,26 @@ def results_rows(summary: dict, *, probes: list[str], groups: dict[str, str | No
                 value = by_probe.get(probe, {}).get(METRIC)
                 row[probe] = None if value is None else 100.0 * value
             row["gain"] = _gain(row)
+            for probe in probes:
+                metrics = by_probe.get(probe, {})
+                for key in ("ci_low", "ci_high"):
+                    row[f"{probe}_{key}"] = _percent(metrics.get(f"{METRIC}_{key}"))
+                several = metrics.get("num_seeds", 1) > 1
+                row[f"{probe}_std"] = _percent(metrics.get(f"{METRIC}_std")) if several else None
+            row.update(_gain_interval(row, (intervals or {}).get(backbone, {}).get(dataset)))
             rows.append(row)
     return rows
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def _gain_interval(row: dict, interval: dict | None) -> dict[str, float | None]:
+    """The gain's interval in pp, where the row has a gain and the probes' predictions gave one."""
+    if row["gain"] is None or interval is None:
+        return {"gain_ci_low": None, "gain_ci_high": None}
+    return {"gain_ci_low": 100.0 * interval["low"], "gain_ci_high": 100.0 * interval["high"]}
 
 
 def _gain(row: dict) -> float | None:
@@ -75,13 +166,17 @@ def _gain(row: dict) -> float | None:
     return row[HEADLINE] - row[BASELINE]
 
 
-def mean_row(rows: list[dict], probes: list[str], *, backbone: str) -> dict:
-    """The mean over datasets of one backbone (the paper's per-model summary)."""
+def mean_row(rows: list[dict], probes: list[str], *, backbone: str, intervals: dict | None = None) -> dict:
+    """The mean over datasets of one backbone (the paper's per-model summary), with the mean gain's interval where
+    `intervals` (`gain_intervals`) covers every dataset that has a gain."""
     mine = [r for r in rows if r["backbone"] == backbone]
-    mean = {"backbone": backbone, "dataset": "mean", "group": ""}
+    mean = {"backbone": backbone, "dataset": MEAN, "group": ""}
     for key in [*probes, "gain"]:
         values = [r[key] for r in mine if r.get(key) is not None]
         mean[key] = sum(values) / len(values) if values else None
+    computed = (intervals or {}).get(backbone, {})
+    covered = {r["dataset"] for r in mine if r["gain"] is not None} == set(computed) - {MEAN}
+    mean.update(_gain_interval(mean, computed.get(MEAN) if covered else None))
     return mean
 
 
@@ -101,20 +196,36 @@ def layer_reading(heatmap: dict) -> dict:
     }
 
 
-def format_markdown(rows: list[dict], probes: list[str], heatmaps: dict[str, dict[str, dict]] | None = None) -> str:
-    """One table per backbone: rows datasets (+ mean), columns probes and the gain of alf over linear_last_cls; then,
-    where `heatmaps` has the backbone, where alf reads on each dataset (its layer attention)."""
-    parts = [f"# Results: test balanced accuracy (%), gain = {HEADLINE} - {BASELINE} (pp)\n"]
+def format_markdown(
+    rows: list[dict],
+    probes: list[str],
+    heatmaps: dict[str, dict[str, dict]] | None = None,
+    *,
+    intervals: dict[str, dict[str, dict]] | None = None,
+) -> str:
+    """One table per backbone: rows datasets (+ mean), columns probes and the gain of alf over linear_last_cls, each
+    with its interval in brackets (and ± the std over seeds where there are several); then, where `heatmaps` has the
+    backbone, where alf reads on each dataset (its layer attention)."""
+    parts = [
+        f"# Results: test balanced accuracy (%), gain = {HEADLINE} - {BASELINE} (pp)\n",
+        f"[low, high]: {LEVEL} bootstrap interval over test images (for the gain: paired, both probes scored on the "
+        "same resampled images; for the mean: each dataset resampled on its own). ± std over seeds where there are "
+        "several.",
+    ]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
-        table = [r for r in rows if r["backbone"] == backbone] + [mean_row(rows, probes, backbone=backbone)]
+        table = [r for r in rows if r["backbone"] == backbone]
+        table.append(mean_row(rows, probes, backbone=backbone, intervals=intervals))
         parts.append(f"\n## {backbone}\n")
         parts.append("| dataset | group | " + " | ".join(probes) + " | gain |")
         parts.append("|---|---|" + "---:|" * (len(probes) + 1))
         for r in table:
             best = max((r[p] for p in probes if r[p] is not None), default=None)
-            cells = [_cell(r[p], bold=r[p] is not None and r[p] == best) for p in probes]
-            gain = "" if r["gain"] is None else f"{r['gain']:+.2f}"
-            parts.append(f"| {r['dataset']} | {r['group']} | " + " | ".join(cells) + f" | {gain} |")
+            cells = [
+                _cell(r[p], bold=r[p] is not None and r[p] == best, std=r.get(f"{p}_std"),
+                      interval=(r.get(f"{p}_ci_low"), r.get(f"{p}_ci_high")))
+                for p in probes
+            ]  # fmt: skip
+            parts.append(f"| {r['dataset']} | {r['group']} | " + " | ".join(cells) + f" | {_gain_cell(r)} |")
         by_dataset = (heatmaps or {}).get(backbone, {})
         if by_dataset:
             parts.append(_reading_table([r for r in rows if r["backbone"] == backbone], by_dataset))
@@ -131,7 +242,7 @@ def _reading_table(rows: list[dict], heatmaps: dict[str, dict]) -> str:
     ]
     for r in (r for r in rows if r["dataset"] in heatmaps):
         read = layer_reading(heatmaps[r["dataset"]])
-        gain = "" if r["gain"] is None else f"{r['gain']:+.2f}"
+        gain = _gain_cell(r)
         inner = "–" if read["intermediate"] is None else f"{read['intermediate_layer']}: {read['intermediate']:.1f}"
         lines.append(
             f"| {r['dataset']} | {r['group']} | {gain} | {read['final']:.1f} | {inner} | {read['top_layer']} |"
@@ -139,15 +250,41 @@ def _reading_table(rows: list[dict], heatmaps: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _cell(value: float | None, *, bold: bool) -> str:
+def _cell(
+    value: float | None,
+    *,
+    bold: bool,
+    std: float | None = None,
+    interval: tuple[float | None, float | None] = (None, None),
+) -> str:
+    """`75.00`, bold for the row's best, then ` ± 0.81` (std over seeds) and ` [70.1, 79.8]` where known."""
     if value is None:
         return "–"
-    return f"**{value:.2f}**" if bold else f"{value:.2f}"
+    text = f"**{value:.2f}**" if bold else f"{value:.2f}"
+    text += "" if std is None else f" ± {std:.2f}"
+    return text + _interval(*interval)
+
+
+def _gain_cell(row: dict) -> str:
+    """`+12.30 [8.1, 16.0]`: the gain (pp) and its paired interval where known."""
+    if row["gain"] is None:
+        return ""
+    return f"{row['gain']:+.2f}" + _interval(row.get("gain_ci_low"), row.get("gain_ci_high"))
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f" [{low:.1f}, {high:.1f}]"
+
+
+def csv_columns(probes: list[str]) -> list[str]:
+    """The table's columns, then each probe's interval, the gain's interval and each probe's std over seeds."""
+    intervals = [f"{p}_{bound}" for p in [*probes, "gain"] for bound in ("ci_low", "ci_high")]
+    return ["backbone", "dataset", "group", *probes, "gain", *intervals, *(f"{p}_std" for p in probes)]
 
 
 def format_csv(rows: list[dict], probes: list[str]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["backbone", "dataset", "group", *probes, "gain"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(probes), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)) for k, v in row.items()})
@@ -155,8 +292,14 @@ def format_csv(rows: list[dict], probes: list[str]) -> str:
 
 
 def gains_series(rows: list[dict]) -> list[dict]:
-    """`[{task, gain}]` for `dvc plots` (a bar per backbone/dataset)."""
-    return [{"task": f"{r['backbone']}/{r['dataset']}", "gain": r["gain"]} for r in rows if r["gain"] is not None]
+    """`[{task, gain, gain_ci_low, gain_ci_high}]` (pp; None where no interval) for `dvc plots`: a bar per
+    backbone/dataset."""
+    return [
+        {"task": f"{r['backbone']}/{r['dataset']}", "gain": r["gain"],
+         "gain_ci_low": r.get("gain_ci_low"), "gain_ci_high": r.get("gain_ci_high")}
+        for r in rows
+        if r["gain"] is not None
+    ]  # fmt: skip
 
 
 def attention_rows(heatmaps: dict[str, dict[str, dict]]) -> list[dict]:
@@ -179,24 +322,28 @@ def write_report(
     probes: list[str],
     groups: dict[str, str | None],
     heatmaps: dict[str, dict[str, dict]],
+    intervals: dict[str, dict[str, dict]] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.csv, gains.json and gains.png, and the layer attention of `alf`: one matrix figure per
     backbone (`attention/<backbone>.png`, rows datasets, columns layers) and its numbers (attention.json).
 
-    `heatmaps` maps backbone -> dataset -> `metrics.layer_attention_heatmap` output. Returns every file written.
+    `heatmaps` maps backbone -> dataset -> `metrics.layer_attention_heatmap` output; `intervals` is `gain_intervals`
+    output (without it, gains carry no interval). Returns every file written.
     """
     from layerprobe.plots import plot_attention_matrix, plot_gains
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = results_rows(summary, probes=probes, groups=groups)
+    rows = results_rows(summary, probes=probes, groups=groups, intervals=intervals)
     files = {key: out_dir / name for key, name in REPORT_FILES.items() if key != "attention"}
-    files["markdown"].write_text(format_markdown(rows, probes, heatmaps))
+    files["markdown"].write_text(format_markdown(rows, probes, heatmaps, intervals=intervals))
     files["csv"].write_text(format_csv(rows, probes))
     series = gains_series(rows)
     files["gains"].write_text(json.dumps(series, indent=2) + "\n")
     if series:
-        plot_gains({s["task"]: s["gain"] for s in series}, files["gains_png"], probe=HEADLINE, baseline=BASELINE)
+        bounds = {s["task"]: (s["gain_ci_low"], s["gain_ci_high"]) for s in series if s["gain_ci_low"] is not None}
+        plot_gains({s["task"]: s["gain"] for s in series}, files["gains_png"], probe=HEADLINE, baseline=BASELINE,
+                   intervals=bounds, level=LEVEL)  # fmt: skip
     else:
         del files["gains_png"]  # no task has both probes: nothing to compare
     files["attention_json"].write_text(json.dumps(attention_rows(heatmaps), indent=1) + "\n")

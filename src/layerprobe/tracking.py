@@ -297,6 +297,8 @@ def log_probe_run(
                           "dvc.dataset_version": probe_config["provenance"].get("dataset_version", "")})  # fmt: skip
         metrics = {f"test/{k}": v for k, v in evaluation["test"].items()}
         metrics.update({f"test/{k}_std": v for k, v in evaluation["test_std"].items()})
+        low, high = evaluation["test_ci"]["balanced_accuracy"]  # bootstrap over test images (metrics.CI_LEVEL)
+        metrics.update({"test/balanced_accuracy_ci_low": low, "test/balanced_accuracy_ci_high": high})
         metrics["val/balanced_accuracy"] = evaluation["val_balanced_accuracy"]
         log_metrics(run_id, metrics)
         log_curves(run_id, training_curves(read_json(seed_dir / HISTORY_FILE)))

@@ -10,12 +10,13 @@ from layerprobe.config import (
     CONFUSION_PNG,
     HEATMAP_JSON,
     HEATMAP_PNG,
+    PREDICTIONS_FILE,
     PROBE_CONFIG,
     PROBE_WEIGHTS,
     EvaluateConfig,
     PathsConfig,
 )
-from layerprobe.files import read_json, sha256_file, write_json
+from layerprobe.files import read_json, sha256_file, write_arrays, write_json
 from layerprobe.fingerprint import Fingerprint, make_fingerprint, staleness
 
 
@@ -34,9 +35,10 @@ def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
 def evaluate_step(
     backbone_name: str, dataset_name: str, probe_name: str, *, evaluate: EvaluateConfig, paths: PathsConfig
 ) -> dict:
-    """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, mean ± std over seeds), the
-    layer-attention heatmap (attentive probes) and the confusion matrix, all but the seed summary from the first
-    seed's probe; metrics.json last, as the completion marker."""
+    """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, mean ± std over seeds, a bootstrap
+    interval over test images), every seed's test predictions (predictions.npz, which the report pairs across probes),
+    the layer-attention heatmap (attentive probes) and the confusion matrix, these two from the first seed's probe;
+    metrics.json last, as the completion marker."""
     from layerprobe.features import cache_content_hash
 
     train_marker = paths.train_marker(backbone_name, dataset_name, probe_name)
@@ -53,27 +55,50 @@ def evaluate_step(
 
     from layerprobe.checkpoint import load_probe
     from layerprobe.features import read_features
-    from layerprobe.metrics import classification_metrics, layer_attention_heatmap, summarize_over_seeds
+    from layerprobe.metrics import (
+        BOOTSTRAP_RESAMPLES,
+        CI_LEVEL,
+        bootstrap_balanced_accuracy,
+        classification_metrics,
+        layer_attention_heatmap,
+        summarize_over_seeds,
+    )
     from layerprobe.plots import plot_confusion_matrix, plot_layer_heatmap
     from layerprobe.train import predict
 
     marker.unlink(missing_ok=True)
     test = read_features(features_dir, split="test")
-    per_seed, first = [], None
+    per_seed, seed_predictions, first = [], [], None
     for entry in trained["seeds"]:
         probe, config = load_probe(Path(entry["dir"]))
         positions = [tuple(p) for p in config["positions"]]
         predictions, _, attention = predict(probe, test.tokens, positions=positions, batch_size=evaluate.batch_size)
         metrics = classification_metrics(test.labels.numpy(), predictions.numpy(), config["num_classes"])
         per_seed.append({"seed": entry["seed"], "val_balanced_accuracy": entry["val_balanced_accuracy"], **metrics})
+        seed_predictions.append(predictions.numpy())
         if first is None:
             first = (config, metrics, attention)
     config, metrics, attention = first
     summary = summarize_over_seeds(
         [{k: s[k] for k in ("accuracy", "balanced_accuracy", "val_balanced_accuracy")} for s in per_seed]
     )
-    outputs = {"metrics": str(marker), "confusion_png": str(out_dir / CONFUSION_PNG)}
+    labels, predictions = test.labels.numpy(), np.stack(seed_predictions)  # [N], [S, N]
+    # The interval of the seed mean (the number reported): resampled test images, each seed scored on the same ones.
+    ci_low, ci_high = bootstrap_balanced_accuracy(labels, predictions, config["num_classes"])
+    outputs = {
+        "metrics": str(marker),
+        "confusion_png": str(out_dir / CONFUSION_PNG),
+        "predictions": str(out_dir / PREDICTIONS_FILE),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
+    label_type = np.min_scalar_type(config["num_classes"] - 1)  # uint8 up to 256 classes: the file stays small
+    write_arrays(
+        out_dir / PREDICTIONS_FILE,
+        labels=labels.astype(label_type),
+        predictions=predictions.astype(label_type),
+        seeds=np.array([s["seed"] for s in per_seed]),
+        num_classes=np.int64(config["num_classes"]),
+    )
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), config["class_names"], out_dir / CONFUSION_PNG)
     if attention is not None:
         heatmap = layer_attention_heatmap(attention, config["token_labels"])
@@ -86,6 +111,7 @@ def evaluate_step(
         "dataset": dataset_name,
         "test": {k: v["mean"] for k, v in summary.items() if k != "val_balanced_accuracy"},
         "test_std": {k: v["std"] for k, v in summary.items() if k != "val_balanced_accuracy"},
+        "test_ci": {"balanced_accuracy": [ci_low, ci_high], "level": CI_LEVEL, "resamples": BOOTSTRAP_RESAMPLES},
         "val_balanced_accuracy": summary["val_balanced_accuracy"]["mean"],
         "seeds": per_seed,
         "best": trained["seeds"][0]["best"],
