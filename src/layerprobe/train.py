@@ -239,6 +239,8 @@ def train_grid(
     grid: Sequence[HParams],
     config: TrainConfig,
     seed: int = 0,
+    patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> TrainedGrid:
     """Train all configs of `grid` at once on the same batches.
 
@@ -251,12 +253,14 @@ def train_grid(
         grid: hyperparameters, one per member.
         config: the shared recipe (its grid lists are not read here: `grid` is).
         seed: initialisation, shuffling, jitter and dropout draws.
+        patches: the final layer's patch tokens `[N, P, D_final]`, for probes that read them.
+        width: token width to read (`probes.selection_width`); None reads all D.
 
     Returns:
         The stacked probe (G = len(grid), eval mode) and the loss/lr history.
     """
-    return train_selected(spec, gather_raw(tokens, positions), labels, num_classes=num_classes, grid=grid,
-                          config=config, seed=seed)  # fmt: skip
+    features = gather_raw(tokens, positions, patches=patches, width=width)
+    return train_selected(spec, features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
 
 
 @torch.no_grad()
@@ -280,15 +284,30 @@ def predict_selected(
 
 
 def predict(
-    probe: nn.Module, tokens: torch.Tensor, *, positions: Sequence[tuple[int, int]], batch_size: int = 4096
+    probe: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    positions: Sequence[tuple[int, int]],
+    batch_size: int = 4096,
+    patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Batched eval-mode predictions of a G=1 probe on cached features `[N, L, T, D]`.
+
+    Tokens are gathered one batch at a time, so no copy of the whole selection is made (patch tokens are large).
+    `patches` and `width` as in `train_grid`.
 
     Returns:
         predictions `[N]`, logits `[N, C]`, attention `[N, H, K]` (None for linear heads). A grid probe (G > 1)
         keeps a leading G on every output.
     """
-    predictions, logits, attention = predict_selected(probe, gather_raw(tokens, positions), batch_size=batch_size)
+    outputs = []
+    for start in range(0, tokens.shape[0], batch_size):
+        rows = torch.arange(start, min(start + batch_size, tokens.shape[0]))
+        features = gather_raw(tokens, positions, rows=rows, patches=patches, width=width)
+        outputs.append(predict_selected(probe, features, batch_size=batch_size))
+    predictions, logits = torch.cat([o[0] for o in outputs], dim=1), torch.cat([o[1] for o in outputs], dim=1)
+    attention = None if outputs[0][2] is None else torch.cat([o[2] for o in outputs], dim=1)
     if predictions.shape[0] == 1:
         return predictions[0], logits[0], None if attention is None else attention[0]
     return predictions, logits, attention
@@ -306,12 +325,34 @@ def sweep_probe(
     grid: Sequence[HParams],
     config: TrainConfig,
     seed: int = 0,
+    patches: torch.Tensor | None = None,
+    val_patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> SweepResult:
     """Train the grid on train, pick the best member by validation balanced accuracy, refit it on train+val.
 
     Ties go to the first member in grid order. The refit is a G=1 run with the same recipe and seed.
+    `patches`, `val_patches` and `width` as in `train_grid`.
     """
-    train_features, val_features = gather_raw(tokens, positions), gather_raw(val_tokens, positions)
+    train_features = gather_raw(tokens, positions, patches=patches, width=width)
+    val_features = gather_raw(val_tokens, positions, patches=val_patches, width=width)
+    return sweep_selected(spec, train_features, labels, val_features=val_features, val_labels=val_labels,
+                          num_classes=num_classes, grid=grid, config=config, seed=seed)  # fmt: skip
+
+
+def sweep_selected(
+    spec: ProbeSpec,
+    train_features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    grid: Sequence[HParams],
+    config: TrainConfig,
+    seed: int = 0,
+) -> SweepResult:
+    """`sweep_probe` on already selected tokens `[N, K, D]` (so a caller can gather once for several seeds)."""
     trained = train_selected(spec, train_features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
     predictions, _, _ = predict_selected(trained.probe, val_features)
     truth = val_labels.cpu().numpy()

@@ -46,17 +46,35 @@ def train_step(
 
     from layerprobe.checkpoint import save_probe
     from layerprobe.features import read_features
-    from layerprobe.probes import get_probe_spec, select_token_positions, token_labels
-    from layerprobe.train import make_grid, sweep_probe
+    from layerprobe.probes import (
+        gather_raw,
+        get_probe_spec,
+        select_token_positions,
+        selection_width,
+        token_labels,
+    )
+    from layerprobe.train import make_grid, sweep_selected
 
     marker.unlink(missing_ok=True)  # from here until the new marker, the folder is incomplete
     spec = get_probe_spec(probe_name, **probe.overrides())
-    train_set = read_features(features_dir, split="train")
-    val_set = read_features(features_dir, split="val")
+    # Patch tokens are read only for a probe that needs them (a cache without them fails here, in one line). Each
+    # split's selection is gathered once for every seed and its cache tensors let go at once, so the patch tokens of
+    # a split are in memory twice at most while gathering.
+    train_set = read_features(features_dir, split="train", patches=spec.reads_patches)
+    num_patches = 0 if train_set.patches is None else train_set.patches.shape[1]
     positions = select_token_positions(
-        train_set.layer_names, train_set.token_names, layers=spec.layers, tokens=spec.tokens
+        train_set.layer_names, train_set.token_names, layers=spec.layers, tokens=spec.tokens, num_patches=num_patches
     )
-    num_classes = len(train_set.metadata["class_names"])
+    metadata, labels = train_set.metadata, train_set.labels
+    labels_of_slots = token_labels(train_set.layer_names, train_set.token_names, positions)
+    width = selection_width(metadata.get("layer_widths"), positions)
+    train_features = gather_raw(train_set.tokens, positions, patches=train_set.patches, width=width)
+    del train_set
+    val_set = read_features(features_dir, split="val", patches=spec.reads_patches)
+    val_labels = val_set.labels
+    val_features = gather_raw(val_set.tokens, positions, patches=val_set.patches, width=width)
+    del val_set
+    num_classes = len(metadata["class_names"])
     # Attention dropout only exists in attentive heads; a linear probe sweeps lr x wd alone.
     grid = make_grid(train.lrs, train.weight_decays, train.attn_dropouts if spec.head == "attentive" else [0.0])
     device = resolve_device(train.device)
@@ -66,13 +84,12 @@ def train_step(
             shutil.rmtree(stale)
     per_seed = []
     for seed in train.seeds:
-        result = sweep_probe(
+        result = sweep_selected(
             spec,
-            train_set.tokens,
-            train_set.labels,
-            val_tokens=val_set.tokens,
-            val_labels=val_set.labels,
-            positions=positions,
+            train_features,
+            labels,
+            val_features=val_features,
+            val_labels=val_labels,
             num_classes=num_classes,
             grid=grid,
             config=train,
@@ -86,11 +103,13 @@ def train_step(
             "best": best,
             "seed": seed,
             "num_classes": num_classes,
-            "class_names": train_set.metadata["class_names"],
-            "token_labels": token_labels(train_set.layer_names, train_set.token_names, positions),
+            "class_names": metadata["class_names"],
+            "token_labels": labels_of_slots,
             "positions": [list(p) for p in positions],
+            "width": width,  # tokens are read at this width (a narrower final layer unpadded), None: all of D
+            "patch_tokens": spec.reads_patches,  # the probe needs the cache's final-layer patch tokens
             "features": {"path": str(features_dir), "content_hash": features_hash},
-            "provenance": train_set.metadata,
+            "provenance": metadata,
             "training": training,
         }
         save_probe(seed_dir, result.probe, config)
