@@ -25,7 +25,7 @@ from layerprobe.config import (
     load_params,
 )
 from layerprobe.extract import LayerTokenExtractor, extract_features
-from layerprobe.features import read_features, read_manifest
+from layerprobe.features import num_patch_tokens, read_features, read_manifest, read_selection
 from layerprobe.metrics import classification_metrics, layer_attention_heatmap, patch_attention_heatmap
 from layerprobe.plots import plot_patch_heatmap
 from layerprobe.probes import (
@@ -129,6 +129,26 @@ def test_reading_without_patches_never_opens_the_patch_files(tmp_path):
     assert plain.patches is None and torch.equal(plain.tokens, expected)
     with pytest.raises(ValueError, match="patches-00000.arrow is missing or changed"):
         read_features(cache, patches=True)
+
+
+def test_reading_a_selection_shard_by_shard_equals_gathering_from_the_whole_cache(tmp_path):
+    torch.manual_seed(0)
+    model = create_backbone(CLIP, model_kwargs={**TINY, "num_classes": PROJECTION})
+    cache = _extract(model, tmp_path, final_projection=True, final_patch_tokens=True)
+    assert num_patch_tokens(cache) == 16
+    positions = [(2, 0), *[(2, 2 + p) for p in range(16)]]  # final cls + every patch
+
+    def select(tokens, patches):
+        return gather_raw(tokens, positions, patches=patches, width=PROJECTION)
+
+    selection = read_selection(cache, splits=["test", "train"], select=select, patches=True)
+    assert selection.counts == {"test": 3, "train": 6} and selection.features.shape == (9, 17, PROJECTION)
+    for split in ("test", "train"):
+        whole = read_features(cache, split=split, patches=True)
+        part = selection.features[selection.rows(split)]
+        assert part.untyped_storage().data_ptr() == selection.features.untyped_storage().data_ptr()  # a view
+        assert torch.equal(part, select(whole.tokens, whole.patches))
+        assert torch.equal(selection.labels[selection.rows(split)], whole.labels)
 
 
 def test_a_lost_patch_file_recomputes_only_its_shard(tmp_path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,47 +240,25 @@ def read_features(
     files are opened only with `patches=True` (they are P/(2L) times the size of the rest: 7.5x for ViT-B/16).
     """
     cache_dir = Path(cache_dir)
-    manifest = read_manifest(cache_dir)
-    provenance = manifest["provenance"]
     wanted = None if split is None else ([split] if isinstance(split, str) else list(split))
-    for name in wanted or []:
-        if name not in manifest["splits"]:
-            raise unknown_name_error(f"split of feature cache {cache_dir}", name, manifest["splits"])
-    if patches and not has_patch_tokens(provenance):
-        raise missing_patch_tokens_error(cache_dir)
-
-    shards = []  # (batch, row mask or None, patch batch or None) for every shard, opened once
-    shape = patch_shape = None
+    provenance, shards, shape, patch_shape = _open_cache(cache_dir, wanted, patches=patches)
+    masks = []
     remaining = max_rows
-    for entry in manifest["shards"]:
-        if remaining is not None and remaining <= 0:
-            break
-        batch, shape = _open_listed(cache_dir, entry)
-        mask = None
-        if wanted is not None:
-            mask = pc.is_in(batch.column("split"), value_set=pa.array(wanted)).to_numpy(zero_copy_only=False)
+    for _, batch, _ in shards:
+        mask = None if wanted is None else _split_mask(batch, wanted)
         if remaining is not None:
             keep = np.ones(batch.num_rows, dtype=bool) if mask is None else mask
             mask = keep & (np.cumsum(keep) <= remaining)
             remaining -= int(mask.sum())
-        patch_batch = None
-        if patches:
-            if "patches" not in entry:
-                raise ValueError(f"feature cache {cache_dir}: the manifest lists no patch tokens for {entry['file']}; "
-                                 "re-run extract")  # fmt: skip
-            patch_batch, patch_shape = _open_listed(cache_dir, entry["patches"])
-            if not np.array_equal(patch_batch.column("index").to_numpy(), batch.column("index").to_numpy()):
-                raise ValueError(f"feature cache {cache_dir}: {entry['patches']['file']} does not hold the rows of "
-                                 f"{entry['file']}; re-run extract")  # fmt: skip
-        shards.append((batch, mask, patch_batch))
-    total = sum(batch.num_rows if mask is None else int(mask.sum()) for batch, mask, _ in shards)
-    dtype = torch.float16 if manifest["dtype"] == "float16" else torch.float32
-    tokens = torch.empty((total, *(shape or [0, 0, 0])), dtype=dtype)  # [N, L, T, D]
-    patch_tokens = torch.empty((total, *(patch_shape or [0, 0])), dtype=dtype) if patches else None  # [N, P, D_f]
+        masks.append(mask)
+    total = sum(b.num_rows if m is None else int(m.sum()) for (_, b, _), m in zip(shards, masks, strict=True))
+    dtype = _torch_dtype(provenance)
+    tokens = torch.empty((total, *shape), dtype=dtype)  # [N, L, T, D]
+    patch_tokens = torch.empty((total, *patch_shape), dtype=dtype) if patches else None  # [N, P, D_final]
     labels = torch.empty(total, dtype=torch.int64)
     indices = np.empty(total, dtype=np.int64)
     start = 0
-    for batch, mask, patch_batch in shards:
+    for (_, batch, patch_batch), mask in zip(shards, masks, strict=True):
         stop = start + (batch.num_rows if mask is None else int(mask.sum()))
         _take_rows(_rows_view(batch, "tokens"), mask, tokens.numpy().reshape(total, -1)[start:stop])
         _take_rows(batch.column("label").to_numpy(), mask, labels.numpy()[start:stop])
@@ -297,6 +275,119 @@ def read_features(
         metadata=provenance,
         patches=patch_tokens,
     )
+
+
+@dataclass
+class Selection:
+    """What a probe reads from some splits of a cache, split after split (all rows of the first split, then ...)."""
+
+    features: torch.Tensor  # [N, K, W] as `select` returned them
+    labels: torch.Tensor  # [N] int64
+    counts: dict[str, int]  # rows per split, in the order they are stored
+    layer_names: list[str]
+    token_names: list[str]
+    metadata: dict  # manifest provenance
+
+    def rows(self, split: str) -> slice:
+        """The rows of `split`: `features[rows]` is a view, no copy."""
+        names = list(self.counts)
+        start = sum(self.counts[name] for name in names[: names.index(split)])
+        return slice(start, start + self.counts[split])
+
+
+def read_selection(
+    cache_dir: Path,
+    *,
+    splits: Sequence[str],
+    select: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    patches: bool = False,
+) -> Selection:
+    """Read only what a probe selects from the given splits, one shard at a time.
+
+    Each shard's rows of a split are copied out of the memory map (`[n, L, T, D]` tokens and, with `patches`,
+    `[n, P, D_final]` patch tokens), passed through `select` (returning `[n, K, W]`) and written into the
+    preallocated output. Peak memory is the selection plus one shard, never the whole cache: the patch tokens of a
+    large split need not fit in memory beside their selection. Rows are grouped by split in the order of `splits`
+    (dataset-index order within a split), so each split is a contiguous view and all of them one tensor.
+    """
+    cache_dir = Path(cache_dir)
+    provenance, shards, shape, patch_shape = _open_cache(cache_dir, list(splits), patches=patches)
+    masks = {name: [_split_mask(batch, [name]) for _, batch, _ in shards] for name in splits}
+    counts = {name: int(sum(mask.sum() for mask in masks[name])) for name in splits}
+    total = sum(counts.values())
+    features = labels = None
+    start = 0
+    for name in splits:
+        for (_, batch, patch_batch), mask in zip(shards, masks[name], strict=True):
+            count = int(mask.sum())
+            if count == 0:
+                continue
+            tokens = torch.from_numpy(np.compress(mask, _rows_view(batch, "tokens"), axis=0)).view(count, *shape)
+            chunk_patches = None
+            if patch_batch is not None:
+                chunk_patches = torch.from_numpy(np.compress(mask, _rows_view(patch_batch, "patches"), axis=0))
+                chunk_patches = chunk_patches.view(count, *patch_shape)
+            selected = select(tokens, chunk_patches)
+            if features is None:  # the selection's shape is known from the first chunk
+                features = selected.new_empty((total, *selected.shape[1:]))
+                labels = torch.empty(total, dtype=torch.int64)
+            features[start : start + count] = selected
+            np.compress(mask, batch.column("label").to_numpy(), out=labels.numpy()[start : start + count])
+            start += count
+    if features is None:
+        raise ValueError(f"feature cache {cache_dir} has no rows in splits {list(splits)}")
+    return Selection(features=features, labels=labels, counts=counts, layer_names=list(provenance["layer_names"]),
+                     token_names=list(provenance["token_names"]), metadata=provenance)  # fmt: skip
+
+
+def num_patch_tokens(cache_dir: Path) -> int:
+    """P, the final-layer patch tokens per image a cache holds (from a shard's header); fails when it holds none."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if not has_patch_tokens(manifest["provenance"]) or not manifest["shards"]:
+        raise missing_patch_tokens_error(cache_dir)
+    _, patch_shape = _open_listed(cache_dir, manifest["shards"][0]["patches"])
+    return int(patch_shape[0])
+
+
+def _open_cache(
+    cache_dir: Path, wanted: list[str] | None, *, patches: bool
+) -> tuple[dict, list[tuple[dict, pa.RecordBatch, pa.RecordBatch | None]], list[int], list[int]]:
+    """Open every shard (and, with `patches`, its patch-token file) of a complete cache once, checking the request.
+
+    Returns the provenance, (manifest entry, token batch, patch batch or None) per shard, and the per-row shapes
+    [L, T, D] and [P, D_final] (empty when not read).
+    """
+    manifest = read_manifest(cache_dir)
+    provenance = manifest["provenance"]
+    for name in wanted or []:
+        if name not in manifest["splits"]:
+            raise unknown_name_error(f"split of feature cache {cache_dir}", name, manifest["splits"])
+    if patches and not has_patch_tokens(provenance):
+        raise missing_patch_tokens_error(cache_dir)
+    shards = []
+    shape, patch_shape = [0, 0, 0], [0, 0]
+    for entry in manifest["shards"]:
+        batch, shape = _open_listed(cache_dir, entry)
+        patch_batch = None
+        if patches:
+            if "patches" not in entry:
+                raise ValueError(f"feature cache {cache_dir}: the manifest lists no patch tokens for {entry['file']}; "
+                                 "re-run extract")  # fmt: skip
+            patch_batch, patch_shape = _open_listed(cache_dir, entry["patches"])
+            if not np.array_equal(patch_batch.column("index").to_numpy(), batch.column("index").to_numpy()):
+                raise ValueError(f"feature cache {cache_dir}: {entry['patches']['file']} does not hold the rows of "
+                                 f"{entry['file']}; re-run extract")  # fmt: skip
+        shards.append((entry, batch, patch_batch))
+    return provenance, shards, shape, patch_shape
+
+
+def _split_mask(batch: pa.RecordBatch, wanted: list[str]) -> np.ndarray:
+    return pc.is_in(batch.column("split"), value_set=pa.array(wanted)).to_numpy(zero_copy_only=False)
+
+
+def _torch_dtype(provenance: dict) -> torch.dtype:
+    return torch.float16 if provenance["dtype"] == "float16" else torch.float32
 
 
 def _open_listed(cache_dir: Path, entry: dict) -> tuple[pa.RecordBatch, list[int]]:

@@ -155,6 +155,15 @@ def batch_plan(num_images: int, config: TrainConfig) -> tuple[int, int, int]:
     return batch_size, steps_per_epoch, epochs
 
 
+def fits_on_device(features: torch.Tensor, device: torch.device) -> bool:
+    """Whether a training selection should be moved to `device` whole: always on the CPU; on a GPU when it takes at
+    most half of the free memory (the rest is for the grid's activations, a few GB at batch 2048)."""
+    if device.type != "cuda" or features.device == device:
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return features.nbytes <= free // 2
+
+
 def _check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
         raise ValueError(f"labels must be [N] with N={features.shape[0]}, got shape {tuple(labels.shape)}")
@@ -187,7 +196,9 @@ def train_selected(
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
     optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
-    features, labels = features.to(device), labels.to(device)
+    # Selections too large for the device's memory (all-token features of a large dataset) stay on the host; their
+    # batches are gathered there and copied over, one at a time.
+    features, labels = features.to(device if fits_on_device(features, device) else features.device), labels.to(device)
     weights = class_weights(labels, num_classes)
 
     batch_size, steps_per_epoch, epochs = batch_plan(num_images, config)
@@ -203,7 +214,7 @@ def train_selected(
         order = torch.randperm(num_images, generator=shuffle_gen).to(device)
         for start in range(0, num_images, batch_size):
             rows = order[start : start + batch_size]
-            x = normalize_tokens(features[rows].float())  # [b, K, D]
+            x = normalize_tokens(features[rows.to(features.device)].to(device).float())  # [b, K, D]
             b = x.shape[0]
             jittered = (torch.rand(b, generator=jitter_gen, device=device) < config.jitter_prob).nonzero()[:, 0]
             # Noise only for the images that get it: drawing Gaussians is most of the data path's cost on CPU.
@@ -336,24 +347,30 @@ def sweep_probe(
     """
     train_features = gather_raw(tokens, positions, patches=patches, width=width)
     val_features = gather_raw(val_tokens, positions, patches=val_patches, width=width)
-    return sweep_selected(spec, train_features, labels, val_features=val_features, val_labels=val_labels,
+    features = torch.cat([train_features, val_features.to(train_features.dtype)])
+    return sweep_selected(spec, features, torch.cat([labels, val_labels]), num_train=len(train_features),
                           num_classes=num_classes, grid=grid, config=config, seed=seed)  # fmt: skip
 
 
 def sweep_selected(
     spec: ProbeSpec,
-    train_features: torch.Tensor,
+    features: torch.Tensor,
     labels: torch.Tensor,
     *,
-    val_features: torch.Tensor,
-    val_labels: torch.Tensor,
+    num_train: int,
     num_classes: int,
     grid: Sequence[HParams],
     config: TrainConfig,
     seed: int = 0,
 ) -> SweepResult:
-    """`sweep_probe` on already selected tokens `[N, K, D]` (so a caller can gather once for several seeds)."""
-    trained = train_selected(spec, train_features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
+    """`sweep_probe` on already selected tokens `[N, K, D]`: the first `num_train` rows are the training split, the
+    rest validation. Both are views and the refit trains on the whole tensor, so the selection is never copied (a
+    caller gathers it once, for every seed)."""
+    if not 0 < num_train < len(features):
+        raise ValueError(f"num_train must leave rows for both splits, got {num_train} of {len(features)}")
+    train_features, val_features, val_labels = features[:num_train], features[num_train:], labels[num_train:]
+    trained = train_selected(spec, train_features, labels[:num_train], num_classes=num_classes, grid=grid,
+                             config=config, seed=seed)  # fmt: skip
     predictions, _, _ = predict_selected(trained.probe, val_features)
     truth = val_labels.cpu().numpy()
     val_scores = []
@@ -365,8 +382,6 @@ def sweep_selected(
                            "accuracy": float((guess == truth).mean())})  # fmt: skip
     best_index = max(range(len(grid)), key=lambda i: (val_scores[i]["balanced_accuracy"], -i))
     best = grid[best_index]
-    refit = train_selected(spec, torch.cat([train_features, val_features.to(train_features.dtype)]),
-                           torch.cat([labels, val_labels]), num_classes=num_classes, grid=[best],
-                           config=config, seed=seed)  # fmt: skip
+    refit = train_selected(spec, features, labels, num_classes=num_classes, grid=[best], config=config, seed=seed)
     return SweepResult(best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe,
                        history=refit.history)  # fmt: skip
