@@ -53,8 +53,9 @@ def test_patch_tokens_add_p_x_final_width_per_image_only_when_asked_for(paper):
     import dataclasses
 
     def cache(params, backbone: str):
-        return next(p for p in plan_suite(params, gflops_per_second=1e5) if p.backbone == backbone and
-                    p.dataset == "flowers")  # fmt: skip
+        suite = dataclasses.replace(params.suite, backbones=[backbone], datasets=["flowers"])
+        (plan,) = plan_suite(dataclasses.replace(params, suite=suite), gflops_per_second=1e5)
+        return plan
 
     without = dataclasses.replace(paper, extract=dataclasses.replace(paper.extract, final_patch_tokens=False))
     images = 1020 + 6149
