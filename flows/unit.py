@@ -40,6 +40,9 @@ def unit_flow(params_path: str = "params.yaml", backbone: str = "", dataset: str
         bad, kind, known = (backbone, "backbone", params.backbones) if backbone not in params.backbones else (
             dataset, "dataset", params.datasets)  # fmt: skip
         raise unknown_name_error(kind, bad, list(known))
+    from layerprobe.probes import check_patch_tokens
+
+    check_patch_tokens(params)  # before the backbone pass, not after it
     options = task_options(params)
     worker = worker_name()
     slot = f"gpu:{worker}" if worker and os.environ.get(WORKER_SLOT_ENV) else None

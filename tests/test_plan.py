@@ -39,12 +39,35 @@ def test_plan_resolves_every_task_of_the_paper_suite_in_dry_mode(paper):
     assert len(plans) == 9 * 20
     vit_b_imagenet = next(p for p in plans if p.backbone == "vit_b16" and p.dataset == "imagenet1k")
     assert vit_b_imagenet.num_layers == 13 and vit_b_imagenet.dim == 768
-    assert vit_b_imagenet.bytes == (1_281_167 + 50_000) * 13 * 2 * 768 * 2
+    patch_bytes = (1_281_167 + 50_000) * 196 * 768 * 2  # final_patch_tokens: 196 patches x 768 x float16
+    assert vit_b_imagenet.patch_bytes == patch_bytes
+    assert vit_b_imagenet.bytes == (1_281_167 + 50_000) * 13 * 2 * 768 * 2 + patch_bytes
     large = next(p for p in plans if p.backbone == "vit_l16" and p.dataset == "cifar10")
     assert (
         large.num_layers == 25
         and large.seconds > next(p for p in plans if p.backbone == "vit_s16" and p.dataset == "cifar10").seconds
     )
+
+
+def test_patch_tokens_add_p_x_final_width_per_image_only_when_asked_for(paper):
+    import dataclasses
+
+    def cache(params, backbone: str):
+        suite = dataclasses.replace(params.suite, backbones=[backbone], datasets=["flowers"])
+        (plan,) = plan_suite(dataclasses.replace(params, suite=suite), gflops_per_second=1e5)
+        return plan
+
+    without = dataclasses.replace(paper, extract=dataclasses.replace(paper.extract, final_patch_tokens=False))
+    images = 1020 + 6149
+    for backbone, patches, width in [("vit_b16", 196, 768), ("clip_b16", 196, 512), ("dinov2_l14", 256, 1024)]:
+        # the final layer's own width: CLIP's projection (512), not the padded 768
+        with_patches, plain = cache(paper, backbone), cache(without, backbone)
+        assert plain.patch_bytes == 0
+        assert with_patches.patch_bytes == images * patches * width * 2, backbone
+        assert with_patches.bytes == plain.bytes + with_patches.patch_bytes
+    # ViT-B/16: 301 KB per image of patch tokens against 40 KB for the 13 x 2 per-layer tokens
+    assert cache(paper, "vit_b16").patch_bytes / images == 301_056
+    assert cache(without, "vit_b16").bytes / images == 39_936
 
 
 def test_vit_b16_flops_match_the_published_figure():
@@ -81,8 +104,10 @@ def test_plan_command_prints_every_task(capsys, monkeypatch):
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**14, 0, 10**13))  # a 10 TB disk
     assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000"]) == 0
     out = capsys.readouterr().out
-    assert "900 probe tasks" in out
-    assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 |" in out
+    assert "1080 probe tasks" in out
+    assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 | 453.9 GB | " in out
+    assert "| 400.8 GB |" in out  # of which the final layer's patch tokens (the paper params cache them)
+    assert "final-layer patch tokens (extract.final_patch_tokens): " in out
 
 
 def test_plan_command_on_a_short_disk_prints_the_plan_then_refuses(capsys, monkeypatch):

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--num-workers", type=int)
     extract.add_argument("--device", help="cpu, cuda or auto")
     extract.add_argument("--out", type=Path, help="cache folder (default: paths.features/<backbone>/<dataset>)")
+    extract.add_argument("--final-patch-tokens", action="store_true", default=None,
+                         help="also cache the final layer's patch tokens (for attentive_last_all_tokens)")  # fmt: skip
     extract.add_argument("--no-progress", action="store_true")
 
     train = _command(
@@ -248,6 +250,7 @@ def run_extract(args) -> int:
     extract = _overrides(
         _section(params, "extract", ExtractConfig()),
         tap=args.tap, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        final_patch_tokens=args.final_patch_tokens,
     )  # fmt: skip
     summary = extract_step(
         args.backbone,

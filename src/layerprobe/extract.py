@@ -1,4 +1,5 @@
-"""Images → per-layer cls/ap tokens [N, L, T, D] at the chosen tap, streamed into a resumable feature cache.
+"""Images → per-layer cls/ap tokens [N, L, T, D] at the chosen tap (and, as an option, the final layer's patch tokens
+[N, P, D_final]), streamed into a resumable feature cache.
 
 One forward pass per image; host memory holds at most one shard. A rerun keeps finished shards whose provenance and
 rows match the plan, recomputes the rest and writes `manifest.json` last (see `layerprobe.features`).
@@ -22,7 +23,15 @@ from tqdm import tqdm
 
 from layerprobe.config import EXTRACT_PRECISIONS, MANIFEST_FILE, TAPS, TOKENS
 from layerprobe.device import resolve_device
-from layerprobe.features import DTYPES, open_shard, shard_name, write_manifest, write_shard
+from layerprobe.features import (
+    DTYPES,
+    open_shard,
+    patch_shard_name,
+    shard_name,
+    write_manifest,
+    write_patch_shard,
+    write_shard,
+)
 from layerprobe.files import TMP_SUFFIX, canonical_json, read_json, sha256_file
 
 _log = logging.getLogger(__name__)
@@ -44,10 +53,18 @@ class LayerTokenExtractor(torch.nn.Module):
             "final layer" is the projected image embedding); narrower widths are zero-padded to the common D.
         precision: `float32` (the reference's) or `bfloat16` (autocast: about 2x faster on recent GPUs); the pooled
             tokens are float32 either way.
+        final_patch_tokens: Also return every patch token of the final layer (`forward_all`), the same tokens the
+            final cls/ap are pooled from (projected for CLIP), at the final layer's own width (not padded).
     """
 
     def __init__(
-        self, model: torch.nn.Module, *, tap: str = "norm2", final_projection: bool = False, precision: str = "float32"
+        self,
+        model: torch.nn.Module,
+        *,
+        tap: str = "norm2",
+        final_projection: bool = False,
+        precision: str = "float32",
+        final_patch_tokens: bool = False,
     ) -> None:
         super().__init__()
         name = _model_name(model)
@@ -66,6 +83,7 @@ class LayerTokenExtractor(torch.nn.Module):
         self.tap = tap
         self.final_projection = final_projection
         self.precision = precision
+        self.final_patch_tokens = final_patch_tokens
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         width = int(model.embed_dim)
         final_width = width
@@ -80,6 +98,9 @@ class LayerTokenExtractor(torch.nn.Module):
         self.token_names = list(TOKENS)
         self.layer_widths = [width] * len(blocks) + [final_width]
         self.dim = max(self.layer_widths)
+        # [rows, cols] of the patch grid, for the patch-attention heatmap; None when the model does not fix it.
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        self.patch_grid = None if grid is None or getattr(model, "dynamic_img_size", False) else [int(g) for g in grid]
         self._pooled: list[torch.Tensor] = []
         if tap == "norm2":
             # Registered once; pooling inside the hook keeps [B, 2, D] per block instead of every token sequence.
@@ -97,6 +118,13 @@ class LayerTokenExtractor(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] → tokens [B, L, 2, D] float32 (L = blocks + final)."""
+        return self.forward_all(images)[0]
+
+    def forward_all(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images [B, 3, H, W] → (tokens [B, L, 2, D], final patch tokens [B, P, D_final] or None), float32.
+
+        The patch tokens come only with `final_patch_tokens`; prefix tokens (class, registers) are not among them.
+        """
         self.model.eval()
         autocast = (
             torch.autocast(images.device.type, dtype=torch.bfloat16)
@@ -126,14 +154,17 @@ class LayerTokenExtractor(torch.nn.Module):
             if len(per_block) != len(self.layer_names) - 1:
                 raise RuntimeError(f"expected {len(self.layer_names) - 1} block outputs, captured {len(per_block)}")
             last = self._pool(final)
+            patches = final[:, self.num_prefix_tokens :] if self.final_patch_tokens else None
             if self.final_projection:
                 # The head is linear, so projecting the mean patch token equals the mean of projected patch tokens.
-                last = self.model.head(last.to(self.model.head.weight.dtype)).float()
+                head = self.model.head
+                last = head(last.to(head.weight.dtype)).float()
+                patches = None if patches is None else head(patches.to(head.weight.dtype))
             out = images.new_zeros((images.shape[0], len(self.layer_names), 2, self.dim), dtype=torch.float32)
             for i, pooled in enumerate(per_block):
                 out[:, i, :, : pooled.shape[-1]] = pooled
             out[:, -1, :, : last.shape[-1]] = last
-        return out
+        return out, None if patches is None else patches.float()
 
 
 class ImageSource(Protocol):
@@ -170,12 +201,16 @@ class _TransformedImages(torch.utils.data.Dataset):
             raise ValueError(f"image {index} could not be transformed: {e}") from e
 
 
-def _forward_with_retry(extractor: LayerTokenExtractor, images: torch.Tensor, state: dict) -> torch.Tensor:
+def _forward_with_retry(
+    extractor: LayerTokenExtractor, images: torch.Tensor, state: dict
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the extractor in chunks of state['batch_size'], halving it (for the rest of the run) on out-of-memory."""
     while True:
         size = state["batch_size"]
         try:
-            return torch.cat([extractor(images[i : i + size]) for i in range(0, len(images), size)])
+            chunks = [extractor.forward_all(images[i : i + size]) for i in range(0, len(images), size)]
+            tokens = torch.cat([t for t, _ in chunks])
+            return tokens, None if chunks[0][1] is None else torch.cat([p for _, p in chunks])
         except torch.OutOfMemoryError:
             if size == 1:
                 raise
@@ -199,14 +234,18 @@ def write_token_shards(
 ) -> dict[str, str]:
     """The tensor-batch loop: forward, host copy into one reused shard buffer, atomic shard writes.
 
-    `batches` yields transformed images for the rows of `shards`, in order. Returns file name → sha256.
-    Host memory holds one shard buffer (rows × L·2·D in the cache dtype) whatever the dataset size.
+    `batches` yields transformed images for the rows of `shards`, in order. Returns file name → sha256 (with
+    `extractor.final_patch_tokens`, each shard's patch-token file too, written together with its token shard).
+    Host memory holds one shard buffer (rows × L·2·D in the cache dtype, plus rows × P·D_final for patch tokens)
+    whatever the dataset size.
     """
     device = torch.device(device)
     np_dtype = DTYPES[dtype][0]
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     row_shape = (len(extractor.layer_names), len(extractor.token_names), extractor.dim)
-    buffer = np.empty((max((len(s.indices) for s in shards), default=0), *row_shape), dtype=np_dtype)
+    max_rows = max((len(s.indices) for s in shards), default=0)
+    buffer = np.empty((max_rows, *row_shape), dtype=np_dtype)
+    patch_buffer = None  # allocated at the first batch, when the number of patches is known
     hashes: dict[str, str] = {}
     state = {"batch_size": batch_size}
     shard_iter = iter(shards)
@@ -216,16 +255,31 @@ def write_token_shards(
     with tqdm(total=total, unit="img", disable=not progress, desc="extract") as bar:
         for images in batches:
             images = images.to(device, non_blocking=True)
-            tokens = _forward_with_retry(extractor, images, state).to(torch_dtype).cpu().numpy()  # [b, L, T, D]
+            tokens, patches = _forward_with_retry(extractor, images, state)
+            tokens = tokens.to(torch_dtype).cpu().numpy()  # [b, L, T, D]
+            if patches is not None:
+                patches = patches.to(torch_dtype).cpu().numpy()  # [b, P, D_final]
+                if patch_buffer is None:
+                    patch_buffer = np.empty((max_rows, *patches.shape[1:]), dtype=np_dtype)
             taken = 0
             while taken < len(tokens):
                 if current is None:
                     raise RuntimeError(f"more images than the {total} planned rows")
                 count = min(len(tokens) - taken, len(current.indices) - filled)
                 buffer[filled : filled + count] = tokens[taken : taken + count]
+                if patches is not None:
+                    patch_buffer[filled : filled + count] = patches[taken : taken + count]
                 filled += count
                 taken += count
                 if filled == len(current.indices):
+                    if patches is not None:
+                        patch_file = patch_shard_name(current.file)
+                        hashes[patch_file] = write_patch_shard(
+                            Path(out_dir) / patch_file,
+                            patches=patch_buffer[:filled],
+                            indices=current.indices,
+                            metadata=metadata,
+                        )
                     hashes[current.file] = write_shard(
                         Path(out_dir) / current.file,
                         tokens=buffer[:filled],
@@ -276,19 +330,26 @@ def plan_shards(
     return plans, list(splits)
 
 
-def _shard_is_current(path: Path, plan: ShardPlan, metadata: dict, row_shape: list[int]) -> bool:
-    """A finished shard is kept only if it was written with this provenance for exactly these rows."""
+def _shard_is_current(path: Path, plan: ShardPlan, metadata: dict, row_shape: list[int], *, patches: bool) -> bool:
+    """A finished shard is kept only if it was written with this provenance for exactly these rows (and, when patch
+    tokens are cached, its patch-token file too)."""
     try:
         batch, provenance, shape = open_shard(path)
+        current = (
+            canonical_json(provenance) == canonical_json(metadata)
+            and shape == row_shape
+            and batch.num_rows == len(plan.indices)
+            and np.array_equal(batch.column("index").to_numpy(), plan.indices)
+            and batch.column("split").to_pylist() == [str(s) for s in plan.splits]
+        )
+        if current and patches:
+            patch_batch, patch_provenance, _ = open_shard(path.with_name(patch_shard_name(path.name)))
+            current = canonical_json(patch_provenance) == canonical_json(metadata) and np.array_equal(
+                patch_batch.column("index").to_numpy(), plan.indices
+            )
     except ValueError:
         return False
-    return (
-        canonical_json(provenance) == canonical_json(metadata)
-        and shape == row_shape
-        and batch.num_rows == len(plan.indices)
-        and np.array_equal(batch.column("index").to_numpy(), plan.indices)
-        and batch.column("split").to_pylist() == [str(s) for s in plan.splits]
-    )
+    return current
 
 
 def build_provenance(provenance: dict, *, extractor: LayerTokenExtractor, transform: Callable, dtype: str) -> dict:
@@ -302,6 +363,8 @@ def build_provenance(provenance: dict, *, extractor: LayerTokenExtractor, transf
         token_names=list(extractor.token_names),
         layer_widths=list(extractor.layer_widths),
         dim=extractor.dim,
+        final_patch_tokens=extractor.final_patch_tokens,
+        patch_grid=extractor.patch_grid,
         dtype=dtype,
         transform=provenance.get("transform", repr(transform)),
     )
@@ -356,9 +419,11 @@ def extract_features(
             return out_dir
         manifest_path.unlink()  # the cache no longer describes what was asked for: not complete any more
     out_dir.mkdir(parents=True, exist_ok=True)
-    planned_files = {p.file for p in plans}
+    patches = extractor.final_patch_tokens
+    planned_files = {p.file for p in plans} | ({patch_shard_name(p.file) for p in plans} if patches else set())
     for path in out_dir.iterdir():
-        stale = path.name.endswith(TMP_SUFFIX) or (path.name.startswith("shard-") and path.name not in planned_files)
+        listed = path.name.startswith(("shard-", "patches-"))
+        stale = path.name.endswith(TMP_SUFFIX) or (listed and path.name not in planned_files)
         if stale and path.is_file():
             path.unlink()
 
@@ -366,10 +431,14 @@ def extract_features(
     todo: list[ShardPlan] = []
     for plan in plans:
         path = out_dir / plan.file
-        if path.is_file() and _shard_is_current(path, plan, metadata, row_shape):
+        patch_path = out_dir / patch_shard_name(plan.file)
+        if path.is_file() and _shard_is_current(path, plan, metadata, row_shape, patches=patches):
             hashes[plan.file] = sha256_file(path)
+            if patches:
+                hashes[patch_path.name] = sha256_file(patch_path)
         else:
             path.unlink(missing_ok=True)
+            patch_path.unlink(missing_ok=True)
             todo.append(plan)
 
     if todo:
@@ -396,12 +465,14 @@ def extract_features(
             )
         )
 
+    patch_files = [patch_shard_name(p.file) for p in plans] if patches else None
     write_manifest(
         out_dir,
         provenance=metadata,
         shards=[(p.file, len(p.indices), hashes[p.file]) for p in plans],
         splits=split_names,
         plan_sha256=plan_hash,
+        patch_shards=None if patch_files is None else [(name, hashes[name]) for name in patch_files],
     )
     return out_dir
 

@@ -3,7 +3,12 @@
 Layout of a cache directory:
     shard-00000.arrow ...  columns index int64, label int64, split string, tokens fixed_size_list<f16|f32>[L*T*D];
                            schema metadata holds the provenance JSON and the [L, T, D] shape
-    manifest.json          completion marker: provenance, shard files with rows and sha256, content_hash
+    patches-00000.arrow .. only with extract.final_patch_tokens: the same rows' final-layer patch tokens, columns
+                           index int64, patches fixed_size_list<f16|f32>[P*D_final]; shape [P, D_final] (the final
+                           layer's true width, unpadded). Separate files, so a probe that does not read them never
+                           touches them.
+    manifest.json          completion marker: provenance, shard files (and their patch files) with rows and sha256,
+                           content_hash
 
 Uncompressed single-batch IPC memory-maps and converts to numpy without a copy (0.005 s to open 0.8 GB, measured in
 the design notes); Parquet and compressed IPC decode and copy. No pickle anywhere.
@@ -14,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +40,7 @@ DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.floa
 
 @dataclass
 class FeatureSet:
-    """Cached per-layer tokens of a set of images."""
+    """Cached per-layer tokens of a set of images (and the final layer's patch tokens when asked for)."""
 
     tokens: torch.Tensor  # [N, L, T, D] in the cache dtype
     labels: torch.Tensor  # [N] int64
@@ -43,10 +48,18 @@ class FeatureSet:
     layer_names: list[str]
     token_names: list[str]
     metadata: dict  # manifest provenance
+    patches: torch.Tensor | None = None  # [N, P, D_final] in the cache dtype; None unless read_features(patches=True)
 
 
 def shard_name(number: int) -> str:
     return f"shard-{number:05d}.arrow"
+
+
+def patch_shard_name(shard_file: str) -> str:
+    """The patch-token file that goes with token shard `shard_file` (same number, same rows)."""
+    if not shard_file.startswith("shard-"):
+        raise ValueError(f"{shard_file!r} is not a token shard name (shard-<n>.arrow)")
+    return "patches-" + shard_file.removeprefix("shard-")
 
 
 def write_shard(
@@ -72,25 +85,43 @@ def write_shard(
     values = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
     if values.ndim != 4:
         raise ValueError(f"tokens for {path} must be [n, L, T, D], got shape {values.shape}")
-    dtype_name = str(values.dtype)
-    if dtype_name not in DTYPES:
-        raise ValueError(f"tokens for {path} must be float16 or float32, got {dtype_name}")
-    rows, width = values.shape[0], int(np.prod(values.shape[1:]))
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=DTYPES[dtype_name][1])
     label_values = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if not rows == len(label_values) == len(indices) == len(splits):
+    if not values.shape[0] == len(label_values) == len(indices) == len(splits):
         raise ValueError(
-            f"shard {path}: {rows} token rows but {len(label_values)} labels, {len(indices)} indices, "
+            f"shard {path}: {values.shape[0]} token rows but {len(label_values)} labels, {len(indices)} indices, "
             f"{len(splits)} splits"
         )
-    batch = pa.record_batch(
-        {
-            "index": pa.array(np.asarray(indices, dtype=np.int64)),
-            "label": pa.array(label_values.astype(np.int64)),
-            "split": pa.array([str(s) for s in splits], type=pa.string()),
-            "tokens": pa.FixedSizeListArray.from_arrays(flat, width),
-        }
-    )
+    columns = {
+        "index": pa.array(np.asarray(indices, dtype=np.int64)),
+        "label": pa.array(label_values.astype(np.int64)),
+        "split": pa.array([str(s) for s in splits], type=pa.string()),
+    }
+    return _write_batch(path, columns, "tokens", values, metadata)
+
+
+def write_patch_shard(path: Path, *, patches: np.ndarray | torch.Tensor, indices: np.ndarray, metadata: dict) -> str:
+    """Write one shard of final-layer patch tokens `[n, P, D_final]` atomically and return its sha256.
+
+    Its rows are those of the token shard of the same number (`patch_shard_name`); `index` repeats their dataset
+    indices so a reader can check that the two files belong together.
+    """
+    path = Path(path)
+    values = patches.numpy() if isinstance(patches, torch.Tensor) else np.asarray(patches)
+    if values.ndim != 3:
+        raise ValueError(f"patch tokens for {path} must be [n, P, D], got shape {values.shape}")
+    if values.shape[0] != len(indices):
+        raise ValueError(f"patch shard {path}: {values.shape[0]} rows but {len(indices)} indices")
+    return _write_batch(path, {"index": pa.array(np.asarray(indices, dtype=np.int64))}, "patches", values, metadata)
+
+
+def _write_batch(path: Path, columns: dict, name: str, values: np.ndarray, metadata: dict) -> str:
+    """`columns` plus `values` flattened per row as column `name`, one record batch, temp name then rename."""
+    dtype_name = str(values.dtype)
+    if dtype_name not in DTYPES:
+        raise ValueError(f"{name} for {path} must be float16 or float32, got {dtype_name}")
+    width = int(np.prod(values.shape[1:]))
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=DTYPES[dtype_name][1])
+    batch = pa.record_batch({**columns, name: pa.FixedSizeListArray.from_arrays(flat, width)})
     schema = batch.schema.with_metadata(
         {PROVENANCE_KEY: canonical_json(metadata), SHAPE_KEY: json.dumps(list(values.shape[1:]))}
     )
@@ -102,7 +133,8 @@ def write_shard(
 
 
 def open_shard(path: Path) -> tuple[pa.RecordBatch, dict, list[int]]:
-    """Memory-map a shard: its single record batch, provenance and [L, T, D] shape (no data is read yet)."""
+    """Memory-map a shard (tokens or patches): its single record batch, provenance and per-row shape ([L, T, D] or
+    [P, D_final]); no data is read yet."""
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
         if reader.num_record_batches != 1:
@@ -135,6 +167,7 @@ def write_manifest(
     shards: Sequence[tuple[str, int, str]],
     splits: Sequence[str],
     plan_sha256: str,
+    patch_shards: Sequence[tuple[str, str]] | None = None,
 ) -> dict:
     """Write `manifest.json` atomically; call it last, after every shard is in place (its presence means complete).
 
@@ -144,8 +177,19 @@ def write_manifest(
         shards: (file name, rows, sha256) of every shard, in row order.
         splits: Split names present in the cache.
         plan_sha256: Hash of the planned rows, so a rerun can tell whether the cache covers what is asked.
+        patch_shards: (file name, sha256) of each shard's final-layer patch-token file, in the same order; None when
+            the cache holds no patch tokens.
     """
-    shard_hashes = [sha for _, _, sha in shards]
+    if patch_shards is not None and len(patch_shards) != len(shards):
+        raise ValueError(f"{len(patch_shards)} patch-token files for {len(shards)} shards in {cache_dir}")
+    entries = []
+    for number, (file, rows, sha) in enumerate(shards):
+        entry = {"file": file, "rows": int(rows), "sha256": sha, "bytes": (Path(cache_dir) / file).stat().st_size}
+        if patch_shards is not None:
+            patch_file, patch_sha = patch_shards[number]
+            size = (Path(cache_dir) / patch_file).stat().st_size
+            entry["patches"] = {"file": patch_file, "sha256": patch_sha, "bytes": size}
+        entries.append(entry)
     manifest = {
         "format": FORMAT,
         "fingerprint": provenance.get("fingerprint"),  # what made the cache (layerprobe.fingerprint)
@@ -154,69 +198,73 @@ def write_manifest(
         "splits": list(splits),
         "dtype": provenance["dtype"],
         "plan_sha256": plan_sha256,
-        "shards": [
-            {"file": file, "rows": int(rows), "sha256": sha, "bytes": (Path(cache_dir) / file).stat().st_size}
-            for file, rows, sha in shards
-        ],
-        "content_hash": content_hash(provenance, shard_hashes),
+        "shards": entries,
+        "content_hash": content_hash(provenance, _file_hashes(entries)),
     }
     write_json(Path(cache_dir) / MANIFEST_FILE, manifest)
     return manifest
 
 
+def _file_hashes(entries: Sequence[dict]) -> list[str]:
+    """Every file's sha256 in manifest order: the token shards, then their patch-token files (if any)."""
+    return [e["sha256"] for e in entries] + [e["patches"]["sha256"] for e in entries if "patches" in e]
+
+
 def cache_content_hash(cache_dir: Path) -> str:
     """The cache's content hash, recomputed from its manifest (shard sha256s and provenance)."""
     manifest = read_manifest(cache_dir)
-    return content_hash(manifest["provenance"], [shard["sha256"] for shard in manifest["shards"]])
+    return content_hash(manifest["provenance"], _file_hashes(manifest["shards"]))
 
 
-def read_features(cache_dir: Path, *, split: str | list[str] | None = None) -> FeatureSet:
+def has_patch_tokens(provenance: dict) -> bool:
+    """Whether a cache with this provenance holds the final layer's patch tokens (extract.final_patch_tokens)."""
+    return bool(provenance.get("final_patch_tokens"))
+
+
+def missing_patch_tokens_error(cache_dir: Path) -> ValueError:
+    return ValueError(
+        f"feature cache {cache_dir} holds no final-layer patch tokens, which this probe reads: "
+        "set `extract.final_patch_tokens: true` in params and re-run extract"
+    )
+
+
+def read_features(
+    cache_dir: Path, *, split: str | list[str] | None = None, patches: bool = False, max_rows: int | None = None
+) -> FeatureSet:
     """Read a complete cache into one tensor, keeping rows of the requested split(s) in dataset-index order.
 
+    `max_rows` keeps only the first rows (an example for a model signature without reading a whole split).
+
     Each shard is memory-mapped and its tokens viewed as numpy without a copy; rows are then copied exactly once into
-    the preallocated output (np.compress with `out=`), so peak memory is the output plus page cache.
+    the preallocated output (np.compress with `out=`), so peak memory is the output plus page cache. The patch-token
+    files are opened only with `patches=True` (they are P/(2L) times the size of the rest: 7.5x for ViT-B/16).
     """
     cache_dir = Path(cache_dir)
-    manifest = read_manifest(cache_dir)
-    provenance = manifest["provenance"]
     wanted = None if split is None else ([split] if isinstance(split, str) else list(split))
-    for name in wanted or []:
-        if name not in manifest["splits"]:
-            raise unknown_name_error(f"split of feature cache {cache_dir}", name, manifest["splits"])
-
-    shards = []  # (batch, row mask or None) for every shard, opened once
-    for entry in manifest["shards"]:
-        path = cache_dir / entry["file"]
-        if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
-            raise ValueError(f"feature cache {cache_dir}: {entry['file']} is missing or changed since extraction; "
-                             "re-run extract")  # fmt: skip
-        batch, _, shape = open_shard(path)
-        mask = None
-        if wanted is not None:
-            mask = pc.is_in(batch.column("split"), value_set=pa.array(wanted)).to_numpy(zero_copy_only=False)
-        shards.append((batch, mask))
-    total = sum(batch.num_rows if mask is None else int(mask.sum()) for batch, mask in shards)
-    dtype = torch.float16 if manifest["dtype"] == "float16" else torch.float32
+    provenance, shards, shape, patch_shape = _open_cache(cache_dir, wanted, patches=patches)
+    masks = []
+    remaining = max_rows
+    for _, batch, _ in shards:
+        mask = None if wanted is None else _split_mask(batch, wanted)
+        if remaining is not None:
+            keep = np.ones(batch.num_rows, dtype=bool) if mask is None else mask
+            mask = keep & (np.cumsum(keep) <= remaining)
+            remaining -= int(mask.sum())
+        masks.append(mask)
+    total = sum(b.num_rows if m is None else int(m.sum()) for (_, b, _), m in zip(shards, masks, strict=True))
+    dtype = _torch_dtype(provenance)
     tokens = torch.empty((total, *shape), dtype=dtype)  # [N, L, T, D]
+    patch_tokens = torch.empty((total, *patch_shape), dtype=dtype) if patches else None  # [N, P, D_final]
     labels = torch.empty(total, dtype=torch.int64)
     indices = np.empty(total, dtype=np.int64)
-    out = tokens.numpy().reshape(total, -1)
     start = 0
-    for batch, mask in shards:
-        column = batch.column("tokens")
-        values = column.flatten().to_numpy(zero_copy_only=True).reshape(batch.num_rows, -1)  # view of the mmap
-        shard_labels = batch.column("label").to_numpy()
-        shard_indices = batch.column("index").to_numpy()
-        count = batch.num_rows if mask is None else int(mask.sum())
-        stop = start + count
-        if mask is None:
-            out[start:stop] = values
-            labels.numpy()[start:stop] = shard_labels
-            indices[start:stop] = shard_indices
-        else:
-            np.compress(mask, values, axis=0, out=out[start:stop])
-            np.compress(mask, shard_labels, out=labels.numpy()[start:stop])
-            np.compress(mask, shard_indices, out=indices[start:stop])
+    for (_, batch, patch_batch), mask in zip(shards, masks, strict=True):
+        stop = start + (batch.num_rows if mask is None else int(mask.sum()))
+        _take_rows(_rows_view(batch, "tokens"), mask, tokens.numpy().reshape(total, -1)[start:stop])
+        _take_rows(batch.column("label").to_numpy(), mask, labels.numpy()[start:stop])
+        _take_rows(batch.column("index").to_numpy(), mask, indices[start:stop])
+        if patch_tokens is not None:
+            _take_rows(_rows_view(patch_batch, "patches"), mask, patch_tokens.numpy().reshape(total, -1)[start:stop])
         start = stop
     return FeatureSet(
         tokens=tokens,
@@ -225,4 +273,141 @@ def read_features(cache_dir: Path, *, split: str | list[str] | None = None) -> F
         layer_names=list(provenance["layer_names"]),
         token_names=list(provenance["token_names"]),
         metadata=provenance,
+        patches=patch_tokens,
     )
+
+
+@dataclass
+class Selection:
+    """What a probe reads from some splits of a cache, split after split (all rows of the first split, then ...)."""
+
+    features: torch.Tensor  # [N, K, W] as `select` returned them
+    labels: torch.Tensor  # [N] int64
+    counts: dict[str, int]  # rows per split, in the order they are stored
+    layer_names: list[str]
+    token_names: list[str]
+    metadata: dict  # manifest provenance
+
+    def rows(self, split: str) -> slice:
+        """The rows of `split`: `features[rows]` is a view, no copy."""
+        names = list(self.counts)
+        start = sum(self.counts[name] for name in names[: names.index(split)])
+        return slice(start, start + self.counts[split])
+
+
+def read_selection(
+    cache_dir: Path,
+    *,
+    splits: Sequence[str],
+    select: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    patches: bool = False,
+) -> Selection:
+    """Read only what a probe selects from the given splits, one shard at a time.
+
+    Each shard's rows of a split are copied out of the memory map (`[n, L, T, D]` tokens and, with `patches`,
+    `[n, P, D_final]` patch tokens), passed through `select` (returning `[n, K, W]`) and written into the
+    preallocated output. Peak memory is the selection plus one shard, never the whole cache: the patch tokens of a
+    large split need not fit in memory beside their selection. Rows are grouped by split in the order of `splits`
+    (dataset-index order within a split), so each split is a contiguous view and all of them one tensor.
+    """
+    cache_dir = Path(cache_dir)
+    provenance, shards, shape, patch_shape = _open_cache(cache_dir, list(splits), patches=patches)
+    masks = {name: [_split_mask(batch, [name]) for _, batch, _ in shards] for name in splits}
+    counts = {name: int(sum(mask.sum() for mask in masks[name])) for name in splits}
+    total = sum(counts.values())
+    features = labels = None
+    start = 0
+    for name in splits:
+        for (_, batch, patch_batch), mask in zip(shards, masks[name], strict=True):
+            count = int(mask.sum())
+            if count == 0:
+                continue
+            tokens = torch.from_numpy(np.compress(mask, _rows_view(batch, "tokens"), axis=0)).view(count, *shape)
+            chunk_patches = None
+            if patch_batch is not None:
+                chunk_patches = torch.from_numpy(np.compress(mask, _rows_view(patch_batch, "patches"), axis=0))
+                chunk_patches = chunk_patches.view(count, *patch_shape)
+            selected = select(tokens, chunk_patches)
+            if features is None:  # the selection's shape is known from the first chunk
+                features = selected.new_empty((total, *selected.shape[1:]))
+                labels = torch.empty(total, dtype=torch.int64)
+            features[start : start + count] = selected
+            np.compress(mask, batch.column("label").to_numpy(), out=labels.numpy()[start : start + count])
+            start += count
+    if features is None:
+        raise ValueError(f"feature cache {cache_dir} has no rows in splits {list(splits)}")
+    return Selection(features=features, labels=labels, counts=counts, layer_names=list(provenance["layer_names"]),
+                     token_names=list(provenance["token_names"]), metadata=provenance)  # fmt: skip
+
+
+def num_patch_tokens(cache_dir: Path) -> int:
+    """P, the final-layer patch tokens per image a cache holds (from a shard's header); fails when it holds none."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if not has_patch_tokens(manifest["provenance"]) or not manifest["shards"]:
+        raise missing_patch_tokens_error(cache_dir)
+    _, patch_shape = _open_listed(cache_dir, manifest["shards"][0]["patches"])
+    return int(patch_shape[0])
+
+
+def _open_cache(
+    cache_dir: Path, wanted: list[str] | None, *, patches: bool
+) -> tuple[dict, list[tuple[dict, pa.RecordBatch, pa.RecordBatch | None]], list[int], list[int]]:
+    """Open every shard (and, with `patches`, its patch-token file) of a complete cache once, checking the request.
+
+    Returns the provenance, (manifest entry, token batch, patch batch or None) per shard, and the per-row shapes
+    [L, T, D] and [P, D_final] (empty when not read).
+    """
+    manifest = read_manifest(cache_dir)
+    provenance = manifest["provenance"]
+    for name in wanted or []:
+        if name not in manifest["splits"]:
+            raise unknown_name_error(f"split of feature cache {cache_dir}", name, manifest["splits"])
+    if patches and not has_patch_tokens(provenance):
+        raise missing_patch_tokens_error(cache_dir)
+    shards = []
+    shape, patch_shape = [0, 0, 0], [0, 0]
+    for entry in manifest["shards"]:
+        batch, shape = _open_listed(cache_dir, entry)
+        patch_batch = None
+        if patches:
+            if "patches" not in entry:
+                raise ValueError(f"feature cache {cache_dir}: the manifest lists no patch tokens for {entry['file']}; "
+                                 "re-run extract")  # fmt: skip
+            patch_batch, patch_shape = _open_listed(cache_dir, entry["patches"])
+            if not np.array_equal(patch_batch.column("index").to_numpy(), batch.column("index").to_numpy()):
+                raise ValueError(f"feature cache {cache_dir}: {entry['patches']['file']} does not hold the rows of "
+                                 f"{entry['file']}; re-run extract")  # fmt: skip
+        shards.append((entry, batch, patch_batch))
+    return provenance, shards, shape, patch_shape
+
+
+def _split_mask(batch: pa.RecordBatch, wanted: list[str]) -> np.ndarray:
+    return pc.is_in(batch.column("split"), value_set=pa.array(wanted)).to_numpy(zero_copy_only=False)
+
+
+def _torch_dtype(provenance: dict) -> torch.dtype:
+    return torch.float16 if provenance["dtype"] == "float16" else torch.float32
+
+
+def _open_listed(cache_dir: Path, entry: dict) -> tuple[pa.RecordBatch, list[int]]:
+    """Open a file the manifest lists, failing if it is gone or its size changed since extraction."""
+    path = cache_dir / entry["file"]
+    if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
+        raise ValueError(f"feature cache {cache_dir}: {entry['file']} is missing or changed since extraction; "
+                         "re-run extract")  # fmt: skip
+    batch, _, shape = open_shard(path)
+    return batch, shape
+
+
+def _rows_view(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    """A fixed-size-list column as a [rows, width] numpy view of the memory map (no copy)."""
+    return batch.column(column).flatten().to_numpy(zero_copy_only=True).reshape(batch.num_rows, -1)
+
+
+def _take_rows(values: np.ndarray, mask: np.ndarray | None, out: np.ndarray) -> None:
+    """Copy `values` (all rows, or those where `mask`) into `out` in one pass."""
+    if mask is None:
+        out[...] = values
+    else:
+        np.compress(mask, values, axis=0, out=out)

@@ -234,3 +234,51 @@ def layer_attention_heatmap(attention: np.ndarray | torch.Tensor, token_labels: 
         "layer_means": [float(np.mean([w for w in row if w is not None])) for row in weights],
         "token_weights": {label: float(w) for label, w in zip(token_labels, per_token, strict=True)},
     }
+
+
+def patch_attention_heatmap(
+    attention: np.ndarray | torch.Tensor, token_labels: Sequence[str], *, grid: Sequence[int] | None = None
+) -> dict:
+    """Mean attention per patch position of a probe reading the final layer's patch tokens (averaged over images,
+    then heads), laid out on the image's patch grid, plus the share on the other tokens (the CLS token).
+
+    Args:
+        attention: post-softmax weights `[N, H, K]` from `predict`.
+        token_labels: K labels, the patch tokens "<layer>/patch<p>" and the others (e.g. "final/cls").
+        grid: [rows, cols] of the backbone's patch grid (rows * cols = P); None: a square grid, or one row.
+
+    Returns:
+        {"kind": "patches", "grid": [rows, cols], "weights": [rows][cols] (patch p at row p // cols),
+        "tokens": {label: weight} for the tokens that are not patches, "patch_share": the sum over patches,
+        "peak": {"patch", "row", "col", "weight"}: the most attended patch}.
+    """
+    values = _as_numpy(attention).astype(np.float64)
+    if values.ndim != 3 or values.shape[2] != len(token_labels):
+        raise ValueError(f"attention must be [N, H, K={len(token_labels)}], got shape {values.shape}")
+    per_token = values.mean(axis=0).mean(axis=0)  # over images, then heads
+    patch_weights: dict[int, float] = {}
+    others: dict[str, float] = {}
+    for label, weight in zip(token_labels, per_token, strict=True):
+        token = label.rpartition("/")[2]
+        if token.startswith("patch") and token[len("patch") :].isdigit():
+            patch_weights[int(token[len("patch") :])] = float(weight)
+        else:
+            others[label] = float(weight)
+    count = len(patch_weights)
+    if count == 0 or sorted(patch_weights) != list(range(count)):
+        raise ValueError(f"token labels must hold patch0..patch<P-1> once each; found patches {sorted(patch_weights)}")
+    if grid is not None and int(grid[0]) * int(grid[1]) == count:
+        rows, cols = int(grid[0]), int(grid[1])
+    else:
+        side = int(round(count**0.5))
+        rows, cols = (side, side) if side * side == count else (1, count)
+    weights = np.array([patch_weights[p] for p in range(count)]).reshape(rows, cols)
+    peak = int(np.argmax(weights))
+    return {
+        "kind": "patches",
+        "grid": [rows, cols],
+        "weights": weights.tolist(),
+        "tokens": others,
+        "patch_share": float(weights.sum()),
+        "peak": {"patch": peak, "row": peak // cols, "col": peak % cols, "weight": float(weights.flat[peak])},
+    }

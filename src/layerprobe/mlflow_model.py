@@ -2,7 +2,8 @@
 
 MLflow loads this file (not a pickled object) and calls `load_context` with the probe folder
 (probe.safetensors + probe.json) logged as an artifact. Input: per-layer features `[N, L, T, D]` float32 as in
-the feature cache; output: predicted class indices `[N]`.
+the feature cache, or for a probe reading the final layer's patch tokens the named inputs
+{"tokens": [N, L, T, D], "patches": [N, P, D_final]}; output: predicted class indices `[N]`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,18 @@ class ProbeModel(PythonModel):
     def predict(self, context, model_input, params=None) -> np.ndarray:
         from layerprobe.train import predict
 
+        patches = None
+        if isinstance(model_input, dict):
+            if self.config.get("patch_tokens") and "patches" not in model_input:
+                raise ValueError("this probe reads the final layer's patch tokens: give {'tokens', 'patches'}")
+            patches = model_input.get("patches")
+            patches = None if patches is None else torch.as_tensor(np.asarray(patches, dtype=np.float32))
+            model_input = model_input["tokens"]
+        elif self.config.get("patch_tokens"):
+            raise ValueError("this probe reads the final layer's patch tokens: give {'tokens', 'patches'}")
         tokens = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        predictions, _, _ = predict(self.probe, tokens, positions=self.positions, batch_size=1024)
+        predictions, _, _ = predict(self.probe, tokens, positions=self.positions, batch_size=1024, patches=patches,
+                                    width=self.config.get("width"))  # fmt: skip
         return np.asarray(predictions, dtype=np.int64)
 
 

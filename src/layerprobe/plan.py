@@ -29,6 +29,8 @@ class BackboneShape:
     dim: int
     num_tokens: int  # prefix + patch tokens per image
     gflops_per_image: float
+    num_patches: int = 0  # patch tokens per image (prefix excluded)
+    final_width: int = 0  # width of the final layer's tokens: the projection's for CLIP ports, else dim
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,9 @@ class CachePlan:
     num_images: int
     num_layers: int
     dim: int
-    bytes: int
+    bytes: int  # everything the cache holds, patch tokens included
     seconds: float
+    patch_bytes: int = 0  # of which the final layer's patch tokens (extract.final_patch_tokens)
 
 
 def backbone_shape(config: BackboneConfig) -> BackboneShape:
@@ -54,16 +57,22 @@ def backbone_shape(config: BackboneConfig) -> BackboneShape:
     if config.pretrained and config.model not in timm.list_pretrained() and base not in timm.list_pretrained():
         raise unknown_name_error("timm pretrained tag", config.model, timm.list_pretrained(base + "*"))
     with torch.device("meta"):
-        model = timm.create_model(base, pretrained=False, **config.model_kwargs)
+        # The full name with its tag when it has one: the tag's config sets the head (CLIP's projection width).
+        name = config.model if config.model in timm.list_pretrained() else base
+        model = timm.create_model(name, pretrained=False, **config.model_kwargs)
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "patch_embed"):
         raise ValueError(f"backbone {config.model!r} is not a ViT with blocks and patch tokens")
-    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    num_patches = int(model.patch_embed.num_patches)
+    tokens = num_patches + getattr(model, "num_prefix_tokens", 1)
     dim = int(model.embed_dim)
+    head = getattr(model, "head", None)
+    final_width = int(head.out_features) if config.final_projection and isinstance(head, torch.nn.Linear) else dim
     block_params = sum(p.numel() for p in blocks.parameters())
     # 2 FLOPs per weight per token for the linear layers, plus QK^T and AV (2 * 2 * tokens^2 * dim per block).
     flops = 2 * block_params * tokens + 4 * len(blocks) * tokens * tokens * dim
-    return BackboneShape(num_blocks=len(blocks), dim=dim, num_tokens=tokens, gflops_per_image=flops / 1e9)
+    return BackboneShape(num_blocks=len(blocks), dim=dim, num_tokens=tokens, gflops_per_image=flops / 1e9,
+                         num_patches=num_patches, final_width=final_width)  # fmt: skip
 
 
 def dataset_size(name: str, config: DatasetConfig, prepared_dir: Path) -> int:
@@ -121,6 +130,8 @@ def plan_suite(params: Params, *, gflops_per_second: float) -> list[CachePlan]:
     for backbone, shape in shapes.items():
         layers = shape.num_blocks + 1  # every block plus the final output
         for dataset, count in sizes.items():
+            # The patch tokens are stored at the final layer's own width (unpadded), P of them per image.
+            patch_bytes = count * patch_bytes_per_image(shape, value_bytes) if params.extract.final_patch_tokens else 0
             plans.append(
                 CachePlan(
                     backbone=backbone,
@@ -128,11 +139,17 @@ def plan_suite(params: Params, *, gflops_per_second: float) -> list[CachePlan]:
                     num_images=count,
                     num_layers=layers,
                     dim=shape.dim,
-                    bytes=count * layers * NUM_TOKENS * shape.dim * value_bytes,
+                    bytes=count * layers * NUM_TOKENS * shape.dim * value_bytes + patch_bytes,
                     seconds=count * shape.gflops_per_image / gflops_per_second,
+                    patch_bytes=patch_bytes,
                 )
             )
     return plans
+
+
+def patch_bytes_per_image(shape: BackboneShape, value_bytes: int) -> int:
+    """Bytes one image's final-layer patch tokens take in the cache: P x D_final x bytes per value."""
+    return shape.num_patches * shape.final_width * value_bytes
 
 
 def check_disk(plans: list[CachePlan], features_root: Path, *, dtype: str = "float16") -> tuple[int, int]:
@@ -192,19 +209,22 @@ def format_plan(
     list_tasks: bool = False,
 ) -> str:
     probes = params.suite.probes
+    patches = params.extract.final_patch_tokens
     lines = [
         f"suite {params.suite.name}: {len(params.suite.backbones)} backbones x {len(params.suite.datasets)} datasets"
         f" x {len(probes)} probes = {len(plans) * len(probes)} probe tasks",
         f"throughput basis: {gflops_per_second:.0f} GFLOP/s; "
         f"features as {params.extract.dtype}, tap {params.extract.tap}",
         "",
-        "| backbone | dataset | images | layers x tokens x dim | cache | extraction |",
-        "|---|---|---:|---|---:|---:|",
+        "| backbone | dataset | images | layers x tokens x dim | cache | extraction |"
+        + (" of which final patch tokens |" if patches else ""),
+        "|---|---|---:|---|---:|---:|" + ("---:|" if patches else ""),
     ]
     for p in plans:
         lines.append(
             f"| {p.backbone} | {p.dataset} | {p.num_images:,} | {p.num_layers} x {NUM_TOKENS} x {p.dim} | "
             f"{format_bytes(p.bytes)} | {format_duration(p.seconds)} |"
+            + (f" {format_bytes(p.patch_bytes)} |" if patches else "")
         )
     lines.append("")
     for backbone in params.suite.backbones:
@@ -212,8 +232,14 @@ def format_plan(
         lines.append(
             f"{backbone}: {format_bytes(sum(p.bytes for p in mine))} on disk, "
             f"~{format_duration(sum(p.seconds for p in mine))} extraction"
+            + (f" (final patch tokens: {format_bytes(sum(p.patch_bytes for p in mine))})" if patches else "")
         )
     lines.append(f"total still to write: {format_bytes(needed)} of {format_bytes(free)} free")
+    if patches:
+        lines.append(
+            f"final-layer patch tokens (extract.final_patch_tokens): {format_bytes(sum(p.patch_bytes for p in plans))}"
+            " of all caches"
+        )
     if list_tasks:
         lines.append("probe tasks:")
         lines.extend(f"  {b}/{d}/{p}" for b, d, p in params.tasks())

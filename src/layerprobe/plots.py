@@ -39,6 +39,28 @@ def plot_layer_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", d
     return _save(fig, path, dpi)
 
 
+def plot_patch_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", dpi: int = DPI) -> Path:
+    """Draw `metrics.patch_attention_heatmap` output: attention (%) on each patch position of the image's grid, with
+    the share on the other tokens (CLS) in the subtitle; values are written in the cells when the grid is small."""
+    weights = 100.0 * np.asarray(heatmap["weights"], dtype=float)  # [rows, cols]
+    rows, cols = weights.shape
+    side = min(9.0, max(3.0, 0.4 * max(rows, cols)))
+    fig, ax = plt.subplots(figsize=(side + 1.4, side * rows / max(cols, rows) + 1.0), layout="constrained")
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, interpolation="nearest")
+    others = ", ".join(f"{label.rpartition('/')[2]} {100 * w:.1f}%" for label, w in heatmap["tokens"].items())
+    uniform = 100.0 / (rows * cols + len(heatmap["tokens"]))
+    ax.set_title(f"{title}\n{others or 'no other tokens'}; uniform {uniform:.2f}% per token", fontsize=9)
+    ax.set_xlabel("patch column")
+    ax.set_ylabel("patch row")
+    if rows * cols <= 64:  # beyond that the numbers are unreadable
+        top = weights.max()
+        for (r, c), value in np.ndenumerate(weights):
+            ax.text(c, r, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 * top else "white")  # fmt: skip
+    fig.colorbar(image, ax=ax, label="attention (%)", fraction=0.05, pad=0.02)
+    return _save(fig, path, dpi)
+
+
 def plot_attention_matrix(heatmaps: Mapping[str, Mapping], path: str | Path, *, title: str, dpi: int = DPI) -> Path:
     """One backbone's layer attention on every dataset at a glance: rows datasets, columns layers, three panels.
 

@@ -45,6 +45,7 @@ def predict_images(
         tap=source["tap"],
         final_projection=bool(source.get("final_projection")),
         precision=source.get("precision", "float32"),
+        final_patch_tokens=bool(config.get("patch_tokens")),
     )
     if extractor.layer_names != source.get("layer_names", extractor.layer_names):
         raise ValueError(
@@ -53,13 +54,18 @@ def predict_images(
     # Caches written before `preprocessing` was recorded name only their crop_pct.
     transform = create_eval_transform(network, **(source.get("preprocessing") or {"crop_pct": source.get("crop_pct")}))
     extractor.to(device)
-    batches = []
+    batches, patch_batches = [], []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([transform(image) for image in images[start : start + batch_size]]).to(device)
-        batches.append(extractor(pixels).float().cpu())
+        tokens, patches = extractor.forward_all(pixels)
+        batches.append(tokens.cpu())
+        if patches is not None:
+            patch_batches.append(patches.cpu())
     tokens = torch.cat(batches)  # [N, L, T, D]
+    patches = torch.cat(patch_batches) if patch_batches else None  # [N, P, D_final]
     positions = [tuple(p) for p in config["positions"]]
-    labels, logits, _ = predict(probe, tokens, positions=positions, batch_size=batch_size)
+    labels, logits, _ = predict(probe, tokens, positions=positions, batch_size=batch_size, patches=patches,
+                                width=config.get("width"))  # fmt: skip
     probabilities = torch.as_tensor(logits).float().softmax(-1)
     names = config["class_names"]
     return [

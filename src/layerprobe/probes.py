@@ -3,6 +3,10 @@
 Every head carries a leading grid dimension G: member g has its own parameters (stacked tensors) and its own
 hyperparameters, but all members read the same input batch, so a whole sweep trains in one forward/backward.
 G=1 is a single probe. Heads take already gathered, L2-normalised tokens `x  # [B, K, D]`.
+
+A selected token is a slot (layer index, token index) of the cache's [L, T] grid. The final layer's patch tokens
+(cached apart, `[N, P, D_final]`, with extract.final_patch_tokens) continue the token axis of the final layer:
+slot (L-1, T+p) is patch p.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerprobe.attention_pool import pool_and_project
-from layerprobe.config import TOKENS
+from layerprobe.config import PATCHES, PROBE_TOKENS, Params
 from layerprobe.registry import Registry, unknown_name_error
 
 LAYER_PRESETS = ("all", "last", "paper")
@@ -37,7 +41,8 @@ class ProbeSpec:
         name: registered name, e.g. "alf".
         layers: "all" (every cached layer), "last" (the final entry), "paper" (blocks 1..B-1 plus final, as the
             reference) or cached-layer positions (negatives count from the end).
-        tokens: which per-layer tokens, a subset of ("cls", "ap"), in the order they are fed to the head.
+        tokens: which per-layer tokens, a subset of ("cls", "ap", "patches"), in the order they are fed to the head;
+            "patches" is every patch token of the final layer, so a probe reading it reads the final layer only.
         head: "linear" (tokens concatenated) or "attentive" (the ALF cross-attention block).
         num_heads: attention heads; None = number of input tokens, as the reference's launcher sets it.
     """
@@ -58,14 +63,22 @@ class ProbeSpec:
                 raise ValueError(f"probe {self.name!r}: layers must not be empty")
         object.__setattr__(self, "tokens", tuple(self.tokens))
         for token in self.tokens:
-            if token not in TOKENS:
-                raise unknown_name_error("token", token, list(TOKENS))
+            if token not in PROBE_TOKENS:
+                raise unknown_name_error("token", token, list(PROBE_TOKENS))
         if not self.tokens or len(set(self.tokens)) != len(self.tokens):
-            raise ValueError(f"probe {self.name!r}: tokens {self.tokens} must be a non-empty subset of {TOKENS}")
+            raise ValueError(f"probe {self.name!r}: tokens {self.tokens} must be a non-empty subset of {PROBE_TOKENS}")
+        if self.reads_patches and self.layers not in ("last", (-1,)):
+            raise ValueError(f"probe {self.name!r}: patch tokens are cached for the final layer only; "
+                             f"set layers: last (got {self.layers!r})")  # fmt: skip
         if self.head not in HEAD_CHOICES:
             raise unknown_name_error("probe head", self.head, list(HEAD_CHOICES))
         if self.num_heads is not None and self.num_heads < 1:
             raise ValueError(f"probe {self.name!r}: num_heads must be >= 1 or None, got {self.num_heads}")
+
+    @property
+    def reads_patches(self) -> bool:
+        """Whether the probe reads the final layer's patch tokens (a cache extracted with final_patch_tokens)."""
+        return PATCHES in self.tokens
 
 
 _PROBES: Registry[ProbeSpec] = Registry("probe")
@@ -90,6 +103,16 @@ def get_probe_spec(name: str, **overrides) -> ProbeSpec:
 def list_probes() -> list[str]:
     """Names of all registered probes."""
     return _PROBES.names()
+
+
+def check_patch_tokens(params: Params) -> None:
+    """Fail before any extraction when a probe of the suite reads patch tokens that extraction will not cache."""
+    if params.extract.final_patch_tokens:
+        return
+    for name in params.suite.probes:
+        if get_probe_spec(name, **params.probe_config(name).overrides()).reads_patches:
+            raise ValueError(f"probe {name!r} reads the final layer's patch tokens, which extraction does not cache: "
+                             "set `extract.final_patch_tokens: true` in params")  # fmt: skip
 
 
 @register_probe("linear_last_cls")
@@ -117,10 +140,11 @@ def _alf() -> ProbeSpec:
     return ProbeSpec("alf", layers="paper", tokens=("cls", "ap"), head="attentive")
 
 
-# NOTE: `attentive_last_tokens` (all final-layer patch tokens, attentive, 8 heads as in the reference) is one more
-# entry here once the feature cache stores a "patches" token group: add "patches" to TOKENS and register
-# ProbeSpec("attentive_last_tokens", layers="last", tokens=("cls", "patches"), head="attentive", num_heads=8).
-# select_token_positions/gather_tokens only index (layer, token) slots, so nothing else changes.
+@register_probe("attentive_last_all_tokens")
+def _attentive_last_all_tokens() -> ProbeSpec:
+    # The paper's "all tokens, last layer" baseline: 8 heads in its main setting (not heads = tokens).
+    return ProbeSpec("attentive_last_all_tokens", layers="last", tokens=("cls", PATCHES), head="attentive",
+                     num_heads=8)  # fmt: skip
 
 
 # ---------------------------------------------------------------- token selection
@@ -155,7 +179,12 @@ def _layer_indices(layer_names: Sequence[str], layers: str | Sequence[int]) -> l
 
 
 def select_token_positions(
-    layer_names: Sequence[str], token_names: Sequence[str], *, layers: str | Sequence[int], tokens: Sequence[str]
+    layer_names: Sequence[str],
+    token_names: Sequence[str],
+    *,
+    layers: str | Sequence[int],
+    tokens: Sequence[str],
+    num_patches: int = 0,
 ) -> list[tuple[int, int]]:
     """(layer index, token index) slots of the cache that a probe reads, ordered cls@l, ap@l, cls@l+1, ...
 
@@ -163,25 +192,63 @@ def select_token_positions(
         layer_names: the cache's layer axis, e.g. ["block0", ..., "block11", "final"].
         token_names: the cache's token axis, e.g. ["cls", "ap"].
         layers: "all" | "last" | "paper" | cached-layer positions (negatives allowed).
-        tokens: token names to read per layer, in the order the head sees them.
+        tokens: token names to read per layer, in the order the head sees them; "patches" expands to the final
+            layer's P patch tokens, slots (L-1, T+p).
+        num_patches: P, patch tokens the cache holds for the final layer (0: none cached).
     """
-    token_indices = []
+    layer_indices = _layer_indices(layer_names, layers)
+    num_cached = len(token_names)
+    token_indices: list[int] = []
     for token in tokens:
-        if token not in token_names:
+        if token == PATCHES:
+            if layer_indices != [len(layer_names) - 1]:
+                raise ValueError(f"patch tokens are cached for the final layer only, but the probe reads layers "
+                                 f"{[layer_names[i] for i in layer_indices]}; set layers: last")  # fmt: skip
+            if num_patches < 1:
+                raise ValueError("the probe reads the final layer's patch tokens, which this feature cache does "
+                                 "not hold: set `extract.final_patch_tokens: true` and re-run extract")  # fmt: skip
+            token_indices.extend(range(num_cached, num_cached + num_patches))
+        elif token not in token_names:
             raise unknown_name_error("token", token, list(token_names))
-        token_indices.append(list(token_names).index(token))
-    return [(li, ti) for li in _layer_indices(layer_names, layers) for ti in token_indices]
+        else:
+            token_indices.append(list(token_names).index(token))
+    return [(li, ti) for li in layer_indices for ti in token_indices]
 
 
 def token_labels(
     layer_names: Sequence[str], token_names: Sequence[str], positions: Sequence[tuple[int, int]]
 ) -> list[str]:
-    """Readable names of the selected slots, e.g. ["block1/cls", "block1/ap", ..., "final/ap"]."""
-    return [f"{layer_names[li]}/{token_names[ti]}" for li, ti in positions]
+    """Readable names of the selected slots, e.g. ["block1/cls", "block1/ap", ..., "final/ap"]; patch p of the final
+    layer is "final/patch<p>"."""
+    num_cached = len(token_names)
+    return [f"{layer_names[li]}/{token_names[ti] if ti < num_cached else f'patch{ti - num_cached}'}"
+            for li, ti in positions]  # fmt: skip
+
+
+def reads_patches(positions: Sequence[Sequence[int]], num_cached_tokens: int) -> bool:
+    """Whether `positions` select any of the final layer's patch tokens (slots past the cache's T tokens)."""
+    return any(ti >= num_cached_tokens for _, ti in positions)
+
+
+def selection_width(layer_widths: Sequence[int] | None, positions: Sequence[Sequence[int]]) -> int | None:
+    """The width a probe reads: the widest true width among its layers (None when the cache records no widths).
+
+    Narrower layers are zero-padded to the cache's common D; a probe whose layers are all narrower than D (CLIP's
+    512-d projected final layer in a 768-d cache) reads them unpadded, so its head has no inputs that are always
+    zero and training jitter lands only on real features.
+    """
+    if not layer_widths:
+        return None
+    return max(int(layer_widths[li]) for li, _ in positions)
 
 
 def gather_tokens(
-    tokens: torch.Tensor, positions: Sequence[tuple[int, int]], *, rows: torch.Tensor | None = None
+    tokens: torch.Tensor,
+    positions: Sequence[tuple[int, int]],
+    *,
+    rows: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Pick the selected slots out of a cache tensor; never writes into `tokens` (it may be read-only).
 
@@ -189,27 +256,80 @@ def gather_tokens(
         tokens: cached features `[N, L, T, D]` (any float dtype).
         positions: slots from `select_token_positions`.
         rows: optional image indices, to gather one batch without touching the rest.
+        patches: the final layer's patch tokens `[N, P, D_final]`, needed when `positions` select any.
+        width: keep the first `width` features of each token (`selection_width`); None keeps all D.
 
     Returns:
-        `[N or len(rows), K, D]` float32, K = len(positions).
+        `[N or len(rows), K, width or D]` float32, K = len(positions).
     """
-    return gather_raw(tokens, positions, rows=rows).float()
+    return gather_raw(tokens, positions, rows=rows, patches=patches, width=width).float()
 
 
 def gather_raw(
-    tokens: torch.Tensor, positions: Sequence[tuple[int, int]], *, rows: torch.Tensor | None = None
+    tokens: torch.Tensor,
+    positions: Sequence[tuple[int, int]],
+    *,
+    rows: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """As `gather_tokens` but keeps the cache's dtype (float16 selections are half the memory)."""
+    """As `gather_tokens` but keeps the cache's dtype (float16 selections are half the memory).
+
+    Makes one copy of what it selects: patch tokens are copied slice by slice, never through a temporary.
+    """
     if tokens.dim() != 4:
         raise ValueError(f"tokens must be [N, L, T, D], got shape {tuple(tokens.shape)}")
     if not positions:
         raise ValueError("positions is empty: the probe selects no tokens")
-    layer_index = torch.tensor([p[0] for p in positions], dtype=torch.long, device=tokens.device)
-    token_index = torch.tensor([p[1] for p in positions], dtype=torch.long, device=tokens.device)
-    if rows is None:
-        return tokens[:, layer_index, token_index]  # advanced indexing copies: [N, K, D]
-    rows = rows.to(tokens.device)
-    return tokens[rows[:, None], layer_index[None, :], token_index[None, :]]
+    num_layers, num_cached, dim = tokens.shape[1], tokens.shape[2], tokens.shape[3]
+    width = dim if width is None else int(width)
+    if not 0 < width <= dim:
+        raise ValueError(f"width {width} is outside the cached token width 1..{dim}")
+    view = tokens[..., :width]
+    if rows is not None:
+        rows = rows.to(tokens.device)
+    cached = [(k, li, ti) for k, (li, ti) in enumerate(positions) if ti < num_cached]
+    from_patches = [(k, li, ti - num_cached) for k, (li, ti) in enumerate(positions) if ti >= num_cached]
+
+    def take(slots: list[tuple[int, int, int]]) -> torch.Tensor:
+        layer_index = torch.tensor([s[1] for s in slots], dtype=torch.long, device=tokens.device)
+        token_index = torch.tensor([s[2] for s in slots], dtype=torch.long, device=tokens.device)
+        if rows is None:
+            return view[:, layer_index, token_index]  # advanced indexing copies: [N, K, width]
+        return view[rows[:, None], layer_index[None, :], token_index[None, :]]
+
+    if not from_patches:
+        return take(cached)
+    if patches is None:
+        raise ValueError("the probe reads final-layer patch tokens, but none were given (read_features(patches=True))")
+    if any(li != num_layers - 1 for _, li, _ in from_patches):
+        raise ValueError(f"patch-token slots must be on the final layer ({num_layers - 1}); got {from_patches[:3]}")
+    if patches.dim() != 3 or patches.shape[0] != tokens.shape[0]:
+        raise ValueError(f"patches must be [N={tokens.shape[0]}, P, D], got shape {tuple(patches.shape)}")
+    if max(p for _, _, p in from_patches) >= patches.shape[1]:
+        raise ValueError(f"positions select patch {max(p for _, _, p in from_patches)}, but only "
+                         f"{patches.shape[1]} patch tokens are cached")  # fmt: skip
+    count = tokens.shape[0] if rows is None else len(rows)
+    patch_width = min(width, patches.shape[2])
+    make = tokens.new_zeros if patch_width < width else tokens.new_empty  # a narrower final layer is zero-padded
+    out = make((count, len(positions), width))
+    if cached:
+        out[:, [k for k, _, _ in cached]] = take(cached)
+    for slot, first, length in _runs([(k, p) for k, _, p in from_patches]):
+        source = patches[:, first : first + length] if rows is None else patches[rows, first : first + length]
+        out[:, slot : slot + length, :patch_width] = source[..., :patch_width]
+    return out
+
+
+def _runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(output slot, patch index) pairs grouped into runs where both go up by one: (first slot, first patch, length)."""
+    runs: list[list[int]] = []
+    for slot, patch in pairs:
+        if runs and slot == runs[-1][0] + runs[-1][2] and patch == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([slot, patch, 1])
+    return [(a, b, c) for a, b, c in runs]
 
 
 def normalize_tokens(x: torch.Tensor) -> torch.Tensor:

@@ -156,6 +156,15 @@ def batch_plan(num_images: int, config: TrainConfig) -> tuple[int, int, int]:
     return batch_size, steps_per_epoch, epochs
 
 
+def fits_on_device(features: torch.Tensor, device: torch.device) -> bool:
+    """Whether a training selection should be moved to `device` whole: always on the CPU; on a GPU when it takes at
+    most half of the free memory (the rest is for the grid's activations, a few GB at batch 2048)."""
+    if device.type != "cuda" or features.device == device:
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return features.nbytes <= free // 2
+
+
 def _check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
         raise ValueError(f"labels must be [N] with N={features.shape[0]}, got shape {tuple(labels.shape)}")
@@ -196,7 +205,9 @@ def train_selected(
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
     optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
-    features, labels = features.to(device), labels.to(device)
+    # Selections too large for the device's memory (all-token features of a large dataset) stay on the host; their
+    # batches are gathered there and copied over, one at a time.
+    features, labels = features.to(device if fits_on_device(features, device) else features.device), labels.to(device)
     weights = class_weights(labels, num_classes)
 
     batch_size, steps_per_epoch, epochs = batch_plan(num_images, config)
@@ -212,7 +223,7 @@ def train_selected(
         order = torch.randperm(num_images, generator=shuffle_gen).to(device)
         for start in range(0, num_images, batch_size):
             rows = order[start : start + batch_size]
-            x = normalize_tokens(features[rows].float())  # [b, K, D]
+            x = normalize_tokens(features[rows.to(features.device)].to(device).float())  # [b, K, D]
             b = x.shape[0]
             x = jitter_tokens(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
             dropout_noise = None
@@ -245,6 +256,8 @@ def train_grid(
     grid: Sequence[HParams],
     config: TrainConfig,
     seed: int = 0,
+    patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> TrainedGrid:
     """Train all configs of `grid` at once on the same batches.
 
@@ -257,12 +270,14 @@ def train_grid(
         grid: hyperparameters, one per member.
         config: the shared recipe (its grid lists are not read here: `grid` is).
         seed: initialisation, shuffling, jitter and dropout draws.
+        patches: the final layer's patch tokens `[N, P, D_final]`, for probes that read them.
+        width: token width to read (`probes.selection_width`); None reads all D.
 
     Returns:
         The stacked probe (G = len(grid), eval mode) and the loss/lr history.
     """
-    return train_selected(spec, gather_raw(tokens, positions), labels, num_classes=num_classes, grid=grid,
-                          config=config, seed=seed)  # fmt: skip
+    features = gather_raw(tokens, positions, patches=patches, width=width)
+    return train_selected(spec, features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
 
 
 @torch.no_grad()
@@ -301,15 +316,30 @@ def predict_selected(
 
 
 def predict(
-    probe: nn.Module, tokens: torch.Tensor, *, positions: Sequence[tuple[int, int]], batch_size: int = 4096
+    probe: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    positions: Sequence[tuple[int, int]],
+    batch_size: int = 4096,
+    patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Batched eval-mode predictions of a G=1 probe on cached features `[N, L, T, D]`.
+
+    Tokens are gathered one batch at a time, so no copy of the whole selection is made (patch tokens are large).
+    `patches` and `width` as in `train_grid`.
 
     Returns:
         predictions `[N]`, logits `[N, C]`, attention `[N, H, K]` (None for linear heads). A grid probe (G > 1)
         keeps a leading G on every output.
     """
-    predictions, logits, attention = predict_selected(probe, gather_raw(tokens, positions), batch_size=batch_size)
+    outputs = []
+    for start in range(0, tokens.shape[0], batch_size):
+        rows = torch.arange(start, min(start + batch_size, tokens.shape[0]))
+        features = gather_raw(tokens, positions, rows=rows, patches=patches, width=width)
+        outputs.append(predict_selected(probe, features, batch_size=batch_size))
+    predictions, logits = torch.cat([o[0] for o in outputs], dim=1), torch.cat([o[1] for o in outputs], dim=1)
+    attention = None if outputs[0][2] is None else torch.cat([o[2] for o in outputs], dim=1)
     if predictions.shape[0] == 1:
         return predictions[0], logits[0], None if attention is None else attention[0]
     return predictions, logits, attention
@@ -327,15 +357,42 @@ def sweep_probe(
     grid: Sequence[HParams],
     config: TrainConfig,
     seed: int = 0,
+    patches: torch.Tensor | None = None,
+    val_patches: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> SweepResult:
     """Train the grid on train, pick the best member by validation balanced accuracy, refit it on train+val.
 
     Ties go to the first member in grid order. The refit is a G=1 run with the same recipe and seed. With
     `config.jitter_val` the validation tokens get the training jitter (seeded by `seed`) before scoring; only the
-    choice of member depends on it.
+    choice of member depends on it. `patches`, `val_patches` and `width` as in `train_grid`.
     """
-    train_features, val_features = gather_raw(tokens, positions), gather_raw(val_tokens, positions)
-    trained = train_selected(spec, train_features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
+    train_features = gather_raw(tokens, positions, patches=patches, width=width)
+    val_features = gather_raw(val_tokens, positions, patches=val_patches, width=width)
+    features = torch.cat([train_features, val_features.to(train_features.dtype)])
+    return sweep_selected(spec, features, torch.cat([labels, val_labels]), num_train=len(train_features),
+                          num_classes=num_classes, grid=grid, config=config, seed=seed)  # fmt: skip
+
+
+def sweep_selected(
+    spec: ProbeSpec,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_train: int,
+    num_classes: int,
+    grid: Sequence[HParams],
+    config: TrainConfig,
+    seed: int = 0,
+) -> SweepResult:
+    """`sweep_probe` on already selected tokens `[N, K, D]`: the first `num_train` rows are the training split, the
+    rest validation. Both are views and the refit trains on the whole tensor, so the selection is never copied (a
+    caller gathers it once, for every seed)."""
+    if not 0 < num_train < len(features):
+        raise ValueError(f"num_train must leave rows for both splits, got {num_train} of {len(features)}")
+    train_features, val_features, val_labels = features[:num_train], features[num_train:], labels[num_train:]
+    trained = train_selected(spec, train_features, labels[:num_train], num_classes=num_classes, grid=grid,
+                             config=config, seed=seed)  # fmt: skip
     predictions, _, _ = predict_selected(
         trained.probe,
         val_features,
@@ -353,8 +410,6 @@ def sweep_probe(
                            "accuracy": float((guess == truth).mean())})  # fmt: skip
     best_index = max(range(len(grid)), key=lambda i: (val_scores[i]["balanced_accuracy"], -i))
     best = grid[best_index]
-    refit = train_selected(spec, torch.cat([train_features, val_features.to(train_features.dtype)]),
-                           torch.cat([labels, val_labels]), num_classes=num_classes, grid=[best],
-                           config=config, seed=seed)  # fmt: skip
+    refit = train_selected(spec, features, labels, num_classes=num_classes, grid=[best], config=config, seed=seed)
     return SweepResult(best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe,
                        history=refit.history)  # fmt: skip

@@ -37,8 +37,9 @@ def evaluate_step(
 ) -> dict:
     """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, mean ± std over seeds, a bootstrap
     interval over test images), every seed's test predictions (predictions.npz, which the report pairs across probes),
-    the layer-attention heatmap (attentive probes) and the confusion matrix, these two from the first seed's probe;
-    metrics.json last, as the completion marker."""
+    the attention heatmap (attentive probes: over layers, or over patch positions for a probe reading the final
+    layer's patch tokens) and the confusion matrix, these two from the first seed's probe; metrics.json last, as the
+    completion marker."""
     from layerprobe.features import cache_content_hash
 
     train_marker = paths.train_marker(backbone_name, dataset_name, probe_name)
@@ -61,18 +62,20 @@ def evaluate_step(
         bootstrap_balanced_accuracy,
         classification_metrics,
         layer_attention_heatmap,
+        patch_attention_heatmap,
         summarize_over_seeds,
     )
-    from layerprobe.plots import plot_confusion_matrix, plot_layer_heatmap
+    from layerprobe.plots import plot_confusion_matrix, plot_layer_heatmap, plot_patch_heatmap
     from layerprobe.train import predict
 
     marker.unlink(missing_ok=True)
-    test = read_features(features_dir, split="test")
+    probes = [load_probe(Path(entry["dir"])) for entry in trained["seeds"]]
+    test = read_features(features_dir, split="test", patches=any(c.get("patch_tokens") for _, c in probes))
     per_seed, seed_predictions, first = [], [], None
-    for entry in trained["seeds"]:
-        probe, config = load_probe(Path(entry["dir"]))
+    for entry, (probe, config) in zip(trained["seeds"], probes, strict=True):
         positions = [tuple(p) for p in config["positions"]]
-        predictions, _, attention = predict(probe, test.tokens, positions=positions, batch_size=evaluate.batch_size)
+        predictions, _, attention = predict(probe, test.tokens, positions=positions, batch_size=evaluate.batch_size,
+                                            patches=test.patches, width=config.get("width"))  # fmt: skip
         metrics = classification_metrics(test.labels.numpy(), predictions.numpy(), config["num_classes"])
         per_seed.append({"seed": entry["seed"], "val_balanced_accuracy": entry["val_balanced_accuracy"], **metrics})
         seed_predictions.append(predictions.numpy())
@@ -101,9 +104,16 @@ def evaluate_step(
     )
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), config["class_names"], out_dir / CONFUSION_PNG)
     if attention is not None:
-        heatmap = layer_attention_heatmap(attention, config["token_labels"])
-        write_json(out_dir / HEATMAP_JSON, heatmap)
-        plot_layer_heatmap(heatmap, out_dir / HEATMAP_PNG, title=f"{backbone_name} / {dataset_name} / {probe_name}")
+        title = f"{backbone_name} / {dataset_name} / {probe_name}"
+        if config.get("patch_tokens"):  # one layer, hundreds of tokens: where on the image the probe looks
+            heatmap = patch_attention_heatmap(attention, config["token_labels"],
+                                              grid=config["provenance"].get("patch_grid"))  # fmt: skip
+            write_json(out_dir / HEATMAP_JSON, heatmap)
+            plot_patch_heatmap(heatmap, out_dir / HEATMAP_PNG, title=title)
+        else:
+            heatmap = layer_attention_heatmap(attention, config["token_labels"])
+            write_json(out_dir / HEATMAP_JSON, heatmap)
+            plot_layer_heatmap(heatmap, out_dir / HEATMAP_PNG, title=title)
         outputs.update(heatmap_json=str(out_dir / HEATMAP_JSON), heatmap_png=str(out_dir / HEATMAP_PNG))
     result = {
         "probe": probe_name,
@@ -123,13 +133,23 @@ def evaluate_step(
     return {**result, "status": "computed", "reason": reason}
 
 
-def signature_example(*, probe_dir: Path, features_dir: Path, num_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """A few cached test rows `[n, L, T, D]` float32 and the probe's predictions on them, for the MLflow signature."""
+def signature_example(
+    *, probe_dir: Path, features_dir: Path, num_rows: int = 2
+) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]:
+    """A few cached test rows and the probe's predictions on them, for the MLflow signature.
+
+    The rows are the cache's tokens `[n, L, T, D]` float32, or for a probe reading the final layer's patch tokens
+    {"tokens": [n, L, T, D], "patches": [n, P, D_final]} (the pyfunc's two named inputs).
+    """
     from layerprobe.checkpoint import load_probe
     from layerprobe.features import read_features
     from layerprobe.train import predict
 
     probe, config = load_probe(Path(probe_dir))
-    tokens = read_features(Path(features_dir), split="test").tokens[:num_rows].float()
-    predictions, _, _ = predict(probe, tokens, positions=[tuple(p) for p in config["positions"]], batch_size=num_rows)
-    return tokens.numpy(), np.asarray(predictions, dtype=np.int64)
+    test = read_features(Path(features_dir), split="test", patches=bool(config.get("patch_tokens")), max_rows=num_rows)
+    tokens = test.tokens.float()
+    patches = None if test.patches is None else test.patches.float()
+    predictions, _, _ = predict(probe, tokens, positions=[tuple(p) for p in config["positions"]], batch_size=num_rows,
+                                patches=patches, width=config.get("width"))  # fmt: skip
+    example = tokens.numpy() if patches is None else {"tokens": tokens.numpy(), "patches": patches.numpy()}
+    return example, np.asarray(predictions, dtype=np.int64)

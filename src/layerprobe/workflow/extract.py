@@ -1,4 +1,5 @@
-"""Extract step: run one frozen backbone once over one prepared dataset into its per-layer cls/ap feature cache."""
+"""Extract step: run one frozen backbone once over one prepared dataset into its per-layer cls/ap feature cache
+(plus the final layer's patch tokens with `extract.final_patch_tokens`)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,11 @@ def extract_step(
             model_kwargs=backbone.model_kwargs, pos_embed_resample=backbone.pos_embed_resample,
         )  # fmt: skip
         extractor = LayerTokenExtractor(
-            network, tap=extract.tap, final_projection=backbone.final_projection, precision=extract.precision
+            network,
+            tap=extract.tap,
+            final_projection=backbone.final_projection,
+            precision=extract.precision,
+            final_patch_tokens=extract.final_patch_tokens,
         )
         provenance = {
             "backbone": backbone_name,

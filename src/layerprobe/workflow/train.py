@@ -45,18 +45,28 @@ def train_step(
         return {**read_json(marker), "status": "reused", "reason": None}
 
     from layerprobe.checkpoint import save_probe
-    from layerprobe.features import read_features
-    from layerprobe.probes import get_probe_spec, select_token_positions, token_labels
-    from layerprobe.train import make_grid, sweep_probe
+    from layerprobe.features import num_patch_tokens, read_manifest, read_selection
+    from layerprobe.probes import gather_raw, get_probe_spec, select_token_positions, selection_width, token_labels
+    from layerprobe.train import make_grid, sweep_selected
 
     marker.unlink(missing_ok=True)  # from here until the new marker, the folder is incomplete
     spec = get_probe_spec(probe_name, **probe.overrides())
-    train_set = read_features(features_dir, split="train")
-    val_set = read_features(features_dir, split="val")
-    positions = select_token_positions(
-        train_set.layer_names, train_set.token_names, layers=spec.layers, tokens=spec.tokens
+    metadata = read_manifest(features_dir)["provenance"]
+    layer_names, token_names = metadata["layer_names"], metadata["token_names"]
+    # Patch tokens are read only for a probe that needs them (a cache without them fails here, in one line).
+    num_patches = num_patch_tokens(features_dir) if spec.reads_patches else 0
+    positions = select_token_positions(layer_names, token_names, layers=spec.layers, tokens=spec.tokens,
+                                       num_patches=num_patches)  # fmt: skip
+    width = selection_width(metadata.get("layer_widths"), positions)
+    # Train and val rows in one tensor, read shard by shard: the cache itself is never held in memory whole, and the
+    # sweep, its validation and the refit all use views of this one selection, for every seed.
+    selection = read_selection(
+        features_dir,
+        splits=["train", "val"],
+        select=lambda tokens, patches: gather_raw(tokens, positions, patches=patches, width=width),
+        patches=spec.reads_patches,
     )
-    num_classes = len(train_set.metadata["class_names"])
+    num_classes = len(metadata["class_names"])
     # Attention dropout only exists in attentive heads; a linear probe sweeps lr x wd alone.
     grid = make_grid(train.lrs, train.weight_decays, train.attn_dropouts if spec.head == "attentive" else [0.0])
     device = resolve_device(train.device)
@@ -66,13 +76,11 @@ def train_step(
             shutil.rmtree(stale)
     per_seed = []
     for seed in train.seeds:
-        result = sweep_probe(
+        result = sweep_selected(
             spec,
-            train_set.tokens,
-            train_set.labels,
-            val_tokens=val_set.tokens,
-            val_labels=val_set.labels,
-            positions=positions,
+            selection.features,
+            selection.labels,
+            num_train=selection.counts["train"],
             num_classes=num_classes,
             grid=grid,
             config=train,
@@ -86,11 +94,13 @@ def train_step(
             "best": best,
             "seed": seed,
             "num_classes": num_classes,
-            "class_names": train_set.metadata["class_names"],
-            "token_labels": token_labels(train_set.layer_names, train_set.token_names, positions),
+            "class_names": metadata["class_names"],
+            "token_labels": token_labels(layer_names, token_names, positions),
             "positions": [list(p) for p in positions],
+            "width": width,  # tokens are read at this width (a narrower final layer unpadded), None: all of D
+            "patch_tokens": spec.reads_patches,  # the probe needs the cache's final-layer patch tokens
             "features": {"path": str(features_dir), "content_hash": features_hash},
-            "provenance": train_set.metadata,
+            "provenance": metadata,
             "training": training,
         }
         save_probe(seed_dir, result.probe, config)
