@@ -7,7 +7,7 @@ are thousands of short regions, slow down by an order of magnitude. `OMP_WAIT_PO
 sleep at once. layerprobe sets it (unless the user did) before torch is imported (`layerprobe/__init__.py`).
 What: the pretrain stage's model (6 blocks, width 64, 32-px images, batch 128) training steps, each configuration in
 a fresh process (the policy is read when torch loads), first on an idle machine, then with one busy-loop process per
-core. Prints steps per second and the ratio PASSIVE / default for both.
+core. Prints steps per second of each setting and its ratio to the default, for both.
 How:  python benchmarks/wait_policy.py [--seconds 8]
 Cost: about a minute.
 """
@@ -41,10 +41,18 @@ print(steps / (time.perf_counter() - start))
 """
 
 
-def steps_per_second(policy: str | None, seconds: float) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+# OpenMP settings compared, each in a fresh process: libgomp's default (spin about 300,000 times, then sleep), a
+# short spin, and no spin at all.
+CONFIGURATIONS = {
+    "default": {},
+    "GOMP_SPINCOUNT=50000": {"GOMP_SPINCOUNT": "50000"},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
+def steps_per_second(settings: dict[str, str], seconds: float) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(settings)
     result = subprocess.run([sys.executable, "-c", STEP.format(seconds=seconds)], env=env, capture_output=True,
                             text=True, check=True)  # fmt: skip
     return float(result.stdout.strip())
@@ -68,15 +76,15 @@ def main() -> None:
             for loop in loops:
                 loop.start()
         try:
-            figures[machine] = {p: steps_per_second(p, args.seconds) for p in (None, "PASSIVE")}
+            figures[machine] = {name: steps_per_second(env, args.seconds) for name, env in CONFIGURATIONS.items()}
         finally:
             for loop in loops:
                 loop.terminate()
     print(f"pretrain-sized ViT training steps/s, {cores} cores; busy = {cores} busy-loop processes beside it")
-    for machine, by_policy in figures.items():
-        default, passive = by_policy[None], by_policy["PASSIVE"]
-        ratio = passive / default
-        print(f"{machine:5s} default {default:7.2f}   PASSIVE {passive:7.2f}   ratio PASSIVE/default {ratio:.2f}")
+    for machine, by_name in figures.items():
+        base = by_name["default"]
+        cells = "   ".join(f"{name} {value:6.2f} ({value / base:.2f}x)" for name, value in by_name.items())
+        print(f"{machine:5s} {cells}")
 
 
 if __name__ == "__main__":
