@@ -131,7 +131,7 @@ def test_reading_without_patches_never_opens_the_patch_files(tmp_path):
         read_features(cache, patches=True)
 
 
-def test_reading_a_selection_shard_by_shard_equals_gathering_from_the_whole_cache(tmp_path):
+def test_reading_a_selection_shard_by_shard_equals_gathering_from_the_whole_cache(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = create_backbone(CLIP, model_kwargs={**TINY, "num_classes": PROJECTION})
     cache = _extract(model, tmp_path, final_projection=True, final_patch_tokens=True)
@@ -149,6 +149,16 @@ def test_reading_a_selection_shard_by_shard_equals_gathering_from_the_whole_cach
         assert part.untyped_storage().data_ptr() == selection.features.untyped_storage().data_ptr()  # a view
         assert torch.equal(part, select(whole.tokens, whole.patches))
         assert torch.equal(selection.labels[selection.rows(split)], whole.labels)
+
+    # A selection larger than the memory available fails at once, in one line naming the cache and both sizes.
+    needed = 9 * 17 * PROJECTION * selection.features.element_size()
+    monkeypatch.setattr("layerprobe.features.available_host_memory", lambda: needed - 1)
+    with pytest.raises(MemoryError) as error:
+        read_selection(cache, splits=["test", "train"], select=select, patches=True)
+    message = str(error.value)
+    assert str(cache) in message and f"need {needed / 1e9:.1f} GB" in message and "\n" not in message
+    monkeypatch.setattr("layerprobe.features.available_host_memory", lambda: needed)
+    assert read_selection(cache, splits=["test", "train"], select=select, patches=True).features.shape[0] == 9
 
 
 def test_a_lost_patch_file_recomputes_only_its_shard(tmp_path):

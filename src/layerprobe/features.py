@@ -329,6 +329,7 @@ def read_selection(
                 chunk_patches = chunk_patches.view(count, *patch_shape)
             selected = select(tokens, chunk_patches)
             if features is None:  # the selection's shape is known from the first chunk
+                _check_host_memory(cache_dir, total * selected[0].numel() * selected.element_size())
                 features = selected.new_empty((total, *selected.shape[1:]))
                 labels = torch.empty(total, dtype=torch.int64)
             features[start : start + count] = selected
@@ -338,6 +339,28 @@ def read_selection(
         raise ValueError(f"feature cache {cache_dir} has no rows in splits {list(splits)}")
     return Selection(features=features, labels=labels, counts=counts, layer_names=list(provenance["layer_names"]),
                      token_names=list(provenance["token_names"]), metadata=provenance)  # fmt: skip
+
+
+def available_host_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get without swapping (MemAvailable), None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_host_memory(cache_dir: Path, needed: int) -> None:
+    """Fail with one line, before allocating, when a selection cannot fit in memory: the kernel would otherwise kill
+    the process mid-task (the all-tokens probe on ImageNet-1k selects hundreds of GB)."""
+    available = available_host_memory()
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"the probe's tokens from {cache_dir} need {needed / 1e9:.1f} GB of host memory, {available / 1e9:.1f} GB "
+            "is available: use a machine with more memory or leave this probe out for this dataset"
+        )
 
 
 def num_patch_tokens(cache_dir: Path) -> int:
