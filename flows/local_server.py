@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from layerprobe.files import file_lock
+from layerprobe.files import file_lock, process_alive
 
 # DVC starts the next stage within seconds; a minute also covers a slow machine (LAYERPROBE_SERVER_IDLE_SECONDS).
 IDLE_SECONDS = float(os.environ.get("LAYERPROBE_SERVER_IDLE_SECONDS", 60))
@@ -107,16 +107,6 @@ def _start_server(state: Path) -> str:
     return url
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def serve(port: int, state: Path, idle_seconds: float) -> None:
     """Run Prefect's API (no UI, no background services, as its temporary server) until idle for `idle_seconds`."""
     import uvicorn
@@ -132,7 +122,7 @@ def serve(port: int, state: Path, idle_seconds: float) -> None:
             time.sleep(1.0)
             attached = [p for p in (state / "clients").glob("*") if p.name.isdigit()]
             for path in attached:
-                if not _alive(int(path.name)):
+                if not process_alive(int(path.name)):
                     path.unlink(missing_ok=True)  # a killed stage never detached itself
             if any(path.exists() for path in attached):
                 last_attached = time.monotonic()

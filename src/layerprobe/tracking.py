@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from layerprobe.config import HISTORY_FILE, PROBE_CONFIG, SWEEP_FILE, Params
-from layerprobe.files import read_json
+from layerprobe.files import process_alive, read_json
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PID_TAG = "layerprobe.pid"
@@ -87,22 +87,12 @@ def fail_dangling_runs(experiment_id: str) -> list[str]:
     host = os.uname().nodename
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         pid = run.data.tags.get(PID_TAG)
-        if run.data.tags.get(HOST_TAG) != host or not pid or _process_alive(int(pid)):
+        if run.data.tags.get(HOST_TAG) != host or not pid or process_alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, "layerprobe.failure", "owning process ended without closing the run")
         client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.FAILED))
         failed.append(run.info.run_id)
     return failed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start_run(experiment_id: str, run_name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> str:
