@@ -1,4 +1,7 @@
-"""What every flow shares: params loading, the task retry policy, a GPU concurrency slot, name filters.
+"""What every flow shares: the run's params, the task retry policy, a GPU concurrency slot, name filters.
+
+A run reads params.yaml once, at its entry point (`python -m flows.<stage>`, `layerprobe run`, a schedule), and passes
+the validated `Params` down to every flow and task; a unit on a work pool receives it as JSON (`as_params`).
 
 Staleness is decided by the steps' completion markers (`layerprobe.fingerprint`), not by Prefect's result cache:
 a marker travels with its output (and with DVC), while Prefect's cache lives in the user's Prefect home and would
@@ -25,7 +28,7 @@ from prefect.states import State  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from layerprobe.config import Params, load_params  # noqa: E402
+from layerprobe.params import Params, load_params, params_from_dict  # noqa: E402
 
 GPU_LIMIT = "layerprobe-gpu"
 # Tasks of a stage run two at a time: every task is torch code using all cores, and running all of a stage's tasks
@@ -33,6 +36,20 @@ GPU_LIMIT = "layerprobe-gpu"
 # A worker given one core (OMP_NUM_THREADS=1, several workers per machine) sets LAYERPROBE_TASK_WORKERS=1, so its
 # units stay on that core.
 TASK_WORKERS = 2
+
+
+def as_params(params: Params | dict | str) -> Params:
+    """The run's params: passed down as they are, sent to a work pool as JSON (`dataclasses.asdict`), or a params
+    file's path where a run starts (an entry point, a schedule)."""
+    if isinstance(params, Params):
+        return params
+    if isinstance(params, dict):
+        return params_from_dict(params, source="params sent with this flow run")
+    return load_params(params)
+
+
+# Flows take the run's `Params` object: Prefect need not validate it again (it was validated when read).
+FLOW_OPTIONS = {"log_prints": True, "validate_parameters": False}
 
 
 def task_runner() -> ThreadPoolTaskRunner:
@@ -134,8 +151,9 @@ def run_stage(
         flush_denormals()
     names = {f"{name}s": getattr(args, f"{name}s") for name in filters}
     names.update({name: getattr(args, name) for name in required})
+    params = load_params(args.params)  # the one read of the file in this process
     with prefect_api():
-        return flow(args.params, **names)
+        return flow(params, **names)
 
 
 def parse_stage_args(
@@ -164,5 +182,5 @@ def select(names: list[str], wanted: list[str] | None, kind: str) -> list[str]:
     return [n for n in names if n in wanted]
 
 
-__all__ = ["Params", "gpu_slot", "load_params", "log_step", "parse_stage_args", "run_stage", "select", "task_options",
-           "task_runner", "worker_name"]  # fmt: skip
+__all__ = ["FLOW_OPTIONS", "Params", "as_params", "gpu_slot", "load_params", "log_step", "parse_stage_args",
+           "run_stage", "select", "task_options", "task_runner", "worker_name"]  # fmt: skip

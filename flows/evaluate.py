@@ -14,10 +14,11 @@ import datetime as dt
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import load_params, log_step, run_stage, select, task_options, task_runner
+from flows.common import FLOW_OPTIONS, Params, as_params, log_step, run_stage, select, task_options, task_runner
 from layerprobe import tracking
 from layerprobe.config import EvaluateConfig, PathsConfig
 from layerprobe.files import read_json, write_json
+from layerprobe.plots import draw_evaluation
 from layerprobe.report import evaluation_markdown, flat_metrics, metrics_summary
 from layerprobe.workflow.evaluate import evaluate_step, signature_example
 
@@ -35,6 +36,10 @@ def evaluate_task(
     run_params: dict,
 ) -> dict:
     evaluation = evaluate_step(backbone_name, dataset_name, probe_name, evaluate=evaluate, paths=paths)
+    evaluation_dir = paths.evaluation_dir(backbone_name, dataset_name, probe_name)
+    figures = draw_evaluation(evaluation, evaluation_dir, title=f"{backbone_name} / {dataset_name} / {probe_name}",
+                              redraw=evaluation["status"] == "computed")  # fmt: skip
+    evaluation = {**evaluation, "outputs": {**evaluation["outputs"], **figures}}
     log_step(evaluation, f"evaluation {backbone_name}/{dataset_name}/{probe_name}")
     trained = read_json(paths.train_marker(backbone_name, dataset_name, probe_name))
     run = tracking.log_probe_run(
@@ -43,7 +48,7 @@ def evaluate_task(
         evaluation,
         trained=trained,
         run_params=run_params,
-        evaluation_dir=paths.evaluation_dir(backbone_name, dataset_name, probe_name),
+        evaluation_dir=evaluation_dir,
         signature_example=signature_example(
             probe_dir=paths.seed_dir(backbone_name, dataset_name, probe_name, trained["seeds"][0]["seed"]),
             features_dir=paths.features_dir(backbone_name, dataset_name),
@@ -53,16 +58,16 @@ def evaluate_task(
     return {**evaluation, **run}
 
 
-@flow(name="evaluate", log_prints=True, task_runner=task_runner())
+@flow(name="evaluate", task_runner=task_runner(), **FLOW_OPTIONS)
 def evaluate_flow(
-    params_path: str = "params.yaml",
+    params: Params | str = "params.yaml",
     backbones: list[str] | None = None,
     datasets: list[str] | None = None,
     probes: list[str] | None = None,
     units: list[list[str]] | None = None,
 ) -> dict:
     """Evaluate the suite's probes (narrowed by the name filters, or to `units`: [backbone, dataset] pairs)."""
-    params = load_params(params_path)
+    params = as_params(params)
     experiment_id = tracking.setup_experiment(
         params.tracking.experiment, mlruns_dir=params.paths.mlruns, tracking_uri=params.tracking.tracking_uri
     )
@@ -70,7 +75,7 @@ def evaluate_flow(
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     parent_run_id = tracking.start_run(experiment_id, f"{params.suite.name}-{stamp}", tags={"suite": params.suite.name})
     try:
-        tracking.log_params(parent_run_id, {"suite": params.suite.name, "params_file": params_path})
+        tracking.log_params(parent_run_id, {"suite": params.suite.name})
         evaluate = evaluate_task.with_options(**task_options(params))
         futures = [
             evaluate.submit(

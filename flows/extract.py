@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import gpu_slot, load_params, log_step, run_stage, select, task_options, task_runner
+from flows.common import (
+    FLOW_OPTIONS,
+    Params,
+    as_params,
+    gpu_slot,
+    log_step,
+    run_stage,
+    select,
+    task_options,
+    task_runner,
+)
 from layerprobe.config import BackboneConfig, ExtractConfig, PathsConfig
 from layerprobe.workflow.extract import extract_step
 
@@ -30,11 +40,11 @@ def extract_task(
     return summary
 
 
-@flow(name="extract", log_prints=True, task_runner=task_runner())
+@flow(name="extract", task_runner=task_runner(), **FLOW_OPTIONS)
 def extract_flow(
-    params_path: str = "params.yaml", backbones: list[str] | None = None, datasets: list[str] | None = None
+    params: Params | str = "params.yaml", backbones: list[str] | None = None, datasets: list[str] | None = None
 ) -> list[dict]:
-    params = load_params(params_path)
+    params = as_params(params)
     extract = extract_task.with_options(**task_options(params))
     futures = [
         extract.submit(b, d, params.backbones[b], params.extract, params.paths, params.flow.gpu_concurrency)

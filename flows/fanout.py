@@ -8,6 +8,7 @@ an error at once, and units left waiting `flow.worker_wait_seconds` with no live
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from pathlib import Path
@@ -16,21 +17,21 @@ from uuid import UUID
 from prefect import get_run_logger
 
 from flows.unit import WORKER_SLOT_ENV, unit_flow
-from layerprobe.config import Params
+from layerprobe.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 2.0
 
 
-def run_units(params: Params, params_path: str, units: list[tuple[str, str]]) -> list[dict]:
+def run_units(params: Params, units: list[tuple[str, str]]) -> list[dict]:
     """Run every unit and return one outcome each: {backbone, dataset, state, summary (the unit's return) | error}."""
     if params.flow.work_pool is None:
-        return [_run_in_process(params_path, backbone, dataset) for backbone, dataset in units]
-    return _run_on_pool(params, params_path, units)
+        return [_run_in_process(params, backbone, dataset) for backbone, dataset in units]
+    return _run_on_pool(params, units)
 
 
-def _run_in_process(params_path: str, backbone: str, dataset: str) -> dict:
-    state = unit_flow(params_path, backbone=backbone, dataset=dataset, return_state=True)
+def _run_in_process(params: Params, backbone: str, dataset: str) -> dict:
+    state = unit_flow(params, backbone=backbone, dataset=dataset, return_state=True)
     return _outcome(backbone, dataset, state)
 
 
@@ -126,7 +127,7 @@ def _crash_if_orphaned(client, run, alive: list[str]) -> None:
         client.set_flow_run_state(run.id, Crashed(message=message), force=True)
 
 
-def _run_on_pool(params: Params, params_path: str, units: list[tuple[str, str]]) -> list[dict]:
+def _run_on_pool(params: Params, units: list[tuple[str, str]]) -> list[dict]:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
@@ -136,10 +137,12 @@ def _run_on_pool(params: Params, params_path: str, units: list[tuple[str, str]])
         pool_type, workers = check_pool(client, pool)
         deployment_id = deploy_unit(params, pool_type)
         logger.info("%d units on work pool %r (live workers: %s)", len(units), pool, ", ".join(workers))
+        params_json = dataclasses.asdict(params)
         runs = {
             run_deployment(
                 deployment_id,
-                parameters={"params_path": params_path, "backbone": backbone, "dataset": dataset},
+                # the params the head node read, as JSON: every worker runs exactly these, whatever its params.yaml
+                parameters={"params": params_json, "backbone": backbone, "dataset": dataset},
                 timeout=0,  # submit and return: all units are queued at once, the workers take them
                 flow_run_name=f"unit-{backbone}-{dataset}",
             ).id: (backbone, dataset)

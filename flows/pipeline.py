@@ -16,7 +16,7 @@ import dataclasses
 
 from prefect import flow, get_run_logger
 
-from flows.common import load_params, run_stage
+from flows.common import FLOW_OPTIONS, Params, as_params, run_stage
 from flows.evaluate import evaluate_flow
 from flows.fanout import run_units
 from flows.pretrain import pretrain_flow
@@ -24,19 +24,20 @@ from flows.report import report_flow
 from layerprobe.files import write_json
 
 
-@flow(name="pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", work_pool: str | None = None) -> dict:
-    params = load_params(params_path)
+@flow(name="pipeline", **FLOW_OPTIONS)
+def pipeline(params: Params | str = "params.yaml", work_pool: str | None = None) -> dict:
+    """The whole run; `params` is read once here (a path, as a schedule passes it) and passed down."""
+    params = as_params(params)
     if work_pool is not None:  # --pool overrides params' flow.work_pool
         params = dataclasses.replace(params, flow=dataclasses.replace(params.flow, work_pool=work_pool))
-    pretrain_flow(params_path)
+    pretrain_flow(params)
     units = [(b, d) for b in params.suite.backbones for d in params.suite.datasets]
-    outcomes = run_units(params, params_path, units)
+    outcomes = run_units(params, units)
     completed = [(o["backbone"], o["dataset"]) for o in outcomes if o["state"] == "COMPLETED"]
     report = None
     if completed:
-        evaluate_flow(params_path, units=[list(unit) for unit in completed])
-        report = report_flow(params_path)
+        evaluate_flow(params, units=[list(unit) for unit in completed])
+        report = report_flow(params)
     summary = {"units": outcomes, "report": report}
     write_json(params.paths.units_file, outcomes)  # where every unit ran, when, and what it reused or recomputed
     failed = [o for o in outcomes if o["state"] != "COMPLETED"]

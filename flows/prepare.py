@@ -11,21 +11,23 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import load_params, log_step, run_stage, select, task_options, task_runner
+from flows.common import FLOW_OPTIONS, Params, as_params, log_step, run_stage, select, task_options, task_runner
 from layerprobe.config import DatasetConfig, PathsConfig, PrepareConfig
+from layerprobe.locks import prepare_lock
 from layerprobe.workflow.prepare import prepare_step
 
 
 @task(name="prepare-dataset", task_run_name="prepare-{name}")
 def prepare_task(name: str, dataset: DatasetConfig, prepare: PrepareConfig, paths: PathsConfig) -> dict:
-    summary = prepare_step(name, dataset=dataset, prepare=prepare, paths=paths)
+    with prepare_lock(paths, name):
+        summary = prepare_step(name, dataset=dataset, prepare=prepare, paths=paths)
     log_step(summary, f"dataset {name}")
     return summary
 
 
-@flow(name="prepare", log_prints=True, task_runner=task_runner())
-def prepare_flow(params_path: str = "params.yaml", datasets: list[str] | None = None) -> list[dict]:
-    params = load_params(params_path)
+@flow(name="prepare", task_runner=task_runner(), **FLOW_OPTIONS)
+def prepare_flow(params: Params | str = "params.yaml", datasets: list[str] | None = None) -> list[dict]:
+    params = as_params(params)
     prepare = prepare_task.with_options(**task_options(params))
     futures = [
         prepare.submit(name, params.datasets[name], params.prepare, params.paths)

@@ -12,7 +12,17 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import gpu_slot, load_params, log_step, run_stage, select, task_options, task_runner
+from flows.common import (
+    FLOW_OPTIONS,
+    Params,
+    as_params,
+    gpu_slot,
+    log_step,
+    run_stage,
+    select,
+    task_options,
+    task_runner,
+)
 from layerprobe import tracking
 from layerprobe.config import BackboneConfig
 from layerprobe.workflow.pretrain import pretrain_step
@@ -26,9 +36,9 @@ def pretrain_task(backbone_name: str, backbone: BackboneConfig, gpu_limit: int =
     return summary
 
 
-@flow(name="pretrain", log_prints=True, task_runner=task_runner())
-def pretrain_flow(params_path: str = "params.yaml", backbones: list[str] | None = None) -> list[dict]:
-    params = load_params(params_path)
+@flow(name="pretrain", task_runner=task_runner(), **FLOW_OPTIONS)
+def pretrain_flow(params: Params | str = "params.yaml", backbones: list[str] | None = None) -> list[dict]:
+    params = as_params(params)
     params.paths.pretrained_dir.mkdir(parents=True, exist_ok=True)  # the stage's output, even with nothing to train
     names = [b for b in select(params.suite.backbones, backbones, "backbone") if params.backbones[b].pretrain]
     for name in names:

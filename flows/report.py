@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import load_params, run_stage
+from flows.common import FLOW_OPTIONS, Params, as_params, run_stage
 from layerprobe import tracking
 from layerprobe.config import HEATMAP_JSON, PREDICTIONS_FILE
 from layerprobe.files import read_arrays, read_json
@@ -28,9 +28,9 @@ def write_report_task(
                                                            heatmaps=heatmaps, intervals=intervals).items()}  # fmt: skip
 
 
-@flow(name="report", log_prints=True)
-def report_flow(params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
+@flow(name="report", **FLOW_OPTIONS)
+def report_flow(params: Params | str = "params.yaml") -> dict:
+    params = as_params(params)
     metrics_file = params.paths.metrics_file
     if not metrics_file.is_file():
         raise FileNotFoundError(f"no evaluation results at {metrics_file} (run the evaluate stage first)")

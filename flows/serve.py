@@ -19,7 +19,10 @@ def scheduled_deployment(params_path: str = "params.yaml") -> RunnerDeployment:
     """The pipeline as a deployment named and scheduled by params' `flow.serve`."""
     params = load_params(params_path)
     return pipeline.to_deployment(
-        name=params.flow.serve.name, cron=params.flow.serve.cron, parameters={"params_path": params_path}
+        # the path, not its contents: each scheduled run reads the params file as it is then
+        name=params.flow.serve.name,
+        cron=params.flow.serve.cron,
+        parameters={"params": params_path},
     )
 
 

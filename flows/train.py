@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import gpu_slot, load_params, log_step, run_stage, select, task_options, task_runner
+from flows.common import (
+    FLOW_OPTIONS,
+    Params,
+    as_params,
+    gpu_slot,
+    log_step,
+    run_stage,
+    select,
+    task_options,
+    task_runner,
+)
 from layerprobe.config import PathsConfig, ProbeConfig, TrainConfig
 from layerprobe.workflow.train import train_step
 
@@ -32,14 +42,14 @@ def train_task(
     return summary
 
 
-@flow(name="train", log_prints=True, task_runner=task_runner())
+@flow(name="train", task_runner=task_runner(), **FLOW_OPTIONS)
 def train_flow(
-    params_path: str = "params.yaml",
+    params: Params | str = "params.yaml",
     backbones: list[str] | None = None,
     datasets: list[str] | None = None,
     probes: list[str] | None = None,
 ) -> list[dict]:
-    params = load_params(params_path)
+    params = as_params(params)
     train = train_task.with_options(**task_options(params))
     futures = [
         train.submit(b, d, p, params.probe_config(p), params.train, params.paths, params.flow.gpu_concurrency)

@@ -18,7 +18,16 @@ import os
 
 from prefect import flow
 
-from flows.common import concurrency_slot, load_params, run_stage, task_options, task_runner, worker_name
+from flows.common import (
+    FLOW_OPTIONS,
+    Params,
+    as_params,
+    concurrency_slot,
+    run_stage,
+    task_options,
+    task_runner,
+    worker_name,
+)
 from flows.extract import extract_task
 from flows.prepare import prepare_task
 from flows.train import train_task
@@ -31,17 +40,16 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-@flow(name="unit", log_prints=True, task_runner=task_runner(), flow_run_name="unit-{backbone}-{dataset}")
-def unit_flow(params_path: str = "params.yaml", backbone: str = "", dataset: str = "") -> dict:
-    params = load_params(params_path)
+@flow(name="unit", task_runner=task_runner(), flow_run_name="unit-{backbone}-{dataset}", **FLOW_OPTIONS)
+def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", dataset: str = "") -> dict:
+    """Run one unit; `params` is the run's Params (in process), its JSON (on a work pool) or a params file's path."""
+    params = as_params(params)
     if backbone not in params.backbones or dataset not in params.datasets:
         from layerprobe.registry import unknown_name_error
 
         bad, kind, known = (backbone, "backbone", params.backbones) if backbone not in params.backbones else (
             dataset, "dataset", params.datasets)  # fmt: skip
         raise unknown_name_error(kind, bad, list(known))
-    from layerprobe.probes import check_patch_tokens
-
     check_patch_tokens(params)  # before the backbone pass, not after it
     options = task_options(params)
     worker = worker_name()
@@ -70,6 +78,18 @@ def unit_flow(params_path: str = "params.yaml", backbone: str = "", dataset: str
         "finished": finished,
         "status": {"prepare": prepared["status"], "extract": features["status"], "train": probes},
     }
+
+
+def check_patch_tokens(params: Params) -> None:
+    """Fail before any extraction when a probe of the suite reads patch tokens that extraction will not cache."""
+    from layerprobe.probes import get_probe_spec
+
+    if params.extract.final_patch_tokens:
+        return
+    for name in params.suite.probes:
+        if get_probe_spec(name, **params.probe_config(name).overrides()).reads_patches:
+            raise ValueError(f"probe {name!r} reads the final layer's patch tokens, which extraction does not cache: "
+                             "set `extract.final_patch_tokens: true` in params")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ from layerprobe.config import (
     PrepareConfig,
     ProbeConfig,
     TrainConfig,
-    load_params,
 )
 from layerprobe.extract import LayerTokenExtractor, extract_features
 from layerprobe.features import num_patch_tokens, read_features, read_manifest, read_selection
 from layerprobe.metrics import classification_metrics, layer_attention_heatmap, patch_attention_heatmap
-from layerprobe.plots import plot_patch_heatmap
+from layerprobe.params import load_params
+from layerprobe.plots import draw_evaluation, plot_patch_heatmap
 from layerprobe.probes import (
-    check_patch_tokens,
     gather_raw,
     get_probe_spec,
     select_token_positions,
@@ -191,6 +190,8 @@ def test_a_cache_without_patch_tokens_names_the_option_to_set(tmp_path):
 
 
 def test_suite_with_the_probe_but_without_the_option_fails_before_extraction():
+    from flows.unit import check_patch_tokens  # the unit checks it before its backbone pass
+
     paper = load_params(ROOT / "params.paper.yaml")
     assert paper.extract.final_patch_tokens and "attentive_last_all_tokens" in paper.suite.probes
     assert get_probe_spec("attentive_last_all_tokens", **paper.probe_config("attentive_last_all_tokens").overrides()
@@ -342,6 +343,7 @@ def test_a_tiny_suite_with_the_all_tokens_probe_runs_end_to_end(tmp_path):
         train_step("clip", "count", name, probe=ProbeConfig(), train=train, paths=paths)
         result = evaluate_step("clip", "count", name, evaluate=EvaluateConfig(batch_size=16), paths=paths)
         assert 0.0 <= result["test"]["balanced_accuracy"] <= 1.0
+        draw_evaluation(result, paths.evaluation_dir("clip", "count", name), title=name)
         probe, config = load_probe(paths.seed_dir("clip", "count", name, 0))
         assert config["width"] == PROJECTION and config["patch_tokens"] == (name != "linear_last_cls")
     assert probe.dim == PROJECTION and probe.num_heads == 8 and len(config["positions"]) == 17

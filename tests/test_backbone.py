@@ -21,7 +21,7 @@ from layerprobe.backbone import (
     model_data_config,
     transform_from_data_config,
 )
-from layerprobe.config import load_params
+from layerprobe.params import load_params
 
 NAME = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layerprobe.config import ParamsError, TrainConfig, load_params
+from layerprobe.config import ParamsError, TrainConfig
+from layerprobe.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from layerprobe.fingerprint import import_closure
+from layerprobe.code_key import import_closure
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files a stage depends on without importing them.

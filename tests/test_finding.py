@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from layerprobe.config import load_params
 from layerprobe.files import read_json
+from layerprobe.params import load_params
 from layerprobe.report import layer_reading, metrics_summary, write_report
 from layerprobe.workflow.evaluate import evaluate_step
 from layerprobe.workflow.extract import extract_step

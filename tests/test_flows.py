@@ -15,7 +15,7 @@ from prefect import flow, task
 
 from flows.common import task_options
 from layerprobe import tracking
-from layerprobe.config import load_params
+from layerprobe.params import load_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -215,5 +215,5 @@ def test_served_pipeline_uses_the_cron_schedule_from_params(project_dir):
     Path("params.yaml").write_text(yaml.safe_dump(data))
     deployment = scheduled_deployment("params.yaml")
     assert deployment.name == "nightly-test"
-    assert deployment.parameters == {"params_path": "params.yaml"}
+    assert deployment.parameters == {"params": "params.yaml"}
     assert [s.schedule.cron for s in deployment.schedules] == ["15 4 * * *"]

@@ -10,7 +10,7 @@ import pytest
 import timm
 
 from layerprobe.cli import main
-from layerprobe.config import load_params
+from layerprobe.params import load_params
 from layerprobe.plan import backbone_shape, check_disk, plan_suite
 
 ROOT = Path(__file__).resolve().parents[1]

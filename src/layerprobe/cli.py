@@ -27,14 +27,13 @@ from layerprobe.config import (
     DatasetConfig,
     EvaluateConfig,
     ExtractConfig,
-    Params,
     ParamsError,
     PathsConfig,
     PrepareConfig,
     ProbeConfig,
     TrainConfig,
-    load_params,
 )
+from layerprobe.params import Params, load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,33 +219,28 @@ def run_pretrain(args) -> int:
 
 
 def run_prepare(args) -> int:
+    params = _params(args)
+    print(json.dumps(_prepare(args, params, _paths(params)), indent=2))
+    return 0
+
+
+def _prepare(args, params: Params | None, paths: PathsConfig) -> dict:
+    """The prepare step under its dataset's lock, as the flows run it."""
+    from layerprobe.locks import prepare_lock
     from layerprobe.workflow.prepare import prepare_step
 
-    params = _params(args)
-    summary = prepare_step(
-        args.dataset,
-        dataset=_resolve_dataset(args, params),
-        prepare=_section(params, "prepare", PrepareConfig()),
-        paths=_paths(params),
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
+    dataset, prepare = _resolve_dataset(args, params), _section(params, "prepare", PrepareConfig())
+    with prepare_lock(paths, args.dataset):
+        return prepare_step(args.dataset, dataset=dataset, prepare=prepare, paths=paths)
 
 
 def run_extract(args) -> int:
     from layerprobe.workflow.extract import extract_step
-    from layerprobe.workflow.prepare import prepare_step
 
     params = _params(args)
     backbone = _resolve_backbone(args, params)  # a wrong model name fails before any data is prepared
     paths = _paths(params)
-    # The prepare step reuses the prepared dataset only when its fingerprint (source, options, files) matches.
-    prepare_step(
-        args.dataset,
-        dataset=_resolve_dataset(args, params),
-        prepare=_section(params, "prepare", PrepareConfig()),
-        paths=paths,
-    )
+    _prepare(args, params, paths)  # reused when its fingerprint (source, options, files' contents) matches
     extract = _overrides(
         _section(params, "extract", ExtractConfig()),
         tap=args.tap, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
@@ -286,16 +280,22 @@ def run_train(args) -> int:
 
 
 def run_evaluate(args) -> int:
+    from layerprobe.plots import draw_evaluation
     from layerprobe.workflow.evaluate import evaluate_step
 
     params = _params(args)
+    paths = _paths(params)
     result = evaluate_step(
         args.backbone,
         args.dataset,
         args.probe,
         evaluate=_section(params, "evaluate", EvaluateConfig()),
-        paths=_paths(params),
+        paths=paths,
     )
+    figures = draw_evaluation(result, paths.evaluation_dir(args.backbone, args.dataset, args.probe),
+                              title=f"{args.backbone} / {args.dataset} / {args.probe}",
+                              redraw=result["status"] == "computed")  # fmt: skip
+    result["outputs"] = {**result["outputs"], **figures}
     shown = ("probe", "backbone", "dataset", "test", "test_ci", "val_balanced_accuracy", "outputs", "status")
     print(json.dumps({k: result[k] for k in shown}, indent=2))
     return 0
@@ -314,7 +314,8 @@ def run_pipeline(args) -> int:
     from flows.local_server import prefect_api
     from flows.pipeline import pipeline
 
-    pool = args.pool or load_params(args.params).flow.work_pool
+    params = load_params(args.params)  # read once: the pipeline passes it down to every flow and unit
+    pool = args.pool or params.flow.work_pool
     if pool and not PREFECT_API_URL.value():
         raise ValueError(
             f"work pool {pool!r} needs the Prefect server its workers use: set PREFECT_API_URL "
@@ -323,7 +324,7 @@ def run_pipeline(args) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_api():
         try:
-            summary = pipeline(str(args.params), work_pool=args.pool)
+            summary = pipeline(params, work_pool=args.pool)
         except RuntimeError as error:  # failed units: the rest is evaluated, nothing is recorded in dvc.lock
             print(f"layerprobe run: error: {error}", file=sys.stderr)
             return 1

@@ -1,20 +1,16 @@
-"""params.yaml → frozen, validated dataclasses. The only module that reads YAML.
+"""The params sections that steps read, as frozen, validated dataclasses, and the artifact names and formats.
 
-Every section of params.yaml has one dataclass here; unknown or missing keys fail at load time with a one-line
-message naming the key (and the nearest valid one), so a typo never silently falls back to a default.
+These decide results, so they are part of every step's code key: the sections that only orchestrate (suite, flow,
+serve, tracking) and the reading of params.yaml live in `layerprobe.params`, outside every key. Each section
+validates itself in `__post_init__` with a one-line message naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 TAPS = ("norm2", "block")  # extract.tap: the paper's norm2 hook, or each block's output (residual stream)
 DTYPES = ("float16", "float32")  # extract.dtype: the feature cache's storage type
@@ -40,16 +36,15 @@ SWEEP_FILE = "sweep.json"  # every grid member's validation scores
 HISTORY_FILE = "history.json"  # the refit's training curves
 METRICS_FILE = "metrics.json"  # evaluate's completion marker per probe, and the suite's summary
 PREDICTIONS_FILE = "predictions.npz"  # per probe: test labels and every seed's predicted labels
-HEATMAP_JSON = "heatmap.json"
-HEATMAP_PNG = "heatmap.png"
-CONFUSION_PNG = "confusion.png"
-REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of them)
-    "markdown": "report.md",
-    "csv": "report.csv",
-    "gains": "gains.json",
-    "gains_png": "gains.png",
-    "attention_json": "attention.json",  # alf's layer attention, long format
-    "attention": "attention",  # a folder: one layer-attention matrix figure per backbone
+HEATMAP_JSON = "heatmap.json"  # per attentive probe: its attention over layers (or patch positions)
+# The on-disk format of each kind of output, in its marker and its fingerprint: a change of format (not of unrelated
+# code) is what makes an old output unreadable. Bump a version when the files a marker lists change meaning.
+FORMATS = {
+    "pretrained": "layerprobe-pretrained/1",
+    "prepared": "layerprobe-prepared/1",
+    "features": "layerprobe-features/1",
+    "probes": "layerprobe-probes/1",
+    "evaluation": "layerprobe-evaluation/1",
 }
 
 
@@ -118,16 +113,6 @@ class PathsConfig:
     @property
     def report_dir(self) -> Path:
         return Path(self.results) / "report"
-
-
-@dataclass(frozen=True)
-class SuiteConfig:
-    """Which tasks run: every (backbone, dataset, probe) combination of these names."""
-
-    name: str
-    backbones: list[str]
-    datasets: list[str]
-    probes: list[str]
 
 
 @dataclass(frozen=True)
@@ -341,153 +326,6 @@ class EvaluateConfig:
     batch_size: int = 1024
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
-    experiment: str = "layerprobe"
-    tracking_uri: str | None = None  # default sqlite:///<paths.mlruns>/mlflow.db; MLFLOW_TRACKING_URI wins
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    name: str = "layerprobe-scheduled"
-    cron: str = "0 3 * * *"
-
-
-@dataclass(frozen=True)
-class FlowConfig:
-    """How Prefect runs the work: retries, GPU slots, schedules, and where units run (in process or on a pool)."""
-
-    retries: int = 2
-    retry_delay_seconds: float = 2.0
-    gpu_concurrency: int = 1  # in-process runs: tasks that use the GPU share one global limit of this many slots
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    # Units (backbone x dataset: extract, then every probe) run on this Prefect work pool, one per worker (and GPU);
-    # null runs them in this process. Outputs must then live on a filesystem every worker sees (paths.*).
-    work_pool: str | None = None
-    unit_deployment: str = "layerprobe-unit"  # the deployment of flows/unit.py that the pipeline creates on the pool
-    worker_wait_seconds: float = 120.0  # fail (not hang) when units wait this long with no live worker in the pool
-
-    def __post_init__(self) -> None:
-        if self.work_pool is not None and not self.work_pool.strip():
-            raise ParamsError("flow.work_pool must be a work pool name or null (run units in this process)")
-        if self.retries < 0 or self.gpu_concurrency < 1 or self.worker_wait_seconds <= 0:
-            raise ParamsError("flow.retries must be >= 0, flow.gpu_concurrency >= 1, flow.worker_wait_seconds > 0")
-
-
-@dataclass(frozen=True)
-class Params:
-    suite: SuiteConfig
-    datasets: dict[str, DatasetConfig]
-    backbones: dict[str, BackboneConfig]
-    probes: dict[str, ProbeConfig] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-
-    def __post_init__(self) -> None:
-        for section, names, defined in (
-            ("backbones", self.suite.backbones, self.backbones),
-            ("datasets", self.suite.datasets, self.datasets),
-        ):
-            for name in names:
-                if name not in defined:
-                    raise ParamsError(f"suite.{section} names {name!r}, which is not defined under {section}:")
-
-    def tasks(self) -> list[tuple[str, str, str]]:
-        """Every (backbone, dataset, probe) of the suite, in a stable order."""
-        return [(b, d, p) for b in self.suite.backbones for d in self.suite.datasets for p in self.suite.probes]
-
-    def probe_config(self, probe: str) -> ProbeConfig:
-        """The params' overrides of a registered probe (none when the probe has no entry)."""
-        return self.probes.get(probe) or ProbeConfig()
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; raises ParamsError naming the file and the offending key."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"params file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping at the top level")
-    try:
-        return _build(Params, raw, "")
-    except ParamsError as e:
-        raise ParamsError(f"{path}: {e}") from None
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and requiring keys without defaults."""
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where or 'top level'} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            nearest = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {_join(where, nearest[0])!r}?)" if nearest else ""
-            raise ParamsError(f"unknown key {_join(where, key)!r}{hint}")
-    values = {}
-    for name, f in fields.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ParamsError(f"missing key {_join(where, name)!r}")
-            continue
-        values[name] = _convert(hints[name], raw[name], _join(where, name))
-    try:
-        return cls(**values)
-    except ParamsError as e:
-        # Name the section unless the message already does (sections' own checks name their keys).
-        message = str(e)
-        raise ParamsError(message if not where or message.startswith(where) else f"{where}: {message}") from None
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, where)
-    if origin is dict:
-        _, value_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ParamsError(f"{where} must be a mapping, got {type(value).__name__}")
-        return {str(k): _convert(value_type, v, _join(where, str(k))) for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, where)
-            except ParamsError as e:
-                errors.append(str(e))
-        raise ParamsError(errors[0] if len(errors) == 1 else f"{where} has an unexpected value {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ParamsError(f"{where} must be a list, got {value!r}")
-        return [_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ParamsError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ParamsError(f"{key} must be one of {choices}, got {value!r}")
@@ -496,7 +334,3 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(key: str, value: float) -> None:
     if value < 1:
         raise ParamsError(f"{key} must be >= 1, got {value}")
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key

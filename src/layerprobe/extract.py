@@ -389,6 +389,7 @@ def extract_features(
     dtype: str = "float16",
     device: str = "auto",
     progress: bool = True,
+    recorded: dict | None = None,
 ) -> Path:
     """Extract every image listed in `splits` into a resumable feature cache at `out_dir` and return `out_dir`.
 
@@ -473,6 +474,7 @@ def extract_features(
         splits=split_names,
         plan_sha256=plan_hash,
         patch_shards=None if patch_files is None else [(name, hashes[name]) for name in patch_files],
+        recorded=recorded,
     )
     return out_dir
 

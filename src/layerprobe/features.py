@@ -28,11 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from layerprobe.config import MANIFEST_FILE
+from layerprobe.config import FORMATS, MANIFEST_FILE
 from layerprobe.files import canonical_json, read_json, sha256_file, tmp_path, write_json
 from layerprobe.registry import unknown_name_error
 
-FORMAT = "layerprobe-features/1"
+FORMAT = FORMATS["features"]
 PROVENANCE_KEY = b"layerprobe.provenance"
 SHAPE_KEY = b"layerprobe.shape"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
@@ -152,7 +152,11 @@ def read_manifest(cache_dir: Path) -> dict:
     path = Path(cache_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"feature cache {cache_dir} is incomplete or missing: no {MANIFEST_FILE} (run extract)")
-    return read_json(path)
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"feature cache {cache_dir} is in format {manifest.get('format')!r}, this code reads "
+                         f"{FORMAT!r}: re-run extract")  # fmt: skip
+    return manifest
 
 
 def content_hash(provenance: dict, shard_hashes: Sequence[str]) -> str:
@@ -168,6 +172,7 @@ def write_manifest(
     splits: Sequence[str],
     plan_sha256: str,
     patch_shards: Sequence[tuple[str, str]] | None = None,
+    recorded: dict | None = None,
 ) -> dict:
     """Write `manifest.json` atomically; call it last, after every shard is in place (its presence means complete).
 
@@ -179,6 +184,7 @@ def write_manifest(
         plan_sha256: Hash of the planned rows, so a rerun can tell whether the cache covers what is asked.
         patch_shards: (file name, sha256) of each shard's final-layer patch-token file, in the same order; None when
             the cache holds no patch tokens.
+        recorded: what made the cache (host, library builds, ...), kept for the record: not part of the content hash.
     """
     if patch_shards is not None and len(patch_shards) != len(shards):
         raise ValueError(f"{len(patch_shards)} patch-token files for {len(shards)} shards in {cache_dir}")
@@ -200,6 +206,7 @@ def write_manifest(
         "plan_sha256": plan_sha256,
         "shards": entries,
         "content_hash": content_hash(provenance, _file_hashes(entries)),
+        "recorded": recorded,
     }
     write_json(Path(cache_dir) / MANIFEST_FILE, manifest)
     return manifest

@@ -1,10 +1,9 @@
-"""Atomic writes and content hashes of files: what every stage uses to write outputs a killed run cannot corrupt."""
+"""Atomic writes, content hashes and walks of files: what every step uses to write outputs a killed run cannot corrupt
+and to read its inputs."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -89,28 +88,27 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{str(path)!r} is corrupt (not JSON: {e})") from e
 
 
-@contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if needed) across processes; released even if the holder dies."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def visible_files(root: str | Path) -> Iterator[Path]:
+    """Every file under `root` with no hidden part (`.DS_Store`, `.git/`) in its path below `root`, sorted by path.
 
+    Symlinked folders and files are followed, as reading them follows them (a class folder that is a link is read, so
+    it is listed); a link back to a folder being walked is not entered twice.
+    """
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (one we may not signal counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def walk(folder: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[Path]:
+        stat = folder.stat()
+        here = (stat.st_dev, stat.st_ino)
+        if here in ancestors:
+            return
+        with os.scandir(folder) as scan:
+            entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir():
+                yield from walk(Path(entry.path), ancestors | {here})
+            elif entry.is_file():
+                yield Path(entry.path)
+
+    yield from walk(Path(root), frozenset())
 
 
 def _json_default(value: Any) -> Any:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from layerprobe.config import MANIFEST_FILE, SPLITS_FILE, BackboneConfig, DatasetConfig, Params
+from layerprobe.config import MANIFEST_FILE, SPLITS_FILE, BackboneConfig, DatasetConfig
+from layerprobe.params import Params
 
 BYTES_PER_VALUE = {"float16": 2, "float32": 4}
 NUM_TOKENS = 2  # cls and ap per layer

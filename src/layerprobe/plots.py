@@ -11,7 +11,12 @@ matplotlib.use("Agg")  # files only, never a window; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from layerprobe.config import HEATMAP_JSON  # noqa: E402
+from layerprobe.files import read_json  # noqa: E402
+
 DPI = 120
+HEATMAP_PNG = "heatmap.png"  # per evaluated probe, beside its heatmap.json
+CONFUSION_PNG = "confusion.png"
 
 
 def heatmap_figsize(num_layers: int, num_tokens: int) -> tuple[float, float]:
@@ -151,6 +156,23 @@ def plot_confusion_matrix(
                     color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     return _save(fig, path, dpi)
+
+
+def draw_evaluation(evaluation: Mapping, out_dir: str | Path, *, title: str, redraw: bool = True) -> dict[str, str]:
+    """The figures of one evaluated probe (its metrics.json as `evaluation`): the first seed's confusion matrix and,
+    for an attentive probe, its attention heatmap. With `redraw=False` only missing figures are drawn (a reused
+    evaluation keeps its figures). Returns {name: path} of the figures."""
+    out_dir = Path(out_dir)
+    figures = {"confusion_png": out_dir / CONFUSION_PNG}
+    if redraw or not figures["confusion_png"].is_file():
+        confusion = evaluation["seeds"][0]["confusion_matrix"]
+        plot_confusion_matrix(confusion, evaluation["class_names"], figures["confusion_png"])
+    if evaluation.get("heatmap"):
+        figures["heatmap_png"] = out_dir / HEATMAP_PNG
+        if redraw or not figures["heatmap_png"].is_file():
+            draw = plot_patch_heatmap if evaluation["heatmap"] == "patches" else plot_layer_heatmap
+            draw(read_json(out_dir / HEATMAP_JSON), figures["heatmap_png"], title=title)
+    return {name: str(path) for name, path in figures.items()}
 
 
 def plot_gains(

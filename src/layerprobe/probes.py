@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerprobe.attention_pool import pool_and_project
-from layerprobe.config import PATCHES, PROBE_TOKENS, Params
+from layerprobe.config import PATCHES, PROBE_TOKENS
 from layerprobe.registry import Registry, unknown_name_error
 
 LAYER_PRESETS = ("all", "last", "paper")
@@ -103,16 +103,6 @@ def get_probe_spec(name: str, **overrides) -> ProbeSpec:
 def list_probes() -> list[str]:
     """Names of all registered probes."""
     return _PROBES.names()
-
-
-def check_patch_tokens(params: Params) -> None:
-    """Fail before any extraction when a probe of the suite reads patch tokens that extraction will not cache."""
-    if params.extract.final_patch_tokens:
-        return
-    for name in params.suite.probes:
-        if get_probe_spec(name, **params.probe_config(name).overrides()).reads_patches:
-            raise ValueError(f"probe {name!r} reads the final layer's patch tokens, which extraction does not cache: "
-                             "set `extract.final_patch_tokens: true` in params")  # fmt: skip
 
 
 @register_probe("linear_last_cls")

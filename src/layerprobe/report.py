@@ -16,8 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from layerprobe.config import REPORT_FILES
 from layerprobe.metrics import CI_LEVEL, paired_bootstrap_draws, percentile_interval
+
+REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of them)
+    "markdown": "report.md",
+    "csv": "report.csv",
+    "gains": "gains.json",
+    "gains_png": "gains.png",
+    "attention_json": "attention.json",  # alf's layer attention, long format
+    "attention": "attention",  # a folder: one layer-attention matrix figure per backbone
+}
 
 BASELINE = "linear_last_cls"
 HEADLINE = "alf"

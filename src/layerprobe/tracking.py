@@ -20,8 +20,10 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from layerprobe.config import HISTORY_FILE, PROBE_CONFIG, SWEEP_FILE, Params
-from layerprobe.files import process_alive, read_json
+from layerprobe.config import HISTORY_FILE, PROBE_CONFIG, SWEEP_FILE
+from layerprobe.files import read_json
+from layerprobe.locks import process_alive
+from layerprobe.params import Params
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PID_TAG = "layerprobe.pid"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from layerprobe.config import IMAGES_TAR, SPLITS_FILE
+from layerprobe.config import FORMATS, IMAGES_TAR, SPLITS_FILE
 from layerprobe.data.catalogue import ImageDataset, create_dataset, is_materialised
 from layerprobe.data.sources import TarImageDataset
 from layerprobe.data.splits import SPLIT_NAMES, make_splits
@@ -85,11 +85,13 @@ def prepare_dataset(
     test_fraction: float,
     seed: int,
     fingerprint: dict | None = None,
+    recorded: dict | None = None,
 ) -> PreparedDataset:
     """Build the source, cut its splits and write `out_dir` (see the module docstring for the layout).
 
     `fingerprint` (from `layerprobe.fingerprint`) is recorded in splits.json, and its `inputs` part (the source
-    files' listing) enters the dataset's version, so features made from other files never pass for these.
+    files' contents) enters the dataset's version, so features made from other files never pass for these;
+    `recorded` (what made it: host, library builds) is kept beside it and decides nothing.
     """
     out_dir = Path(out_dir)
     dataset = create_dataset(source, **options)
@@ -129,7 +131,9 @@ def prepare_dataset(
         "version": _version(
             split_lists, list(dataset.class_names), description, images_sha256, (fingerprint or {}).get("inputs")
         ),
+        "format": FORMATS["prepared"],
         "fingerprint": fingerprint,
+        "recorded": recorded,
         "splits": split_lists,
     }
     write_bytes_atomic(marker, (canonical_json(payload) + "\n").encode())
@@ -152,6 +156,9 @@ def open_prepared(out_dir: Path) -> PreparedDataset:
     missing += [f"splits.{key}" for key in SPLIT_NAMES if not missing and key not in payload["splits"]]
     if missing:
         raise ValueError(f"{str(marker)!r} is corrupt (missing {', '.join(missing)}); re-run the prepare stage")
+    if payload.get("format") != FORMATS["prepared"]:
+        raise ValueError(f"{str(marker)!r} is in format {payload.get('format')!r}, this code reads "
+                         f"{FORMATS['prepared']!r}; re-run the prepare stage")  # fmt: skip
     class_names = list(payload["class_names"])
     if payload["materialised"]:
         tar_path = out_dir / IMAGES_TAR

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from layerprobe.data.catalogue import ImageFileError, decode_image, register_source, to_rgb
+from layerprobe.files import visible_files
 from layerprobe.registry import unknown_name_error
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -71,9 +72,9 @@ class ImageFolderDataset:
     def _image_files(class_dir: Path) -> tuple[list[Path], list[str]]:
         """The class folder's images, and a line for each file that cannot be one (all of them, not the first)."""
         files, problems = [], []
-        for path in sorted(class_dir.rglob("*")):
-            if any(part.startswith(".") for part in path.relative_to(class_dir).parts) or not path.is_file():
-                continue  # hidden files (.DS_Store, editor swap files) are not samples
+        # Hidden files (.DS_Store, editor swap files) are not samples; symlinked folders are followed, exactly as the
+        # prepared dataset's fingerprint lists them (`layerprobe.file_hashes.input_listing` walks the same way).
+        for path in visible_files(class_dir):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 problems.append(f"{str(path)!r} has an unknown extension")
             else:

@@ -1,4 +1,6 @@
-"""Evaluate step: score one trained probe (every seed) once on the test split; metrics, heatmap, confusion matrix."""
+"""Evaluate step: score one trained probe (every seed) once on the test split: metrics (with the confusion matrix),
+predictions and the attention heatmap's numbers. Figures of them are drawn by whoever runs the step
+(`layerprobe.plots.draw_evaluation`): drawing decides no number, so it stays outside this step's code key."""
 
 from __future__ import annotations
 
@@ -7,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from layerprobe.config import (
-    CONFUSION_PNG,
+    FORMATS,
     HEATMAP_JSON,
-    HEATMAP_PNG,
     PREDICTIONS_FILE,
     PROBE_CONFIG,
     PROBE_WEIGHTS,
@@ -17,7 +18,7 @@ from layerprobe.config import (
     PathsConfig,
 )
 from layerprobe.files import read_json, sha256_file, write_arrays, write_json
-from layerprobe.fingerprint import Fingerprint, make_fingerprint, staleness
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
 def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
@@ -29,17 +30,17 @@ def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
         }
         for entry in trained["seeds"]
     ]
-    return make_fingerprint(__name__, params={}, inputs={"probes": probes, "features": features_hash})
+    return make_fingerprint(__name__, format=FORMATS["evaluation"], params={},
+                            inputs={"probes": probes, "features": features_hash})  # fmt: skip
 
 
 def evaluate_step(
     backbone_name: str, dataset_name: str, probe_name: str, *, evaluate: EvaluateConfig, paths: PathsConfig
 ) -> dict:
-    """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, mean ± std over seeds, a bootstrap
-    interval over test images), every seed's test predictions (predictions.npz, which the report pairs across probes),
-    the attention heatmap (attentive probes: over layers, or over patch positions for a probe reading the final
-    layer's patch tokens) and the confusion matrix, these two from the first seed's probe; metrics.json last, as the
-    completion marker."""
+    """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, with its confusion matrix; mean ± std over
+    seeds; a bootstrap interval over test images), every seed's test predictions (predictions.npz, which the report
+    pairs across probes) and the first seed's attention heatmap (attentive probes: over layers, or over patch
+    positions for a probe reading the final layer's patch tokens); metrics.json last, as the completion marker."""
     from layerprobe.features import cache_content_hash
 
     train_marker = paths.train_marker(backbone_name, dataset_name, probe_name)
@@ -65,7 +66,6 @@ def evaluate_step(
         patch_attention_heatmap,
         summarize_over_seeds,
     )
-    from layerprobe.plots import plot_confusion_matrix, plot_layer_heatmap, plot_patch_heatmap
     from layerprobe.train import predict
 
     marker.unlink(missing_ok=True)
@@ -88,11 +88,7 @@ def evaluate_step(
     labels, predictions = test.labels.numpy(), np.stack(seed_predictions)  # [N], [S, N]
     # The interval of the seed mean (the number reported): resampled test images, each seed scored on the same ones.
     ci_low, ci_high = bootstrap_balanced_accuracy(labels, predictions, config["num_classes"])
-    outputs = {
-        "metrics": str(marker),
-        "confusion_png": str(out_dir / CONFUSION_PNG),
-        "predictions": str(out_dir / PREDICTIONS_FILE),
-    }
+    outputs = {"metrics": str(marker), "predictions": str(out_dir / PREDICTIONS_FILE)}
     out_dir.mkdir(parents=True, exist_ok=True)
     label_type = np.min_scalar_type(config["num_classes"] - 1)  # uint8 up to 256 classes: the file stays small
     write_arrays(
@@ -102,19 +98,17 @@ def evaluate_step(
         seeds=np.array([s["seed"] for s in per_seed]),
         num_classes=np.int64(config["num_classes"]),
     )
-    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), config["class_names"], out_dir / CONFUSION_PNG)
+    heatmap_kind = None
     if attention is not None:
-        title = f"{backbone_name} / {dataset_name} / {probe_name}"
         if config.get("patch_tokens"):  # one layer, hundreds of tokens: where on the image the probe looks
+            heatmap_kind = "patches"
             heatmap = patch_attention_heatmap(attention, config["token_labels"],
                                               grid=config["provenance"].get("patch_grid"))  # fmt: skip
-            write_json(out_dir / HEATMAP_JSON, heatmap)
-            plot_patch_heatmap(heatmap, out_dir / HEATMAP_PNG, title=title)
         else:
+            heatmap_kind = "layers"
             heatmap = layer_attention_heatmap(attention, config["token_labels"])
-            write_json(out_dir / HEATMAP_JSON, heatmap)
-            plot_layer_heatmap(heatmap, out_dir / HEATMAP_PNG, title=title)
-        outputs.update(heatmap_json=str(out_dir / HEATMAP_JSON), heatmap_png=str(out_dir / HEATMAP_PNG))
+        write_json(out_dir / HEATMAP_JSON, heatmap)
+        outputs["heatmap_json"] = str(out_dir / HEATMAP_JSON)
     result = {
         "probe": probe_name,
         "backbone": backbone_name,
@@ -126,8 +120,12 @@ def evaluate_step(
         "seeds": per_seed,
         "best": trained["seeds"][0]["best"],
         "num_seeds": len(per_seed),
+        "class_names": config["class_names"],
+        "heatmap": heatmap_kind,  # None (a linear probe), "layers" or "patches"
         "outputs": outputs,
+        "format": FORMATS["evaluation"],
         "fingerprint": fingerprint.as_dict(),
+        "recorded": provenance_record(),
     }
     write_json(marker, result)
     return {**result, "status": "computed", "reason": reason}

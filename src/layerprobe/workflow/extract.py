@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
-from layerprobe.config import MANIFEST_FILE, BackboneConfig, ExtractConfig, PathsConfig
-from layerprobe.files import read_json, sha256_file
-from layerprobe.fingerprint import Fingerprint, make_fingerprint, staleness
+from layerprobe.config import FORMATS, MANIFEST_FILE, BackboneConfig, ExtractConfig, PathsConfig
+from layerprobe.file_hashes import file_sha256
+from layerprobe.files import read_json
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
 def extract_fingerprint(backbone: BackboneConfig, extract: ExtractConfig, *, dataset_version: str) -> Fingerprint:
@@ -17,7 +17,7 @@ def extract_fingerprint(backbone: BackboneConfig, extract: ExtractConfig, *, dat
     settings = {k: v for k, v in dataclasses.asdict(backbone).items() if k not in ("checkpoint", "family")}
     params = {"backbone": settings, "extract": extract.fingerprint_params()}
     inputs = {"dataset_version": dataset_version, "weights": weights_identity(backbone)}
-    return make_fingerprint(__name__, params=params, inputs=inputs)
+    return make_fingerprint(__name__, format=FORMATS["features"], params=params, inputs=inputs)
 
 
 def weights_identity(backbone: BackboneConfig) -> str:
@@ -26,14 +26,8 @@ def weights_identity(backbone: BackboneConfig) -> str:
         path = Path(backbone.checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-        stat = path.stat()
-        return f"file:sha256:{_file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
+        return f"file:sha256:{file_sha256(path)}"  # read once per machine, then known by its stat
     return f"hub:{backbone.model}" if backbone.pretrained else "random-init"
-
-
-@functools.cache
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)  # keyed on size and mtime too: a rewritten file is hashed again
 
 
 def extract_step(
@@ -106,6 +100,7 @@ def extract_step(
             dtype=extract.dtype,
             device=extract.device,
             progress=progress,
+            recorded=provenance_record(),
         )
     return {
         "backbone": backbone_name,

@@ -4,39 +4,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprobe.config import DatasetConfig, PathsConfig, PrepareConfig
+from layerprobe.config import FORMATS, DatasetConfig, PathsConfig, PrepareConfig
 from layerprobe.data import prepare_dataset, source_inputs
-from layerprobe.files import file_lock, read_json
-from layerprobe.fingerprint import Fingerprint, files_listing, make_fingerprint, staleness
+from layerprobe.file_hashes import input_listing
+from layerprobe.files import read_json
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
 def prepare_fingerprint(dataset: DatasetConfig, prepare: PrepareConfig) -> Fingerprint:
-    """Source, options and split settings; the listing (path, size, mtime) of every file the source reads."""
+    """Source, options and split settings; the content (name, size, sha256) of every file the source reads."""
     params = {"source": dataset.source, "options": dataset.options, "prepare": prepare}
-    inputs = files_listing(source_inputs(dataset.source, dataset.options))
-    return make_fingerprint(__name__, params=params, inputs=inputs)
+    inputs = input_listing(source_inputs(dataset.source, dataset.options))
+    return make_fingerprint(__name__, format=FORMATS["prepared"], params=params, inputs=inputs)
 
 
 def prepare_step(name: str, *, dataset: DatasetConfig, prepare: PrepareConfig, paths: PathsConfig) -> dict:
-    """Materialise dataset `name` unless its splits.json records the same fingerprint; returns a summary."""
+    """Materialise dataset `name` unless its splits.json records the same fingerprint; returns a summary.
+
+    Units of several backbones may prepare one dataset at once: the caller holds the dataset's lock around this
+    (`layerprobe.locks`), so one prepares and the others then find it prepared.
+    """
     out_dir = paths.prepared_dir(name)
     fingerprint = prepare_fingerprint(dataset, prepare)
-    # Units of several backbones may prepare one dataset at once (on other machines of a work pool): one does it,
-    # the others wait and reuse it. A file lock, because the kernel drops it with a process that dies holding it.
-    with file_lock(out_dir.parent / f".{name}.prepare.lock"):
-        reason = staleness(paths.splits_file(name), fingerprint)
-        if reason is not None:
-            prepare_dataset(
-                name,
-                source=dataset.source,
-                options=dataset.options,
-                out_dir=out_dir,
-                val_fraction=prepare.val_fraction,
-                test_fraction=prepare.test_fraction,
-                seed=prepare.seed,
-                fingerprint=fingerprint.as_dict(),
-            )
-        marker = read_json(paths.splits_file(name))
+    reason = staleness(paths.splits_file(name), fingerprint)
+    if reason is not None:
+        prepare_dataset(
+            name,
+            source=dataset.source,
+            options=dataset.options,
+            out_dir=out_dir,
+            val_fraction=prepare.val_fraction,
+            test_fraction=prepare.test_fraction,
+            seed=prepare.seed,
+            fingerprint=fingerprint.as_dict(),
+            recorded=provenance_record(),
+        )
+    marker = read_json(paths.splits_file(name))
     return {
         "dataset": name,
         "path": str(out_dir),

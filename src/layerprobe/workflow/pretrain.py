@@ -7,14 +7,15 @@ import os
 import time
 from pathlib import Path
 
-from layerprobe.config import BackboneConfig
+from layerprobe.config import FORMATS, BackboneConfig
 from layerprobe.data import create_dataset, source_inputs
+from layerprobe.file_hashes import input_listing
 from layerprobe.files import read_json, tmp_path, write_json
-from layerprobe.fingerprint import Fingerprint, files_listing, make_fingerprint, staleness
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
 def pretrain_fingerprint(backbone: BackboneConfig) -> Fingerprint:
-    """The architecture, preprocessing and recipe (not the device), and the listing of any files the source reads."""
+    """The architecture, preprocessing and recipe (not the device), and the contents of any files the source reads."""
     recipe = backbone.pretrain
     params = {
         "model": backbone.model,
@@ -22,7 +23,8 @@ def pretrain_fingerprint(backbone: BackboneConfig) -> Fingerprint:
         "preprocessing": backbone.preprocessing(),
         "pretrain": {k: v for k, v in dataclasses.asdict(recipe).items() if k != "device"},
     }
-    return make_fingerprint(__name__, params=params, inputs=files_listing(source_inputs(recipe.source, recipe.options)))
+    inputs = input_listing(source_inputs(recipe.source, recipe.options))
+    return make_fingerprint(__name__, format=FORMATS["pretrained"], params=params, inputs=inputs)
 
 
 def marker_path(backbone: BackboneConfig) -> Path:
@@ -86,7 +88,9 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
         "held_out_accuracy": result.held_out_accuracy,
         "history": result.history,
         "seconds": round(time.perf_counter() - start, 1),
+        "format": FORMATS["pretrained"],
         "fingerprint": fingerprint.as_dict(),
+        "recorded": provenance_record(),
     }
     write_json(marker, summary)
     return {**summary, "status": "computed", "reason": reason}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-from layerprobe.config import HISTORY_FILE, SWEEP_FILE, PathsConfig, ProbeConfig, TrainConfig
+from layerprobe.config import FORMATS, HISTORY_FILE, SWEEP_FILE, PathsConfig, ProbeConfig, TrainConfig
 from layerprobe.device import dtype_name, resolve_device, resolve_matmul_dtype
 from layerprobe.files import read_json, write_json
-from layerprobe.fingerprint import Fingerprint, make_fingerprint, staleness
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
 def train_fingerprint(probe_name: str, probe: ProbeConfig, train: TrainConfig, *, features_hash: str) -> Fingerprint:
@@ -16,7 +16,7 @@ def train_fingerprint(probe_name: str, probe: ProbeConfig, train: TrainConfig, *
     precision = dtype_name(resolve_matmul_dtype(train.precision, resolve_device(train.device)))
     params = {"probe": probe_name, "overrides": probe.overrides(), "train": train.fingerprint_params(
         matmul_precision=precision)}  # fmt: skip
-    return make_fingerprint(__name__, params=params, inputs={"features": features_hash})
+    return make_fingerprint(__name__, format=FORMATS["probes"], params=params, inputs={"features": features_hash})
 
 
 def train_step(
@@ -113,7 +113,9 @@ def train_step(
         "seeds": per_seed,
         "features_hash": features_hash,
         "training": training,
+        "format": FORMATS["probes"],
         "fingerprint": fingerprint.as_dict(),
+        "recorded": provenance_record(),
     }
     write_json(marker, summary)
     return {**summary, "status": "computed", "reason": reason}

@@ -1,0 +1,141 @@
+"""Input files by content: sha256 of every file a step reads, with a local stat cache so unchanged files are not
+read again.
+
+An input's identity is its bytes, never its modification time or absolute path: a project copied, cloned, pulled
+with DVC or rsynced without `-t` keys its inputs the same, so nothing is recomputed. Hashing 1 TB on every run would
+cost more than it saves, so each machine keeps a stat cache (as DVC's state database and git's index do): absolute
+path, size, mtime, ctime and inode → sha256 (ctime too, as git's index: no one can set it back, so a rewrite that
+restores the old mtime is still seen). A file whose stat is unchanged is not read; a touched file is read once, found
+equal, and recorded again. The cache is local to the machine (`$LAYERPROBE_STATE_DIR`, default
+`~/.cache/layerprobe`, one file per host, so a home shared by several hosts never mixes their inodes) and decides
+nothing: deleting it costs one re-read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from layerprobe.files import sha256_file, visible_files
+
+STATE_DIR_ENV = "LAYERPROBE_STATE_DIR"
+# A file modified this recently may still be being written within the same mtime tick: hash it, but do not record
+# it (git's "racily clean" entries), so a later run reads it again instead of trusting a stale hash.
+RACY_SECONDS = 2.0
+HASH_THREADS = 4  # hashlib releases the GIL: a few files at once keep a network filesystem busy
+
+log = logging.getLogger(__name__)
+
+
+def state_dir() -> Path:
+    """This machine's folder for layerprobe's local state (never part of a project, never a key)."""
+    return Path(os.environ.get(STATE_DIR_ENV) or Path.home() / ".cache" / "layerprobe").expanduser()
+
+
+def input_listing(paths: Iterable[str | Path]) -> list[list]:
+    """[name, size, sha256] of every file a step reads under `paths` (files or folders), in order.
+
+    Folders list their visible files relative to themselves, following symlinks as the readers do; a path that does
+    not exist is listed as [name, None, None], so its later appearance changes the listing. No absolute path and no
+    time enters it.
+    """
+    listing: list[list] = []
+    for root in map(Path, paths):
+        if root.is_file():
+            listing.append([root.name, *file_digests([root])[root]])
+        elif root.is_dir():
+            digests = file_digests(list(visible_files(root)))
+            listing += [[path.relative_to(root).as_posix(), *digest] for path, digest in digests.items()]
+        else:
+            listing.append([root.name, None, None])
+    return listing
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file's bytes, read only when the stat cache does not know it."""
+    path = Path(path)
+    return file_digests([path])[path][1]
+
+
+def file_digests(paths: list[Path]) -> dict[Path, tuple[int, str]]:
+    """{path: (size, sha256)} in the order given, reading only files whose (size, mtime, inode) the stat cache has not
+    seen."""
+    stats = {path: path.stat() for path in paths}  # follows symlinks, as reading does
+    keys = {path: _key(path) for path in paths}
+    known = _StatCache.lookup([keys[p] for p in paths])
+    hashes, missing = {}, []
+    for path, stat in stats.items():
+        row = known.get(keys[path])
+        if row is not None and row[:4] == _stat_key(stat):
+            hashes[path] = row[4]
+        else:
+            missing.append(path)
+    if missing:
+        with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(missing))) as pool:
+            hashes.update(zip(missing, pool.map(sha256_file, missing), strict=True))
+        settled = time.time_ns() - int(RACY_SECONDS * 1e9)
+        _StatCache.store(
+            [(keys[p], *_stat_key(stats[p]), hashes[p]) for p in missing
+             if stats[p].st_mtime_ns < settled]
+        )  # fmt: skip
+    return {path: (stats[path].st_size, hashes[path]) for path in paths}
+
+
+def _key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _stat_key(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
+class _StatCache:
+    """The sqlite table of (path, size, mtime_ns, ctime_ns, inode, sha256); a failure to use it only costs a re-read."""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _connect() -> Iterator[sqlite3.Connection]:
+        folder = state_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(folder / f"stat-cache-{socket.gethostname()}.sqlite", timeout=30)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")  # readers never wait on a writer
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                "ctime_ns INTEGER, inode INTEGER, sha256 TEXT)"
+            )
+            yield connection
+        finally:
+            connection.close()
+
+    @classmethod
+    def lookup(cls, keys: list[str]) -> dict[str, tuple]:
+        if not keys:
+            return {}
+        try:
+            with cls._connect() as connection:
+                if len(keys) == 1:
+                    rows = connection.execute("SELECT * FROM files WHERE path = ?", keys)
+                else:  # one range scan for a folder's files, not a query per file
+                    rows = connection.execute("SELECT * FROM files WHERE path BETWEEN ? AND ?", (min(keys), max(keys)))
+                return {path: tuple(rest) for path, *rest in rows}
+        except (sqlite3.Error, OSError) as error:
+            log.warning("stat cache unavailable (%s): input files are read again", error)
+            return {}
+
+    @classmethod
+    def store(cls, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        try:
+            with cls._connect() as connection, connection:
+                connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except (sqlite3.Error, OSError) as error:
+            log.warning("stat cache not updated (%s): these files will be read again next time", error)
