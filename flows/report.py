@@ -1,6 +1,7 @@
-"""Report stage: the paper-style table (datasets x probes per backbone, gain of alf over linear_last_cls, bootstrap
-intervals) and, per backbone, a layer-attention matrix (datasets x layers), written for DVC and logged to the
-evaluate stage's MLflow parent run (with each gain and its paired-bootstrap interval as metrics).
+"""Report stage: the paper-style table (datasets x probes per backbone, gain of alf over the backbone's baseline,
+linear_last_cls or for MAE linear_last_ap, bootstrap intervals) and, per backbone, a layer-attention matrix
+(datasets x layers), written for DVC and logged to the evaluate stage's MLflow parent run (with each gain and its
+paired-bootstrap interval as metrics).
 
 Run:  python -m flows.report [--params params.yaml]
 Cost: seconds (reads metrics and predictions files, 1000 bootstrap resamples per task, draws two figures).
@@ -17,15 +18,16 @@ from flows.common import FLOW_OPTIONS, Params, as_params, run_stage
 from layerprobe import tracking
 from layerprobe.config import HEATMAP_JSON, PREDICTIONS_FILE
 from layerprobe.files import read_arrays, read_json
-from layerprobe.report import BASELINE, HEADLINE, gain_intervals, gain_metrics, write_report
+from layerprobe.report import HEADLINE, baseline_probe, gain_intervals, gain_metrics, write_report
 
 
 @task(name="write-report")
 def write_report_task(
-    summary: dict, out_dir: Path, probes: list[str], groups: dict, heatmaps: dict, intervals: dict
+    summary: dict, out_dir: Path, probes: list[str], groups: dict, heatmaps: dict, intervals: dict, baselines: dict
 ) -> dict:
-    return {name: str(path) for name, path in write_report(summary, out_dir, probes=probes, groups=groups,
-                                                           heatmaps=heatmaps, intervals=intervals).items()}  # fmt: skip
+    files = write_report(summary, out_dir, probes=probes, groups=groups, heatmaps=heatmaps, intervals=intervals,
+                         baselines=baselines)  # fmt: skip
+    return {name: str(path) for name, path in files.items()}
 
 
 @flow(name="report", **FLOW_OPTIONS)
@@ -35,6 +37,7 @@ def report_flow(params: Params | str = "params.yaml") -> dict:
     if not metrics_file.is_file():
         raise FileNotFoundError(f"no evaluation results at {metrics_file} (run the evaluate stage first)")
     summary = read_json(metrics_file)
+    baselines = {b: baseline_probe(params.backbones[b].family) for b in params.suite.backbones}
     heatmaps = {}  # backbone -> dataset -> the headline probe's layer attention
     predictions = {}  # backbone -> dataset -> probe -> test labels and predictions, to pair the two probes
     for b in params.suite.backbones:
@@ -42,13 +45,14 @@ def report_flow(params: Params | str = "params.yaml") -> dict:
             path = params.paths.evaluation_dir(b, d, HEADLINE) / HEATMAP_JSON
             if path.is_file():
                 heatmaps.setdefault(b, {})[d] = read_json(path)
-            for p in (HEADLINE, BASELINE):
+            for p in (HEADLINE, baselines[b]):
                 path = params.paths.evaluation_dir(b, d, p) / PREDICTIONS_FILE
                 if d in summary.get(b, {}) and path.is_file():  # only tasks this summary (and parent run) holds
                     predictions.setdefault(b, {}).setdefault(d, {})[p] = read_arrays(path)
-    intervals = gain_intervals(predictions)
+    intervals = gain_intervals(predictions, baselines=baselines)
     groups = {name: dataset.group for name, dataset in params.datasets.items()}
-    files = write_report_task(summary, params.paths.report_dir, params.suite.probes, groups, heatmaps, intervals)
+    files = write_report_task(summary, params.paths.report_dir, params.suite.probes, groups, heatmaps, intervals,
+                              baselines)  # fmt: skip
     markdown = Path(files["markdown"]).read_text()
     create_markdown_artifact(key="layerprobe-report", markdown=markdown, description=f"{params.suite.name} results")
     run_file = params.paths.pipeline_run_file

@@ -1,8 +1,10 @@
 """The all-tokens baseline: the final layer's patch tokens cached on request, `attentive_last_all_tokens` over CLS +
-every patch token, its save/load round trip and patch-position heatmap; and CLIP's final layer read unpadded."""
+every patch token (normalised per token or across tokens), its save/load round trip and patch-position heatmap; and
+CLIP's final layer, read unpadded or padded per probe as the reference does."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from layerprobe.backbone import create_backbone, create_eval_transform
-from layerprobe.checkpoint import load_probe, save_probe
+from layerprobe.checkpoint import load_probe, reading_arguments, save_probe
 from layerprobe.config import (
     BackboneConfig,
     DatasetConfig,
@@ -30,12 +32,13 @@ from layerprobe.params import load_params
 from layerprobe.plots import draw_evaluation, plot_patch_heatmap
 from layerprobe.probes import (
     gather_raw,
+    gather_tokens,
     get_probe_spec,
+    reading_widths,
     select_token_positions,
-    selection_width,
     token_labels,
 )
-from layerprobe.train import HParams, predict, train_grid
+from layerprobe.train import HParams, predict, predict_selected, train_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 F16 = dict(atol=2e-2, rtol=1e-2)  # float16 cache: ~3 significant digits
@@ -276,6 +279,46 @@ def test_gathering_patch_slots_copies_them_in_order_and_in_batches():
         gather_raw(tokens, positions)
 
 
+@contextlib.contextmanager
+def record_head_inputs():
+    """Every batch a probe head trains on, as the head receives it (after normalisation and jitter)."""
+    seen: list[torch.Tensor] = []
+
+    def record(module, inputs):
+        if module.training:
+            seen.append(inputs[0].detach().clone())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_the_all_tokens_probe_normalised_across_tokens_trains_and_predicts_as_the_reference(tmp_path):
+    layers, names = ["block0", "final"], ["cls", "ap"]
+    tokens, patches, labels = planted_patches(60, seed=1)
+    spec = get_probe_spec("attentive_last_all_tokens", normalize="across_tokens")
+    positions = select_token_positions(layers, names, layers=spec.layers, tokens=spec.tokens, num_patches=16)
+    config = dataclasses.replace(FAST, min_steps=4, jitter_prob=0.0)
+    with record_head_inputs() as seen:
+        trained = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=[HParams(1e-2, 1e-4)],
+                             config=config, patches=patches)  # fmt: skip
+    # The reference's all-tokens features [N, T, D] after F.normalize(x, dim=1): every feature has norm 1 over the
+    # T = 17 tokens (CLS + 16 patches) of its image.
+    assert seen and all(torch.allclose(x.norm(dim=1), torch.ones(x.shape[0], 32), atol=1e-5) for x in seen)
+    gathered = gather_tokens(tokens, positions, patches=patches)  # [N, 17, 32]
+    reference = gathered / gathered.pow(2).sum(dim=1, keepdim=True).sqrt()
+    expected = trained.probe(reference)[0]  # eval mode
+    save_probe(tmp_path / "probe", trained.probe, {"positions": [list(p) for p in positions], "width": None,
+                                                   "normalize": spec.normalize})  # fmt: skip
+    loaded, config_saved = load_probe(tmp_path / "probe")
+    _, logits, _ = predict(loaded, tokens, patches=patches, **reading_arguments(config_saved))
+    assert torch.allclose(logits, expected, atol=1e-5)  # evaluation reads the tokens as training did
+    _, per_token, _ = predict_selected(trained.probe, gathered)  # the default: each token over its width
+    assert not torch.allclose(per_token[0], expected, atol=1e-3)
+
+
 # ------------------------------------------------------------------ CLIP's final layer unpadded
 
 
@@ -286,29 +329,99 @@ def test_clip_final_layer_probes_read_the_projection_width_and_jitter_no_padding
     assert features.metadata["layer_widths"] == [32, 32, PROJECTION] and features.tokens.shape[-1] == 32
     spec = get_probe_spec("linear_last_cls")
     positions = select_token_positions(features.layer_names, features.token_names, layers="last", tokens=["cls"])
-    width = selection_width(features.metadata["layer_widths"], positions)
-    assert width == PROJECTION
+    width, token_widths = reading_widths(spec, features.metadata["layer_widths"], positions)
+    assert (width, token_widths) == (PROJECTION, None)
     alf_positions = select_token_positions(features.layer_names, features.token_names, layers="all", tokens=["cls"])
-    assert selection_width(features.metadata["layer_widths"], alf_positions) == 32  # mixed widths: padded as before
-
-    seen: list[torch.Tensor] = []
-
-    def record(module, inputs):  # every batch the head trains on
-        if module.training:
-            seen.append(inputs[0].detach().clone())
+    alf_widths = reading_widths(get_probe_spec("alf"), features.metadata["layer_widths"], alf_positions)
+    assert alf_widths == (32, None)  # mixed widths: padded as before
 
     config = dataclasses.replace(FAST, min_steps=6, jitter_prob=1.0)
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
-    try:
+    with record_head_inputs() as seen:
         trained = train_grid(spec, features.tokens, features.labels, positions=positions, num_classes=3,
                              grid=[HParams(1e-2, 1e-4)], config=config, width=width)  # fmt: skip
-    finally:
-        handle.remove()
     assert trained.probe.in_features == PROJECTION  # 24 inputs, none always zero
     assert seen and all(x.shape[-1] == PROJECTION for x in seen)
     unjittered = torch.nn.functional.normalize(features.tokens[:, -1, 0, :PROJECTION].float(), dim=-1)
     assert all((x.norm(dim=-1) - 1).abs().max() > 0.01 for x in seen)  # the jitter lands on the 24 real features
     assert unjittered.norm(dim=-1).allclose(torch.ones(9))
+
+
+# The reference's width per probe on CLIP, read from its launchers and models config (lciernik/attentive-layer-fusion):
+# - attentive probes (scripts/combined_models_evaluation_attn_probe_large_experiments.py, lines 82-92): over CLS/AP
+#   keys `dim = max(embedding_dim of the model set)` and `stacked_zero_pad` pads every token to it; the models config
+#   (scripts/configs/models_config_single_model_layer_combination.json, lines 606/648/702 and 744/786/840) gives the
+#   OpenCLIP `_cls` and `_ap` keys the blocks' width (768, 768, 1024) although their `visual` tokens are the 512/768-d
+#   projection: padded. For the all-tokens key `_at` (lines 870/900/930: 512, 512, 768), `dim` is that key's own
+#   width and `already_stacked_zero_pad` pads to it: unpadded.
+# - linear probes (scripts/combined_models_evaluation_linear_probe_large_experiments.py, line 94): `concat`, every
+#   token at its true width, unpadded.
+# Here the tiny CLIP's blocks are 32-d (768 there) and its projection 24-d (512 there); `paper` layers: block1 + final.
+BLOCK = 32
+REFERENCE_INPUTS = {  # probe -> (the head's size attribute, the reference's value)
+    "linear_last_cls": ("in_features", PROJECTION),
+    "linear_last_ap": ("in_features", PROJECTION),
+    "linear_last_cls_ap": ("in_features", 2 * PROJECTION),
+    "linear_concat_all": ("in_features", 2 * BLOCK + 2 * PROJECTION),  # block1 cls + ap, final cls + ap, unpadded
+    "attentive_last_cls_ap": ("dim", max(BLOCK, BLOCK)),  # embedding_dim of _cls@visual and _ap@visual: padded
+    "alf": ("dim", max([BLOCK] * 4)),  # embedding_dim of _cls and _ap at block1 and at visual: the blocks' width
+    "attentive_last_all_tokens": ("dim", PROJECTION),  # embedding_dim of _at@visual
+}
+
+
+@pytest.fixture(scope="module")
+def clip_cache(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = create_backbone(CLIP, model_kwargs={**TINY, "num_classes": PROJECTION})
+    return _extract(model, tmp_path_factory.mktemp("clip"), final_projection=True, final_patch_tokens=True)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_INPUTS))
+def test_the_paper_preset_gives_each_clip_probe_the_references_width(clip_cache, name, tmp_path):
+    paper = load_params(ROOT / "params.paper.yaml")
+    assert name in paper.suite.probes or name == "linear_last_ap"  # MAE's baseline, outside the nine's suite
+    features = read_features(clip_cache, patches=True)
+    spec = get_probe_spec(name, **paper.probe_config(name).overrides())
+    positions = select_token_positions(features.layer_names, features.token_names, layers=spec.layers,
+                                       tokens=spec.tokens, num_patches=16)  # fmt: skip
+    width, token_widths = reading_widths(spec, features.metadata["layer_widths"], positions)
+    config = dataclasses.replace(FAST, min_steps=3, jitter_prob=1.0)
+    with record_head_inputs() as seen:
+        trained = train_grid(spec, features.tokens, features.labels, positions=positions, num_classes=3,
+                             grid=[HParams(1e-2, 1e-4)], config=config, patches=features.patches, width=width,
+                             token_widths=token_widths)  # fmt: skip
+    attribute, reference = REFERENCE_INPUTS[name]
+    assert getattr(trained.probe, attribute) == reference
+    final = [k for k, (layer, _) in enumerate(positions) if layer == len(features.layer_names) - 1]
+    if spec.head == "attentive" and reference > PROJECTION:  # padded: the jitter lands on the padding too
+        assert all(x[:, final, PROJECTION:].abs().amin() > 0 for x in seen)
+    if token_widths is not None:  # unpadded concatenation: the padding never reaches the head
+        x = seen[0]
+        unpadded = torch.cat([x[:, k, :w] for k, w in enumerate(token_widths)], dim=1)
+        logits = unpadded @ trained.probe.weight[0].T + trained.probe.bias[0]
+        assert torch.allclose(trained.probe(x)[0], logits, atol=1e-5)
+        loaded, _ = load_probe(save_probe(tmp_path / "probe", trained.probe, {}))  # the widths travel with the head
+        assert loaded.token_widths == token_widths and torch.allclose(loaded(x)[0], logits, atol=1e-5)
+    guess, _, _ = predict(trained.probe, features.tokens, positions=positions, patches=features.patches, width=width)
+    assert guess.shape == (9,)
+
+
+def test_on_clip_the_default_reads_opposite_to_the_reference_and_an_attentive_head_cannot_mix_widths(clip_cache):
+    features = read_features(clip_cache)
+    widths = features.metadata["layer_widths"]
+
+    def read(name: str, **overrides):
+        spec = get_probe_spec(name, **overrides)
+        positions = select_token_positions(features.layer_names, features.token_names, layers=spec.layers,
+                                           tokens=spec.tokens)  # fmt: skip
+        return reading_widths(spec, widths, positions)
+
+    assert read("attentive_last_cls_ap") == (PROJECTION, None)  # ours: the final tokens at their own width
+    assert read("attentive_last_cls_ap", pad_final=True) == (BLOCK, None)  # the reference's
+    assert read("linear_concat_all") == (BLOCK, None)  # ours: padded, 4 x 32 inputs
+    assert read("linear_concat_all", pad_final=False) == (BLOCK, [BLOCK, BLOCK, PROJECTION, PROJECTION])
+    assert read("linear_last_cls", pad_final=True) == (BLOCK, None)
+    with pytest.raises(ValueError, match=r"probes.alf.pad_final: false .* mixes \[24, 32\]; set true or null"):
+        read("alf", pad_final=False)
 
 
 # ------------------------------------------------------------------ end to end through the steps

@@ -133,3 +133,35 @@ def test_jitter_val_is_a_bool_off_by_default_and_on_in_the_paper_params(tmp_path
         load_params(write(tmp_path, data))
     assert load_params(ROOT / "params.yaml").train.jitter_val is False
     assert load_params(ROOT / "params.paper.yaml").train.jitter_val is True
+
+
+def test_reading_and_batching_choices_default_to_ours_and_the_paper_params_take_the_references(tmp_path):
+    data = minimal()
+    params = load_params(write(tmp_path, data))
+    assert params.train.batch_plan == "even" and params.probe_config("alf").overrides() == {}  # null: the default
+    data["probes"]["alf"] = {"normalize": "accross_tokens"}
+    with pytest.raises(ParamsError, match=r"probes.alf: .*normalize must be one of \('token', 'across_tokens'\)"):
+        load_params(write(tmp_path, data))
+    data["probes"]["alf"] = {"pad_final": "yes"}
+    with pytest.raises(ParamsError, match="probes.alf.pad_final"):
+        load_params(write(tmp_path, data))
+    paper = load_params(ROOT / "params.paper.yaml")
+    assert paper.train.batch_plan == "reference"
+    assert paper.probe_config("attentive_last_all_tokens").normalize == "across_tokens"
+    assert paper.probe_config("attentive_last_cls_ap").pad_final is True
+    assert paper.probe_config("linear_concat_all").pad_final is False
+    offline = load_params(ROOT / "params.yaml")
+    assert offline.train.batch_plan == "even" and all(
+        (p.normalize, p.pad_final) == (None, None) for p in offline.probes.values()
+    )
+
+
+def test_readme_says_what_the_default_run_is_and_which_offline_task_it_leaves_out_and_why():
+    params = load_params(ROOT / "params.yaml")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### What the default run computes")[1].split("## Look at the results")[0]
+    assert "one backbone and one" in section and "not a replication" in section
+    rows = {line.split("|")[1].strip(" `"): line for line in section.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(params.datasets)  # every task of params.yaml, in the suite or not
+    for name in set(params.datasets) - set(params.suite.datasets):
+        assert "left out of the suite" in rows[name] and "position" in rows[name], name

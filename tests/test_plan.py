@@ -3,6 +3,7 @@ and caches that would not fit on disk are refused before anything runs."""
 
 from __future__ import annotations
 
+import json
 from collections import namedtuple
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import timm
 
 from layerprobe.cli import main
 from layerprobe.params import load_params
-from layerprobe.plan import backbone_shape, check_disk, plan_suite
+from layerprobe.plan import backbone_shape, check_disk, plan_suite, training_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +109,29 @@ def test_plan_command_prints_every_task(capsys, monkeypatch):
     assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 | 453.9 GB | " in out
     assert "| 400.8 GB |" in out  # of which the final layer's patch tokens (the paper params cache them)
     assert "final-layer patch tokens (extract.final_patch_tokens): " in out
+
+
+def test_plan_lists_each_tasks_batch_size_and_steps_as_training_plans_them(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**14, 0, 10**13))
+    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000", "--tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "probe tasks (train.batch_plan: reference;" in out
+    assert sum(line.startswith("| clip_b16/") for line in out.splitlines()) == 20 * 6  # every task of one backbone
+    # the reference's plan (tests/test_train.py REFERENCE_BATCH_PLANS): the grid on 80 %, the refit on train + val
+    assert "| clip_b16/flowers/alf | 816 | 204 | 4 x 250 = 1,000 | 1,020 | 204 | 5 x 200 = 1,000 |" in out
+    assert "| vit_s16/dmlab/alf | 52,440 | 2,016 | 27 x 40 = 1,080 | 65,550 | 2,016 | 33 x 40 = 1,320 |" in out
+    assert "| 1,024,933 | 2,048 | 501 x 40 = 20,040 | 1,281,167 | 2,048 | 626 x 40 = 25,040 |" in out  # ImageNet-1k
+
+
+def test_training_sizes_come_from_the_prepared_splits_else_are_cut_as_prepare_cuts(tmp_path):
+    offline = load_params(ROOT / "params.yaml")
+    texture = offline.datasets["texture"]  # 1,500 generated images, no official test split
+    assert training_sizes("texture", texture, tmp_path, prepare=offline.prepare) == (960, 1200)
+    (tmp_path / "splits.json").write_text(json.dumps({"splits": {"train": list(range(7)), "val": [7, 8],
+                                                                 "test": [9]}}))  # fmt: skip
+    assert training_sizes("texture", texture, tmp_path, prepare=offline.prepare) == (7, 9)
 
 
 def test_plan_command_on_a_short_disk_prints_the_plan_then_refuses(capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layerprobe.config import ParamsError, ProbeConfig
 from layerprobe.probes import (
     ProbeSpec,
     ReferenceAttentiveHead,
@@ -14,6 +15,7 @@ from layerprobe.probes import (
     gather_tokens,
     get_probe_spec,
     list_probes,
+    normalize_selection,
     normalize_tokens,
     select_token_positions,
     set_matmul_dtype,
@@ -76,6 +78,34 @@ def test_gather_reads_a_read_only_half_cache_and_normalise_keeps_zero_vectors():
     assert torch.allclose(normalised[:, 0].norm(dim=-1), torch.ones(2))
     assert torch.equal(normalised[:, 1], torch.zeros(2, 3))
     assert torch.equal(cache, before)
+
+
+def test_across_tokens_normalises_each_feature_over_the_tokens_as_the_reference_loads_all_tokens():
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))  # [N, T, D], as the reference's all tokens
+    x[..., 3] = 0.0  # a zero-padded feature
+    # The reference (src/utils/utils.py, load_features): F.normalize(features, dim=1, p=2) on [N, T, D], i.e.
+    # x[n, t, d] / max(sqrt(sum_t' x[n, t', d]^2), 1e-12): each feature over the tokens of its image.
+    reference = x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    assert torch.allclose(normalize_selection(x, "across_tokens"), reference)
+    assert torch.equal(normalize_selection(x, "across_tokens")[..., 3], torch.zeros(3, 5))  # padding stays zero
+    # ours, and the reference's for every per-layer token: each token over its width
+    assert torch.allclose(normalize_selection(x, "token"), x / x.pow(2).sum(dim=-1, keepdim=True).sqrt())
+    assert torch.equal(normalize_selection(x), normalize_tokens(x))
+    assert not torch.allclose(normalize_selection(x, "token"), reference)
+    assert get_probe_spec("attentive_last_all_tokens").normalize == "token"  # the default stays ours
+    assert get_probe_spec("attentive_last_all_tokens", normalize="across_tokens").normalize == "across_tokens"
+    with pytest.raises(ValueError, match="unknown token normalisation 'across'.*Did you mean 'across_tokens'"):
+        normalize_selection(x, "across")
+    with pytest.raises(ParamsError, match=r"probes.\*.normalize must be one of \('token', 'across_tokens'\)"):
+        ProbeConfig(normalize="per_token")
+    with pytest.raises(ValueError, match="probes.alf.pad_width: not a probe setting"):
+        get_probe_spec("alf", pad_width=True)
+
+
+def test_linear_last_ap_reads_the_final_layers_average_pooled_token():
+    spec = get_probe_spec("linear_last_ap")
+    assert (spec.head, spec.layers, spec.tokens) == ("linear", "last", ("ap",))
+    assert select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens) == [(4, 1)]
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 
 from layerprobe.files import read_arrays, write_arrays
 from layerprobe.metrics import paired_bootstrap_gain
+from layerprobe.params import load_params
 from layerprobe.report import (
     MEAN,
+    baseline_probe,
     csv_columns,
     format_csv,
     format_markdown,
@@ -75,13 +78,13 @@ def test_markdown_and_csv_render_every_probe_the_mean_and_the_intervals():
     csv_text = format_csv(rows, PROBES)
     header = csv_text.splitlines()[0].split(",")
     assert header == csv_columns(PROBES)
-    assert header[:6] == ["backbone", "dataset", "group", "linear_last_cls", "alf", "gain"]  # the table's columns
-    assert header[6:] == [
+    assert header[:7] == ["backbone", "dataset", "group", "linear_last_cls", "alf", "gain", "baseline"]  # the table's
+    assert header[7:] == [
         "linear_last_cls_ci_low", "linear_last_cls_ci_high", "alf_ci_low", "alf_ci_high", "gain_ci_low",
         "gain_ci_high", "linear_last_cls_std", "alf_std",
     ]  # fmt: skip
     assert csv_text.splitlines()[1] == (
-        "vit,digits,,50.0000,75.0000,25.0000,46.0000,54.0000,71.0000,79.0000,18.1000,32.0000,,"
+        "vit,digits,,50.0000,75.0000,25.0000,linear_last_cls,46.0000,54.0000,71.0000,79.0000,18.1000,32.0000,,"
     )
 
 
@@ -160,8 +163,8 @@ def test_write_report_writes_tables_gains_with_intervals_and_one_attention_matri
         assert path.is_file() and path.stat().st_size > 0
     assert {"attention/vit", "attention/dino"} <= set(files)
     assert json.loads(files["gains"].read_text())[0] == {
-        "task": "vit/digits", "gain": pytest.approx(25.0), "gain_ci_low": pytest.approx(18.1),
-        "gain_ci_high": pytest.approx(32.0),
+        "task": "vit/digits", "gain": pytest.approx(25.0), "baseline": "linear_last_cls",
+        "gain_ci_low": pytest.approx(18.1), "gain_ci_high": pytest.approx(32.0),
     }  # fmt: skip
     markdown = files["markdown"].read_text()
     assert "| digits | natural | +25.00 [18.1, 32.0] |" in markdown  # the reading table carries the interval too
@@ -179,3 +182,32 @@ def test_metrics_summary_carries_interval_std_and_seed_count():
     assert metrics_summary([evaluation])["vit"]["d"]["alf"] == {
         **probe_metrics(0.7, 0.65, 0.75, std=0.01, seeds=2), "test_accuracy": 0.72, "val_balanced_accuracy": 0.69,
     }  # fmt: skip
+
+
+def test_mae_gains_are_measured_against_the_final_ap_token_and_the_gain_column_names_it(tmp_path):
+    paper = load_params(Path(__file__).resolve().parents[1] / "params.paper.yaml")
+    baselines = {name: baseline_probe(paper.backbones[name].family) for name in ("mae_b16", "vit_b16", "clip_b16")}
+    assert baselines == {"mae_b16": "linear_last_ap", "vit_b16": "linear_last_cls", "clip_b16": "linear_last_cls"}
+    by_probe = {"linear_last_cls": probe_metrics(0.20, 0.15, 0.25), "linear_last_ap": probe_metrics(0.60, 0.55, 0.65),
+                "alf": probe_metrics(0.70, 0.65, 0.75)}  # fmt: skip
+    summary = {"mae_b16": {"digits": by_probe}, "vit_b16": {"digits": by_probe}}
+    rows = results_rows(summary, probes=PROBES, baselines=baselines)  # linear_last_ap need not be a column
+    # The paper's appendix: for MAE, gain = acc(alf) - acc(linear_last_ap); for the others acc(alf) - acc(CLS probe).
+    assert (rows[0]["baseline"], rows[0]["gain"]) == ("linear_last_ap", pytest.approx(100 * (0.70 - 0.60)))
+    assert (rows[1]["baseline"], rows[1]["gain"]) == ("linear_last_cls", pytest.approx(100 * (0.70 - 0.20)))
+    markdown = format_markdown(rows, PROBES)
+    mae, vit = markdown.split("## mae_b16")[1].split("## vit_b16")
+    assert "| alf | gain vs linear_last_ap |" in mae and "| alf | gain vs linear_last_cls |" in vit
+    assert "| mean |  | 20.00 | **70.00** | +10.00 |" in mae
+    assert format_csv(rows, PROBES).splitlines()[1].startswith("mae_b16,digits,,20.0000,70.0000,10.0000,linear_last_ap")
+    assert gains_series(rows)[0]["baseline"] == "linear_last_ap"
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 600)
+    guesses = {p: np.where(rng.random(600) < share, labels, (labels + 1) % 3)
+               for p, share in (("alf", 0.8), ("linear_last_ap", 0.7), ("linear_last_cls", 0.4))}  # fmt: skip
+    task = {p: predictions_file(tmp_path, p, labels, guess) for p, guess in guesses.items()}
+    intervals = gain_intervals({"mae_b16": {"digits": task}}, baselines=baselines)
+    gain, _, _ = paired_bootstrap_gain(labels, task["alf"]["predictions"], task["linear_last_ap"]["predictions"], 3)
+    assert intervals["mae_b16"]["digits"]["gain"] == pytest.approx(gain)
+    assert gain_intervals({"mae_b16": {"digits": task}})["mae_b16"]["digits"]["gain"] > gain  # vs the CLS probe

@@ -11,7 +11,7 @@ import torch
 from layerprobe.config import TrainConfig
 from layerprobe.device import native_bfloat16, resolve_matmul_dtype
 from layerprobe.metrics import classification_metrics, layer_attention_heatmap
-from layerprobe.probes import extract_member, get_probe_spec, select_token_positions, token_labels
+from layerprobe.probes import extract_member, gather_raw, get_probe_spec, select_token_positions, token_labels
 from layerprobe.train import (
     HParams,
     StackedAdamW,
@@ -21,7 +21,9 @@ from layerprobe.train import (
     make_grid,
     predict,
     sweep_probe,
+    sweep_selected,
     train_grid,
+    train_selected,
 )
 
 LAYERS = ["block0", "block1", "block2", "block3", "block4", "final"]
@@ -189,6 +191,69 @@ def test_recipe_helpers_follow_the_reference():
     assert steps_per_epoch * epochs >= 1000 and epochs == 200
     with pytest.raises(ValueError, match="device"):
         TrainConfig(device="tpu")
+
+
+# The reference's batch plan, worked out by running its code on each size: `adjust_batch_size(2048, N)`
+# (src/data/data_loader.py: at least 5 full batches, a remainder of none or at least half a batch, else the largest
+# size from N // max(5, N // 2048) + 1 down to 17 that gives both, else 1); the tuning split of N - ceil(0.2 N) images
+# (`create_train_val_loaders`, src/data/data_utils.py) inherits that size, +1 when its last batch would hold one image;
+# epochs 40, raised to ceil(1000 / batches per epoch) below 1000 steps (src/tasks/linear_probe.py).
+# (N, batch, steps per epoch, epochs, tuning images, tuning batch, its steps per epoch, its epochs)
+REFERENCE_BATCH_PLANS = [
+    (84, 1, 84, 40, 67, 1, 67, 40),  # no size from 17 up fits: the reference falls back to batch 1
+    (85, 17, 5, 200, 68, 17, 4, 250),
+    (500, 100, 5, 200, 400, 100, 4, 250),
+    (1020, 204, 5, 200, 816, 204, 4, 250),  # Flowers
+    (1880, 376, 5, 200, 1504, 376, 4, 250),  # DTD
+    (2753, 500, 6, 167, 2202, 500, 5, 200),  # Caltech-101
+    (3334, 606, 6, 167, 2667, 606, 5, 200),  # FGVC Aircraft
+    (5000, 1000, 5, 200, 4000, 1000, 4, 250),  # STL-10
+    (8144, 1480, 6, 167, 6515, 1480, 5, 200),  # Stanford Cars
+    (10245, 2049, 5, 200, 8196, 2049, 4, 250),  # more than 2048: 5 x 2048 leaves a remainder of 5
+    (14342, 1912, 8, 125, 11473, 1913, 6, 167),  # the tuning split would end in one image: +1
+    (16200, 2048, 8, 125, 12960, 2048, 7, 143),  # EuroSAT
+    (18900, 2100, 9, 112, 15120, 2100, 8, 125),  # RESISC45
+    (26640, 1973, 14, 72, 21312, 1973, 11, 91),  # GTSRB
+    (35126, 2007, 18, 56, 28100, 2007, 15, 67),  # Diabetic Retinopathy
+    (45000, 2048, 22, 46, 36000, 2048, 18, 56),  # CIFAR-10/100
+    (65550, 2016, 33, 40, 52440, 2016, 27, 40),  # DMLab
+    (262144, 2048, 128, 40, 209715, 2048, 103, 40),  # PCAM
+    (1281167, 2048, 626, 40, 1024933, 2048, 501, 40),  # ImageNet-1k
+]
+
+
+def test_reference_batch_plan_matches_the_reference_code_from_500_to_1_3m_images():
+    config = TrainConfig(batch_plan="reference")  # batch 2048, >= 5 batches, 40 epochs, >= 1000 steps
+    for full, batch, steps, epochs, tuning, tuning_batch, tuning_steps, tuning_epochs in REFERENCE_BATCH_PLANS:
+        assert batch_plan(full, config) == (batch, steps, epochs), full
+        assert batch_plan(tuning, config, plan_size=full) == (tuning_batch, tuning_steps, tuning_epochs), full
+    # ours (the default) evens batches out and plans the tuning split on its own
+    assert batch_plan(816, TrainConfig(), plan_size=1020) == batch_plan(816, TrainConfig()) == (164, 5, 200)
+    with pytest.raises(ValueError, match=r"train.batch_plan must be one of \('even', 'reference'\), got 'ref'"):
+        TrainConfig(batch_plan="ref")
+
+
+def test_the_sweep_plans_its_tuning_batches_for_the_full_set_and_training_follows_the_plan(monkeypatch):
+    import layerprobe.train as train_module
+
+    tokens, labels = planted(500, signal={5: 0}, num_classes=3, seed=4)
+    spec = get_probe_spec("linear_last_cls_ap")
+    positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
+    features = gather_raw(tokens, positions)  # [500, 2, D]: final cls, ap
+    config = TrainConfig(epochs=1, min_steps=10, device="cpu", batch_plan="reference")
+    grid = make_grid([1e-2], [1e-4])
+    # 400 of 500 images: the reference's batch of 100 (4 per epoch, 3 epochs to reach 10 steps); ours re-plans 400
+    trained = train_selected(spec, features[:400], labels[:400], num_classes=3, grid=grid, config=config,
+                             plan_size=500)  # fmt: skip
+    assert (trained.steps, trained.epochs) == (4 * 3, 3)
+    even = train_selected(spec, features[:400], labels[:400], num_classes=3, grid=grid,
+                          config=replace(config, batch_plan="even"), plan_size=500)  # fmt: skip
+    assert (even.steps, even.epochs) == (5 * 2, 2)  # 5 batches of 80
+
+    calls = []
+    monkeypatch.setattr(train_module, "batch_plan", lambda *a, **k: calls.append((a[0], k)) or batch_plan(*a, **k))
+    sweep_selected(spec, features, labels, num_train=400, num_classes=3, grid=grid, config=config)
+    assert calls == [(400, {"plan_size": 500}), (500, {"plan_size": None})]  # the grid, then the refit
 
 
 def test_sweep_picks_by_validation_balanced_accuracy_and_refits_one_probe():

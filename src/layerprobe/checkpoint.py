@@ -66,6 +66,13 @@ def save_probe(directory: str | Path, probe: nn.Module, config: dict) -> Path:
     return directory
 
 
+def reading_arguments(config: dict) -> dict[str, Any]:
+    """How a saved probe reads a feature cache, as `train.predict` takes it: its slots, the width it gathers at and
+    how it normalises them (probes saved before `normalize` was recorded normalised each token)."""
+    return {"positions": [tuple(p) for p in config["positions"]], "width": config.get("width"),
+            "normalize": config.get("normalize", "token")}  # fmt: skip
+
+
 def load_probe(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a probe saved by `save_probe`; returns (probe in eval mode, the JSON config)."""
     directory = Path(directory)

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--images-per-second", type=float, help="skip the device measurement: ViT-B/16@224 images/s")
     plan.add_argument("--device", default="cpu", help="device whose throughput to measure (cpu or cuda)")
-    plan.add_argument("--tasks", action="store_true", help="also list every (backbone, dataset, probe) task")
+    plan.add_argument("--tasks", action="store_true",
+                      help="also list every (backbone, dataset, probe) task with its batch size and steps")  # fmt: skip
 
     listing = _command(commands, "list", "list registered probes or dataset sources, or the params' names", run_list)
     listing.add_argument("what", choices=["probes", "sources", "backbones", "datasets"])
@@ -352,7 +353,14 @@ def run_predict(args) -> int:
 
 
 def run_plan(args) -> int:
-    from layerprobe.plan import disk_need, disk_refusal, format_plan, measure_gflops_per_second, plan_suite
+    from layerprobe.plan import (
+        disk_need,
+        disk_refusal,
+        format_plan,
+        measure_gflops_per_second,
+        plan_suite,
+        plan_training,
+    )
 
     params = load_params(args.params)
     if args.images_per_second:
@@ -365,9 +373,9 @@ def run_plan(args) -> int:
         gflops_per_second = measure_gflops_per_second(args.device)
     plans = plan_suite(params, gflops_per_second=gflops_per_second)
     needed, free, where = disk_need(plans, Path(params.paths.features))
-    print(
-        format_plan(params, plans, needed=needed, free=free, gflops_per_second=gflops_per_second, list_tasks=args.tasks)
-    )
+    training = plan_training(params) if args.tasks else None  # each task's batch size and steps
+    print(format_plan(params, plans, needed=needed, free=free, gflops_per_second=gflops_per_second,
+                      list_tasks=args.tasks, training=training))  # fmt: skip
     refusal = disk_refusal(needed, free, where, dtype=params.extract.dtype)
     if refusal:  # after the plan, so whoever sizes the disk sees which caches need the space
         sys.stdout.flush()

@@ -23,6 +23,12 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # backbones.*.interpolation
 POS_EMBED_RESAMPLES = ("timm", "dinov2")
 PATCHES = "patches"  # a probe token group: every patch token of the final layer (extract.final_patch_tokens)
 PROBE_TOKENS = (*TOKENS, PATCHES)  # what a probe may read
+# probes.*.normalize: L2-normalise each selected token over its width (ours, and the reference's for every per-layer
+# token), or each feature over the selected tokens (the reference's all-final-tokens baseline, F.normalize(x, dim=1))
+NORMALIZATIONS = ("token", "across_tokens")
+# train.batch_plan: batches evened out, re-planned for the tuning split (ours), or the reference's adjust_batch_size
+# (at least 5 full batches, a remainder of at least half a batch, the tuning split inheriting the full set's size)
+BATCH_PLANS = ("even", "reference")
 
 # Artifact file names: the one place they are spelled; PathsConfig and the modules that read and write each
 # artifact use these. Completion markers are written last and record the fingerprint of what made the output.
@@ -252,10 +258,16 @@ class ProbeConfig:
     layers: str | list[int] | None = None
     tokens: list[str] | None = None
     num_heads: int | None = None
+    normalize: str | None = None  # token | across_tokens (NORMALIZATIONS)
+    # Zero-pad a narrower final layer (CLIP's projection) to the blocks' width: true pads it, false keeps its own
+    # width (a linear head concatenates tokens unpadded), null pads only where the selection mixes widths.
+    pad_final: bool | None = None
 
     def __post_init__(self) -> None:
         if self.tokens is not None and (not self.tokens or set(self.tokens) - set(PROBE_TOKENS)):
             raise ParamsError(f"probes.*.tokens must be a non-empty subset of {PROBE_TOKENS}, got {self.tokens}")
+        if self.normalize is not None:
+            _check_choice("probes.*.normalize", self.normalize, NORMALIZATIONS)
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -273,8 +285,9 @@ class TrainConfig:
     attn_dropouts: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])
     epochs: int = 40  # passes over the training set, raised to reach min_steps
     min_steps: int = 1000  # the reference raises epochs until at least 1000 optimisation steps
-    batch_size: int = 2048  # largest batch; batches are evened out so the last one is not a runt
+    batch_size: int = 2048  # largest batch; `even` evens batches out so the last one is not a runt
     min_batches: int = 5  # at least this many batches per epoch (the reference shrinks batches on small sets)
+    batch_plan: str = "even"  # even | reference (BATCH_PLANS; README "Paper-exact preprocessing and selection")
     grad_clip: float = 5.0  # per-member gradient-norm clip
     jitter_std: float = 0.05  # Gaussian noise on normalised training tokens...
     jitter_prob: float = 0.5  # ...for this share of the images
@@ -288,6 +301,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.batch_plan", self.batch_plan, BATCH_PLANS)
         for key in ("lrs", "weight_decays", "attn_dropouts", "seeds"):
             if not getattr(self, key):
                 raise ParamsError(f"train.{key} must not be empty")

@@ -18,10 +18,10 @@ from mlflow.pyfunc import PythonModel
 
 class ProbeModel(PythonModel):
     def load_context(self, context) -> None:
-        from layerprobe.checkpoint import load_probe
+        from layerprobe.checkpoint import load_probe, reading_arguments
 
         self.probe, self.config = load_probe(Path(context.artifacts["probe"]))
-        self.positions = [tuple(p) for p in self.config["positions"]]
+        self.reading = reading_arguments(self.config)  # slots, width and normalisation, as the probe was trained
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         from layerprobe.train import predict
@@ -36,8 +36,7 @@ class ProbeModel(PythonModel):
         elif self.config.get("patch_tokens"):
             raise ValueError("this probe reads the final layer's patch tokens: give {'tokens', 'patches'}")
         tokens = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        predictions, _, _ = predict(self.probe, tokens, positions=self.positions, batch_size=1024, patches=patches,
-                                    width=self.config.get("width"))  # fmt: skip
+        predictions, _, _ = predict(self.probe, tokens, batch_size=1024, patches=patches, **self.reading)
         return np.asarray(predictions, dtype=np.int64)
 
 

@@ -3,13 +3,15 @@
 Nothing is downloaded and no weights are loaded: backbones are instantiated on PyTorch's `meta` device (shapes
 only), datasets are checked against the source registry, and sizes come from each dataset entry's recorded image
 counts (or its prepared splits). The time estimate scales a throughput measured on this machine (a short matrix
-product benchmark, or `--images-per-second` given by the user) by each backbone's forward FLOPs.
+product benchmark, or `--images-per-second` given by the user) by each backbone's forward FLOPs. Each task's batch
+size and steps come from the training code's own `batch_plan`.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from layerprobe.config import MANIFEST_FILE, SPLITS_FILE, BackboneConfig, DatasetConfig
+from layerprobe.config import MANIFEST_FILE, SPLITS_FILE, BackboneConfig, DatasetConfig, PrepareConfig
 from layerprobe.params import Params
 
 BYTES_PER_VALUE = {"float16": 2, "float32": 4}
@@ -44,6 +46,29 @@ class CachePlan:
     bytes: int  # everything the cache holds, patch tokens included
     seconds: float
     patch_bytes: int = 0  # of which the final layer's patch tokens (extract.final_patch_tokens)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run of a probe: images, batch size, steps per epoch and epochs (`train.batch_plan`)."""
+
+    images: int
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How every probe trains on one dataset: its grid on the tuning split, then the refit on train + val."""
+
+    dataset: str
+    sweep: TrainingRun
+    refit: TrainingRun
 
 
 def backbone_shape(config: BackboneConfig) -> BackboneShape:
@@ -86,6 +111,36 @@ def dataset_size(name: str, config: DatasetConfig, prepared_dir: Path) -> int:
     if "num_images" in config.options:
         return int(config.options["num_images"])
     raise ValueError(f"dataset {name!r}: size unknown before preparing; record it as datasets.{name}.num_images")
+
+
+def training_sizes(name: str, config: DatasetConfig, prepared_dir: Path, *, prepare: PrepareConfig) -> tuple[int, int]:
+    """(tuning split, train + val): the images a sweep trains its grid on and those its refit trains on. From the
+    prepared split index if present, else cut from the entry's counts as prepare cuts them (scikit-learn's
+    `train_test_split` rounds the cut up; the stratified cut can differ by an image or two)."""
+    splits_file = prepared_dir / SPLITS_FILE
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text())["splits"]
+        return len(splits["train"]), len(splits["train"]) + len(splits["val"])
+    if config.num_images and {"train", "test"} <= set(config.num_images):  # an official test split
+        full = int(config.num_images["train"])
+    else:
+        total = dataset_size(name, config, prepared_dir)
+        full = total - math.ceil(prepare.test_fraction * total)
+    return full - math.ceil(prepare.val_fraction * full), full
+
+
+def plan_training(params: Params) -> list[TrainingPlan]:
+    """One TrainingPlan per dataset of the suite, by the training code's `batch_plan` (the same for every backbone
+    and probe: they share `train:`)."""
+    from layerprobe.train import batch_plan
+
+    plans = []
+    for name in params.suite.datasets:
+        tuning, full = training_sizes(name, params.datasets[name], params.paths.prepared_dir(name),
+                                      prepare=params.prepare)  # fmt: skip
+        runs = [TrainingRun(images, *batch_plan(images, params.train, plan_size=full)) for images in (tuning, full)]
+        plans.append(TrainingPlan(dataset=name, sweep=runs[0], refit=runs[1]))
+    return plans
 
 
 def check_dataset_entry(name: str, config: DatasetConfig) -> None:
@@ -208,7 +263,10 @@ def format_plan(
     free: int,
     gflops_per_second: float,
     list_tasks: bool = False,
+    training: list[TrainingPlan] | None = None,
 ) -> str:
+    """The plan as text: the suite, one row per feature cache, totals; with `list_tasks` every probe task, with its
+    batch size and steps where `training` (`plan_training`) is given."""
     probes = params.suite.probes
     patches = params.extract.final_patch_tokens
     lines = [
@@ -241,7 +299,28 @@ def format_plan(
             f"final-layer patch tokens (extract.final_patch_tokens): {format_bytes(sum(p.patch_bytes for p in plans))}"
             " of all caches"
         )
-    if list_tasks:
+    if list_tasks and training is None:
         lines.append("probe tasks:")
         lines.extend(f"  {b}/{d}/{p}" for b, d, p in params.tasks())
+    elif list_tasks:
+        lines.extend(format_training(params, training))
     return "\n".join(lines)
+
+
+def format_training(params: Params, training: list[TrainingPlan]) -> list[str]:
+    """Every probe task with the batch size and steps (per epoch x epochs) of its sweep and its refit."""
+    by_dataset = {plan.dataset: plan for plan in training}
+    lines = [
+        f"probe tasks (train.batch_plan: {params.train.batch_plan}; the grid trains on the tuning split, the best "
+        "member is refit on train + val; steps = per epoch x epochs):",
+        "| task | sweep images | batch | steps | refit images | batch | steps |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, d, p in params.tasks():
+        sweep, refit = by_dataset[d].sweep, by_dataset[d].refit
+        lines.append(f"| {b}/{d}/{p} | {_run_cells(sweep)} | {_run_cells(refit)} |")
+    return lines
+
+
+def _run_cells(run: TrainingRun) -> str:
+    return f"{run.images:,} | {run.batch_size:,} | {run.steps_per_epoch:,} x {run.epochs:,} = {run.steps:,}"

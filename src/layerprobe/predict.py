@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from layerprobe.checkpoint import load_probe
+from layerprobe.checkpoint import load_probe, reading_arguments
 from layerprobe.data.catalogue import decode_image
 from layerprobe.train import predict
 
@@ -63,9 +63,7 @@ def predict_images(
             patch_batches.append(patches.cpu())
     tokens = torch.cat(batches)  # [N, L, T, D]
     patches = torch.cat(patch_batches) if patch_batches else None  # [N, P, D_final]
-    positions = [tuple(p) for p in config["positions"]]
-    labels, logits, _ = predict(probe, tokens, positions=positions, batch_size=batch_size, patches=patches,
-                                width=config.get("width"))  # fmt: skip
+    labels, logits, _ = predict(probe, tokens, batch_size=batch_size, patches=patches, **reading_arguments(config))
     probabilities = torch.as_tensor(logits).float().softmax(-1)
     names = config["class_names"]
     return [

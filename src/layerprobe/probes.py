@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerprobe.attention_pool import pool_and_project
-from layerprobe.config import PATCHES, PROBE_TOKENS
+from layerprobe.config import NORMALIZATIONS, PATCHES, PROBE_TOKENS
 from layerprobe.registry import Registry, unknown_name_error
 
 LAYER_PRESETS = ("all", "last", "paper")
@@ -45,6 +45,9 @@ class ProbeSpec:
             "patches" is every patch token of the final layer, so a probe reading it reads the final layer only.
         head: "linear" (tokens concatenated) or "attentive" (the ALF cross-attention block).
         num_heads: attention heads; None = number of input tokens, as the reference's launcher sets it.
+        normalize: how the selected tokens are L2-normalised (`normalize_selection`): "token" or "across_tokens".
+        pad_final: whether a narrower final layer (CLIP's projection) is zero-padded to the blocks' width
+            (`reading_widths`): True pads it, False keeps its width, None pads only when the selection mixes widths.
     """
 
     name: str
@@ -52,6 +55,8 @@ class ProbeSpec:
     tokens: tuple[str, ...] = ("cls", "ap")
     head: str = "linear"
     num_heads: int | None = None
+    normalize: str = "token"
+    pad_final: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -74,6 +79,8 @@ class ProbeSpec:
             raise unknown_name_error("probe head", self.head, list(HEAD_CHOICES))
         if self.num_heads is not None and self.num_heads < 1:
             raise ValueError(f"probe {self.name!r}: num_heads must be >= 1 or None, got {self.num_heads}")
+        if self.normalize not in NORMALIZATIONS:
+            raise unknown_name_error("token normalisation", self.normalize, list(NORMALIZATIONS))
 
     @property
     def reads_patches(self) -> bool:
@@ -88,10 +95,11 @@ register_probe = _PROBES.register
 def get_probe_spec(name: str, **overrides) -> ProbeSpec:
     """The registered probe spec called `name` (ValueError with the choices otherwise), with `overrides` applied.
 
-    Overrides come from params.yaml (`probes.<name>: {layers, tokens, num_heads}`); an unknown key is named.
+    Overrides come from params.yaml (`probes.<name>: {layers, tokens, num_heads, normalize, pad_final}`); an unknown
+    key is named.
     """
     spec = _PROBES.create(name)
-    allowed = {"layers", "tokens", "num_heads"}
+    allowed = {f.name for f in dataclasses.fields(ProbeSpec)} - {"name", "head"}  # what a probe reads, not what it is
     for key in overrides:
         if key not in allowed:
             raise ValueError(f"probes.{name}.{key}: not a probe setting (choices: {', '.join(sorted(allowed))})")
@@ -108,6 +116,13 @@ def list_probes() -> list[str]:
 @register_probe("linear_last_cls")
 def _linear_last_cls() -> ProbeSpec:
     return ProbeSpec("linear_last_cls", layers="last", tokens=("cls",), head="linear")
+
+
+@register_probe("linear_last_ap")
+def _linear_last_ap() -> ProbeSpec:
+    # MAE's baseline in the paper's appendix: MAE's CLS token is not trained by its objective, so it is the final
+    # layer's average-pooled token that the standard linear probe reads there (report.BASELINES).
+    return ProbeSpec("linear_last_ap", layers="last", tokens=("ap",), head="linear")
 
 
 @register_probe("linear_last_cls_ap")
@@ -220,16 +235,34 @@ def reads_patches(positions: Sequence[Sequence[int]], num_cached_tokens: int) ->
     return any(ti >= num_cached_tokens for _, ti in positions)
 
 
-def selection_width(layer_widths: Sequence[int] | None, positions: Sequence[Sequence[int]]) -> int | None:
-    """The width a probe reads: the widest true width among its layers (None when the cache records no widths).
+def reading_widths(
+    spec: ProbeSpec, layer_widths: Sequence[int] | None, positions: Sequence[Sequence[int]]
+) -> tuple[int | None, list[int] | None]:
+    """The width `spec` gathers its tokens at, and the per-token widths its linear head concatenates (None: all).
 
-    Narrower layers are zero-padded to the cache's common D; a probe whose layers are all narrower than D (CLIP's
-    512-d projected final layer in a 768-d cache) reads them unpadded, so its head has no inputs that are always
-    zero and training jitter lands only on real features.
+    The cache zero-pads narrower layers (CLIP's 512-d projected final layer among 768-d blocks) to its common D;
+    `spec.pad_final` decides what the probe sees of that padding:
+    - None: the widest selected layer. Final-layer-only probes read their tokens unpadded (no input always zero, and
+      the jitter lands only on real features); probes mixing widths read every token padded to the widest.
+    - True: every token at the blocks' width D. The reference's attentive launcher sizes its probe by the largest
+      `embedding_dim` of the model set, which its models config gives as the blocks' width for CLIP's CLS/AP keys,
+      and its `stacked_zero_pad` combiner pads every token to it.
+    - False: every token at its own width. A linear head concatenates them unpadded (the reference's `concat`
+      combiner); an attentive head needs one width, so a selection mixing widths is refused.
+    Caches that record no widths (None) are read whole: (None, None).
     """
     if not layer_widths:
-        return None
-    return max(int(layer_widths[li]) for li, _ in positions)
+        return None, None
+    widths = [int(layer_widths[li]) for li, _ in positions]
+    if spec.pad_final:
+        return max(int(w) for w in layer_widths), None
+    if spec.pad_final is None or len(set(widths)) == 1:
+        return max(widths), None
+    if spec.head != "linear":
+        mixed = sorted(set(widths))
+        raise ValueError(f"probes.{spec.name}.pad_final: false keeps each token at its own width, but an attentive "
+                         f"head reads one width and this selection mixes {mixed}; set true or null")  # fmt: skip
+    return max(widths), widths
 
 
 def gather_tokens(
@@ -247,7 +280,7 @@ def gather_tokens(
         positions: slots from `select_token_positions`.
         rows: optional image indices, to gather one batch without touching the rest.
         patches: the final layer's patch tokens `[N, P, D_final]`, needed when `positions` select any.
-        width: keep the first `width` features of each token (`selection_width`); None keeps all D.
+        width: keep the first `width` features of each token (`reading_widths`); None keeps all D.
 
     Returns:
         `[N or len(rows), K, width or D]` float32, K = len(positions).
@@ -327,6 +360,24 @@ def normalize_tokens(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def normalize_across_tokens(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise every feature of `x  # [B, K, D]` over the K tokens of its image (the reference's all-tokens
+    baseline: `F.normalize(features, dim=1)` on `[N, T, D]`); an all-zero feature (padding) stays zero."""
+    return x / x.norm(dim=-2, keepdim=True).clamp_min(1e-12)
+
+
+_NORMALIZERS = {"token": normalize_tokens, "across_tokens": normalize_across_tokens}
+assert set(_NORMALIZERS) == set(NORMALIZATIONS), "config.NORMALIZATIONS names the normalisations defined here"
+
+
+def normalize_selection(x: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """Selected tokens `x  # [B, K, D]` normalised the probe's way (`ProbeSpec.normalize`): "token" or
+    "across_tokens"."""
+    if how not in _NORMALIZERS:
+        raise unknown_name_error("token normalisation", how, list(_NORMALIZERS))
+    return _NORMALIZERS[how](x)
+
+
 # ---------------------------------------------------------------- heads
 
 
@@ -348,11 +399,21 @@ def _uniform_(tensor: torch.Tensor, fan_in: int, generator: torch.Generator) -> 
 
 
 class StackedLinearHead(nn.Module):
-    """G independent linear probes on the flattened tokens: `[B, K, D] -> logits [G, B, C]`."""
+    """G independent linear probes on the flattened tokens: `[B, K, D] -> logits [G, B, C]`.
 
-    def __init__(self, grid_size: int, in_features: int, num_classes: int) -> None:
+    With `token_widths` (`reading_widths`), token k contributes its first `token_widths[k]` features only: tokens of
+    different widths are concatenated unpadded, and the padding (and the jitter on it) never reaches the head.
+    """
+
+    def __init__(
+        self, grid_size: int, in_features: int, num_classes: int, token_widths: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
+        if token_widths is not None and sum(token_widths) != in_features:
+            raise ValueError(f"linear head: token widths {list(token_widths)} sum to {sum(token_widths)}, "
+                             f"not in_features {in_features}")  # fmt: skip
         self.grid_size, self.in_features, self.num_classes = grid_size, in_features, num_classes
+        self.token_widths = None if token_widths is None else [int(w) for w in token_widths]
         self.weight = nn.Parameter(torch.empty(grid_size, num_classes, in_features))
         self.bias = nn.Parameter(torch.empty(grid_size, num_classes))
         self.matmul_dtype = torch.float32  # see `set_matmul_dtype`
@@ -371,13 +432,21 @@ class StackedLinearHead(nn.Module):
 
     def describe(self) -> dict:
         """Constructor arguments, for checkpoints."""
-        return {"kind": "linear", "grid_size": self.grid_size, "in_features": self.in_features,
-                "num_classes": self.num_classes}  # fmt: skip
+        description = {"kind": "linear", "grid_size": self.grid_size, "in_features": self.in_features,
+                       "num_classes": self.num_classes}  # fmt: skip
+        if self.token_widths is not None:  # only when set: probes saved before it describe themselves unchanged
+            description["token_widths"] = self.token_widths
+        return description
 
     def forward(
         self, x: torch.Tensor, *, return_attention: bool = False, dropout_noise: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, None]:
-        flat = x.reshape(x.shape[0], -1)  # [B, K*D], ordered cls@l, ap@l, ... like the reference's concat
+        if self.token_widths is None:
+            flat = x.reshape(x.shape[0], -1)  # [B, K*D], ordered cls@l, ap@l, ... like the reference's concat
+        elif x.shape[1] != len(self.token_widths):
+            raise ValueError(f"linear head expects {len(self.token_widths)} tokens, got {x.shape[1]}")
+        else:
+            flat = torch.cat([x[:, k, :w] for k, w in enumerate(self.token_widths)], dim=1)  # [B, sum of widths]
         if flat.shape[1] != self.in_features:
             raise ValueError(f"linear head expects {self.in_features} features per image, got {flat.shape[1]}")
         dtype = self.matmul_dtype
@@ -629,8 +698,10 @@ _HEADS: Registry[nn.Module] = Registry("probe head")
 
 
 @_HEADS.register("linear")
-def _make_linear(*, grid_size: int, in_features: int, num_classes: int, **_: object) -> nn.Module:
-    return StackedLinearHead(grid_size, in_features, num_classes)
+def _make_linear(
+    *, grid_size: int, in_features: int, num_classes: int, token_widths: Sequence[int] | None = None, **_: object
+) -> nn.Module:
+    return StackedLinearHead(grid_size, in_features, num_classes, token_widths)
 
 
 @_HEADS.register("attentive")
@@ -655,6 +726,7 @@ def build_probe(
     grid_size: int = 1,
     attn_dropouts: Sequence[float] | None = None,
     seed: int = 0,
+    token_widths: Sequence[int] | None = None,
 ) -> nn.Module:
     """A stacked head of `grid_size` members for `spec`, every member initialised from `seed`.
 
@@ -666,12 +738,14 @@ def build_probe(
         grid_size: G, members trained at once.
         attn_dropouts: per-member attention dropout (attentive heads; ignored by linear ones).
         seed: initialisation seed; member m equals a G=1 probe built with the same seed.
+        token_widths: per-token widths a linear head concatenates unpadded (`reading_widths`); None: K x D inputs.
     """
     if grid_size < 1:
         raise ValueError(f"grid_size must be >= 1, got {grid_size}")
     if spec.head == "linear":
-        head: nn.Module = _HEADS.create("linear", grid_size=grid_size, in_features=num_tokens * dim,
-                                        num_classes=num_classes)  # fmt: skip
+        in_features = num_tokens * dim if token_widths is None else sum(token_widths)
+        head: nn.Module = _HEADS.create("linear", grid_size=grid_size, in_features=in_features,
+                                        num_classes=num_classes, token_widths=token_widths)  # fmt: skip
     else:
         num_heads = spec.num_heads or num_tokens  # the reference's launcher: heads = number of input tokens
         dropouts = [0.0] * grid_size if attn_dropouts is None else list(attn_dropouts)

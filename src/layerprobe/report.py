@@ -1,4 +1,5 @@
-"""The paper-style results table: datasets x probes per backbone, with the gain of `alf` over `linear_last_cls`.
+"""The paper-style results table: datasets x probes per backbone, with the gain of `alf` over the backbone's
+baseline (`linear_last_cls`; `linear_last_ap` for MAE, as the paper's appendix).
 
 Pure functions from the evaluate stage's metrics summary ({backbone: {dataset: {probe: metrics}}}) to rows,
 Markdown, CSV and a gains series that `dvc plots` can draw. Accuracies are reported in percent, each with a bootstrap
@@ -27,11 +28,19 @@ REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of the
     "attention": "attention",  # a folder: one layer-attention matrix figure per backbone
 }
 
-BASELINE = "linear_last_cls"
+BASELINE = "linear_last_cls"  # the standard linear probe: every gain's baseline unless the family has its own
+# A backbone family's own baseline: MAE's CLS token is not trained by its objective, so the paper's appendix measures
+# MAE's gains against the linear probe on the final layer's average-pooled token.
+BASELINES = {"mae": "linear_last_ap"}
 HEADLINE = "alf"
 METRIC = "test_balanced_accuracy"  # the paper's headline metric
 MEAN = "mean"  # the row (and gain interval) of the mean over a backbone's datasets
 LEVEL = f"{100 * CI_LEVEL:g} %"
+
+
+def baseline_probe(family: str | None) -> str:
+    """The probe a backbone's gain is measured against, by its family (`backbones.<name>.family`)."""
+    return BASELINES.get(family or "", BASELINE)
 
 
 def metrics_summary(evaluations: list[dict]) -> dict:
@@ -90,12 +99,16 @@ def evaluation_markdown(evaluations: list[dict], champions: dict[str, dict]) -> 
     return "\n".join(lines)
 
 
-def gain_intervals(predictions: dict[str, dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
-    """Paired-bootstrap intervals of the gain of HEADLINE over BASELINE, per task and for each backbone's mean.
+def gain_intervals(
+    predictions: dict[str, dict[str, dict[str, dict]]], *, baselines: dict[str, str] | None = None
+) -> dict[str, dict[str, dict]]:
+    """Paired-bootstrap intervals of the gain of HEADLINE over each backbone's baseline, per task and for each
+    backbone's mean.
 
     Args:
         predictions: backbone -> dataset -> probe -> the evaluate step's predictions file (`files.read_arrays`:
             labels [N], predictions [S, N], num_classes); tasks lacking either probe are skipped.
+        baselines: backbone -> its baseline probe (`baseline_probe`); BASELINE where a backbone has none.
 
     Returns:
         backbone -> dataset (and MEAN, over the datasets with both probes) -> {"gain", "low", "high"} as fractions.
@@ -104,14 +117,15 @@ def gain_intervals(predictions: dict[str, dict[str, dict[str, dict]]]) -> dict[s
     """
     intervals: dict[str, dict[str, dict]] = {}
     for backbone, datasets in predictions.items():
+        baseline = (baselines or {}).get(backbone, BASELINE)
         draws = []
         for dataset, by_probe in datasets.items():
-            if HEADLINE not in by_probe or BASELINE not in by_probe:
+            if HEADLINE not in by_probe or baseline not in by_probe:
                 continue
-            ours, theirs = by_probe[HEADLINE], by_probe[BASELINE]
+            ours, theirs = by_probe[HEADLINE], by_probe[baseline]
             if not np.array_equal(ours["labels"], theirs["labels"]):
                 raise ValueError(
-                    f"{backbone}/{dataset}: {HEADLINE} and {BASELINE} were not scored on the same test images "
+                    f"{backbone}/{dataset}: {HEADLINE} and {baseline} were not scored on the same test images "
                     "(their labels differ); re-run evaluate"
                 )
             gain, task_draws = paired_bootstrap_draws(
@@ -134,18 +148,21 @@ def results_rows(
     probes: list[str],
     groups: dict[str, str | None] | None = None,
     intervals: dict[str, dict[str, dict]] | None = None,
+    baselines: dict[str, str] | None = None,
 ) -> list[dict]:
     """One row per (backbone, dataset): each probe's test balanced accuracy (%), its bootstrap interval
     (`<probe>_ci_low`, `<probe>_ci_high`) and std over seeds (`<probe>_std`, None for one seed), and the headline gain
-    (pp) with its paired interval (`gain_ci_low`, `gain_ci_high`) from `intervals` (`gain_intervals`)."""
+    (pp) over the backbone's `baseline` (`baselines`, as in `gain_intervals`) with its paired interval
+    (`gain_ci_low`, `gain_ci_high`) from `intervals` (`gain_intervals`)."""
     rows = []
     for backbone, datasets in summary.items():
+        baseline = (baselines or {}).get(backbone, BASELINE)
         for dataset, by_probe in datasets.items():
             row = {"backbone": backbone, "dataset": dataset, "group": (groups or {}).get(dataset) or ""}
             for probe in probes:
                 value = by_probe.get(probe, {}).get(METRIC)
                 row[probe] = None if value is None else 100.0 * value
-            row["gain"] = _gain(row)
+            row["gain"], row["baseline"] = _gain(by_probe, baseline), baseline
             for probe in probes:
                 metrics = by_probe.get(probe, {})
                 for key in ("ci_low", "ci_high"):
@@ -168,17 +185,19 @@ def _gain_interval(row: dict, interval: dict | None) -> dict[str, float | None]:
     return {"gain_ci_low": 100.0 * interval["low"], "gain_ci_high": 100.0 * interval["high"]}
 
 
-def _gain(row: dict) -> float | None:
-    if row.get(HEADLINE) is None or row.get(BASELINE) is None:
+def _gain(by_probe: dict, baseline: str) -> float | None:
+    """HEADLINE's accuracy minus `baseline`'s (pp), read from the summary: the baseline need not be a column."""
+    ours, theirs = (by_probe.get(p, {}).get(METRIC) for p in (HEADLINE, baseline))
+    if ours is None or theirs is None:
         return None
-    return row[HEADLINE] - row[BASELINE]
+    return 100.0 * ours - 100.0 * theirs
 
 
 def mean_row(rows: list[dict], probes: list[str], *, backbone: str, intervals: dict | None = None) -> dict:
     """The mean over datasets of one backbone (the paper's per-model summary), with the mean gain's interval where
     `intervals` (`gain_intervals`) covers every dataset that has a gain."""
     mine = [r for r in rows if r["backbone"] == backbone]
-    mean = {"backbone": backbone, "dataset": MEAN, "group": ""}
+    mean = {"backbone": backbone, "dataset": MEAN, "group": "", "baseline": _baseline_of(mine)}
     for key in [*probes, "gain"]:
         values = [r[key] for r in mine if r.get(key) is not None]
         mean[key] = sum(values) / len(values) if values else None
@@ -186,6 +205,11 @@ def mean_row(rows: list[dict], probes: list[str], *, backbone: str, intervals: d
     covered = {r["dataset"] for r in mine if r["gain"] is not None} == set(computed) - {MEAN}
     mean.update(_gain_interval(mean, computed.get(MEAN) if covered else None))
     return mean
+
+
+def _baseline_of(rows: list[dict]) -> str:
+    """The baseline of one backbone's rows."""
+    return rows[0]["baseline"] if rows else BASELINE
 
 
 def layer_reading(heatmap: dict) -> dict:
@@ -211,11 +235,13 @@ def format_markdown(
     *,
     intervals: dict[str, dict[str, dict]] | None = None,
 ) -> str:
-    """One table per backbone: rows datasets (+ mean), columns probes and the gain of alf over linear_last_cls, each
-    with its interval in brackets (and ± the std over seeds where there are several); then, where `heatmaps` has the
-    backbone, where alf reads on each dataset (its layer attention)."""
+    """One table per backbone: rows datasets (+ mean), columns probes and the gain of alf over the backbone's
+    baseline (named in the column), each with its interval in brackets (and ± the std over seeds where there are
+    several); then, where `heatmaps` has the backbone, where alf reads on each dataset (its layer attention)."""
     parts = [
-        f"# Results: test balanced accuracy (%), gain = {HEADLINE} - {BASELINE} (pp)\n",
+        f"# Results: test balanced accuracy (%), gain = {HEADLINE} - baseline (pp)\n",
+        f"The baseline is {BASELINE}, the standard linear probe; for MAE it is {BASELINES['mae']}, as in the paper's "
+        "appendix (MAE's CLS token is not trained by its objective). Each table's gain column names it.",
         f"[low, high]: {LEVEL} bootstrap interval over test images (for the gain: paired, both probes scored on the "
         "same resampled images; for the mean: each dataset resampled on its own). ± std over seeds where there are "
         "several.",
@@ -224,7 +250,7 @@ def format_markdown(
         table = [r for r in rows if r["backbone"] == backbone]
         table.append(mean_row(rows, probes, backbone=backbone, intervals=intervals))
         parts.append(f"\n## {backbone}\n")
-        parts.append("| dataset | group | " + " | ".join(probes) + " | gain |")
+        parts.append("| dataset | group | " + " | ".join(probes) + f" | gain vs {_baseline_of(table)} |")
         parts.append("|---|---|" + "---:|" * (len(probes) + 1))
         for r in table:
             best = max((r[p] for p in probes if r[p] is not None), default=None)
@@ -245,7 +271,8 @@ def _reading_table(rows: list[dict], heatmaps: dict[str, dict]) -> str:
     lines = [
         f"\nWhere {HEADLINE} reads (% of its attention per layer: the mean over the layer's CLS and AP tokens; "
         "spread evenly it would be 100 / tokens read):\n",
-        "| dataset | group | gain | final layer | most-read intermediate layer | most-read layer |",
+        f"| dataset | group | gain vs {_baseline_of(rows)} | final layer | most-read intermediate layer | "
+        "most-read layer |",
         "|---|---|---:|---:|---:|---|",
     ]
     for r in (r for r in rows if r["dataset"] in heatmaps):
@@ -285,9 +312,10 @@ def _interval(low: float | None, high: float | None) -> str:
 
 
 def csv_columns(probes: list[str]) -> list[str]:
-    """The table's columns, then each probe's interval, the gain's interval and each probe's std over seeds."""
+    """The table's columns and the gain's baseline, then each probe's interval, the gain's interval and each probe's
+    std over seeds."""
     intervals = [f"{p}_{bound}" for p in [*probes, "gain"] for bound in ("ci_low", "ci_high")]
-    return ["backbone", "dataset", "group", *probes, "gain", *intervals, *(f"{p}_std" for p in probes)]
+    return ["backbone", "dataset", "group", *probes, "gain", "baseline", *intervals, *(f"{p}_std" for p in probes)]
 
 
 def format_csv(rows: list[dict], probes: list[str]) -> str:
@@ -300,10 +328,10 @@ def format_csv(rows: list[dict], probes: list[str]) -> str:
 
 
 def gains_series(rows: list[dict]) -> list[dict]:
-    """`[{task, gain, gain_ci_low, gain_ci_high}]` (pp; None where no interval) for `dvc plots`: a bar per
-    backbone/dataset."""
+    """`[{task, gain, baseline, gain_ci_low, gain_ci_high}]` (pp; None where no interval) for `dvc plots`: a bar
+    per backbone/dataset."""
     return [
-        {"task": f"{r['backbone']}/{r['dataset']}", "gain": r["gain"],
+        {"task": f"{r['backbone']}/{r['dataset']}", "gain": r["gain"], "baseline": r["baseline"],
          "gain_ci_low": r.get("gain_ci_low"), "gain_ci_high": r.get("gain_ci_high")}
         for r in rows
         if r["gain"] is not None
@@ -331,18 +359,20 @@ def write_report(
     groups: dict[str, str | None],
     heatmaps: dict[str, dict[str, dict]],
     intervals: dict[str, dict[str, dict]] | None = None,
+    baselines: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.csv, gains.json and gains.png, and the layer attention of `alf`: one matrix figure per
     backbone (`attention/<backbone>.png`, rows datasets, columns layers) and its numbers (attention.json).
 
     `heatmaps` maps backbone -> dataset -> `metrics.layer_attention_heatmap` output; `intervals` is `gain_intervals`
-    output (without it, gains carry no interval). Returns every file written.
+    output (without it, gains carry no interval); `baselines` maps a backbone to its baseline probe (`baseline_probe`;
+    BASELINE where absent). Returns every file written.
     """
     from layerprobe.plots import plot_attention_matrix, plot_gains
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = results_rows(summary, probes=probes, groups=groups, intervals=intervals)
+    rows = results_rows(summary, probes=probes, groups=groups, intervals=intervals, baselines=baselines)
     files = {key: out_dir / name for key, name in REPORT_FILES.items() if key != "attention"}
     files["markdown"].write_text(format_markdown(rows, probes, heatmaps, intervals=intervals))
     files["csv"].write_text(format_csv(rows, probes))
@@ -350,7 +380,8 @@ def write_report(
     files["gains"].write_text(json.dumps(series, indent=2) + "\n")
     if series:
         bounds = {s["task"]: (s["gain_ci_low"], s["gain_ci_high"]) for s in series if s["gain_ci_low"] is not None}
-        plot_gains({s["task"]: s["gain"] for s in series}, files["gains_png"], probe=HEADLINE, baseline=BASELINE,
+        baseline = " / ".join(dict.fromkeys(s["baseline"] for s in series))  # each baseline in use, once
+        plot_gains({s["task"]: s["gain"] for s in series}, files["gains_png"], probe=HEADLINE, baseline=baseline,
                    intervals=bounds, level=LEVEL)  # fmt: skip
     else:
         del files["gains_png"]  # no task has both probes: nothing to compare

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from layerprobe.config import TrainConfig
+from layerprobe.config import BATCH_PLANS, TrainConfig
 from layerprobe.device import resolve_device, resolve_matmul_dtype
 from layerprobe.probes import (
     ProbeSpec,
     StackedAttentiveHead,
     build_probe,
     gather_raw,
-    normalize_tokens,
+    normalize_selection,
     set_matmul_dtype,
 )
 
@@ -147,10 +147,52 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights.float()
 
 
-def batch_plan(num_images: int, config: TrainConfig) -> tuple[int, int, int]:
-    """(batch size, steps per epoch, epochs): evened-out batches, epochs raised to reach `min_steps`."""
+def even_batch_size(num_images: int, plan_size: int, config: TrainConfig) -> int:
+    """Batches evened out over `num_images` (at least `min_batches`, none a runt), planned for the split being
+    trained: the tuning split gets its own plan (`plan_size` is not read)."""
     num_batches = max(math.ceil(num_images / config.batch_size), min(config.min_batches, num_images // 2), 1)
-    batch_size = math.ceil(num_images / num_batches)
+    return math.ceil(num_images / num_batches)
+
+
+def reference_batch_size(num_images: int, plan_size: int, config: TrainConfig) -> int:
+    """The reference's plan (`adjust_batch_size`, src/data/data_loader.py, and `create_train_val_loaders`).
+
+    Planned for the full training set of `plan_size` images: `batch_size` stands when it gives at least `min_batches`
+    full batches and a remainder of none or at least half a batch; otherwise the largest size down to 17 that gives
+    at least that many full batches (`min_batches`, or as many as `batch_size` gave) and such a remainder, which may
+    exceed `batch_size`; 1 when none does. The tuning split (`num_images` < `plan_size`) inherits it, one larger when
+    it would leave a last batch of one image.
+    """
+
+    def fits(size: int, min_full: int) -> bool:
+        remainder = plan_size % size
+        return plan_size // size >= min_full and (remainder == 0 or remainder >= size / 2)
+
+    min_full = max(config.min_batches, plan_size // config.batch_size)
+    if fits(config.batch_size, config.min_batches):
+        batch_size = config.batch_size
+    else:
+        batch_size = next((size for size in range(plan_size // min_full + 1, 16, -1) if fits(size, min_full)), 1)
+    if num_images < plan_size and num_images % batch_size == 1:
+        batch_size += 1  # a batch of one image would break BatchNorm
+    return batch_size
+
+
+BATCH_SIZES = {"even": even_batch_size, "reference": reference_batch_size}  # train.batch_plan -> batch size rule
+assert set(BATCH_SIZES) == set(BATCH_PLANS), "config.BATCH_PLANS names the batch plans defined here"
+
+
+def batch_plan(num_images: int, config: TrainConfig, *, plan_size: int | None = None) -> tuple[int, int, int]:
+    """(batch size, steps per epoch, epochs) for training on `num_images` images, by `config.batch_plan`.
+
+    `plan_size` is the full training set the sweep's tuning split was cut from (the refit's size; None: `num_images`
+    itself). Epochs are raised until `min_steps` optimisation steps, as the reference does. Training and
+    `layerprobe plan` both count steps here.
+    """
+    plan_size = num_images if plan_size is None else plan_size
+    if plan_size < num_images:
+        raise ValueError(f"plan_size {plan_size} is smaller than the {num_images} images being trained on")
+    batch_size = BATCH_SIZES[config.batch_plan](num_images, plan_size, config)
     steps_per_epoch = math.ceil(num_images / batch_size)
     epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
     return batch_size, steps_per_epoch, epochs
@@ -191,8 +233,13 @@ def train_selected(
     grid: Sequence[HParams],
     config: TrainConfig,
     seed: int = 0,
+    token_widths: Sequence[int] | None = None,
+    plan_size: int | None = None,
 ) -> TrainedGrid:
-    """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype)."""
+    """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype).
+
+    `token_widths` as in `probes.build_probe`; `plan_size` as in `batch_plan` (the sweep passes its full set's size).
+    """
     _check_inputs(features, labels, num_classes)
     if not grid:
         raise ValueError("grid is empty: give at least one HParams")
@@ -200,7 +247,7 @@ def train_selected(
     num_images, num_tokens, dim = features.shape
     dropouts = [h.attn_dropout for h in grid]
     probe = build_probe(spec, num_tokens=num_tokens, dim=dim, num_classes=num_classes, grid_size=len(grid),
-                        attn_dropouts=dropouts, seed=seed).to(device).train()  # fmt: skip
+                        attn_dropouts=dropouts, seed=seed, token_widths=token_widths).to(device).train()  # fmt: skip
     set_matmul_dtype(probe, resolve_matmul_dtype(config.precision, device))
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
@@ -210,7 +257,7 @@ def train_selected(
     features, labels = features.to(device if fits_on_device(features, device) else features.device), labels.to(device)
     weights = class_weights(labels, num_classes)
 
-    batch_size, steps_per_epoch, epochs = batch_plan(num_images, config)
+    batch_size, steps_per_epoch, epochs = batch_plan(num_images, config, plan_size=plan_size)
     total_steps = steps_per_epoch * epochs
     # Separate generators, so drawing (or not) one kind of randomness never shifts another.
     shuffle_gen = torch.Generator().manual_seed(seed)
@@ -223,7 +270,7 @@ def train_selected(
         order = torch.randperm(num_images, generator=shuffle_gen).to(device)
         for start in range(0, num_images, batch_size):
             rows = order[start : start + batch_size]
-            x = normalize_tokens(features[rows.to(features.device)].to(device).float())  # [b, K, D]
+            x = normalize_selection(features[rows.to(features.device)].to(device).float(), spec.normalize)  # [b, K, D]
             b = x.shape[0]
             x = jitter_tokens(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
             dropout_noise = None
@@ -258,6 +305,7 @@ def train_grid(
     seed: int = 0,
     patches: torch.Tensor | None = None,
     width: int | None = None,
+    token_widths: Sequence[int] | None = None,
 ) -> TrainedGrid:
     """Train all configs of `grid` at once on the same batches.
 
@@ -271,13 +319,15 @@ def train_grid(
         config: the shared recipe (its grid lists are not read here: `grid` is).
         seed: initialisation, shuffling, jitter and dropout draws.
         patches: the final layer's patch tokens `[N, P, D_final]`, for probes that read them.
-        width: token width to read (`probes.selection_width`); None reads all D.
+        width: token width to read (`probes.reading_widths`); None reads all D.
+        token_widths: per-token widths a linear head concatenates unpadded (`probes.reading_widths`).
 
     Returns:
         The stacked probe (G = len(grid), eval mode) and the loss/lr history.
     """
     features = gather_raw(tokens, positions, patches=patches, width=width)
-    return train_selected(spec, features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed)
+    return train_selected(spec, features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed,
+                          token_widths=token_widths)  # fmt: skip
 
 
 @torch.no_grad()
@@ -286,13 +336,15 @@ def predict_selected(
     features: torch.Tensor,
     *,
     batch_size: int = 4096,
+    normalize: str = "token",
     jitter_std: float = 0.0,
     jitter_prob: float = 0.0,
     jitter_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens.
 
-    A non-zero `jitter_std` and `jitter_prob` add the training jitter to the normalised tokens first, drawn from a
+    Tokens are normalised as the probe was trained (`normalize`, its spec's `probes.normalize_selection` rule). A
+    non-zero `jitter_std` and `jitter_prob` add the training jitter to the normalised tokens first, drawn from a
     generator seeded with `jitter_seed` (and batch by batch): every member sees the same noisy tokens, a rerun the
     same noise.
     """
@@ -303,7 +355,7 @@ def predict_selected(
     generator = torch.Generator(device=device).manual_seed(jitter_seed) if jitter else None
     logits, attention = [], []
     for start in range(0, features.shape[0], batch_size):
-        x = normalize_tokens(features[start : start + batch_size].to(device).float())
+        x = normalize_selection(features[start : start + batch_size].to(device).float(), normalize)
         if generator is not None:
             x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator)
         batch_logits, batch_attention = probe(x, return_attention=True)
@@ -323,11 +375,13 @@ def predict(
     batch_size: int = 4096,
     patches: torch.Tensor | None = None,
     width: int | None = None,
+    normalize: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Batched eval-mode predictions of a G=1 probe on cached features `[N, L, T, D]`.
 
     Tokens are gathered one batch at a time, so no copy of the whole selection is made (patch tokens are large).
-    `patches` and `width` as in `train_grid`.
+    `patches` and `width` as in `train_grid`, `normalize` as in `predict_selected`; `checkpoint.reading_arguments`
+    gives a saved probe's positions, width and normalisation.
 
     Returns:
         predictions `[N]`, logits `[N, C]`, attention `[N, H, K]` (None for linear heads). A grid probe (G > 1)
@@ -337,7 +391,7 @@ def predict(
     for start in range(0, tokens.shape[0], batch_size):
         rows = torch.arange(start, min(start + batch_size, tokens.shape[0]))
         features = gather_raw(tokens, positions, rows=rows, patches=patches, width=width)
-        outputs.append(predict_selected(probe, features, batch_size=batch_size))
+        outputs.append(predict_selected(probe, features, batch_size=batch_size, normalize=normalize))
     predictions, logits = torch.cat([o[0] for o in outputs], dim=1), torch.cat([o[1] for o in outputs], dim=1)
     attention = None if outputs[0][2] is None else torch.cat([o[2] for o in outputs], dim=1)
     if predictions.shape[0] == 1:
@@ -360,18 +414,20 @@ def sweep_probe(
     patches: torch.Tensor | None = None,
     val_patches: torch.Tensor | None = None,
     width: int | None = None,
+    token_widths: Sequence[int] | None = None,
 ) -> SweepResult:
     """Train the grid on train, pick the best member by validation balanced accuracy, refit it on train+val.
 
     Ties go to the first member in grid order. The refit is a G=1 run with the same recipe and seed. With
     `config.jitter_val` the validation tokens get the training jitter (seeded by `seed`) before scoring; only the
-    choice of member depends on it. `patches`, `val_patches` and `width` as in `train_grid`.
+    choice of member depends on it. `patches`, `val_patches`, `width` and `token_widths` as in `train_grid`.
     """
     train_features = gather_raw(tokens, positions, patches=patches, width=width)
     val_features = gather_raw(val_tokens, positions, patches=val_patches, width=width)
     features = torch.cat([train_features, val_features.to(train_features.dtype)])
     return sweep_selected(spec, features, torch.cat([labels, val_labels]), num_train=len(train_features),
-                          num_classes=num_classes, grid=grid, config=config, seed=seed)  # fmt: skip
+                          num_classes=num_classes, grid=grid, config=config, seed=seed,
+                          token_widths=token_widths)  # fmt: skip
 
 
 def sweep_selected(
@@ -384,18 +440,21 @@ def sweep_selected(
     grid: Sequence[HParams],
     config: TrainConfig,
     seed: int = 0,
+    token_widths: Sequence[int] | None = None,
 ) -> SweepResult:
     """`sweep_probe` on already selected tokens `[N, K, D]`: the first `num_train` rows are the training split, the
     rest validation. Both are views and the refit trains on the whole tensor, so the selection is never copied (a
-    caller gathers it once, for every seed)."""
+    caller gathers it once, for every seed). The tuning split's batches are planned for the whole set
+    (`batch_plan`'s `plan_size`), which only `train.batch_plan: reference` reads."""
     if not 0 < num_train < len(features):
         raise ValueError(f"num_train must leave rows for both splits, got {num_train} of {len(features)}")
     train_features, val_features, val_labels = features[:num_train], features[num_train:], labels[num_train:]
     trained = train_selected(spec, train_features, labels[:num_train], num_classes=num_classes, grid=grid,
-                             config=config, seed=seed)  # fmt: skip
+                             config=config, seed=seed, token_widths=token_widths, plan_size=len(features))  # fmt: skip
     predictions, _, _ = predict_selected(
         trained.probe,
         val_features,
+        normalize=spec.normalize,
         jitter_std=config.jitter_std if config.jitter_val else 0.0,
         jitter_prob=config.jitter_prob,
         jitter_seed=seed + 3,  # its own stream: training's shuffle, jitter and dropout use seed .. seed + 2
@@ -410,6 +469,7 @@ def sweep_selected(
                            "accuracy": float((guess == truth).mean())})  # fmt: skip
     best_index = max(range(len(grid)), key=lambda i: (val_scores[i]["balanced_accuracy"], -i))
     best = grid[best_index]
-    refit = train_selected(spec, features, labels, num_classes=num_classes, grid=[best], config=config, seed=seed)
+    refit = train_selected(spec, features, labels, num_classes=num_classes, grid=[best], config=config, seed=seed,
+                           token_widths=token_widths)  # fmt: skip
     return SweepResult(best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe,
                        history=refit.history)  # fmt: skip

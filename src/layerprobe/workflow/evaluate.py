@@ -55,7 +55,7 @@ def evaluate_step(
     if reason is None:
         return {**read_json(marker), "status": "reused", "reason": None}
 
-    from layerprobe.checkpoint import load_probe
+    from layerprobe.checkpoint import load_probe, reading_arguments
     from layerprobe.features import read_features
     from layerprobe.metrics import (
         BOOTSTRAP_RESAMPLES,
@@ -73,9 +73,8 @@ def evaluate_step(
     test = read_features(features_dir, split="test", patches=any(c.get("patch_tokens") for _, c in probes))
     per_seed, seed_predictions, first = [], [], None
     for entry, (probe, config) in zip(trained["seeds"], probes, strict=True):
-        positions = [tuple(p) for p in config["positions"]]
-        predictions, _, attention = predict(probe, test.tokens, positions=positions, batch_size=evaluate.batch_size,
-                                            patches=test.patches, width=config.get("width"))  # fmt: skip
+        predictions, _, attention = predict(probe, test.tokens, batch_size=evaluate.batch_size, patches=test.patches,
+                                            **reading_arguments(config))  # fmt: skip
         metrics = classification_metrics(test.labels.numpy(), predictions.numpy(), config["num_classes"])
         per_seed.append({"seed": entry["seed"], "val_balanced_accuracy": entry["val_balanced_accuracy"], **metrics})
         seed_predictions.append(predictions.numpy())
@@ -139,7 +138,7 @@ def signature_example(
     The rows are the cache's tokens `[n, L, T, D]` float32, or for a probe reading the final layer's patch tokens
     {"tokens": [n, L, T, D], "patches": [n, P, D_final]} (the pyfunc's two named inputs).
     """
-    from layerprobe.checkpoint import load_probe
+    from layerprobe.checkpoint import load_probe, reading_arguments
     from layerprobe.features import read_features
     from layerprobe.train import predict
 
@@ -147,7 +146,6 @@ def signature_example(
     test = read_features(Path(features_dir), split="test", patches=bool(config.get("patch_tokens")), max_rows=num_rows)
     tokens = test.tokens.float()
     patches = None if test.patches is None else test.patches.float()
-    predictions, _, _ = predict(probe, tokens, positions=[tuple(p) for p in config["positions"]], batch_size=num_rows,
-                                patches=patches, width=config.get("width"))  # fmt: skip
+    predictions, _, _ = predict(probe, tokens, batch_size=num_rows, patches=patches, **reading_arguments(config))
     example = tokens.numpy() if patches is None else {"tokens": tokens.numpy(), "patches": patches.numpy()}
     return example, np.asarray(predictions, dtype=np.int64)

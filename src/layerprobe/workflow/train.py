@@ -46,7 +46,7 @@ def train_step(
 
     from layerprobe.checkpoint import save_probe
     from layerprobe.features import num_patch_tokens, read_manifest, read_selection
-    from layerprobe.probes import gather_raw, get_probe_spec, select_token_positions, selection_width, token_labels
+    from layerprobe.probes import gather_raw, get_probe_spec, reading_widths, select_token_positions, token_labels
     from layerprobe.train import make_grid, sweep_selected
 
     marker.unlink(missing_ok=True)  # from here until the new marker, the folder is incomplete
@@ -57,7 +57,7 @@ def train_step(
     num_patches = num_patch_tokens(features_dir) if spec.reads_patches else 0
     positions = select_token_positions(layer_names, token_names, layers=spec.layers, tokens=spec.tokens,
                                        num_patches=num_patches)  # fmt: skip
-    width = selection_width(metadata.get("layer_widths"), positions)
+    width, token_widths = reading_widths(spec, metadata.get("layer_widths"), positions)
     # Train and val rows in one tensor, read shard by shard: the cache itself is never held in memory whole, and the
     # sweep, its validation and the refit all use views of this one selection, for every seed.
     selection = read_selection(
@@ -85,6 +85,7 @@ def train_step(
             grid=grid,
             config=train,
             seed=seed,
+            token_widths=token_widths,
         )
         seed_dir = paths.seed_dir(backbone_name, dataset_name, probe_name, seed)
         best = dataclasses.asdict(result.best)
@@ -98,6 +99,7 @@ def train_step(
             "token_labels": token_labels(layer_names, token_names, positions),
             "positions": [list(p) for p in positions],
             "width": width,  # tokens are read at this width (a narrower final layer unpadded), None: all of D
+            "normalize": spec.normalize,  # how the read tokens are normalised (checkpoint.reading_arguments)
             "patch_tokens": spec.reads_patches,  # the probe needs the cache's final-layer patch tokens
             "features": {"path": str(features_dir), "content_hash": features_hash},
             "provenance": metadata,
