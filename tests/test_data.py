@@ -413,6 +413,21 @@ def test_torchvision_errors_suggest_the_name_and_tell_how_to_download(tmp_path):
     assert str(tmp_path / "no-data") in _one_line(excinfo)
 
 
+def test_a_failed_torchvision_download_is_one_line_naming_the_dataset_and_the_network(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution (simulated)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # what torchvision's download_url calls
+    with pytest.raises(FileNotFoundError) as excinfo:
+        create_dataset("torchvision", name="MNIST", root=str(tmp_path / "mnist"), download=True)
+    message = _one_line(excinfo)
+    assert f"torchvision dataset MNIST could not be downloaded to {str(tmp_path / 'mnist')!r}" in message
+    assert "needs network" in message and "download: false" in message
+
+
 # ------------------------------------------------------------------------------------------------------------ wds
 def _write_wds(root: Path, *, test: bool = True, classnames: bool = True) -> dict[str, np.ndarray]:
     """Two train tars and one test tar of PNG/JPEG samples, including greyscale and RGBA images."""

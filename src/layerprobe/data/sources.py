@@ -272,11 +272,16 @@ class TorchvisionDataset:
                 if "split" in str(e) and extra is not candidates[-1]:
                     continue  # torchvision's verify_str_arg rejected this split name; try the next spelling
                 raise
-            except (RuntimeError, FileNotFoundError) as e:
+            except (RuntimeError, OSError) as e:  # URLError and other network failures are OSErrors
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if self.download:
+                    raise FileNotFoundError(
+                        f"torchvision dataset {self.name} could not be downloaded to {str(self.root)!r}: downloading "
+                        f"needs network (offline: copy its files under root and set download: false) ({reason})"
+                    ) from e
+                if not isinstance(e, RuntimeError | FileNotFoundError):
                     raise
                 # torchvision says "Dataset not found" in several ways; the cure is the same.
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise FileNotFoundError(
                     f"torchvision dataset {self.name} not found under {str(self.root)!r}; set download: true to fetch"
                     f" it ({reason})"
