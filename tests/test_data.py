@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +346,9 @@ def test_the_pixel_cap_refuses_one_pixel_over_it_wherever_the_image_is_decoded(t
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     prepared = _prepare(tmp_path / "prepared", source="imagefolder", root=str(root), max_image_pixels=5000)
     assert prepared.dataset.load_image(1).size == (64, 65) and Image.MAX_IMAGE_PIXELS == 1000
+    with ThreadPoolExecutor(max_workers=8) as pool:  # overlapping header reads restore it once, when the last ends
+        sizes = list(pool.map(lambda i: prepared.dataset.load_image(i % 2).size, range(200)))
+    assert sizes == [(64, 64), (64, 65)] * 100 and Image.MAX_IMAGE_PIXELS == 1000
     assert json.loads((tmp_path / "prepared" / "splits.json").read_text())["options"]["max_image_pixels"] == 5000
     for bad in (0, -1, 2.5, "many"):
         with pytest.raises(ValueError, match="max_image_pixels must be a positive integer") as excinfo:

@@ -23,9 +23,6 @@ from layerprobe.registry import Registry, unknown_name_error
 # sources that decode files. Spelled out, because the process-wide value is whatever some importer last set.
 PIL_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
 
-# Guards the swap of PIL's process-wide bomb check in `open_image` (threads of one folder check open files at once).
-_PIL_LIMIT_LOCK = threading.Lock()
-
 
 class ImageFileError(ValueError):
     """An image file (or tar member) that cannot be decoded; the message names the file and why."""
@@ -140,20 +137,35 @@ def resolve_max_pixels(value: int | None, *, source: str) -> int:
     return value
 
 
-def _open_unguarded(source: Path | bytes) -> Image.Image:
-    """`Image.open` (the header only, no pixels) with PIL's own bomb check off: `open_image`'s cap replaces it.
+class _PilBombCheckOff:
+    """PIL's own bomb check off while any thread reads a header through `open_image`, whose per-file cap replaces it.
 
-    PIL's check reads a process-wide setting, warns above it and raises at twice it, before the caller sees the size;
-    so a cap above it could never be used and one below it would print a warning for a file it refuses anyway. The
-    swap lasts while one header is parsed (milliseconds), under a lock, and is always undone.
-    NOTE: another thread's `Image.open` outside this module in that window runs unguarded.
+    PIL's check reads a process-wide setting, warns above it and raises at twice it, before the caller sees the size:
+    a cap above it could never be used, and one below it would print a warning for a file it refuses anyway. Header
+    reads are counted, not serialised (a folder check on network storage opens many files at once); PIL's setting is
+    restored when the last one ends. NOTE: PIL code outside `open_image` that opens a file in such a window in another
+    thread runs unguarded (during a folder check, nothing else in the process normally does).
     """
-    with _PIL_LIMIT_LOCK:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._saved: int | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._readers == 0:
+                self._saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            self._readers += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0:
+                Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_PIL_BOMB_CHECK_OFF = _PilBombCheckOff()
 
 
 @contextlib.contextmanager
@@ -166,7 +178,9 @@ def open_image(source: Path | bytes, *, name: str, max_pixels: int | None = None
     """
     cap = PIL_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with _open_unguarded(source) as image:  # leaving closes the file; the pixels live on with the image
+        with _PIL_BOMB_CHECK_OFF:  # the header only: no pixel is decoded here
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with image:  # leaving closes the file; the pixels live on with the image
             width, height = image.size
             if width * height > cap:
                 raise ImageFileError(
