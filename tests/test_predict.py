@@ -124,6 +124,7 @@ def test_images_over_the_recorded_pixel_cap_or_not_images_are_one_error_before_d
         (lambda c: c.update(positions=[[1]]), "'positions' must be [layer, token] index pairs"),
         (lambda c: c["head"].update(num_classes=-3), "cannot build the head"),
     ],
+    ids=["no-provenance", "no-tap", "bad-positions", "negative-classes"],
 )
 def test_a_malformed_probe_json_is_one_line_naming_the_key(tmp_path, edit, named):
     probe, _ = _probe(tmp_path)
