@@ -100,6 +100,29 @@ def test_missing_checkpoint_names_the_path(tmp_path):
         create_backbone(NAME, checkpoint=path, model_kwargs=TINY)
 
 
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_a_model_kwargs_typo_is_one_line_naming_the_key_the_model_and_the_nearest_argument(tmp_path, with_checkpoint):
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(timm.create_model(NAME, pretrained=False, **TINY).state_dict(), str(path))
+    with pytest.raises(ValueError) as info:
+        create_backbone(NAME, checkpoint=path if with_checkpoint else None, model_kwargs=dict(TINY, dpeth=2))
+    message = str(info.value)
+    assert "\n" not in message and "checkpoint" not in message  # the key is wrong, not the weights file
+    assert f"model_kwargs key of {NAME!r} (VisionTransformer) 'dpeth'. Did you mean 'depth'?" in message
+
+
+def test_a_failed_hub_download_is_one_line_saying_it_needs_network(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load this file (simulated)")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)  # where timm fetches hub weights
+    with pytest.raises(ValueError) as info:
+        create_backbone(NAME, pretrained=True, model_kwargs=TINY)
+    message = str(info.value)
+    assert "\n" not in message and f"could not load pretrained weights for {NAME!r}" in message
+    assert "needs network" in message and "local checkpoint file" in message and "(simulated)" in message
+
+
 def test_eval_transform_uses_the_models_input_size():
     model = create_backbone(NAME, model_kwargs=TINY)
     image = Image.new("RGB", (50, 40), color=(255, 0, 0))

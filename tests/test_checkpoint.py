@@ -48,6 +48,14 @@ def test_broken_directories_fail_with_messages_naming_the_problem(tmp_path):
     with pytest.raises(ValueError, match="probe.json is not valid JSON"):
         load_probe(directory)
 
+    for key, value in (("num_heads", 0), ("num_classes", -3)):  # hand-edited: the head's arithmetic, torch's sizes
+        document = json.loads(good_config)
+        document["head"][key] = value
+        config_path.write_text(json.dumps(document))
+        with pytest.raises(ValueError, match="probe.json: cannot build the head") as excinfo:
+            load_probe(directory)
+        assert "\n" not in str(excinfo.value)
+
     document = json.loads(good_config)
     document["head"]["dim"] = 16
     config_path.write_text(json.dumps(document))

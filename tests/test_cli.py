@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_params, write_params
 from PIL import Image
 
 from layerprobe.cli import main
@@ -87,6 +88,50 @@ def test_extract_train_evaluate_predict_from_the_command_line(tmp_path, monkeypa
     broken.write_bytes(b"not an image")
     assert main(["predict", "--probe", str(probe), "--images", str(broken)]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, command: str) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"layerprobe {command}: error: "), lines
+    return lines[0]
+
+
+def test_hostile_images_are_one_bad_file_line_and_nothing_is_prepared(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = _image_folder(tmp_path / "folder", ["cat", "dog"], seed=0)  # 32 x 32 = 1,024 pixels each: at the cap
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(root / "cat" / "big.png")
+    (root / "dog" / "notes.png").write_text("text named like an image")
+    argv = ["prepare", "--dataset", "imagefolder", "--option", f"root={root}", "--option", "max_image_pixels=1024"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys, "prepare")
+    assert "2 bad file(s)" in line and "big.png: declares 40x40 = 1,600 pixels, over the cap of 1,024" in line
+    assert "notes.png: not an image" in line
+    assert not (tmp_path / "data/prepared/imagefolder").exists()
+
+
+def test_a_model_kwargs_typo_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["extract", "--backbone", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "dpeth": 2}',
+            "--dataset", "count_shapes", "--option", "num_images=20", "--option", "image_size=16"]  # fmt: skip
+    assert main(argv) == 2
+    line = _one_error_line(capsys, "extract")
+    assert "model_kwargs key of 'vit_tiny_patch16_224' (VisionTransformer) 'dpeth'. Did you mean 'depth'?" in line
+    assert not (tmp_path / "features").exists()
+
+
+def test_an_unknown_model_in_a_pretrain_recipe_is_one_line_before_any_image_is_made(tmp_path, capsys):
+    params = tiny_params()
+    params["backbones"]["tiny_vit"] = {
+        "model": "vit_tiny_patch16_2244",
+        "checkpoint": str(tmp_path / "checkpoints/tiny.safetensors"),
+        "model_kwargs": {"img_size": 32, "num_classes": 0},
+        "pretrain": {"source": "shapes", "options": {"num_images": 10_000_000}},  # never made: fails first
+    }
+    path = write_params(tmp_path, params)
+    assert main(["pretrain", "--params", str(path), "--backbone", "tiny_vit", "--no-progress"]) == 2
+    line = _one_error_line(capsys, "pretrain")
+    assert "unknown model 'vit_tiny_patch16_2244'. Did you mean 'vit_tiny_patch16_224'?" in line
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_list_probes_and_sources(capsys):

@@ -6,7 +6,11 @@ import io
 import json
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +64,22 @@ def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of `width` x `height` black pixels, compressed row by row: a few kilobytes on disk (48 KB for
+    20000 x 20000) and no memory to write, whatever it declares. PIL holds such an image at a byte a pixel or more."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte, then the row's bits
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
 
 
 def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -246,6 +266,96 @@ def test_imagefolder_corrupt_files_raise_image_file_error_naming_the_file(tmp_pa
     assert issubclass(ImageFileError, ValueError)
 
 
+# What the image folder check may hold at its peak above the interpreter's own: the valid 6000 x 4000 JPEG decoded
+# (PIL keeps RGB at 4 bytes a pixel: 96 MB) plus decoder buffers. Decoding the bombs would take 90 MB and 400 MB at
+# PIL's byte a pixel for 1-bit images, 360 MB and 1.6 GB once converted to RGB.
+CHECK_PEAK_BOUND_MB = 160
+
+_CHECK_IN_A_FRESH_PROCESS = """
+import json, os, resource, sys
+from layerprobe.data import prepare_dataset
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+# Linux carries a process's highest RSS across exec, so this interpreter's figure starts at pytest's; a child forked
+# here starts from this interpreter's own memory, so its figures are the check's.
+pid = os.fork()
+if pid == 0:
+    baseline = peak_mb()
+    try:
+        prepare_dataset("hostile", source="imagefolder", options={"root": sys.argv[1]}, out_dir=sys.argv[2],
+                        val_fraction=0.2, test_fraction=0.2, seed=0)
+        error = None
+    except Exception as e:
+        error = {"type": type(e).__name__, "message": str(e)}
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_mb(), "error": error}), flush=True)
+    os._exit(0)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_hostile_images_are_one_bad_file_report_checked_in_bounded_memory_and_nothing_is_written(tmp_path):
+    root = tmp_path / "folder"
+    _png_declaring(root / "cat" / "bomb.png", 20000, 20000)  # 48 KB declaring 400 megapixels: PIL raises
+    _png_declaring(root / "cat" / "bomb_just_over.png", 9500, 9500)  # 90.25 megapixels: PIL only warns, and decodes
+    good = _png_bytes(Image.fromarray(_rgb(0, size=64)))
+    (root / "cat" / "cut.png").write_bytes(good[: len(good) // 2])
+    (root / "dog").mkdir(parents=True)
+    (root / "dog" / "notes.png").write_text("a text file named like an image")
+    photo = Image.radial_gradient("L").resize((6000, 4000)).convert("RGB")
+    photo.save(root / "dog" / "photo.jpg", quality=90)
+    del photo
+    out = tmp_path / "prepared"
+    run = subprocess.run([sys.executable, "-c", _CHECK_IN_A_FRESH_PROCESS, str(root), str(out)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "Warning" not in run.stderr, run.stderr  # PIL's DecompressionBombWarning is not printed either
+    result = json.loads(run.stdout)
+    error = result["error"]
+    assert error is not None and error["type"] == "ImageFileError" and "\n" not in error["message"]
+    message = error["message"]
+    assert "4 bad file(s)" in message and "photo.jpg" not in message
+    assert "bomb.png: declares 20000x20000 = 400,000,000 pixels, over the cap of 89,478,485" in message
+    assert "bomb_just_over.png: declares 9500x9500 = 90,250,000 pixels, over the cap of 89,478,485" in message
+    assert "cut.png: truncated or corrupt image" in message
+    assert "notes.png: not an image" in message
+    grown = result["peak_mb"] - result["baseline_mb"]
+    print(f"peak memory of the check: {grown:.0f} MB above a {result['baseline_mb']:.0f} MB interpreter")
+    assert grown < CHECK_PEAK_BOUND_MB, result
+    assert grown > 60, result  # the JPEG was decoded (96 MB): the bound measures a check that really ran
+    assert not out.exists()  # nothing written
+
+
+def test_the_pixel_cap_refuses_one_pixel_over_it_wherever_the_image_is_decoded(tmp_path, monkeypatch):
+    root = tmp_path / "folder"
+    _save(Image.fromarray(_rgb(0, size=64)), root / "a" / "fits.png")  # 4096 pixels: exactly the cap
+    _png_declaring(root / "b" / "over.png", 64, 65)  # 4160 pixels
+    with pytest.raises(ImageFileError) as excinfo:
+        _prepare(tmp_path / "prepared", source="imagefolder", root=str(root), max_image_pixels=4096)
+    message = _one_line(excinfo)
+    assert "1 bad file(s)" in message and "over.png: declares 64x65 = 4,160 pixels, over the cap of 4,096" in message
+    assert not (tmp_path / "prepared").exists()
+    # Listing does not decode: extraction's load_image refuses the file with the same cap, before decoding it.
+    dataset = create_dataset("imagefolder", root=str(root), max_image_pixels=4096)
+    assert dataset.load_image(0).size == (64, 64)
+    with pytest.raises(ImageFileError, match=r"over\.png: declares 64x65") as excinfo:
+        dataset.load_image(1)
+    _one_line(excinfo)
+    # The cap is per file, not PIL's process-wide setting: a cap above it works and that setting is left as it was.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    prepared = _prepare(tmp_path / "prepared", source="imagefolder", root=str(root), max_image_pixels=5000)
+    assert prepared.dataset.load_image(1).size == (64, 65) and Image.MAX_IMAGE_PIXELS == 1000
+    with ThreadPoolExecutor(max_workers=8) as pool:  # overlapping header reads restore it once, when the last ends
+        sizes = list(pool.map(lambda i: prepared.dataset.load_image(i % 2).size, range(200)))
+    assert sizes == [(64, 64), (64, 65)] * 100 and Image.MAX_IMAGE_PIXELS == 1000
+    assert json.loads((tmp_path / "prepared" / "splits.json").read_text())["options"]["max_image_pixels"] == 5000
+    for bad in (0, -1, 2.5, "many"):
+        with pytest.raises(ValueError, match="max_image_pixels must be a positive integer") as excinfo:
+            create_dataset("imagefolder", root=str(root), max_image_pixels=bad)
+        _one_line(excinfo)
+
+
 # ---------------------------------------------------------------------------------------------------- torchvision
 def _write_idx(path: Path, array: np.ndarray) -> None:
     """MNIST's idx format: magic (0, 0, uint8 type 0x08, ndim), big-endian uint32 dims, then the bytes."""
@@ -307,6 +417,21 @@ def test_torchvision_errors_suggest_the_name_and_tell_how_to_download(tmp_path):
     assert str(tmp_path / "no-data") in _one_line(excinfo)
 
 
+def test_a_failed_torchvision_download_is_one_line_naming_the_dataset_and_the_network(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution (simulated)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # what torchvision's download_url calls
+    with pytest.raises(FileNotFoundError) as excinfo:
+        create_dataset("torchvision", name="MNIST", root=str(tmp_path / "mnist"), download=True)
+    message = _one_line(excinfo)
+    assert f"torchvision dataset MNIST could not be downloaded to {str(tmp_path / 'mnist')!r}" in message
+    assert "needs network" in message and "download: false" in message
+
+
 # ------------------------------------------------------------------------------------------------------------ wds
 def _write_wds(root: Path, *, test: bool = True, classnames: bool = True) -> dict[str, np.ndarray]:
     """Two train tars and one test tar of PNG/JPEG samples, including greyscale and RGBA images."""
@@ -364,6 +489,34 @@ def test_wds_errors_name_the_root_or_the_key_and_tar(tmp_path):
     dataset = create_dataset("wds", root=str(root))
     with pytest.raises(ImageFileError, match=r"test/0\.tar:bad\.png: not an image"):
         dataset.load_image(1)
+
+
+def test_wds_oversized_members_join_one_report_and_bombs_fail_before_decoding(tmp_path):
+    root = tmp_path / "wds"
+    image = _png_bytes(Image.fromarray(_rgb(0)))
+    _write_tar(root / "train" / "0.tar", [
+        ("a.png", image), ("a.cls", b"0"),
+        ("huge.png", image), ("huge.cls", b"0" * 10_000_000),  # a "label" of 10 MB is not read
+        ("bin.png", image), ("bin.cls", b"\xff\xfe"),
+    ])  # fmt: skip
+    _write_tar(root / "test" / "0.tar", [("big.png", b"\0" * (8 * 100 + 2**20 + 1)), ("big.cls", b"0"),
+                                         ("lonely.jpg", image)])  # fmt: skip
+    with pytest.raises(ValueError) as excinfo:
+        create_dataset("wds", root=str(root), max_image_pixels=100)
+    message = _one_line(excinfo)
+    assert message.startswith("source 'wds': 4 bad member(s): ")
+    assert "train/0.tar': huge.cls is 10,000,000 bytes, not a class index (at most 64 bytes)" in message
+    assert "train/0.tar': bin.cls holds b'\\xff\\xfe', not an integer label" in message
+    assert "test/0.tar': big.png is 1,049,377 bytes, more than an image under the cap of 100 pixels can be" in message
+    assert "test/0.tar': sample 'lonely' has an image but no .cls label" in message
+
+    bomb = _png_declaring(tmp_path / "bomb.png", 20000, 20000).read_bytes()
+    _write_tar(root / "train" / "0.tar", [("a.png", image), ("a.cls", b"0"), ("bomb.png", bomb), ("bomb.cls", b"1")])
+    _write_tar(root / "test" / "0.tar", [("b.png", image), ("b.cls", b"0")])
+    dataset = create_dataset("wds", root=str(root))
+    with pytest.raises(ImageFileError, match=r"0\.tar:bomb\.png: declares 20000x20000 = 400,000,000 pixels") as excinfo:
+        dataset.load_image(1)
+    _one_line(excinfo)
 
 
 class _Pixels(torch.utils.data.Dataset):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import layerprobe.extract as extract_module
 from layerprobe.backbone import create_backbone, create_eval_transform
+from layerprobe.data import ImageFileError
 from layerprobe.extract import LayerTokenExtractor, extract_features
 from layerprobe.features import cache_content_hash, read_features, read_manifest
 
@@ -228,6 +229,19 @@ def test_bad_image_is_named_and_finished_shards_stay(tmp_path):
     seen = _count_images(model)
     _extract(model, tmp_path)  # the file was fixed: only the unfinished shards run
     assert seen[0] == 4 and len(read_features(tmp_path).tokens) == 10
+
+
+class HostileImages(TinyImages):
+    def load_image(self, index: int) -> Image.Image:
+        if index == self.bad:
+            raise ImageFileError(f"images/{index:05d}.png: declares 20000x20000 = 400,000,000 pixels, over the cap")
+        return super().load_image(index)
+
+
+def test_a_bad_image_in_a_worker_process_is_the_workers_one_line_error(tmp_path):
+    with pytest.raises(ImageFileError) as excinfo:
+        _extract(_model(), tmp_path, images=HostileImages(10, bad=7), batch_size=1, num_workers=1)
+    assert str(excinfo.value) == "images/00007.png: declares 20000x20000 = 400,000,000 pixels, over the cap"
 
 
 def test_bad_input_leaves_out_dir_untouched(tmp_path):

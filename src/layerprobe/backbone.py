@@ -8,7 +8,10 @@ DINOv2's own rule instead of timm's (see `resample_pos_embed_dinov2`).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,8 @@ def create_backbone(
             (DINOv2's own run-time interpolation, which the reference's DINOv2 models ran; timm ViTs only).
 
     Raises:
-        ValueError: Unknown model name (with the nearest match) or a checkpoint that does not fit the model.
+        ValueError: Unknown model name or `model_kwargs` key (with the nearest match), a checkpoint that does not fit
+            the model, or hub weights that could not be downloaded.
         FileNotFoundError: `checkpoint` does not exist.
     """
     kwargs = dict(model_kwargs or {})
@@ -66,11 +70,14 @@ def create_backbone(
                 torch.manual_seed(init_seed)
                 model = _create_model(model_name, pretrained, kwargs, {}, pos_embed_resample)
         except Exception as e:
+            typo = model_kwargs_error(model_name, kwargs, e)
+            if typo is not None:
+                raise typo from e
             if not pretrained:
                 raise
             raise ValueError(
-                f"could not load pretrained weights for {model_name!r} (offline? pass a local checkpoint file): "
-                f"{_first_line(e)}"
+                f"could not load pretrained weights for {model_name!r} from the Hugging Face hub: it needs network, or "
+                f"the weights already in the hub cache (offline: set a local checkpoint file instead): {_first_line(e)}"
             ) from e
     else:
         model = _create_from_checkpoint(model_name, Path(checkpoint), kwargs, pos_embed_resample)
@@ -138,6 +145,43 @@ def check_model_name(model_name: str) -> None:
         raise unknown_name_error("model", model_name, timm.list_models())
 
 
+def create_model(model_name: str, **kwargs: Any) -> torch.nn.Module:
+    """`timm.create_model` (random init) whose unknown model name or keyword argument fails in one line naming it."""
+    check_model_name(model_name)
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        typo = model_kwargs_error(model_name, kwargs, e)
+        if typo is None:
+            raise
+        raise typo from e
+
+
+# Python's TypeError for a keyword nobody takes: "VisionTransformer.__init__() got an unexpected keyword argument 'x'".
+_UNEXPECTED_KEYWORD = re.compile(r"([\w.]+)\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def model_kwargs_error(model_name: str, kwargs: dict, error: BaseException) -> ValueError | None:
+    """timm's TypeError for a `model_kwargs` key the model does not take, as a one-line error naming the key, the
+    model and the nearest argument it does take; None for any other error."""
+    match = _UNEXPECTED_KEYWORD.search(str(error)) if isinstance(error, TypeError) else None
+    if match is None or match.group(2) not in kwargs:
+        return None
+    owner, key = match.group(1).removesuffix(".__init__"), match.group(2)
+    return unknown_name_error(f"model_kwargs key of {model_name!r} ({owner})", key, _arguments_of(model_name, owner))
+
+
+def _arguments_of(model_name: str, owner: str) -> list[str]:
+    """Keyword arguments of the class `owner` that builds `model_name` (found beside its timm entry point)."""
+    try:
+        entrypoint = timm.models.model_entrypoint(timm.models.split_model_name_tag(model_name)[0])
+        target = getattr(importlib.import_module(entrypoint.__module__), owner)
+        parameters = inspect.signature(target).parameters.values()
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def _create_from_checkpoint(model_name: str, path: Path, kwargs: dict, pos_embed_resample: str) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -149,7 +193,9 @@ def _create_from_checkpoint(model_name: str, path: Path, kwargs: dict, pos_embed
     try:
         return _create_model(model_name, True, kwargs, overlay, pos_embed_resample)
     except Exception as e:
-        raise ValueError(_describe_misfit(model_name, path, kwargs, e)) from e
+        raise (
+            model_kwargs_error(model_name, kwargs, e) or ValueError(_describe_misfit(model_name, path, kwargs, e))
+        ) from e
 
 
 def _describe_misfit(model_name: str, path: Path, kwargs: dict, error: Exception) -> str:

@@ -89,8 +89,10 @@ def load_probe(directory: str | Path, *, device: str | torch.device = "cpu") -> 
         raise ValueError(f"{config_path} has no 'head' description; was it written by save_probe?")
     try:
         probe = head_from_description(config["head"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{config_path}: cannot build the head {config['head']}: {e}") from e
+    except (TypeError, ValueError, KeyError, ArithmeticError, RuntimeError) as e:
+        # A hand-edited description fails in the head's own arithmetic (num_heads 0) or in torch (negative sizes).
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{config_path}: cannot build the head {config['head']}: {reason}") from e
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing: the probe in {directory} has no weights")
     try:

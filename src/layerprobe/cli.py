@@ -345,10 +345,10 @@ def run_pipeline(args) -> int:
 
 
 def run_predict(args) -> int:
-    from layerprobe.predict import predict_images
+    from layerprobe.predict import iter_predictions
 
-    for row in predict_images(args.probe, args.images, device=args.device):
-        print(f"{row['path']}\t{row['class_name']}\t{row['probability']:.3f}")
+    for row in iter_predictions(args.probe, args.images, device=args.device):  # printed batch by batch
+        print(f"{row['path']}\t{row['class_name']}\t{row['probability']:.3f}", flush=True)
     return 0
 
 

@@ -352,6 +352,18 @@ def _shard_is_current(path: Path, plan: ShardPlan, metadata: dict, row_shape: li
     return current
 
 
+def _worker_error_message(error: Exception) -> str | None:
+    """The error of a DataLoader worker as it was raised there; None for an error raised in this process.
+
+    The DataLoader re-raises a worker's error as "Caught X in DataLoader worker process N." followed by the worker's
+    traceback, whose last line ("module.X: message") is the one a person needs: which file, and why.
+    """
+    lines = str(error).strip().splitlines()
+    if len(lines) < 2 or "DataLoader worker" not in lines[0]:
+        return None
+    return lines[-1].partition(": ")[2] or lines[-1]
+
+
 def build_provenance(provenance: dict, *, extractor: LayerTokenExtractor, transform: Callable, dtype: str) -> dict:
     """The caller's provenance plus what this extraction decides (tap, layers, tokens, widths, dtype, transform)."""
     full = dict(provenance)
@@ -452,19 +464,25 @@ def extract_features(
             pin_memory=target.type == "cuda",
         )
         extractor.to(target)
-        hashes.update(
-            write_token_shards(
-                loader,
-                extractor=extractor,
-                shards=todo,
-                out_dir=out_dir,
-                metadata=metadata,
-                dtype=dtype,
-                device=target,
-                batch_size=batch_size,
-                progress=progress,
+        try:
+            hashes.update(
+                write_token_shards(
+                    loader,
+                    extractor=extractor,
+                    shards=todo,
+                    out_dir=out_dir,
+                    metadata=metadata,
+                    dtype=dtype,
+                    device=target,
+                    batch_size=batch_size,
+                    progress=progress,
+                )
             )
-        )
+        except ValueError as e:  # a bad image (ImageFileError) or transform, possibly from a worker process
+            message = _worker_error_message(e)
+            if message is None:
+                raise
+            raise type(e)(message) from e
 
     patch_files = [patch_shard_name(p.file) for p in plans] if patches else None
     write_manifest(

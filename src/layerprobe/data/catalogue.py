@@ -6,9 +6,11 @@ checks the options against the factory's keyword parameters so a typo in params.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -16,6 +18,10 @@ import numpy as np
 from PIL import Image
 
 from layerprobe.registry import Registry, unknown_name_error
+
+# PIL's default `Image.MAX_IMAGE_PIXELS` (1 GiB of 4-byte pixels / 3 = 89,478,485): the default pixel cap of the
+# sources that decode files. Spelled out, because the process-wide value is whatever some importer last set.
+PIL_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
 
 
 class ImageFileError(ValueError):
@@ -121,16 +127,83 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(source: Path | bytes, *, name: str) -> Image.Image:
-    """Decode an image file or its bytes to RGB, raising `ImageFileError` naming `name` when that fails."""
+def resolve_max_pixels(value: int | None, *, source: str) -> int:
+    """A source's `max_image_pixels` option resolved: None is PIL's default; anything else must be a positive int."""
+    if value is None:
+        return PIL_MAX_IMAGE_PIXELS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"source {source!r}: max_image_pixels must be a positive integer or null (PIL's default "
+                         f"{PIL_MAX_IMAGE_PIXELS:,}), got {value!r}")  # fmt: skip
+    return value
+
+
+class _PilBombCheckOff:
+    """PIL's own bomb check off while any thread reads a header through `open_image`, whose per-file cap replaces it.
+
+    PIL's check reads a process-wide setting, warns above it and raises at twice it, before the caller sees the size:
+    a cap above it could never be used, and one below it would print a warning for a file it refuses anyway. Header
+    reads are counted, not serialised (a folder check on network storage opens many files at once); PIL's setting is
+    restored when the last one ends. NOTE: PIL code outside `open_image` that opens a file in such a window in another
+    thread runs unguarded (during a folder check, nothing else in the process normally does).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._saved: int | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._readers == 0:
+                self._saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            self._readers += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0:
+                Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_PIL_BOMB_CHECK_OFF = _PilBombCheckOff()
+
+
+@contextlib.contextmanager
+def open_image(source: Path | bytes, *, name: str, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """Open an image lazily and refuse it, before a single pixel is decoded, when its header declares more than
+    `max_pixels` pixels (None: PIL's default). Decode errors inside the block become `ImageFileError` naming `name`.
+
+    A few kilobytes of PNG can declare 20000 x 20000 pixels: checking the header first keeps such a file from
+    costing gigabytes, whoever decodes it (the folder check, a DataLoader worker, `predict`).
+    """
+    cap = PIL_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image.load()  # decode now: truncated data fails here, not later inside a DataLoader worker
-            return to_rgb(image)
+        with _PIL_BOMB_CHECK_OFF:  # the header only: no pixel is decoded here
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with image:  # leaving closes the file; the pixels live on with the image
+            width, height = image.size
+            if width * height > cap:
+                raise ImageFileError(
+                    f"{name}: declares {width}x{height} = {width * height:,} pixels, over the cap of {cap:,} (a "
+                    f"decompression bomb, or an image to shrink first; the source option max_image_pixels raises it)"
+                )
+            yield image
+    except ImageFileError:
+        raise
     except Image.UnidentifiedImageError as e:
         raise ImageFileError(f"{name}: not an image (PIL cannot identify it)") from e
+    except Image.DecompressionBombError as e:  # PIL's own check on frames and tiles, which `load` decodes later
+        raise ImageFileError(f"{name}: a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageFileError(f"{name}: truncated or corrupt image ({e})") from e
+
+
+def decode_image(source: Path | bytes, *, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file or its bytes to RGB, raising `ImageFileError` naming `name` when that fails or when it
+    declares more than `max_pixels` pixels (None: PIL's default; see `open_image`)."""
+    with open_image(source, name=name, max_pixels=max_pixels) as image:
+        image.load()  # decode now: truncated data fails here, not later inside a DataLoader worker
+        return to_rgb(image)
 
 
 class ArrayDataset:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,23 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from layerprobe.data.catalogue import ImageFileError, decode_image, register_source, to_rgb
+from layerprobe.data.catalogue import (
+    ImageFileError,
+    decode_image,
+    open_image,
+    register_source,
+    resolve_max_pixels,
+    to_rgb,
+)
 from layerprobe.files import visible_files
 from layerprobe.registry import unknown_name_error
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPLITS = ("train", "test")
+# A webdataset label member holds a class index as text: a few bytes. Anything longer is not a label, and reading it
+# whole (as indexing does) would let one member fill memory.
+MAX_LABEL_BYTES = 64
 
 
 def _require_dir(root: Path, source: str) -> Path:
@@ -40,8 +51,9 @@ def _visible(path: Path) -> bool:
 class ImageFolderDataset:
     """`root/<class>/<images>`, or `root/{train,test}/<class>/<images>` with official splits."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, max_pixels: int | None = None) -> None:
         self.root = _require_dir(Path(root), "imagefolder")
+        self.max_pixels = resolve_max_pixels(max_pixels, source="imagefolder")  # every decode of the folder's files
         split_dirs = [self.root / s for s in SPLITS]
         has_splits = all(d.is_dir() for d in split_dirs)
         parts = list(zip(SPLITS, split_dirs, strict=True)) if has_splits else [(None, self.root)]
@@ -59,7 +71,7 @@ class ImageFolderDataset:
                 labels += [index[class_dir.name]] * len(files)
                 splits += [split] * len(files)
         if problems:  # failing anyway: decode the rest too, so one error names every bad file
-            _raise_all(problems + _decode_problems(paths), self.root)
+            _raise_all(problems + _decode_problems(paths, max_pixels=self.max_pixels), self.root)
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.official_splits = np.asarray(splits) if has_splits else None
@@ -87,25 +99,59 @@ class ImageFolderDataset:
         return len(self.paths)
 
     def load_image(self, index: int) -> Image.Image:
-        return decode_image(self.paths[index], name=str(self.paths[index]))
+        return decode_image(self.paths[index], name=str(self.paths[index]), max_pixels=self.max_pixels)
 
     def verify_images(self) -> None:
-        """Decode every image once and report every one that fails in one error (prepare calls this, so a folder
-        with three broken files is fixed in one round, not three)."""
-        _raise_all(_decode_problems(self.paths), self.root)
+        """Decode every image once and report every one that fails or declares more than `max_pixels` pixels in one
+        error (prepare calls this, so a folder with three broken files is fixed in one round, not three)."""
+        _raise_all(_decode_problems(self.paths, max_pixels=self.max_pixels), self.root)
 
     def describe(self) -> dict[str, Any]:
         return {"source": "imagefolder", "options": {"root": str(self.root)}, "root": str(self.root)}
 
 
-def _decode_problems(paths: list[Path]) -> list[str]:
-    """A line for every file that does not decode as an image (threads: PIL decodes without the GIL)."""
+class _PixelBudget:
+    """At most `limit` pixels decoded at once across threads: a thread waits until its image fits."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._used = limit, 0
+        self._changed = threading.Condition()
+
+    def acquire(self, pixels: int) -> int:
+        """Wait until `pixels` fit (one over the whole budget waits to run alone); returns the amount held."""
+        pixels = min(pixels, self._limit)
+        with self._changed:
+            self._changed.wait_for(lambda: self._used + pixels <= self._limit)
+            self._used += pixels
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        with self._changed:
+            self._used -= pixels
+            self._changed.notify_all()
+
+
+def _decode_problems(paths: list[Path], *, max_pixels: int) -> list[str]:
+    """A line for every file that does not decode as an image or declares more than `max_pixels` pixels.
+
+    Each file's header is read first (size and format, no pixels), so a bomb is refused without being decoded. Then
+    threads decode (PIL releases the GIL) within one budget of `max_pixels` pixels in flight, and each image is freed
+    as soon as it has decoded: a folder of 30-megapixel photos checks on every core, one of images at the cap one at
+    a time, and memory stays about one image at the cap (4 bytes a pixel, RGBA) whatever the number of cores.
+    """
+    budget = _PixelBudget(max_pixels)
 
     def problem(path: Path) -> str | None:
+        held = 0
         try:
-            decode_image(path, name=str(path))
+            with open_image(path, name=str(path), max_pixels=max_pixels) as image:
+                held = budget.acquire(image.width * image.height)
+                image.load()
+                image.close()  # frees the pixels now, not when the garbage collector gets to them
         except ImageFileError as e:
             return str(e)
+        finally:
+            budget.release(held)
         return None
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -116,17 +162,24 @@ def _raise_all(problems: list[str], root: Path) -> None:
     """One error naming every problem of an image folder (the first few in full, then a count)."""
     if not problems:
         return
-    shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
     extensions = ", ".join(IMAGE_EXTENSIONS)
     raise ImageFileError(
-        f"source 'imagefolder': {len(problems)} bad file(s) under {str(root)!r} (images: {extensions}): {shown}"
+        f"source 'imagefolder': {len(problems)} bad file(s) under {str(root)!r} (images: {extensions}): "
+        f"{_first_few(problems)}"
     )
 
 
+def _first_few(problems: list[str], shown: int = 20) -> str:
+    """Problem lines joined on one line: the first `shown` in full, then a count."""
+    more = f"; ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
 @register_source("imagefolder", input_options=("root",))
-def imagefolder(*, root: str) -> ImageFolderDataset:
-    """Class-per-folder images; `root/train` and `root/test` give official splits."""
-    return ImageFolderDataset(root)
+def imagefolder(*, root: str, max_image_pixels: int | None = None) -> ImageFolderDataset:
+    """Class-per-folder images; `root/train` and `root/test` give official splits. An image declaring more than
+    `max_image_pixels` pixels (null: PIL's default, 89,478,485) is a bad file, refused before it is decoded."""
+    return ImageFolderDataset(root, max_pixels=max_image_pixels)
 
 
 # ---------------------------------------------------------------------------------------------------- torchvision
@@ -220,11 +273,16 @@ class TorchvisionDataset:
                 if "split" in str(e) and extra is not candidates[-1]:
                     continue  # torchvision's verify_str_arg rejected this split name; try the next spelling
                 raise
-            except (RuntimeError, FileNotFoundError) as e:
+            except (RuntimeError, OSError) as e:  # URLError and other network failures are OSErrors
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if self.download:
+                    raise FileNotFoundError(
+                        f"torchvision dataset {self.name} could not be downloaded to {str(self.root)!r}: downloading "
+                        f"needs network (offline: copy its files under root and set download: false) ({reason})"
+                    ) from e
+                if not isinstance(e, RuntimeError | FileNotFoundError):
                     raise
                 # torchvision says "Dataset not found" in several ways; the cure is the same.
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise FileNotFoundError(
                     f"torchvision dataset {self.name} not found under {str(self.root)!r}; set download: true to fetch"
                     f" it ({reason})"
@@ -274,14 +332,24 @@ def _split_key(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def index_tar(path: Path, tar_index: int) -> tuple[list[TarMember], list[int]]:
-    """Index one webdataset tar: the image member and integer label of every sample, in tar order.
+def max_image_bytes(max_pixels: int) -> int:
+    """The largest image member worth reading for a pixel cap: 8 bytes a pixel (a 16-bit RGBA PNG stored without
+    compression) plus 1 MiB of headers and metadata. A bigger member cannot hold an image under the cap."""
+    return 8 * max_pixels + 2**20
 
-    Reads only headers and the tiny `.cls` members; images are read later by seek, so indexing is cheap.
+
+def index_tar(path: Path, tar_index: int, *, max_pixels: int) -> tuple[list[TarMember], list[int], list[str]]:
+    """Index one webdataset tar: the image member and integer label of every sample, in tar order, and a line for
+    every problem (the caller reports the problems of all tars at once).
+
+    Reads only headers and the tiny `.cls` members (at most `MAX_LABEL_BYTES` each); images are read later by seek,
+    so indexing is cheap. An image member over `max_image_bytes(max_pixels)` is a problem, not a sample.
     """
     images: dict[str, tarfile.TarInfo] = {}
     labels: dict[str, int] = {}
     order: list[str] = []
+    problems: list[str] = []
+    where = f"tar {str(path)!r}"
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
@@ -291,29 +359,37 @@ def index_tar(path: Path, tar_index: int) -> tuple[list[TarMember], list[int]]:
                 if key not in images and key not in labels:
                     order.append(key)
                 if ext in WDS_IMAGE_EXTENSIONS:
+                    if member.size > max_image_bytes(max_pixels):
+                        problems.append(f"{where}: {member.name} is {member.size:,} bytes, more than an image under "
+                                        f"the cap of {max_pixels:,} pixels can be")  # fmt: skip
                     images[key] = member
                 elif ext == "cls":
-                    text = tar.extractfile(member).read().decode("utf-8").strip()
+                    if member.size > MAX_LABEL_BYTES:
+                        problems.append(f"{where}: {member.name} is {member.size:,} bytes, not a class index (at "
+                                        f"most {MAX_LABEL_BYTES} bytes)")  # fmt: skip
+                        labels[key] = -1  # the sample is reported; keep it from also counting as unlabelled
+                        continue
+                    raw = tar.extractfile(member).read()
                     try:
-                        labels[key] = int(text)
-                    except ValueError as e:
-                        raise ValueError(
-                            f"tar {str(path)!r}: {member.name} holds {text!r}, not an integer label"
-                        ) from e
+                        labels[key] = int(raw.decode("utf-8").strip())
+                    except ValueError:  # UnicodeDecodeError included
+                        problems.append(f"{where}: {member.name} holds {raw!r}, not an integer label")
+                        labels[key] = -1
     except tarfile.TarError as e:
-        raise ValueError(f"tar {str(path)!r} cannot be read: {e}") from e
+        return [], [], [f"{where} cannot be read: {e}"]
     members, label_list = [], []
     for key in order:
         if key not in images and key not in labels:
             continue  # a sample with neither image nor label (e.g. only .json metadata) is not ours to judge
         if key not in labels:
-            raise ValueError(f"tar {str(path)!r}: sample {key!r} has an image but no .cls label")
-        if key not in images:
-            raise ValueError(f"tar {str(path)!r}: sample {key!r} has a .cls label but no image")
-        info = images[key]
-        members.append(TarMember(tar_index, info.offset_data, info.size, info.name))
-        label_list.append(labels[key])
-    return members, label_list
+            problems.append(f"{where}: sample {key!r} has an image but no .cls label")
+        elif key not in images:
+            problems.append(f"{where}: sample {key!r} has a .cls label but no image")
+        else:
+            info = images[key]
+            members.append(TarMember(tar_index, info.offset_data, info.size, info.name))
+            label_list.append(labels[key])
+    return members, label_list, problems
 
 
 class TarImageDataset:
@@ -330,16 +406,22 @@ class TarImageDataset:
         *,
         splits: list[str | None] | None = None,
         description: dict[str, Any],
+        max_pixels: int | None = None,
     ) -> None:
         self.tars = [Path(t) for t in tars]
+        self.max_pixels = resolve_max_pixels(max_pixels, source=description.get("source", "wds"))
         self.members: list[TarMember] = []
         labels: list[int] = []
         split_of: list[str | None] = []
+        problems: list[str] = []
         for i, tar in enumerate(self.tars):
-            members, tar_labels = index_tar(tar, i)
+            members, tar_labels, bad = index_tar(tar, i, max_pixels=self.max_pixels)
             self.members += members
             labels += tar_labels
             split_of += [splits[i] if splits else None] * len(members)
+            problems += bad
+        if problems:  # every bad member of every tar in one error, as the image folder check does
+            raise ValueError(f"source 'wds': {len(problems)} bad member(s): {_first_few(problems)}")
         self.labels = np.asarray(labels, dtype=np.int64)
         num_classes = int(self.labels.max()) + 1 if len(labels) else 0
         if class_names is None:
@@ -384,7 +466,7 @@ class TarImageDataset:
         name = f"{self.tars[member.tar]}:{member.name}"
         if len(data) != member.size:
             raise ImageFileError(f"{name}: truncated (tar ends inside the member)")
-        return decode_image(data, name=name)
+        return decode_image(data, name=name, max_pixels=self.max_pixels)
 
     def describe(self) -> dict[str, Any]:
         return dict(self._description)
@@ -400,8 +482,9 @@ def _read_classnames(path: Path) -> list[str] | None:
 
 
 @register_source("wds", input_options=("root",))
-def wds(*, root: str) -> TarImageDataset:
-    """A local CLIP-benchmark webdataset: `root/{train,test}/*.tar` and `root/classnames.txt`."""
+def wds(*, root: str, max_image_pixels: int | None = None) -> TarImageDataset:
+    """A local CLIP-benchmark webdataset: `root/{train,test}/*.tar` and `root/classnames.txt`. An image declaring
+    more than `max_image_pixels` pixels (null: PIL's default) fails when it is loaded, before it is decoded."""
     folder = _require_dir(Path(root), "wds")
     split_dirs = [(s, folder / s) for s in SPLITS if (folder / s).is_dir()]
     has_splits = len(split_dirs) == len(SPLITS)
@@ -421,4 +504,5 @@ def wds(*, root: str) -> TarImageDataset:
         _read_classnames(folder / "classnames.txt"),
         splits=splits if has_splits else None,
         description=description,
+        max_pixels=max_image_pixels,
     )

@@ -84,6 +84,8 @@ def extract_step(
             "transform": describe_transform(network, **backbone.preprocessing()),
             "dataset": dataset_name,
             "dataset_version": prepared.version,
+            # the pixel cap its images were decoded with, so `predict` refuses what extraction would have (None: PIL's)
+            "max_image_pixels": getattr(prepared.dataset, "max_pixels", None),
             "class_names": prepared.class_names,
             "fingerprint": fingerprint.as_dict(),
         }

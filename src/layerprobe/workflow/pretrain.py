@@ -42,22 +42,22 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
     if reason is None and checkpoint.is_file():
         return {**read_json(marker), "status": "reused", "reason": None}
 
-    import timm
     import torch
     from safetensors.torch import save_file
 
-    from layerprobe.backbone import create_eval_transform
+    from layerprobe.backbone import check_model_name, create_eval_transform, create_model
     from layerprobe.device import resolve_device
     from layerprobe.files import sha256_file
     from layerprobe.pretrain import encoder_state, pretrain
 
+    check_model_name(backbone.model)  # a typo fails in one line, before the recipe's images are made
     marker.unlink(missing_ok=True)
     recipe = backbone.pretrain
     dataset = create_dataset(recipe.source, **recipe.options)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, without disturbing the caller's RNG
         torch.manual_seed(recipe.seed)
         kwargs = {**backbone.model_kwargs, "num_classes": len(dataset.class_names)}
-        model = timm.create_model(backbone.model, pretrained=False, **kwargs)
+        model = create_model(backbone.model, pretrained=False, **kwargs)  # a model_kwargs typo: one line too
     # The extraction's own preprocessing, so pretraining sees images exactly as the probes' features will.
     transform = create_eval_transform(model, **backbone.preprocessing())
     images = torch.stack([transform(dataset.load_image(i)) for i in range(len(dataset))])  # [N, 3, H, W]
