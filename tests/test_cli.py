@@ -186,6 +186,28 @@ def test_another_image_folder_or_a_new_file_re_prepares_and_re_extracts(tmp_path
     assert json.loads((cache / "manifest.json").read_text())["num_images"] == 13
 
 
+def test_a_replaced_image_behind_a_symlinked_class_folder_re_extracts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shared = _image_folder(tmp_path / "shared", ["dog"], seed=2)
+    root = _image_folder(tmp_path / "A", ["cat"], seed=0)
+    (root / "dog").symlink_to(shared / "dog", target_is_directory=True)  # a class folder that is a link
+
+    def extract() -> dict:
+        argv = ["extract", "--backbone", "vit_tiny_patch16_224", "--dataset", "imagefolder", "--option",
+                f"root={root}", "--model-kwargs", TINY, "--no-progress", "--device", "cpu"]  # fmt: skip
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = extract()
+    manifest = json.loads((tmp_path / "features/vit_tiny_patch16_224/imagefolder/manifest.json").read_text())
+    assert first["status"] == "computed" and manifest["num_images"] == 8  # the linked class is read
+    assert manifest["provenance"]["class_names"] == ["cat", "dog"]
+    assert extract()["status"] == "reused"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(shared / "dog" / "0.png")  # replaced behind the link
+    again = extract()
+    assert again["status"] == "computed" and again["content_hash"] != first["content_hash"]
+
+
 def test_pool_and_schedule_without_a_prefect_server_are_one_line_errors(tmp_path):
     """A work pool and a schedule both need a real Prefect server; without PREFECT_API_URL each says so and stops."""
     import os

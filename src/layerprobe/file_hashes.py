@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from layerprobe.files import sha256_file, visible_files
+from layerprobe.files import sha256_file, visible_entries
 
 STATE_DIR_ENV = "LAYERPROBE_STATE_DIR"
 # A file modified this recently may still be being written within the same mtime tick: hash it, but do not record
@@ -49,10 +49,13 @@ def input_listing(paths: Iterable[str | Path]) -> list[list]:
     listing: list[list] = []
     for root in map(Path, paths):
         if root.is_file():
-            listing.append([root.name, *file_digests([root])[root]])
+            listing.append([root.name, *file_digests([(os.path.abspath(root), root.stat())])[0]])
         elif root.is_dir():
-            digests = file_digests(list(visible_files(root)))
-            listing += [[path.relative_to(root).as_posix(), *digest] for path, digest in digests.items()]
+            top = os.path.abspath(root)
+            entries = list(visible_entries(top))
+            digests = file_digests([(entry.path, entry.stat()) for entry in entries])
+            start = len(top) + 1
+            listing += [[entry.path[start:], *digest] for entry, digest in zip(entries, digests, strict=True)]
         else:
             listing.append([root.name, None, None])
     return listing
@@ -60,36 +63,29 @@ def input_listing(paths: Iterable[str | Path]) -> list[list]:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of one file's bytes, read only when the stat cache does not know it."""
-    path = Path(path)
-    return file_digests([path])[path][1]
+    return file_digests([(os.path.abspath(path), Path(path).stat())])[0][1]
 
 
-def file_digests(paths: list[Path]) -> dict[Path, tuple[int, str]]:
-    """{path: (size, sha256)} in the order given, reading only files whose (size, mtime, inode) the stat cache has not
-    seen."""
-    stats = {path: path.stat() for path in paths}  # follows symlinks, as reading does
-    keys = {path: _key(path) for path in paths}
-    known = _StatCache.lookup([keys[p] for p in paths])
-    hashes, missing = {}, []
-    for path, stat in stats.items():
-        row = known.get(keys[path])
+def file_digests(files: list[tuple[str, os.stat_result]]) -> list[tuple[int, str]]:
+    """(size, sha256) of each (absolute path, its stat) in order, reading only the files whose (size, mtime, ctime,
+    inode) the stat cache has not seen."""
+    known = _StatCache.lookup([path for path, _ in files])
+    hashes: dict[str, str] = {}
+    missing = []
+    for path, stat in files:
+        row = known.get(path)
         if row is not None and row[:4] == _stat_key(stat):
             hashes[path] = row[4]
         else:
-            missing.append(path)
+            missing.append((path, stat))
     if missing:
         with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(missing))) as pool:
-            hashes.update(zip(missing, pool.map(sha256_file, missing), strict=True))
+            hashes.update(zip([p for p, _ in missing], pool.map(sha256_file, [p for p, _ in missing]), strict=True))
         settled = time.time_ns() - int(RACY_SECONDS * 1e9)
         _StatCache.store(
-            [(keys[p], *_stat_key(stats[p]), hashes[p]) for p in missing
-             if stats[p].st_mtime_ns < settled]
-        )  # fmt: skip
-    return {path: (stats[path].st_size, hashes[path]) for path in paths}
-
-
-def _key(path: Path) -> str:
-    return os.path.abspath(path)
+            [(path, *_stat_key(stat), hashes[path]) for path, stat in missing if stat.st_mtime_ns < settled]
+        )
+    return [(stat.st_size, hashes[path]) for path, stat in files]
 
 
 def _stat_key(stat: os.stat_result) -> tuple[int, int, int, int]:
