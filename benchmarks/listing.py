@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 from layerprobe import file_hashes
 from layerprobe.files import visible_files
@@ -50,14 +50,6 @@ def timed(function, *args) -> tuple[float, object]:
     start = time.perf_counter()
     result = function(*args)
     return time.perf_counter() - start, result
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

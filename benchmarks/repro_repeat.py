@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,14 +57,6 @@ def one_run(scratch: Path) -> tuple[int, float, str]:
     start = time.perf_counter()
     result = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
     return result.returncode, time.perf_counter() - start, result.stdout + result.stderr
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -83,6 +83,13 @@ def task_options(params: Params) -> dict[str, Any]:
     }
 
 
+def unit_lock(paths, step: str, *names: str):
+    """The unit's lock (`layerprobe.locks.unit_lock`), saying in the run's log when it waits and on whom."""
+    from layerprobe.locks import unit_lock as lock
+
+    return lock(paths, step, *names, log=get_run_logger().info)
+
+
 def log_step(summary: dict, what: str) -> None:
     """One line per step: reused or computed, and why (the fingerprint part that changed)."""
     logger = get_run_logger()
@@ -183,4 +190,4 @@ def select(names: list[str], wanted: list[str] | None, kind: str) -> list[str]:
 
 
 __all__ = ["FLOW_OPTIONS", "Params", "as_params", "gpu_slot", "load_params", "log_step", "parse_stage_args",
-           "run_stage", "select", "task_options", "task_runner", "worker_name"]  # fmt: skip
+           "run_stage", "select", "task_options", "task_runner", "unit_lock", "worker_name"]  # fmt: skip

@@ -14,7 +14,17 @@ import datetime as dt
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import FLOW_OPTIONS, Params, as_params, log_step, run_stage, select, task_options, task_runner
+from flows.common import (
+    FLOW_OPTIONS,
+    Params,
+    as_params,
+    log_step,
+    run_stage,
+    select,
+    task_options,
+    task_runner,
+    unit_lock,
+)
 from layerprobe import tracking
 from layerprobe.config import EvaluateConfig, PathsConfig
 from layerprobe.files import read_json, write_json
@@ -35,10 +45,11 @@ def evaluate_task(
     parent_run_id: str,
     run_params: dict,
 ) -> dict:
-    evaluation = evaluate_step(backbone_name, dataset_name, probe_name, evaluate=evaluate, paths=paths)
     evaluation_dir = paths.evaluation_dir(backbone_name, dataset_name, probe_name)
-    figures = draw_evaluation(evaluation, evaluation_dir, title=f"{backbone_name} / {dataset_name} / {probe_name}",
-                              redraw=evaluation["status"] == "computed")  # fmt: skip
+    with unit_lock(paths, "evaluate", backbone_name, dataset_name, probe_name):
+        evaluation = evaluate_step(backbone_name, dataset_name, probe_name, evaluate=evaluate, paths=paths)
+        figures = draw_evaluation(evaluation, evaluation_dir, title=f"{backbone_name} / {dataset_name} / {probe_name}",
+                                  redraw=evaluation["status"] == "computed")  # fmt: skip
     evaluation = {**evaluation, "outputs": {**evaluation["outputs"], **figures}}
     log_step(evaluation, f"evaluation {backbone_name}/{dataset_name}/{probe_name}")
     trained = read_json(paths.train_marker(backbone_name, dataset_name, probe_name))

@@ -20,6 +20,7 @@ from flows.common import (
     select,
     task_options,
     task_runner,
+    unit_lock,
 )
 from layerprobe.config import BackboneConfig, ExtractConfig, PathsConfig
 from layerprobe.workflow.extract import extract_step
@@ -34,7 +35,7 @@ def extract_task(
     paths: PathsConfig,
     gpu_limit: int = 1,
 ) -> dict:
-    with gpu_slot(extract.device, gpu_limit):
+    with unit_lock(paths, "extract", backbone_name, dataset_name), gpu_slot(extract.device, gpu_limit):
         summary = extract_step(backbone_name, dataset_name, backbone=backbone, extract=extract, paths=paths)
     log_step(summary, f"features {backbone_name}/{dataset_name} (content hash {summary['content_hash'][:12]})")
     return summary

@@ -17,6 +17,8 @@ from uuid import UUID
 from prefect import get_run_logger
 
 from flows.unit import WORKER_SLOT_ENV, unit_flow
+from layerprobe.config import PathsConfig
+from layerprobe.locks import lock_held, unit_lock_path
 from layerprobe.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,13 +118,15 @@ def results_storage(params: Params) -> Path:
     return (ROOT / params.paths.results / "prefect").resolve()
 
 
-def _crash_if_orphaned(client, run, alive: list[str]) -> None:
-    """A run whose worker stopped heartbeating (killed machine or worker) would stay RUNNING forever: mark it
-    Crashed, so the wait ends and a rerun picks the unit up (finished steps inside it are kept by their markers)."""
+def _crash_if_orphaned(client, run, alive: list[str], unit_lock: Path) -> None:
+    """A run whose worker is gone (killed machine or worker) would stay RUNNING forever: mark it Crashed, so the wait
+    ends and a rerun picks the unit up (finished steps inside it are kept by their markers). Gone means both: no
+    heartbeat from its worker, and the unit's lock free (a unit process that still runs, on a machine whose worker
+    stopped answering, still holds it: that unit is not lost, and running it again beside itself would be a waste)."""
     from prefect.states import Crashed
 
     worker = run.labels.get("prefect.worker.name")
-    if worker and worker not in alive and not run.state.is_scheduled():
+    if worker and worker not in alive and not run.state.is_scheduled() and not lock_held(unit_lock):
         message = f"worker {worker!r} stopped answering while running this unit"
         client.set_flow_run_state(run.id, Crashed(message=message), force=True)
 
@@ -138,36 +142,77 @@ def _run_on_pool(params: Params, units: list[tuple[str, str]]) -> list[dict]:
         deployment_id = deploy_unit(params, pool_type)
         logger.info("%d units on work pool %r (live workers: %s)", len(units), pool, ", ".join(workers))
         params_json = dataclasses.asdict(params)
-        runs = {
-            run_deployment(
-                deployment_id,
-                # the params the head node read, as JSON: every worker runs exactly these, whatever its params.yaml
-                parameters={"params": params_json, "backbone": backbone, "dataset": dataset},
-                timeout=0,  # submit and return: all units are queued at once, the workers take them
-                flow_run_name=f"unit-{backbone}-{dataset}",
-            ).id: (backbone, dataset)
-            for backbone, dataset in units
-        }
-        finished, last_live = {}, time.monotonic()
-        while len(finished) < len(runs):
-            time.sleep(POLL_SECONDS)
-            alive = live_workers(client, pool)
-            for run_id, (backbone, dataset) in runs.items():
-                if run_id in finished:
-                    continue
-                run = client.read_flow_run(run_id)
-                if run.state is not None and not run.state.is_final():
-                    _crash_if_orphaned(client, run, alive)
-                    run = client.read_flow_run(run_id)
-                if run.state is not None and run.state.is_final():
-                    finished[run_id] = _outcome(backbone, dataset, run.state, flow_run_id=run_id)
-                    logger.info("unit %s/%s: %s", backbone, dataset, run.state.type.value)
-            if alive:
-                last_live = time.monotonic()
-            elif time.monotonic() - last_live > wait:
-                waiting = [f"{b}/{d}" for run_id, (b, d) in runs.items() if run_id not in finished]
-                raise RuntimeError(
-                    f"work pool {pool!r} has had no live worker for {wait:g} s; units not finished: "
-                    f"{', '.join(waiting)} (start workers and run again: finished units are kept)"
+        runs: dict[UUID, tuple[str, str]] = {}
+        finished: dict[UUID, dict] = {}
+        try:
+            for backbone, dataset in units:
+                run = run_deployment(
+                    deployment_id,
+                    # the params the head node read, as JSON: every worker runs exactly these, whatever its params.yaml
+                    parameters={"params": params_json, "backbone": backbone, "dataset": dataset},
+                    timeout=0,  # submit and return: all units are queued at once, the workers take them
+                    flow_run_name=f"unit-{backbone}-{dataset}",
                 )
+                runs[run.id] = (backbone, dataset)
+            _wait_for_units(client, params.paths, pool, wait, runs, finished, logger)
+        except BaseException:
+            # Ctrl-C, the worker-wait error or any failure here: the pipeline owns what it submitted, so nothing it
+            # started is left queued or running for a worker to pick up after it has gone.
+            cancelled = cancel_unfinished(client, [run_id for run_id in runs if run_id not in finished], logger=logger)
+            if cancelled:
+                logger.warning("cancelled %d submitted units that had not finished: %s", len(cancelled),
+                               ", ".join(f"{b}/{d}" for b, d in (runs[i] for i in cancelled)))  # fmt: skip
+            raise
     return [finished[run_id] for run_id in runs]
+
+
+def _wait_for_units(client, paths: PathsConfig, pool: str, wait: float, runs: dict, finished: dict, logger) -> None:
+    """Poll until every submitted unit is final, marking units of vanished workers Crashed; fail when no worker has
+    been alive for `wait` seconds."""
+    last_live = time.monotonic()
+    while len(finished) < len(runs):
+        time.sleep(POLL_SECONDS)
+        alive = live_workers(client, pool)
+        for run_id, (backbone, dataset) in runs.items():
+            if run_id in finished:
+                continue
+            run = client.read_flow_run(run_id)
+            if run.state is not None and not run.state.is_final():
+                _crash_if_orphaned(client, run, alive, unit_lock_path(paths, "unit", backbone, dataset))
+                run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                finished[run_id] = _outcome(backbone, dataset, run.state, flow_run_id=run_id)
+                logger.info("unit %s/%s: %s", backbone, dataset, run.state.type.value)
+        if alive:
+            last_live = time.monotonic()
+        elif time.monotonic() - last_live > wait:
+            waiting = [f"{b}/{d}" for run_id, (b, d) in runs.items() if run_id not in finished]
+            raise RuntimeError(
+                f"work pool {pool!r} has had no live worker for {wait:g} s; units not finished: "
+                f"{', '.join(waiting)} (start workers and run again: finished units are kept)"
+            )
+
+
+def cancel_unfinished(client, run_ids: list[UUID], *, logger) -> list[UUID]:
+    """Cancel these flow runs unless already final: a queued one at once; a running one through its worker
+    (Cancelling: the worker stops its process, which releases the unit's locks), or at once when its worker is gone.
+    Returns the ids it cancelled."""
+    from prefect.states import Cancelled, Cancelling
+
+    cancelled = []
+    for run_id in run_ids:
+        try:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                continue
+            running = run.state is not None and (run.state.is_running() or run.state.is_pending())
+            worker = run.labels.get("prefect.worker.name")
+            pool = run.work_pool_name
+            through_worker = running and worker and pool and worker in live_workers(client, pool)
+            state = Cancelling(message="layerprobe run stopped") if through_worker else Cancelled(
+                message="layerprobe run stopped before this unit finished")  # fmt: skip
+            client.set_flow_run_state(run_id, state, force=True)
+            cancelled.append(run_id)
+        except Exception as error:  # noqa: BLE001 - one unit we cannot cancel must not stop cancelling the others
+            logger.error("could not cancel flow run %s (cancel it in the Prefect UI): %s", run_id, error)
+    return cancelled

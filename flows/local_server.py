@@ -2,9 +2,10 @@
 
 `dvc repro` runs each stage as its own `python -m flows.<stage>` process, and without PREFECT_API_URL Prefect starts
 a temporary server inside every one of them (5-10 s each, and on a busy machine it can miss its start-up deadline).
-`prefect_api()` instead attaches to a server recorded under PREFECT_HOME (`layerprobe-server/server.json`), starting
-it the first time; the server stops itself once no stage process has been attached for `IDLE_SECONDS`. With
-PREFECT_API_URL set (your own `prefect server start`, a work pool's server, the test harness), that server is used.
+`prefect_api()` instead attaches to a server recorded under PREFECT_HOME (`layerprobe-server/<host>-<project>/
+server.json`, one per project folder and host), starting it the first time; the server stops itself once no stage
+process of its project has been attached for `IDLE_SECONDS`. With PREFECT_API_URL set (your own `prefect server
+start`, a work pool's server, the test harness), that server is used.
 
 Run by hand (what `prefect_api()` starts):  python -m flows.local_server --port 4300 --idle-seconds 60
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from layerprobe.locks import file_lock, process_alive
 
+PROJECT = Path(__file__).resolve().parents[1]  # the project folder whose flows/ this is
 # DVC starts the next stage within seconds; a minute also covers a slow machine (LAYERPROBE_SERVER_IDLE_SECONDS).
 IDLE_SECONDS = float(os.environ.get("LAYERPROBE_SERVER_IDLE_SECONDS", 60))
 
@@ -51,9 +54,12 @@ def prefect_api() -> Iterator[str]:
 
 
 def _state_dir() -> Path:
+    """This project's server state on this host: two projects on one machine, or one home shared by several hosts,
+    never stop or borrow each other's server (each idle watcher counts only its own project's stage processes)."""
     from prefect.settings import PREFECT_HOME
 
-    return Path(PREFECT_HOME.value()).expanduser() / "layerprobe-server"
+    project = hashlib.sha256(str(PROJECT).encode()).hexdigest()[:12]
+    return Path(PREFECT_HOME.value()).expanduser() / "layerprobe-server" / f"{socket.gethostname()}-{project}"
 
 
 def _running_server(state: Path) -> str | None:
@@ -86,8 +92,8 @@ def _start_server(state: Path) -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
-    root = Path(__file__).resolve().parents[1]  # so `-m flows.local_server` imports from any working directory
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    # PYTHONPATH: so `-m flows.local_server` imports from any working directory
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "flows.local_server", "--port", str(port), "--state", str(state),
                "--idle-seconds", str(IDLE_SECONDS)]  # fmt: skip
     with open(state / "server.log", "ab") as log:

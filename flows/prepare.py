@@ -11,15 +11,24 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import FLOW_OPTIONS, Params, as_params, log_step, run_stage, select, task_options, task_runner
+from flows.common import (
+    FLOW_OPTIONS,
+    Params,
+    as_params,
+    log_step,
+    run_stage,
+    select,
+    task_options,
+    task_runner,
+    unit_lock,
+)
 from layerprobe.config import DatasetConfig, PathsConfig, PrepareConfig
-from layerprobe.locks import prepare_lock
 from layerprobe.workflow.prepare import prepare_step
 
 
 @task(name="prepare-dataset", task_run_name="prepare-{name}")
 def prepare_task(name: str, dataset: DatasetConfig, prepare: PrepareConfig, paths: PathsConfig) -> dict:
-    with prepare_lock(paths, name):
+    with unit_lock(paths, "prepare", name):  # units of several backbones may prepare one dataset at once
         summary = prepare_step(name, dataset=dataset, prepare=prepare, paths=paths)
     log_step(summary, f"dataset {name}")
     return summary

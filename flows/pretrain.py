@@ -22,15 +22,16 @@ from flows.common import (
     select,
     task_options,
     task_runner,
+    unit_lock,
 )
 from layerprobe import tracking
-from layerprobe.config import BackboneConfig
+from layerprobe.config import BackboneConfig, PathsConfig
 from layerprobe.workflow.pretrain import pretrain_step
 
 
 @task(name="pretrain-backbone", task_run_name="pretrain-{backbone_name}")
-def pretrain_task(backbone_name: str, backbone: BackboneConfig, gpu_limit: int = 1) -> dict:
-    with gpu_slot(backbone.pretrain.device, gpu_limit):
+def pretrain_task(backbone_name: str, backbone: BackboneConfig, paths: PathsConfig, gpu_limit: int = 1) -> dict:
+    with unit_lock(paths, "pretrain", backbone_name), gpu_slot(backbone.pretrain.device, gpu_limit):
         summary = pretrain_step(backbone_name, backbone=backbone)
     log_step(summary, f"backbone {backbone_name} (held-out accuracy {summary['held_out_accuracy']:.3f})")
     return summary
@@ -46,7 +47,7 @@ def pretrain_flow(params: Params | str = "params.yaml", backbones: list[str] | N
             raise ValueError(f"backbones.{name}.checkpoint must lie in {params.paths.pretrained_dir}/, the pretrain "
                              "stage's output that DVC tracks")  # fmt: skip
     pretrain = pretrain_task.with_options(**task_options(params))
-    futures = [pretrain.submit(b, params.backbones[b], params.flow.gpu_concurrency) for b in names]
+    futures = [pretrain.submit(b, params.backbones[b], params.paths, params.flow.gpu_concurrency) for b in names]
     summaries = [future.result() for future in futures]
     computed = [s for s in summaries if s["status"] == "computed"]
     if computed:  # a reused checkpoint was recorded when it was made

@@ -20,6 +20,7 @@ from flows.common import (
     select,
     task_options,
     task_runner,
+    unit_lock,
 )
 from layerprobe.config import PathsConfig, ProbeConfig, TrainConfig
 from layerprobe.workflow.train import train_step
@@ -35,7 +36,7 @@ def train_task(
     paths: PathsConfig,
     gpu_limit: int = 1,
 ) -> dict:
-    with gpu_slot(train.device, gpu_limit):
+    with unit_lock(paths, "train", backbone_name, dataset_name, probe_name), gpu_slot(train.device, gpu_limit):
         summary = train_step(backbone_name, dataset_name, probe_name, probe=probe, train=train, paths=paths)
     best = ", ".join(f"seed {s['seed']}: {s['best']} val {s['val_balanced_accuracy']:.4f}" for s in summary["seeds"])
     log_step(summary, f"probe {backbone_name}/{dataset_name}/{probe_name} ({best})")

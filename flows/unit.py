@@ -26,6 +26,7 @@ from flows.common import (
     run_stage,
     task_options,
     task_runner,
+    unit_lock,
     worker_name,
 )
 from flows.extract import extract_task
@@ -54,7 +55,12 @@ def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", d
     options = task_options(params)
     worker = worker_name()
     slot = f"gpu:{worker}" if worker and os.environ.get(WORKER_SLOT_ENV) else None
-    with concurrency_slot(slot, 1) if slot else contextlib.nullcontext():
+    # The whole unit under its lock (before the GPU slot: a unit waiting on an earlier run of itself holds no GPU):
+    # a rerun never runs a unit beside its earlier run that still works; it waits, then reuses what that one wrote.
+    with (
+        unit_lock(params.paths, "unit", backbone, dataset),
+        concurrency_slot(slot, 1) if slot else contextlib.nullcontext(),
+    ):
         started = _now()
         prepared = prepare_task.with_options(**options)(dataset, params.datasets[dataset], params.prepare, params.paths)
         features = extract_task.with_options(**options)(

@@ -124,26 +124,30 @@ def run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess
     return result
 
 
-@pytest.fixture
-def dvc_repo(tmp_path, migrated_mlflow_db, prefect_harness) -> tuple[Path, dict]:
-    """A git + DVC repository holding this project's pipeline, code and a tiny params.yaml."""
-    from prefect.settings import PREFECT_API_URL
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def make_dvc_repo(repo: Path, mlflow_db: Path, env: dict) -> Path:
+    """A git + DVC repository at `repo` holding this project's pipeline, code and a tiny params.yaml."""
+    repo.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("flows", "src", "datasets", "checkpoints"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (repo / "mlruns").mkdir()
-    shutil.copy(migrated_mlflow_db, repo / "mlruns" / "mlflow.db")
+    shutil.copy(mlflow_db, repo / "mlruns" / "mlflow.db")
     write_params(repo, tiny_params())
+    run(["git", "init", "-q"], repo, env)
+    run(["dvc", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "tiny project"], repo, env)
+    return repo
+
+
+def repo_env(repo: Path, prefect_home: Path) -> dict:
+    """The environment a stage of `repo` runs in: the copy's code (which tests edit), offline, quiet."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo}",  # the copy's code, which the tests edit, is what runs
-        "PREFECT_API_URL": PREFECT_API_URL.value(),  # the session's server: no temporary server per stage
-        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",
         "GIT_AUTHOR_NAME": "t",
@@ -152,8 +156,16 @@ def dvc_repo(tmp_path, migrated_mlflow_db, prefect_harness) -> tuple[Path, dict]
         "GIT_COMMITTER_EMAIL": "t@t",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    run(["git", "init", "-q"], repo, env)
-    run(["dvc", "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "tiny project"], repo, env)
-    return repo, env
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, migrated_mlflow_db, prefect_harness) -> tuple[Path, dict]:
+    """A git + DVC repository holding this project's pipeline, code and a tiny params.yaml; its stages use the test
+    session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    repo = tmp_path / "repo"
+    env = {**repo_env(repo, tmp_path / "prefect"), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return make_dvc_repo(repo, migrated_mlflow_db, env), env

@@ -217,3 +217,22 @@ def test_served_pipeline_uses_the_cron_schedule_from_params(project_dir):
     assert deployment.name == "nightly-test"
     assert deployment.parameters == {"params": "params.yaml"}
     assert [s.schedule.cron for s in deployment.schedules] == ["15 4 * * *"]
+
+
+def test_the_pipeline_reads_params_once_and_passes_them_down(trained_project, monkeypatch):
+    import layerprobe.params
+    from flows import common
+    from flows.pipeline import pipeline
+
+    params = load_params("params.yaml")
+    reads = []
+    real = layerprobe.params.load_params
+
+    def counting(path="params.yaml"):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(common, "load_params", counting)  # what every flow would call to read the file again
+    summary = pipeline(params)
+    assert reads == []  # pretrain, the units, evaluate and report all ran on the Params they were given
+    assert [unit["summary"]["status"]["extract"] for unit in summary["units"]] == ["reused"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_dvc_repo, repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # Attach, run a flow against the API, then stay attached until `release` exists (when given).
@@ -52,8 +53,33 @@ def test_stage_processes_share_one_server_that_stops_when_idle(tmp_path):
     finally:
         release.touch()
         holder.wait(timeout=60)
-    pid = json.loads((tmp_path / "prefect/layerprobe-server/server.json").read_text())["pid"]
+    (record,) = (tmp_path / "prefect/layerprobe-server").glob("*/server.json")  # this project's, on this host
+    pid = json.loads(record.read_text())["pid"]
     deadline = time.monotonic() + 60
     while Path(f"/proc/{pid}").exists():  # nobody attached any more: it exits after the idle time
         assert time.monotonic() < deadline, "the shared server did not stop when idle"
         time.sleep(0.5)
+
+
+def test_two_projects_on_one_machine_run_at_once_each_on_its_own_server(tmp_path, migrated_mlflow_db):
+    """Two project folders, one Prefect home, `dvc repro` in both at the same time, servers that stop 1 s after
+    their last stage: each project runs on its own server, so neither stops nor borrows the other's."""
+    home = tmp_path / "prefect"
+    repos = [make_dvc_repo(tmp_path / name, migrated_mlflow_db, repo_env(tmp_path / name, home)) for name in "ab"]
+    processes = [
+        subprocess.Popen(
+            ["dvc", "repro", "prepare"],
+            cwd=repo,
+            env={**repo_env(repo, home), "LAYERPROBE_SERVER_IDLE_SECONDS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for repo in repos
+    ]
+    for process in processes:
+        out, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, out[-3000:]
+    servers = sorted((home / "layerprobe-server").glob("*/server.json"))
+    assert len(servers) == 2 and len({json.loads(path.read_text())["url"] for path in servers}) == 2
+    assert all((repo / "data/prepared/count/splits.json").is_file() for repo in repos)

@@ -170,6 +170,7 @@ def test_touched_moved_edited_or_cloned_projects_recompute_only_the_new_datasets
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
     shutil.copytree(repo / "datasets", clone / "datasets", dirs_exist_ok=True)
+    (clone / "mlruns").mkdir(exist_ok=True)
     shutil.copy(repo / "mlruns" / "mlflow.db", clone / "mlruns" / "mlflow.db")  # a migrated store (saves the migration)
     clone_env = env_for(clone, env)
     run(["dvc", "pull", "-q"], clone, clone_env)

@@ -69,6 +69,16 @@ def running_units(worker: str) -> list[str]:
     return [r.name for r in runs if r.labels.get("prefect.worker.name") == worker and r.state and r.state.is_running()]
 
 
+def unfinished_units() -> list[str]:
+    """Unit flow runs queued, pending, running or being cancelled."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    return [f"{r.name}: {r.state.name}" for r in runs if r.name.startswith("unit-") and r.state and
+            not r.state.is_final()]  # fmt: skip
+
+
 def assert_each_slot_held_one_unit_at_a_time(outcomes: list[dict]) -> None:
     by_slot: dict[str, list[tuple]] = {}
     for outcome in outcomes:
@@ -117,10 +127,26 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         assert {f"{b}/{d}" for b, datasets in metrics.items() for d in datasets} == done
         assert_each_slot_held_one_unit_at_a_time(outcomes)
 
-        # The rerun, on gpu0 and a new gpu2: the lost unit is picked up, everything finished is reused, and DVC
-        # records it all.
+        # Interrupted with Ctrl-C while units run, on gpu0 and a new gpu2: every flow run it submitted is cancelled,
+        # none is left queued or running for a worker to pick up after it has gone.
         write_params(repo, suite_params(broken=False))
         workers["gpu2"] = start_worker("gpu2", env)
+        interrupted = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not (running_units("gpu0") or running_units("gpu2")):
+            assert interrupted.poll() is None and time.monotonic() < deadline, "no unit ever ran"
+            time.sleep(0.2)
+        interrupted.send_signal(signal.SIGINT)
+        _, err = interrupted.communicate(timeout=300)
+        assert interrupted.returncode == 130 and "interrupted" in err, err[-2000:]
+        deadline = time.monotonic() + 120
+        while unfinished_units():  # the workers stop their cancelled units' processes
+            assert time.monotonic() < deadline, f"left unfinished: {unfinished_units()}"
+            time.sleep(0.5)
+
+        # The rerun, on gpu0 and gpu2: the lost unit is picked up, everything finished is reused, and DVC records
+        # it all.
         second = run(command, repo, env)
         assert "dvc.lock records this run" in second.stdout
         outcomes = json.loads((repo / "results/units.json").read_text())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from layerprobe.config import PROBE_CONFIG, PROBE_WEIGHTS
+from layerprobe.files import replace_durably, tmp_path, write_bytes_atomic
 from layerprobe.probes import head_from_description
 
 FORMAT_VERSION = 1
@@ -58,11 +58,10 @@ def save_probe(directory: str | Path, probe: nn.Module, config: dict) -> Path:
     text = json.dumps(document, indent=2, sort_keys=False)
     tensors = {name: value.detach().cpu().contiguous() for name, value in probe.state_dict().items()}
     # Temporaries then rename; the JSON goes last, so a directory with probe.json has complete weights.
-    weights_tmp, config_tmp = directory / f".{PROBE_WEIGHTS}.tmp", directory / f".{PROBE_CONFIG}.tmp"
+    weights_tmp = tmp_path(directory / PROBE_WEIGHTS)
     save_file(tensors, str(weights_tmp), metadata={"format_version": str(FORMAT_VERSION)})
-    config_tmp.write_text(text)
-    os.replace(weights_tmp, directory / PROBE_WEIGHTS)
-    os.replace(config_tmp, directory / PROBE_CONFIG)
+    replace_durably(weights_tmp, directory / PROBE_WEIGHTS)
+    write_bytes_atomic(directory / PROBE_CONFIG, text.encode())
     return directory
 
 

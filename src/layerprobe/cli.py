@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one line naming what is wrong; the traceback helps nobody who typed a wrong name.
         print(f"layerprobe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished units keep their markers; `layerprobe run` has cancelled what it submitted
+        print(f"layerprobe {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +217,8 @@ def run_pretrain(args) -> int:
         from layerprobe.registry import unknown_name_error
 
         raise unknown_name_error("backbone", args.backbone, list(params.backbones))
-    summary = pretrain_step(args.backbone, backbone=params.backbones[args.backbone], progress=not args.no_progress)
+    with _unit_lock(args, params.paths, "pretrain", args.backbone):
+        summary = pretrain_step(args.backbone, backbone=params.backbones[args.backbone], progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     return 0
 
@@ -227,12 +231,18 @@ def run_prepare(args) -> int:
 
 def _prepare(args, params: Params | None, paths: PathsConfig) -> dict:
     """The prepare step under its dataset's lock, as the flows run it."""
-    from layerprobe.locks import prepare_lock
     from layerprobe.workflow.prepare import prepare_step
 
     dataset, prepare = _resolve_dataset(args, params), _section(params, "prepare", PrepareConfig())
-    with prepare_lock(paths, args.dataset):
+    with _unit_lock(args, paths, "prepare", args.dataset):
         return prepare_step(args.dataset, dataset=dataset, prepare=prepare, paths=paths)
+
+
+def _unit_lock(args, paths: PathsConfig, step: str, *names: str):
+    """The unit's lock, as the flows hold it: a second run of the unit waits (saying on whom), then reuses."""
+    from layerprobe.locks import unit_lock
+
+    return unit_lock(paths, step, *names, log=lambda line: print(f"layerprobe {args.command}: {line}", file=sys.stderr))
 
 
 def run_extract(args) -> int:
@@ -247,15 +257,16 @@ def run_extract(args) -> int:
         tap=args.tap, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
         final_patch_tokens=args.final_patch_tokens,
     )  # fmt: skip
-    summary = extract_step(
-        args.backbone,
-        args.dataset,
-        backbone=backbone,
-        extract=extract,
-        paths=paths,
-        out_dir=args.out,
-        progress=not args.no_progress,
-    )
+    with _unit_lock(args, paths, "extract", args.backbone, args.dataset):
+        summary = extract_step(
+            args.backbone,
+            args.dataset,
+            backbone=backbone,
+            extract=extract,
+            paths=paths,
+            out_dir=args.out,
+            progress=not args.no_progress,
+        )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -268,14 +279,16 @@ def run_train(args) -> int:
         _section(params, "train", TrainConfig()),
         lrs=args.lr, weight_decays=args.weight_decay, min_steps=args.min_steps, device=args.device,
     )  # fmt: skip
-    summary = train_step(
-        args.backbone,
-        args.dataset,
-        args.probe,
-        probe=params.probe_config(args.probe) if params else ProbeConfig(),
-        train=train,
-        paths=_paths(params),
-    )
+    paths = _paths(params)
+    with _unit_lock(args, paths, "train", args.backbone, args.dataset, args.probe):
+        summary = train_step(
+            args.backbone,
+            args.dataset,
+            args.probe,
+            probe=params.probe_config(args.probe) if params else ProbeConfig(),
+            train=train,
+            paths=paths,
+        )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -286,16 +299,17 @@ def run_evaluate(args) -> int:
 
     params = _params(args)
     paths = _paths(params)
-    result = evaluate_step(
-        args.backbone,
-        args.dataset,
-        args.probe,
-        evaluate=_section(params, "evaluate", EvaluateConfig()),
-        paths=paths,
-    )
-    figures = draw_evaluation(result, paths.evaluation_dir(args.backbone, args.dataset, args.probe),
-                              title=f"{args.backbone} / {args.dataset} / {args.probe}",
-                              redraw=result["status"] == "computed")  # fmt: skip
+    with _unit_lock(args, paths, "evaluate", args.backbone, args.dataset, args.probe):
+        result = evaluate_step(
+            args.backbone,
+            args.dataset,
+            args.probe,
+            evaluate=_section(params, "evaluate", EvaluateConfig()),
+            paths=paths,
+        )
+        figures = draw_evaluation(result, paths.evaluation_dir(args.backbone, args.dataset, args.probe),
+                                  title=f"{args.backbone} / {args.dataset} / {args.probe}",
+                                  redraw=result["status"] == "computed")  # fmt: skip
     result["outputs"] = {**result["outputs"], **figures}
     shown = ("probe", "backbone", "dataset", "test", "test_ci", "val_balanced_accuracy", "outputs", "status")
     print(json.dumps({k: result[k] for k in shown}, indent=2))

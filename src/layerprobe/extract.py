@@ -32,7 +32,7 @@ from layerprobe.features import (
     write_patch_shard,
     write_shard,
 )
-from layerprobe.files import TMP_SUFFIX, canonical_json, read_json, sha256_file
+from layerprobe.files import canonical_json, is_temporary, read_json, sha256_file
 
 _log = logging.getLogger(__name__)
 
@@ -436,7 +436,9 @@ def extract_features(
     planned_files = {p.file for p in plans} | ({patch_shard_name(p.file) for p in plans} if patches else set())
     for path in out_dir.iterdir():
         listed = path.name.startswith(("shard-", "patches-"))
-        stale = path.name.endswith(TMP_SUFFIX) or (listed and path.name not in planned_files)
+        # Shards of an older plan go; temporaries are left to whoever holds the unit's lock (`layerprobe.locks`),
+        # which knows whose they are: a second writer's half-written shard is not this one's to delete.
+        stale = listed and not is_temporary(path) and path.name not in planned_files
         if stale and path.is_file():
             path.unlink()
 

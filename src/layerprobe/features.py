@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from layerprobe.config import FORMATS, MANIFEST_FILE
-from layerprobe.files import canonical_json, read_json, sha256_file, tmp_path, write_json
+from layerprobe.files import canonical_json, read_json, replace_durably, sha256_file, tmp_path, write_json
 from layerprobe.registry import unknown_name_error
 
 FORMAT = FORMATS["features"]
@@ -128,7 +127,7 @@ def _write_batch(path: Path, columns: dict, name: str, values: np.ndarray, metad
     tmp = tmp_path(path)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_batch(batch)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
     return sha256_file(path)
 
 
@@ -206,6 +205,11 @@ def write_manifest(
         "plan_sha256": plan_sha256,
         "shards": entries,
         "content_hash": content_hash(provenance, _file_hashes(entries)),
+        # every file of the cache with its size: a reuse checks them (a deleted shard is recomputed, not trusted)
+        "files": {
+            **{e["file"]: e["bytes"] for e in entries},
+            **{e["patches"]["file"]: e["patches"]["bytes"] for e in entries if "patches" in e},
+        },
         "recorded": recorded,
     }
     write_json(Path(cache_dir) / MANIFEST_FILE, manifest)

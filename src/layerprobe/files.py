@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,19 +37,41 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def tmp_path(path: Path) -> Path:
-    """The hidden temporary name `path` is written under before the rename."""
-    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+def tmp_path(path: str | Path) -> Path:
+    """A hidden temporary name for `path`, unique to this writer (host, process, random): two writers of one file
+    (on two machines sharing a filesystem) never write or rename each other's half-written bytes."""
+    path = Path(path)
+    host = socket.gethostname().replace(".", "_")
+    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary of `tmp_path` (a file never renamed: its writer died or is still writing)."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+
+
+def replace_durably(tmp: Path, path: Path) -> Path:
+    """Rename `tmp` to `path` once its bytes are on disk: fsync the data, rename, fsync the folder, so a crash of
+    the machine leaves the old file or the whole new one, never a name pointing at unwritten blocks."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return path
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write to a temporary name, then rename: a killed run never leaves half a file under `path`."""
+    """Write to a temporary name, then rename durably: a killed run or a crashed machine never leaves half a file
+    under `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return replace_durably(tmp, path)
 
 
 def write_json(path: str | Path, value: Any) -> Path:

@@ -56,20 +56,38 @@ def make_fingerprint(step_module: str, *, format: str, params: Any, inputs: Any)
 
 
 def staleness(marker: Path, fingerprint: Fingerprint) -> str | None:
-    """None when `marker` records `fingerprint`; otherwise why the output must be recomputed (for the logs)."""
+    """None when `marker` records `fingerprint` and every file it lists is there with its recorded size; otherwise
+    why the output must be recomputed (for the logs). Checking sizes costs a `stat` per file, never a read."""
     marker = Path(marker)
     if not marker.is_file():
         return "not computed yet"
     try:
-        recorded = read_json(marker).get("fingerprint")
+        document = read_json(marker)
+        recorded = document.get("fingerprint")
     except (ValueError, AttributeError):
         return f"{marker.name} is unreadable"
     if not isinstance(recorded, dict):
         return f"{marker.name} records no fingerprint"
-    if recorded.get("value") == fingerprint.value:
-        return None
-    changed = [part for part in PARTS if recorded.get(part) != getattr(fingerprint, part)]
-    return f"{' and '.join(changed) or 'fingerprint'} changed"
+    if recorded.get("value") != fingerprint.value:
+        changed = [part for part in PARTS if recorded.get(part) != getattr(fingerprint, part)]
+        return f"{' and '.join(changed) or 'fingerprint'} changed"
+    return missing_files(marker.parent, document.get("files") or {})
+
+
+def listed_files(folder: Path, names: list[str]) -> dict[str, int]:
+    """{name: size} of the files (relative to `folder`, the marker's) that a marker lists as its output."""
+    return {name: (Path(folder) / name).stat().st_size for name in names}
+
+
+def missing_files(folder: Path, files: dict[str, int]) -> str | None:
+    """Why the files a marker lists are not its output any more (the first one missing or resized), or None."""
+    for name, size in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} changed size ({size} bytes recorded, {path.stat().st_size} now)"
+    return None
 
 
 def provenance_record() -> dict[str, Any]:

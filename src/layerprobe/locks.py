@@ -1,38 +1,147 @@
-"""Locks and process checks shared by the pipeline's processes: orchestration, never part of a code key.
+"""One writer per unit: file locks held around a step, and process checks. Orchestration, never part of a code key.
 
-Steps do not import this module: whoever runs a step (a flow's task, a CLI command) holds the lock around it, so
-editing how locks work never makes a cache look stale.
+Steps do not import this module: whoever runs a step (a flow's task, a CLI command) holds its unit's lock around it,
+so two runs of one unit (a rerun while the last run's units still work, two people on one project folder, two
+workers given the same unit) never write one output at once. The second waits, says on whom, then finds the first's
+marker and reuses what it wrote.
+
+The lock is `flock(2)` on a hidden file beside the output: the kernel releases it when its holder exits or dies, so
+there is no stale lock to break and no rule that could break a live holder's. On NFS (v3 with lockd, v4 default
+mounts) Linux turns `flock` into an NFS byte-range lock, which the server releases when the holder's lease lapses
+(a crashed host: about 90 s); Lustre honours it when mounted with `-o flock` (the default `noflock` refuses it). A
+filesystem that refuses locks (NFS mounted `nolock`, Lustre without `flock`, some FUSE mounts) is an error naming the
+path and the fix, not a silent run without a lock, and never retried as a transient failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import errno
 import fcntl
+import json
 import os
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from layerprobe.config import PathsConfig
+from layerprobe.files import is_temporary
+
+WAIT_REPORT_SECONDS = 30.0  # while waiting on another writer, say so again this often
+
+
+class LockUnavailableError(ValueError):
+    """The filesystem refuses file locks: a permanent problem (a mount option), not worth a retry."""
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if needed) across processes; released even if the holder dies."""
+def file_lock(path: str | Path, *, what: str | None = None, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed) across processes and hosts; released even if the holder
+    dies. When another process holds it, `log` says so (naming `what` and the holder) and this one waits."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(path, "a+") as handle:
+        if not _try_lock(handle, path):
+            holder = _holder(path)
+            say = log or (lambda message: None)
+            say(f"{what or path}: waiting for {holder}, which is computing it")
+            start = time.monotonic()
+            while not _try_lock(handle, path, wait=WAIT_REPORT_SECONDS):
+                say(f"{what or path}: still waiting for {_holder(path)} ({time.monotonic() - start:.0f} s)")
+            say(f"{what or path}: {holder} finished after {time.monotonic() - start:.0f} s; checking what it wrote")
         try:
+            _write_holder(handle)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def prepare_lock(paths: PathsConfig, dataset: str) -> contextlib.AbstractContextManager[None]:
-    """The lock of one dataset's prepare step: units of several backbones (on several machines of a work pool) may
-    prepare one dataset at once; one does it, the others wait and then reuse it. A file lock, because the kernel
-    drops it with a process that dies holding it."""
-    return file_lock(paths.prepared_dir(dataset).parent / f".{dataset}.prepare.lock")
+def _try_lock(handle, path: Path, *, wait: float = 0.0) -> bool:
+    """Take the lock without blocking, or within `wait` seconds (polling, so the waiter can report)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        except OSError as error:
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise LockUnavailableError(
+                    f"cannot lock {path}: its filesystem refuses file locks ({os.strerror(error.errno)}); mount it "
+                    "with locking (NFS: not `nolock`; Lustre: `-o flock`) or put paths.* on a local disk"
+                ) from None
+            raise
+
+
+def _write_holder(handle) -> None:
+    """Record who holds the lock, for whoever waits on it (the lock itself is the kernel's, not this text)."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))  # fmt: skip
+    handle.flush()
+
+
+def _holder(path: Path) -> str:
+    try:
+        record = json.loads(path.read_text() or "{}")
+        return f"pid {record['pid']} on {record['host']} (since {record['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+# Where each step's unit lock lies (a hidden `.<name>.<step>.lock`, which DVC ignores) and the folder only that unit
+# writes (None: a folder shared with other units).
+_UNITS: dict[str, Callable[..., tuple[Path, str, Path | None]]] = {
+    # a whole unit of `layerprobe run` (backbone x dataset), held by the unit flow around its steps
+    "unit": lambda paths, backbone, dataset: (Path(paths.features) / backbone, dataset, None),
+    "pretrain": lambda paths, backbone: (paths.pretrained_dir, backbone, None),
+    "prepare": lambda paths, dataset: (Path(paths.data), dataset, paths.prepared_dir(dataset)),
+    "extract": lambda paths, backbone, dataset: (
+        Path(paths.features) / backbone, dataset, paths.features_dir(backbone, dataset)),
+    "train": lambda paths, backbone, dataset, probe: (
+        paths.probe_dir(backbone, dataset, probe).parent, probe, paths.probe_dir(backbone, dataset, probe)),
+    "evaluate": lambda paths, backbone, dataset, probe: (
+        paths.evaluation_dir(backbone, dataset, probe).parent, probe, paths.evaluation_dir(backbone, dataset, probe)),
+}  # fmt: skip
+
+
+def unit_lock_path(paths: PathsConfig, step: str, *names: str) -> Path:
+    folder, name, _ = _UNITS[step](paths, *names)
+    return folder / f".{name}.{step}.lock"
+
+
+def lock_held(path: Path) -> bool:
+    """Whether some process (on any host sharing the filesystem) holds the lock at `path` now."""
+    if not path.is_file():
+        return False
+    with open(path, "a+") as handle:
+        if _try_lock(handle, path):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def unit_lock(paths: PathsConfig, step: str, *names: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock of one unit of a step: `pretrain` (backbone), `prepare` (dataset), `extract` (backbone,
+    dataset), `train` and `evaluate` (backbone, dataset, probe); a second run of the unit waits for it.
+
+    Once held, the temporaries left in the unit's folder are removed: every writer of the unit writes only while
+    holding this lock, so a temporary still there when the lock is free belongs to a writer that died mid-write.
+    """
+    _, _, output = _UNITS[step](paths, *names)
+    with file_lock(unit_lock_path(paths, step, *names), what=f"{step} {'/'.join(names)}", log=log):
+        if output is not None and output.is_dir():
+            for path in output.rglob(".*"):
+                if is_temporary(path) and path.is_file():
+                    path.unlink(missing_ok=True)
+        yield
 
 
 def process_alive(pid: int) -> bool:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from layerprobe.config import HEATMAP_JSON  # noqa: E402
-from layerprobe.files import read_json  # noqa: E402
+from layerprobe.files import read_json, tmp_path  # noqa: E402
 
 DPI = 120
 HEATMAP_PNG = "heatmap.png"  # per evaluated probe, beside its heatmap.json
@@ -27,8 +27,8 @@ def heatmap_figsize(num_layers: int, num_tokens: int) -> tuple[float, float]:
 def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)  # fixed canvas (no bbox "tight"), so the pixel size is predictable
+    tmp = tmp_path(path)  # unique to this writer; the format is named, as the temporary name has no image suffix
+    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")  # fixed canvas: predictable pixel size
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -132,6 +132,7 @@ def prepare_dataset(
             split_lists, list(dataset.class_names), description, images_sha256, (fingerprint or {}).get("inputs")
         ),
         "format": FORMATS["prepared"],
+        "files": {IMAGES_TAR: tar_path.stat().st_size} if materialised else {},  # checked before any reuse
         "fingerprint": fingerprint,
         "recorded": recorded,
         "splits": split_lists,

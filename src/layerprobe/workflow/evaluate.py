@@ -18,7 +18,7 @@ from layerprobe.config import (
     PathsConfig,
 )
 from layerprobe.files import read_json, sha256_file, write_arrays, write_json
-from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
+from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, provenance_record, staleness
 
 
 def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
@@ -123,6 +123,7 @@ def evaluate_step(
         "heatmap": heatmap_kind,  # None (a linear probe), "layers" or "patches"
         "outputs": outputs,
         "format": FORMATS["evaluation"],
+        "files": listed_files(out_dir, [PREDICTIONS_FILE, *([HEATMAP_JSON] if heatmap_kind else [])]),
         "fingerprint": fingerprint.as_dict(),
         "recorded": provenance_record(),
     }

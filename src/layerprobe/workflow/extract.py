@@ -61,6 +61,8 @@ def extract_step(
         from layerprobe.extract import LayerTokenExtractor, extract_features
 
         prepared = open_prepared(paths.prepared_dir(dataset_name))  # fails on a broken dataset before the model
+        # Stale (its fingerprint, or a file it lists): no longer complete. Finished shards that still match are kept.
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         network = create_backbone(
             backbone.model, pretrained=backbone.pretrained, checkpoint=backbone.checkpoint,
             model_kwargs=backbone.model_kwargs, pos_embed_resample=backbone.pos_embed_resample,

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 from layerprobe.config import FORMATS, BackboneConfig
 from layerprobe.data import create_dataset, source_inputs
 from layerprobe.file_hashes import input_listing
-from layerprobe.files import read_json, tmp_path, write_json
-from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
+from layerprobe.files import read_json, replace_durably, tmp_path, write_json
+from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, provenance_record, staleness
 
 
 def pretrain_fingerprint(backbone: BackboneConfig) -> Fingerprint:
@@ -39,7 +38,7 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
     fingerprint = pretrain_fingerprint(backbone)
     marker, checkpoint = marker_path(backbone), Path(backbone.checkpoint)
     reason = staleness(marker, fingerprint)
-    if reason is None and checkpoint.is_file():
+    if reason is None:
         return {**read_json(marker), "status": "reused", "reason": None}
 
     import torch
@@ -76,8 +75,9 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
         progress=progress,
     )
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    save_file(encoder_state(model), str(tmp_path(checkpoint)), metadata={"layerprobe.backbone": backbone_name})
-    os.replace(tmp_path(checkpoint), checkpoint)
+    tmp = tmp_path(checkpoint)
+    save_file(encoder_state(model), str(tmp), metadata={"layerprobe.backbone": backbone_name})
+    replace_durably(tmp, checkpoint)
     summary = {
         "backbone": backbone_name,
         "checkpoint": str(checkpoint),
@@ -89,6 +89,7 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
         "history": result.history,
         "seconds": round(time.perf_counter() - start, 1),
         "format": FORMATS["pretrained"],
+        "files": listed_files(marker.parent, [checkpoint.name]),
         "fingerprint": fingerprint.as_dict(),
         "recorded": provenance_record(),
     }

@@ -5,10 +5,19 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-from layerprobe.config import FORMATS, HISTORY_FILE, SWEEP_FILE, PathsConfig, ProbeConfig, TrainConfig
+from layerprobe.config import (
+    FORMATS,
+    HISTORY_FILE,
+    PROBE_CONFIG,
+    PROBE_WEIGHTS,
+    SWEEP_FILE,
+    PathsConfig,
+    ProbeConfig,
+    TrainConfig,
+)
 from layerprobe.device import dtype_name, resolve_device, resolve_matmul_dtype
 from layerprobe.files import read_json, write_json
-from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
+from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, provenance_record, staleness
 
 
 def train_fingerprint(probe_name: str, probe: ProbeConfig, train: TrainConfig, *, features_hash: str) -> Fingerprint:
@@ -116,6 +125,14 @@ def train_step(
         "features_hash": features_hash,
         "training": training,
         "format": FORMATS["probes"],
+        "files": listed_files(
+            out_dir,
+            [
+                f"seed-{seed}/{name}"
+                for seed in train.seeds
+                for name in (PROBE_WEIGHTS, PROBE_CONFIG, SWEEP_FILE, HISTORY_FILE)
+            ],
+        ),
         "fingerprint": fingerprint.as_dict(),
         "recorded": provenance_record(),
     }
