@@ -23,6 +23,9 @@ from layerprobe.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 2.0
+# A worker is gone after missing three heartbeats, and never sooner than this: a worker on a machine whose cores are
+# all busy (its own units) can be late by seconds, and calling it gone would run its units twice.
+MIN_SILENCE_SECONDS = 20.0
 
 
 def run_units(params: Params, units: list[tuple[str, str]]) -> list[dict]:
@@ -59,7 +62,8 @@ def live_workers(client, pool: str) -> list[str]:
     alive = []
     for worker in client.read_workers_for_work_pool(work_pool_name=pool):
         interval = worker.heartbeat_interval_seconds or 30
-        if worker.last_heartbeat_time and (now - worker.last_heartbeat_time).total_seconds() < 3 * interval:
+        silence = max(3 * interval, MIN_SILENCE_SECONDS)
+        if worker.last_heartbeat_time and (now - worker.last_heartbeat_time).total_seconds() < silence:
             alive.append(worker.name)
     return alive
 

@@ -201,13 +201,13 @@ def test_library_releases_drop_the_build_label(monkeypatch):
     assert code_key.library_releases() == {"torch": "2.5.1", "timm": "1.0.9"}
 
 
-def _step_keys(tree: Path, monkeypatch) -> dict[str, str]:
+def _step_keys(tree: Path, monkeypatch, *, steps: list[str] = STEPS) -> dict[str, str]:
     """Every step's code key computed on the code under `tree` (its src/layerprobe and flows)."""
     where = {"layerprobe": tree / "src" / "layerprobe", "flows": tree / "flows"}
     monkeypatch.setattr(code_key, "_package_dir", lambda top: where.get(top))
     code_fingerprint.cache_clear()
     try:
-        return {step: code_fingerprint(step) for step in STEPS}
+        return {step: code_fingerprint(step) for step in steps}
     finally:
         code_fingerprint.cache_clear()
 
@@ -232,9 +232,15 @@ EDITS = [
      {"layerprobe.workflow.pretrain", "layerprobe.workflow.extract"}),
     ("src/layerprobe/extract.py", "cls = tokens[:, 0].float()", "cls = 2.0 * tokens[:, 0].float()",
      {"layerprobe.workflow.extract"}),
-    ("src/layerprobe/probes.py", None, None, {"layerprobe.workflow.train", "layerprobe.workflow.evaluate"}),
-    ("src/layerprobe/train.py", "return min_lr + 0.5 * (1 + math.cos", "return 0.5 * min_lr + 0.25 * (1 + math.cos",
+    ("src/layerprobe/probes.py", "NORM_EPS = 1e-5", "NORM_EPS = 1e-6",
      {"layerprobe.workflow.train", "layerprobe.workflow.evaluate"}),
+    # the issue's measured cases: an unused function appended to the modules every step imports recomputed it all
+    ("src/layerprobe/files.py", None, None, set()),
+    ("src/layerprobe/config.py", None, None, set()),
+    ("src/layerprobe/probes.py", None, None, set()),
+    # evaluation never runs the schedule: its key stays (the retrained probes' bytes are its inputs)
+    ("src/layerprobe/train.py", "return min_lr + 0.5 * (1 + math.cos", "return 0.5 * min_lr + 0.25 * (1 + math.cos",
+     {"layerprobe.workflow.train"}),
 ]  # fmt: skip
 
 
@@ -245,8 +251,8 @@ def test_orchestration_edits_keep_every_steps_code_key_and_results_edits_change_
     for name in ("src", "flows"):
         shutil.copytree(ROOT / name, base / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     before = _step_keys(base, monkeypatch)
-    for file, old, new, changes in EDITS:
-        tree = tmp_path / file.replace("/", "_")
+    for number, (file, old, new, changes) in enumerate(EDITS):
+        tree = tmp_path / f"{number}-{file.replace('/', '_')}"
         shutil.copytree(base, tree)
         path = tree / file
         text = path.read_text()
@@ -258,6 +264,36 @@ def test_orchestration_edits_keep_every_steps_code_key_and_results_edits_change_
         after = _step_keys(tree, monkeypatch)
         changed = {step for step in STEPS if after[step] != before[step]}
         assert changed == changes, f"editing {file}: keys changed for {sorted(changed)}, expected {sorted(changes)}"
+
+
+def test_a_key_holds_what_the_step_can_reach_and_nothing_else(tmp_path, monkeypatch):
+    """Unreached definitions are out of the key; reached ones, decorated ones and import-time statements are in."""
+    package = tmp_path / "src" / "layerprobe"
+    (package / "workflow").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "workflow" / "__init__.py").write_text("")
+    (package / "helpers.py").write_text(
+        "SCALE = 2\n\n\ndef used(x):\n    return inner(x) * SCALE\n\n\ndef inner(x):\n    return x + 1\n\n\n"
+        "def unused(x):\n    return used(x)\n\n\n@register\ndef registered():\n    return 3\n"
+    )
+    (package / "workflow" / "step.py").write_text("from layerprobe.helpers import used\n\n\ndef step(x):\n"
+                                                  "    return used(x)\n")  # fmt: skip
+    helpers = package / "helpers.py"
+
+    def key_after(old: str, new: str) -> str:
+        text = helpers.read_text()
+        helpers.write_text(text.replace(old, new) if old else text + new)
+        try:
+            return _step_keys(tmp_path, monkeypatch, steps=["layerprobe.workflow.step"])["layerprobe.workflow.step"]
+        finally:
+            helpers.write_text(text)
+
+    base = key_after("", "")
+    assert key_after("return used(x)", "return used(x) + 1") == base  # an unreached function
+    assert key_after("", "\n\ndef another():\n    return 0\n") == base  # a new one nothing calls
+    assert key_after("return x + 1", "return x + 2") != base  # reached through used()
+    assert key_after("SCALE = 2", "SCALE = 3") != base  # import-time statement
+    assert key_after("return 3", "return 4") != base  # decorated: runs at import
 
 
 # ------------------------------------------------------------------------------------------------------ markers

@@ -1,8 +1,10 @@
 """The code part of a fingerprint: the sources that compute a step's numbers, and the libraries that decide them.
 
-A step's code key hashes its import closure (every module of ours it imports, at any depth, lazily imported ones
-too), each module normalised so that comments, docstrings and formatting do not count, plus the release versions of
-the libraries that decide numbers. Orchestration modules (flows, tracking, CLI, plots, locks, ...) are never in a
+A step's code key hashes the code it can run: its import closure (every module of ours it imports, at any depth,
+lazily imported ones too), each module normalised so that comments, docstrings and formatting do not count, and of
+each module only what is reached (import-time statements, decorated definitions, the step's own functions, and any
+definition these mention): an unused function appended to a shared module changes no key. Plus the release
+versions of the libraries that decide numbers. Orchestration modules (flows, tracking, CLI, plots, locks, ...) are never in a
 step's closure (`tests/test_fingerprint.py` checks it), so editing them reuses every cache.
 
 Sources are read with `tokenize`, never with `ast`: CPython 3.11's AST constructor is not thread-safe (a parse in
@@ -18,6 +20,7 @@ import importlib.util
 import io
 import tokenize
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -32,13 +35,40 @@ KEYING_MODULES = ("layerprobe.code_key", "layerprobe.file_hashes", "layerprobe.f
 
 @functools.cache
 def code_fingerprint(module: str) -> str:
-    """Hash of `module`'s import closure (normalised sources, keying modules left out) and the library releases.
+    """Hash of the code `module` can run (its import closure, normalised, unreached definitions and keying modules
+    left out) and of the library releases.
 
     Cached per process: the process runs the code it imported, so a key computed once stays true for its life.
     """
-    sources = {name: normalised_source(path) for name, path in closure_modules(module).items()}
-    return stable_hash({"sources": {k: v for k, v in sources.items() if k not in KEYING_MODULES},
-                        "libraries": library_releases()})  # fmt: skip
+    return stable_hash({"sources": reached_sources(module), "libraries": library_releases()})
+
+
+def reached_sources(module: str) -> dict[str, str]:
+    """{module: hash of its reached top-level blocks} over `module`'s import closure.
+
+    Every statement that is not a `def` or `class` runs at import, so it counts, and so do decorated definitions
+    (decorators run at import: registries), every definition of `module` itself (its entry points), and, until
+    nothing more is found, any definition whose name some counted block mentions. A function that nothing mentions
+    cannot change a number, so appending one (or editing it) leaves every key as it was. Names are matched as
+    words, whatever the scope: a false match only keeps more.
+    """
+    modules = {name: path for name, path in closure_modules(module).items() if name not in KEYING_MODULES}
+    blocks = {name: module_blocks(path) for name, path in modules.items()}
+    kept = {name: [b.name is None or b.decorated or name == module for b in found] for name, found in blocks.items()}
+    mentioned = {word for name, found in blocks.items() for b, k in zip(found, kept[name], strict=True) if k
+                 for word in b.names}  # fmt: skip
+    grew = True
+    while grew:
+        grew = False
+        for name, found in blocks.items():
+            for index, block in enumerate(found):
+                if not kept[name][index] and block.name in mentioned:
+                    kept[name][index], grew = True, True
+                    mentioned |= block.names
+    return {
+        name: stable_hash([list(b.tokens) for b, k in zip(found, kept[name], strict=True) if k])
+        for name, found in blocks.items()
+    }
 
 
 @functools.cache
@@ -104,27 +134,73 @@ def closure_modules(module: str) -> dict[str, Path]:
 def normalised_source(path: Path) -> str:
     """Hash of the module's tokens without comments, docstrings, blank lines and line wrapping: editing any of
     those leaves it unchanged; changing code changes it."""
-    stat = path.stat()
-    return _normalised_source(str(path), stat.st_size, stat.st_mtime_ns)
+    return _normalised_source(path.read_text(encoding="utf-8"))
 
 
+# Cached on the source text itself (reading is cheap, tokenising is not, and the steps share most modules): a file
+# rewritten within one mtime tick is never mistaken for its earlier version.
 @functools.lru_cache(maxsize=1024)
-def _normalised_source(path: str, size: int, mtime_ns: int) -> str:
-    """Keyed on the file's size and time too: the steps share most modules, and tokenising is slow in Python."""
-    return stable_hash(normalised_tokens(Path(path).read_text(encoding="utf-8")))
+def _normalised_source(text: str) -> str:
+    return stable_hash(normalised_tokens(text))
 
 
 def normalised_tokens(text: str) -> list[str]:
     """The module's significant tokens, docstrings dropped, indentation reduced to its structure."""
-    kept: list[str] = []
+    return [_STRUCTURE.get(kind, word) for line in _normalised_lines(text) for kind, word in line]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One top-level statement of a module: a `def` or `class` with its decorators (`name` set), or any other."""
+
+    name: str | None
+    decorated: bool
+    tokens: tuple[str, ...]  # normalised, as `normalised_tokens`
+    names: frozenset[str]  # every identifier it mentions
+
+
+def module_blocks(path: Path) -> tuple[Block, ...]:
+    """The module's top-level statements, in order."""
+    return _module_blocks(path.read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _module_blocks(text: str) -> tuple[Block, ...]:
+    groups: list[list[list[tuple[int, str]]]] = []  # top-level statements, each a list of logical lines
+    depth, decorators = 0, []
+    for line in _normalised_lines(text):
+        depth += sum(kind == tokenize.INDENT for kind, _ in line) - sum(kind == tokenize.DEDENT for kind, _ in line)
+        body = [word for kind, word in line if kind not in _STRUCTURE]
+        if depth > 0 and groups:
+            groups[-1].append(line)
+        elif body[:1] == ["@"]:
+            decorators.append(line)
+        elif body:
+            groups.append([*decorators, line])
+            decorators = []
+    blocks = []
+    for group in groups:
+        header = next(i for i, line in enumerate(group) if [w for k, w in line if k not in _STRUCTURE][:1] != ["@"])
+        opening = [w for k, w in group[header] if k not in _STRUCTURE and w != "async"]
+        name = opening[1] if opening[:1] in (["def"], ["class"]) else None
+        blocks.append(Block(
+            name=name,
+            decorated=header > 0,
+            tokens=tuple(_STRUCTURE.get(kind, word) for line in group for kind, word in line),
+            names=frozenset(w for line in group for kind, w in line if kind == tokenize.NAME) - {name},
+        ))  # fmt: skip
+    return tuple(blocks)
+
+
+def _normalised_lines(text: str) -> Iterator[list[tuple[int, str]]]:
+    """The module's logical lines as (kind, text) tokens, docstrings dropped (their INDENT/DEDENT kept)."""
     expect_docstring = True  # a module, class or function body may open with one
     for line in _logical_lines(text):
         body = [token for token in line if token[0] not in _STRUCTURE]
         if expect_docstring and body and all(kind == tokenize.STRING for kind, _ in body):
             line = [token for token in line if token[0] in (tokenize.INDENT, tokenize.DEDENT)]
-        kept += [_STRUCTURE.get(kind, text) for kind, text in line]
+        yield line
         expect_docstring = _opens_body(body)
-    return kept
 
 
 def imported_modules(text: str, name: str, *, is_package: bool) -> Iterator[str]:

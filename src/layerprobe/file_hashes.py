@@ -121,7 +121,7 @@ class _StatCache:
                     rows = connection.execute("SELECT * FROM files WHERE path = ?", keys)
                 else:  # one range scan for a folder's files, not a query per file
                     rows = connection.execute("SELECT * FROM files WHERE path BETWEEN ? AND ?", (min(keys), max(keys)))
-                return {path: tuple(rest) for path, *rest in rows}
+                return {row[0]: row[1:] for row in rows}
         except (sqlite3.Error, OSError) as error:
             log.warning("stat cache unavailable (%s): input files are read again", error)
             return {}
