@@ -108,10 +108,10 @@ def worker_name() -> str | None:
 
 @contextlib.contextmanager
 def gpu_slot(device: str, limit: int) -> Iterator[None]:
-    """Hold one slot of the global `layerprobe-gpu` limit while a task uses CUDA, so tasks never share a GPU.
+    """Hold one of this machine's `layerprobe-gpu` slots while a task uses CUDA, so tasks never share a GPU.
 
-    Under a worker the unit already holds its worker's own slot (`gpu:<worker>`, flows/unit.py), so no global limit
-    is taken: a unit never waits on another machine's GPU.
+    Under a worker the unit already holds its worker's own slot (`gpu:<worker>`, flows/unit.py), so no other slot
+    is taken.
     """
     import torch
 
@@ -122,21 +122,16 @@ def gpu_slot(device: str, limit: int) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def concurrency_slot(name: str, limit: int) -> Iterator[None]:
-    """One slot of Prefect's global concurrency limit `name`, created with `limit` slots if it does not exist."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
+def concurrency_slot(name: str, limit: int) -> contextlib.AbstractContextManager[int]:
+    """One of `limit` slots named `name` on this machine, held by the calling thread until it leaves.
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except Exception:  # noqa: BLE001 - absent: create it (another task may have won the race)
-            with contextlib.suppress(Exception):
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-    with concurrency(name, occupy=1, strict=True):
-        yield
+    File locks (`layerprobe.locks.host_slot`), not Prefect's global concurrency limits: a process killed while
+    holding one (a cancelled unit, a killed `dvc repro`) releases it with its death, where a Prefect slot's lease
+    outlives it on a server without background services and blocks the next unit forever.
+    """
+    from layerprobe.locks import host_slot
+
+    return host_slot(name, limit, log=get_run_logger().info)
 
 
 def run_stage(

@@ -4,9 +4,10 @@ train every probe of the suite on them.
 Run:  python -m flows.unit --params params.yaml --backbone NAME --dataset NAME     (in process)
 The pipeline (flows/pipeline.py) fans units out: in process by default, or, with `flow.work_pool`, as runs of the
 deployment `unit/<flow.unit_deployment>` that Prefect workers pick up (`prefect worker start --pool <pool>`).
-Under a `process` worker the unit holds the worker's concurrency slot `gpu:<worker>` for its whole run, so two units
-never share a worker's GPU (units sharing a dataset prepare it once: the prepare step locks it). Every step reuses
-outputs whose fingerprint matches, so a rerun after a kill resumes.
+Under a `process` worker the unit holds the worker's slot `gpu:<worker>` (a lock file on its machine) for its whole
+run, so two units never share a worker's GPU; it holds its own unit lock too, so a rerun never runs it beside an
+earlier run of itself (units sharing a dataset prepare it once: the prepare step locks it). Every step reuses outputs
+whose fingerprint matches, so a rerun after a kill resumes.
 Cost: one backbone pass over the dataset, plus the probes' sweeps.
 """
 

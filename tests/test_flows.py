@@ -177,32 +177,41 @@ def test_runs_of_a_killed_process_are_closed_as_failed(project_dir):
     assert client.get_run(alive).info.status == "RUNNING"
 
 
-def test_gpu_tasks_hold_a_slot_of_one_global_concurrency_limit(project_dir):
+def test_gpu_tasks_hold_a_slot_that_a_killed_holder_frees(project_dir):
+    import subprocess
+    import sys
     import threading
     import time
-
-    from prefect.client.orchestration import get_client
 
     from flows.common import concurrency_slot
 
     inside, overlaps = [], []
 
-    def worker() -> None:
+    @flow
+    def hold_once() -> None:
         with concurrency_slot("layerprobe-test-gpu", 1):
             overlaps.append(len(inside))
             inside.append(1)
             time.sleep(0.3)
             inside.pop()
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
+    threads = [threading.Thread(target=hold_once) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert overlaps == [0, 0, 0]  # never two holders at once
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name("layerprobe-test-gpu")
-    assert limit.limit == 1 and limit.active_slots == 0
+
+    # A process killed while it holds the slot (a cancelled unit) frees it: the next holder does not wait forever.
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom layerprobe.locks import host_slot\n"
+                               "with host_slot('layerprobe-test-gpu', 1):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    start = time.monotonic()
+    hold_once()
+    assert time.monotonic() - start < 30
 
 
 def test_served_pipeline_uses_the_cron_schedule_from_params(project_dir):

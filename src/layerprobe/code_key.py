@@ -4,8 +4,8 @@ A step's code key hashes the code it can run: its import closure (every module o
 lazily imported ones too), each module normalised so that comments, docstrings and formatting do not count, and of
 each module only what is reached (import-time statements, decorated definitions, the step's own functions, and any
 definition these mention): an unused function appended to a shared module changes no key. Plus the release
-versions of the libraries that decide numbers. Orchestration modules (flows, tracking, CLI, plots, locks, ...) are never in a
-step's closure (`tests/test_fingerprint.py` checks it), so editing them reuses every cache.
+versions of the libraries that decide numbers. Orchestration modules (flows, tracking, CLI, plots, locks, ...) are
+never in a step's closure (`tests/test_fingerprint.py` checks it), so editing them reuses every cache.
 
 Sources are read with `tokenize`, never with `ast`: CPython 3.11's AST constructor is not thread-safe (a parse in
 one thread can fail with "AST constructor recursion depth mismatch" while another thread parses or compiles;

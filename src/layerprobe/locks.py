@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from layerprobe.config import PathsConfig
+from layerprobe.file_hashes import state_dir
 from layerprobe.files import is_temporary
 
 WAIT_REPORT_SECONDS = 30.0  # while waiting on another writer, say so again this often
@@ -142,6 +143,33 @@ def unit_lock(paths: PathsConfig, step: str, *names: str, log: Callable[[str], N
                 if is_temporary(path) and path.is_file():
                     path.unlink(missing_ok=True)
         yield
+
+
+@contextlib.contextmanager
+def host_slot(name: str, limit: int, *, log: Callable[[str], None] | None = None) -> Iterator[int]:
+    """Hold one of `limit` slots called `name` on this machine (a semaphore of lock files in its state folder);
+    yields the slot's number. A holder that dies frees its slot with it, so no slot is ever leaked."""
+    folder = state_dir() / "slots" / socket.gethostname()
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    said = False
+    while True:
+        for number in range(limit):
+            path = folder / f"{stem}-{number}.lock"
+            handle = open(path, "a+")  # noqa: SIM115 - held open for as long as the slot is
+            if _try_lock(handle, path):
+                try:
+                    _write_holder(handle)
+                    yield number
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    handle.close()
+                return
+            handle.close()
+        if not said and log is not None:
+            log(f"slot {name}: all {limit} taken ({_holder(folder / f'{stem}-0.lock')} among them); waiting")
+            said = True
+        time.sleep(0.2)
 
 
 def process_alive(pid: int) -> bool:
