@@ -16,11 +16,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-# Set before prefect is imported anywhere: telemetry cannot reach out from our machines, and a temporary server on a
-# busy machine can take longer than Prefect's default 20 s to answer (the run would fail before doing anything).
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
 from prefect import Task, get_run_logger  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
