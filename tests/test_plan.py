@@ -46,7 +46,7 @@ def fake_timers(monkeypatch):
     fakes = {
         "time_probe": time_probe,
         "time_predict": lambda *a, **k: 1e-5,
-        "time_process_start": lambda: 5.0,
+        "time_process_start": lambda device: {"process_start": 5.0, "mlflow_import": 2.0, "first_training": 3.0},
         "time_steps_fixed": lambda **k: {
             "train_step_fixed": 0.1,
             "evaluate_step_fixed": 0.1,

@@ -66,6 +66,7 @@ class ProbeTask:
     seeds: int
     selection_bytes: int  # train + val as the probe selects them, in the cache dtype
     row_bytes: int  # cache bytes one streamed row reads (tokens, and patch tokens for a probe reading them)
+    selected_row_bytes: int  # one row of the selection (K x W in the cache dtype)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class StudyEstimate:
     constants: dict[str, float]  # the fixed costs used, measured now or constants
     concurrency: float  # how much faster a stage's two tasks at a time run than one after the other (CPU)
     device: dict[str, Any]
+    concurrency_measured: bool = False  # False: steps too long to bother (compute-bound), or tasks on a GPU
     measured_now: int = 0
     reused: int = 0
     notes: list[str] = field(default_factory=list)
@@ -280,8 +282,7 @@ def estimate_task(task: ProbeTask, timings: ProbeTimings, cpu: ProbeTimings, con
         extra = rows_read * task.row_bytes / constants["stream_bytes_per_second"]
         train, data = train + Figure(extra, "scaled"), data + extra
     elif device_memory is not None and task.selection_bytes > device_memory // 2:  # gathered on the host each step
-        row = task.selection_bytes / max(1, task.val_images + task.sweep_batch)  # bytes per selected row (approx.)
-        extra = rows_read * row / constants["host_batch_bytes_per_second"]
+        extra = rows_read * task.selected_row_bytes / constants["host_batch_bytes_per_second"]
         train, data = train + Figure(extra, "scaled"), data + extra
     predict = cpu.figure(member, task.refit_batch, task.classes, "predict_seconds_per_image")
     evaluate = (
@@ -335,6 +336,8 @@ def stage_times(
     }
     overheads = {stage: overhead + OVERHEADS["task_seconds"] * tasks_in[stage] / 2 for stage in STAGES}
     overheads["pretrain"] += OVERHEADS["server_start_seconds"]  # the first stage starts the shared Prefect server
+    for stage in ("pretrain", "evaluate", "report"):  # the stages that log to MLflow import it (measured)
+        overheads[stage] += constants["mlflow_import"]
     for stage in ("pretrain", "train"):  # a process's first optimiser step loads torch._dynamo (measured)
         overheads[stage] += constants["first_training"] if (stage == "train" or pretrain) else 0.0
     overheads["pretrain" if pretrain else "evaluate"] += OVERHEADS["mlflow_database_seconds"]  # the first to log

@@ -411,6 +411,7 @@ def probe_tasks(params: Params, training: list[TrainingPlan], *, precision: str)
                     seeds=len(params.train.seeds),
                     selection_bytes=plan.refit.images * len(positions) * width * value_bytes,
                     row_bytes=((shape.num_blocks + 1) * NUM_TOKENS * shape.dim + patch_row) * value_bytes,
+                    selected_row_bytes=len(positions) * width * value_bytes,
                 ))  # fmt: skip
     return tasks
 
@@ -477,11 +478,7 @@ def price_study(
         raise ValueError(f"the calibration file holds {calibration['device']['type']} figures, not {device.type}: "
                          "name another file with --calibration")  # fmt: skip
     constants_section = calibration.setdefault("constants", {})
-    # Before any step is timed: a process's first training loads what torch's optimiser needs, once per process.
-    first_key = f"{device.type}|first_training"
-    first_training = 0.0
-    if first_key in constants_section or can_measure:
-        first_training = cached(constants_section, first_key, lambda: warm_up(device), save)[0]
+    # A process's first training loads what torch's optimiser needs: once, before any step is timed.
     if can_measure:
         warm_up(device)
     precision = _matmul_precision(params.train.precision, device)
@@ -503,8 +500,12 @@ def price_study(
                            cache_dtype=cache_dtype, predict_only=True, save=save)  # fmt: skip
         cpu.prepare({shape.member(): {(params.evaluate.batch_size, c) for _, c in points}
                      for shape, points in needs.items()})  # fmt: skip
-    constants = {"process_start": cached(constants_section, "cpu|process_start", time_process_start, save)[0],
-                 "first_training": first_training}  # fmt: skip
+    start_key = f"{device.type}|process_start,mlflow_import,first_training"
+    if start_key in constants_section or can_measure:
+        constants = dict(cached(constants_section, start_key, lambda: time_process_start(device), save)[0])
+    else:  # a GPU's file without them (a CPU measures its own)
+        constants = dict(cached(constants_section, "cpu|process_start,mlflow_import,first_training",
+                                lambda: time_process_start(torch.device("cpu")), save)[0])  # fmt: skip
     constants.update(cached(constants_section, "cpu|steps_fixed",
                             lambda: time_steps_fixed(train=train, evaluate=params.evaluate), save)[0])  # fmt: skip
     constants["stream_bytes_per_second"] = cached(constants_section, "cpu|stream_bytes_per_second",
@@ -514,7 +515,7 @@ def price_study(
         if device.type == "cuda" and can_measure or "cuda|host_batch_bytes_per_second" in constants_section
         else float("inf")
     )
-    concurrency = 1.0
+    concurrency, runs = 1.0, None
     if device.type == "cpu":  # a stage's flow runs two tasks at a time; on a CPU they share the cores
         runs = _heaviest_runs(tasks, timings)
         if runs is not None:
@@ -522,7 +523,7 @@ def price_study(
             concurrency = cached(constants_section, key, lambda: time_concurrent_speedup(
                 runs, train=train, cache_dtype=cache_dtype), save)[0]  # fmt: skip
     extraction, prepare = _price_extraction(params, caches, calibration, device=device, can_measure=can_measure,
-                                            max_batch=max_batch, images_per_second=images_per_second,
+                                            images_per_second=images_per_second,
                                             save=save)  # fmt: skip
     pretrain = _price_pretrain(params, calibration, device=device, can_measure=can_measure, save=save)
     description = calibration["device"]
@@ -533,6 +534,7 @@ def price_study(
                                     accelerated=device.type == "cuda")  # fmt: skip
     study = StudyEstimate(tasks=estimates, extraction=extraction, prepare=prepare, pretrain=pretrain, stages=stages,
                           overheads=overheads, constants=constants, concurrency=concurrency, device=description,
+                          concurrency_measured=runs is not None,
                           measured_now=timings.measured_now + (cpu.measured_now if cpu is not timings else 0),
                           reused=timings.reused)  # fmt: skip
     study.notes.extend(_notes(study, device=device))
@@ -563,7 +565,6 @@ def _price_extraction(
     *,
     device: torch.device,
     can_measure: bool,
-    max_batch: int | None,
     images_per_second: float | None,
     save=None,
 ):
@@ -603,8 +604,11 @@ def _price_extraction(
         prepare.setdefault(cache.dataset, Figure(0.0, "not priced"))
         key = f"{device.type}|forward|{model}|{settings}"
         if key in section or can_measure:
-            forward, _ = cached(section, key, lambda b=backbone: time_backbone_forward(
-                b, extract, device=device, max_batch=max_batch or extract.batch_size), save)  # fmt: skip
+            # A CPU times a few images (a ViT-L forward at 224 px takes a second each on two cores): per image,
+            # the forward's cost hardly depends on the batch there.
+            forward_batch = extract.batch_size if device.type == "cuda" else min(extract.batch_size, 8)
+            forward, _ = cached(section, key, lambda b=backbone, n=forward_batch: time_backbone_forward(
+                b, extract, device=device, max_batch=n), save)  # fmt: skip
             if "gflops_per_image" not in forward:  # what another machine's plan scales a missing backbone by
                 forward["gflops_per_image"] = backbone_shape(backbone).gflops_per_image
             basis = "measured"
@@ -745,15 +749,19 @@ def format_estimate(
         f"{_hours(sum(f.seconds for f in study.prepare.values()))} (task training figures: {bases})",
         "per stage on one machine (dvc repro; a stage runs two tasks at a time, "
         + (
-            f"{study.concurrency:.2f}x one after the other on this CPU, measured"
-            if device["type"] == "cpu"
-            else "taking turns on the GPU"
+            "taking turns on the GPU"
+            if device["type"] == "cuda"
+            else f"{study.concurrency:.2f}x faster than one after the other on this CPU, measured"
+            if study.concurrency_measured
+            else "as fast as one after the other: steps this long keep both cores busy"
         )  # fmt: skip
         + "; fixed overheads included):",
         " | ".join(f"{stage} {format_duration(study.stages[stage])}" for stage in STAGES)
         + f" | total {format_duration(study.total())} ({study.total() / 3600:.2f} h)",
         f"fixed overheads: {format_duration(sum(study.overheads.values()))} in all; process start-up "
-        f"{study.constants['process_start']:.1f} s per stage (measured); constants measured on the project's 2-core "
+        f"{study.constants['process_start']:.1f} s per stage, MLflow's import {study.constants['mlflow_import']:.1f} s "
+        f"more in pretrain, evaluate and report, a first optimiser step {study.constants['first_training']:.1f} s "
+        "(measured here); constants measured on the project's 2-core "
         "CPU box: " + ", ".join(f"{key.removesuffix('_seconds')} {value:g} s" for key, value in OVERHEADS.items()),
         f"with {workers} worker(s) (layerprobe run --pool: each backbone x dataset unit extracts and trains on one "
         f"worker; pretrain before, evaluate and report after, once): {format_duration(workers_wall(study, workers))}",
