@@ -239,22 +239,30 @@ def _shape_dict(shape: ProbeShape) -> dict:
 
 def _bilinear(points: dict[tuple[int, int], dict], batch: int, classes: int, what: str) -> float:
     """The figure at (batch, classes), linear in each between (and beyond) the timed corners; never below a quarter
-    of the smallest timed figure (an affine fit extrapolated down can reach zero)."""
+    of the smallest timed figure (an affine fit extrapolated down can reach zero).
+
+    A slope is never negative (more images or classes never cost less), and along the batch never steeper than
+    proportional (a step's cost does not grow faster than its images): on a busy machine two timed points can be
+    off by tens of percent, and extrapolating eight times past them would multiply that.
+    """
     batches = sorted({b for b, _ in points})
     class_points = sorted({c for _, c in points})
 
-    def along(values: list[tuple[int, float]], x: int) -> float:
+    def along(values: list[tuple[int, float]], x: int, *, proportional_cap: bool) -> float:
         if len(values) == 1:
             return values[0][1]
         (x0, y0), (x1, y1) = values[0], values[-1]
-        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        slope = max(0.0, (y1 - y0) / (x1 - x0))
+        if proportional_cap:
+            slope = min(slope, y1 / x1)
+        return y1 + slope * (x - x1)
 
     per_class = []
     for c in class_points:
         row = [(b, points[(b, c)][what]) for b in batches if (b, c) in points]
         if row:
-            per_class.append((c, along(row, batch)))
-    value = along(per_class, classes)
+            per_class.append((c, along(row, batch, proportional_cap=True)))
+    value = along(per_class, classes, proportional_cap=False)
     floor = 0.25 * min(p[what] for p in points.values())
     return max(value, floor)
 

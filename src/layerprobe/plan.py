@@ -757,7 +757,8 @@ def format_estimate(
         )  # fmt: skip
         + "; fixed overheads included):",
         " | ".join(f"{stage} {format_duration(study.stages[stage])}" for stage in STAGES)
-        + f" | total {format_duration(study.total())} ({study.total() / 3600:.2f} h)",
+        + f" | total {format_duration(study.total())}"
+        + (f" ({study.total() / 86400:.1f} days)" if study.total() >= 48 * 3600 else ""),
         f"fixed overheads: {format_duration(sum(study.overheads.values()))} in all; process start-up "
         f"{study.constants['process_start']:.1f} s per stage, MLflow's import {study.constants['mlflow_import']:.1f} s "
         f"more in pretrain, evaluate and report, a first optimiser step {study.constants['first_training']:.1f} s "
