@@ -34,7 +34,14 @@ from typing import Any
 
 import torch
 
-from layerprobe.config import TrainConfig
+from layerprobe.config import (
+    BackboneConfig,
+    DatasetConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    PrepareConfig,
+    TrainConfig,
+)
 
 FORMAT = "layerprobe-calibration/1"
 TIMED_STEPS = (3, 40)  # at least / at most this many timed steps after the warm-up step...
@@ -341,7 +348,9 @@ def time_process_start(device: torch.device) -> dict[str, float]:
             "first_training": first_training}  # fmt: skip
 
 
-def time_backbone_forward(backbone, extract, *, device: torch.device, max_batch: int) -> dict[str, float]:
+def time_backbone_forward(
+    backbone: BackboneConfig, extract: ExtractConfig, *, device: torch.device, max_batch: int
+) -> dict[str, float]:
     """Seconds per image of the extraction's tensor path (backbone forward at the tap, pooling, host copy, shard
     writes: `extract.write_token_shards`) on random pixel batches, for a randomly initialised copy of `backbone`."""
     import numpy as np
@@ -378,7 +387,7 @@ def time_backbone_forward(backbone, extract, *, device: torch.device, max_batch:
     return {"seconds_per_image": seconds / count, "build_seconds": build, "batch": batch, "input_size": size}
 
 
-def time_decode(*, width: int = 500, height: int = 375, backbone=None) -> float:
+def time_decode(*, backbone: BackboneConfig, width: int = 500, height: int = 375) -> float:
     """CPU seconds to decode a photo-sized JPEG and apply `backbone`'s eval transform (the data path a DataLoader
     worker runs per image of a webdataset)."""
     import io
@@ -404,7 +413,14 @@ def time_decode(*, width: int = 500, height: int = 375, backbone=None) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def time_prepare_and_extract(dataset_name: str, dataset, backbone, *, extract, prepare) -> dict[str, float]:
+def time_prepare_and_extract(
+    dataset_name: str,
+    dataset: DatasetConfig,
+    backbone: BackboneConfig,
+    *,
+    extract: ExtractConfig,
+    prepare: PrepareConfig,
+) -> dict[str, float]:
     """The prepare and extract steps themselves, on copies of a generated dataset of two sizes (a quarter of it and
     all of it, at most 150 and 600 images): seconds per image and fixed seconds of each (a source without a
     `num_images` option is prepared whole, once)."""
@@ -438,7 +454,9 @@ def time_prepare_and_extract(dataset_name: str, dataset, backbone, *, extract, p
             "extract_per_image": extract_rate, "extract_fixed": max(0.0, e1 - n1 * extract_rate)}  # fmt: skip
 
 
-def time_pretrain(backbone, *, device: torch.device, sizes: tuple[int, int] = (3, 13)) -> dict[str, float]:
+def time_pretrain(
+    backbone: BackboneConfig, *, device: torch.device, sizes: tuple[int, int] = (3, 13)
+) -> dict[str, float]:
     """Seconds per step of the backbone's pretrain recipe (`pretrain.pretrain`, timed at two step counts), and seconds
     per image to generate and transform its images, as the pretrain step does."""
     from layerprobe.backbone import create_eval_transform, create_model
@@ -469,7 +487,7 @@ def time_pretrain(backbone, *, device: torch.device, sizes: tuple[int, int] = (3
     return {"step_seconds": step, "image_seconds": per_image, "fixed_seconds": max(0.0, seconds[0] - sizes[0] * step)}
 
 
-def time_steps_fixed(*, train: TrainConfig, evaluate) -> dict[str, float]:
+def time_steps_fixed(*, train: TrainConfig, evaluate: EvaluateConfig) -> dict[str, float]:
     """The train and evaluate steps' own seconds per task beyond training and predicting (reading the cache, scoring
     the grid, saving, the bootstrap interval, writing), on a tiny cache, and the bootstrap's seconds per test image."""
     import numpy as np

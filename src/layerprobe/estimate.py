@@ -24,12 +24,14 @@ import dataclasses
 import heapq
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from layerprobe.calibration import ProbeShape
+from layerprobe.config import TrainConfig
 
 # Fixed costs of a run that plan does not time itself (it would need a Prefect server, DVC and an MLflow store),
 # measured on the project's 2-core AMD EPYC box (no AVX-512, 24 GiB, shared) on 2026-12-02 from the log of a `dvc
@@ -121,9 +123,9 @@ class StudyEstimate:
 class ProbeTimings:
     """Probe step, set-up and prediction times per (shape, batch, classes), measured on demand into `section`."""
 
-    def __init__(self, section: dict, *, device: torch.device, can_measure: bool, train, max_batch: int | None,
-                 cache_dtype: torch.dtype, predict_only: bool = False, save=None,
-                 max_grid: int | None = None) -> None:  # fmt: skip
+    def __init__(self, section: dict, *, device: torch.device, can_measure: bool, train: TrainConfig | None,
+                 max_batch: int | None, cache_dtype: torch.dtype, predict_only: bool = False,
+                 save: Callable[[], None] | None = None, max_grid: int | None = None) -> None:  # fmt: skip
         self.section, self.device, self.can_measure = section, device, can_measure
         self.train, self.max_batch, self.cache_dtype = train, max_batch, cache_dtype
         # Grids larger than this are timed at this size and alone, and scaled along the grid size: a grid's step is a

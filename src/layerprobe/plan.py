@@ -18,13 +18,14 @@ import math
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from layerprobe.config import MANIFEST_FILE, SPLITS_FILE, BackboneConfig, DatasetConfig, PrepareConfig
-from layerprobe.estimate import ProbeTask
+from layerprobe.estimate import GPU_HOURS_NOTE, Figure, ProbeTask, ProbeTimings, StudyEstimate, TaskEstimate
 from layerprobe.params import Params
 
 BYTES_PER_VALUE = {"float16": 2, "float32": 4}
@@ -439,8 +440,8 @@ def price_study(
     max_batch: int | None,
     max_grid: int | None = None,
     images_per_second: float | None = None,
-    save=None,
-):
+    save: Callable[[], None] | None = None,
+) -> StudyEstimate:
     """Every figure of the study (`estimate.StudyEstimate`), from the calibration's measurements; what it lacks is
     measured here on `device` when this machine has it (and stored in `calibration`, calling `save` after each), else
     scaled from what it has."""
@@ -454,12 +455,7 @@ def price_study(
         time_streamed_reads,
         warm_up,
     )
-    from layerprobe.estimate import (
-        ProbeTimings,
-        StudyEstimate,
-        estimate_task,
-        stage_times,
-    )
+    from layerprobe.estimate import estimate_task, stage_times
     from layerprobe.selection import memory_budget
 
     can_measure = device.type == "cpu" or torch.cuda.is_available()
@@ -541,7 +537,7 @@ def price_study(
     return study
 
 
-def _heaviest_runs(tasks: list[ProbeTask], timings) -> list[tuple] | None:
+def _heaviest_runs(tasks: list[ProbeTask], timings: ProbeTimings) -> list[tuple] | None:
     """The two sweep shapes that take most of the training time, each with its first task's batch and classes and
     the steps that take it about a second: what `calibration.time_concurrent_speedup` runs side by side. None when
     their steps take over half a second (compute-bound: two at a time share the cores, as one after the other)."""
@@ -566,15 +562,14 @@ def _price_extraction(
     device: torch.device,
     can_measure: bool,
     images_per_second: float | None,
-    save=None,
-):
+    save: Callable[[], None] | None = None,
+) -> tuple[dict[tuple[str, str], Figure], dict[str, Figure]]:
     """Extraction per cache and preparation per dataset. A generated dataset is prepared and extracted for real at
     two small sizes (both steps timed); a webdataset's images cannot be made here, so its extraction is the
     backbone's measured forward and shard writes on random pixels, and the decode and resize of a photo-sized JPEG
     spread over the DataLoader's workers (whichever is slower is the pace), and its preparation is not priced."""
     from layerprobe.calibration import cached, time_backbone_forward, time_decode, time_prepare_and_extract
     from layerprobe.data import is_materialised
-    from layerprobe.estimate import Figure
 
     section = calibration.setdefault("extract", {})
     extract = dataclasses.replace(params.extract, device=device.type)
@@ -632,10 +627,16 @@ def _forward_from_flops(section: dict, params: Params, backbone: str, *, device:
     raise ValueError(f"the calibration file has no {device.type} backbone forward to scale {backbone!r} from")
 
 
-def _price_pretrain(params: Params, calibration: dict, *, device: torch.device, can_measure: bool, save=None) -> dict:
+def _price_pretrain(
+    params: Params,
+    calibration: dict,
+    *,
+    device: torch.device,
+    can_measure: bool,
+    save: Callable[[], None] | None = None,
+) -> dict[str, Figure]:
     """Pretraining per backbone with a `pretrain` recipe: its steps, its images' generation and the held-out check."""
     from layerprobe.calibration import cached, time_pretrain
-    from layerprobe.estimate import Figure
 
     section = calibration.setdefault("pretrain", {})
     priced = {}
@@ -659,11 +660,9 @@ def _price_pretrain(params: Params, calibration: dict, *, device: torch.device, 
     return priced
 
 
-def _notes(study, *, device: torch.device) -> list[str]:
+def _notes(study: StudyEstimate, *, device: torch.device) -> list[str]:
     """What a reader must know to use the figures: what was not priced, what streams, and, for a GPU estimate over
     eight hours, what dominates it and what its floor is."""
-    from layerprobe.estimate import GPU_HOURS_NOTE
-
     notes = []
     unpriced = sorted({d for d, f in study.prepare.items() if f.basis == "not priced"})
     if unpriced:
@@ -700,7 +699,7 @@ def _notes(study, *, device: torch.device) -> list[str]:
 
 
 def format_estimate(
-    params: Params, study, *, workers: int = 1, training: list[TrainingPlan] | None = None
+    params: Params, study: StudyEstimate, *, workers: int = 1, training: list[TrainingPlan] | None = None
 ) -> list[str]:
     """The study's time as text: per task (with its batch size and steps when `training` is given), per backbone,
     per stage and in total, with N workers; which figures were measured and which scaled, and the fixed overheads."""
@@ -771,7 +770,7 @@ def format_estimate(
     return lines
 
 
-def _task_cells(estimate) -> str:
+def _task_cells(estimate: TaskEstimate) -> str:
     basis = estimate.train.basis + (", streamed" if estimate.streamed else "")
     return f"{_hours(estimate.train.seconds)} | {_hours(estimate.evaluate.seconds)} | {basis}"
 
@@ -780,7 +779,7 @@ def _hours(seconds: float) -> str:
     return format_duration(seconds)
 
 
-def estimate_json(study) -> dict:
+def estimate_json(study: StudyEstimate) -> dict:
     """The study's figures for a program (`--json`): per stage, per task, totals."""
     return {
         "device": study.device,
