@@ -46,13 +46,15 @@ def environment() -> dict:
 
 
 def run(command: list[str], *, timeout: float, cwd: Path = ROOT) -> str:
-    """A section's command; its output, or its failure in words (a section that fails does not stop the others)."""
+    """A section's command: its output, and its exit status in words when it failed or ran out of time (a section
+    that fails does not stop the others; `plan` exits 2 after printing everything when the disk is too small)."""
     try:
         done = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"(stopped after {timeout:.0f} s)"
+    except subprocess.TimeoutExpired as stopped:
+        output = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
+        return f"{output.strip()}\n(stopped after {timeout:.0f} s; what it measured is kept: run it again to finish)"
     if done.returncode:
-        return f"(failed, exit {done.returncode})\n{done.stderr.strip()[-1500:]}"
+        return f"{done.stdout.strip()}\n(exit {done.returncode}) {done.stderr.strip()[-1500:]}"
     return done.stdout.strip()
 
 
@@ -203,7 +205,7 @@ def main() -> None:
                    "--batch-size", "256", "--num-images", "10000", "--repeats", "1"]  # fmt: skip
         sections.append(("Extraction vs a bare timm forward (`benchmarks/extract.py`, bfloat16)",
                          run([sys.executable, "benchmarks/extract.py", *extract, "--device", args.device,
-                              "--precision", "bfloat16"], timeout=90 if args.quick else 150)))  # fmt: skip
+                              "--precision", "bfloat16"], timeout=90 if args.quick else 120)))  # fmt: skip
         sections.append(("Probe steps at the paper's shapes: grid at once vs the reference one member at a time",
                          probe_steps(device, quick=args.quick)))  # fmt: skip
         calibration = work / f"calibration-{args.device}.json"
@@ -213,7 +215,7 @@ def main() -> None:
             params, extra = ROOT / "params.paper.yaml", []
         plan_output = run([sys.executable, "-m", "layerprobe.cli", "plan", "--params", str(params), "--device",
                            args.device, "--calibration", str(calibration), "--workers", "8", *extra],
-                          timeout=120 if args.quick else 270)  # fmt: skip
+                          timeout=120 if args.quick else 240)  # fmt: skip
         summary = [
             line
             for line in plan_output.splitlines()

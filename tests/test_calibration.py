@@ -88,5 +88,5 @@ def test_the_gpu_checks_dry_run_appends_every_section_to_results(tmp_path):
                   "cpu`", "Two process workers on one device"):  # fmt: skip
         assert title in text, title
     assert "ratio (a)/(b)" in text and "grid step" in text and "study: extraction" in text and "throughput" in text
-    assert "(failed" not in text and "(stopped" not in text
+    assert "(exit" not in text and "(stopped" not in text
     assert load_calibration(tmp_path / "out" / "calibration-cpu.json")["device"]["type"] == "cpu"
