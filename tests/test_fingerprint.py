@@ -54,10 +54,11 @@ RESULTS = {
     "layerprobe.data", "layerprobe.data.catalogue", "layerprobe.data.generated", "layerprobe.data.prepared",
     "layerprobe.data.sources", "layerprobe.data.splits", "layerprobe.device", "layerprobe.extract",
     "layerprobe.features", "layerprobe.files", "layerprobe.metrics", "layerprobe.pretrain", "layerprobe.probes",
-    "layerprobe.registry", "layerprobe.train", "layerprobe.workflow", *STEPS,
+    "layerprobe.registry", "layerprobe.selection", "layerprobe.train", "layerprobe.workflow", *STEPS,
 }  # fmt: skip
 ORCHESTRATION = {
-    "layerprobe.cli", "layerprobe.locks", "layerprobe.mlflow_model", "layerprobe.params", "layerprobe.plan",
+    "layerprobe.calibration", "layerprobe.cli", "layerprobe.estimate", "layerprobe.locks", "layerprobe.mlflow_model",
+    "layerprobe.params", "layerprobe.plan",
     "layerprobe.plots", "layerprobe.predict", "layerprobe.report", "layerprobe.tracking",
 }  # fmt: skip
 

@@ -22,6 +22,55 @@ def paper():
     return load_params(ROOT / "params.paper.yaml")
 
 
+FAKE_POINT = {"setup_seconds": 0.5, "predict_seconds_per_image": 1e-5, "steps_timed": 3}
+
+
+def fake_step_seconds(shape, batch: int, classes: int) -> float:
+    """A step time affine in the batch and the classes, as the estimate assumes: 0.01 s + work at 1 TMAC/s."""
+    return 0.01 + shape.work(batch, classes) / 1e12
+
+
+@pytest.fixture
+def fake_timers(monkeypatch):
+    """Every measurement plan makes, replaced by a fixed figure (the real ones are tested in test_calibration.py);
+    returns the list of (shape, batch, classes) points plan asked to time."""
+    import layerprobe.calibration as calibration
+
+    timed = []
+
+    def time_probe(shape, *, batch, classes, **_):
+        timed.append((shape, batch, classes))
+        step = fake_step_seconds(shape, batch, classes)
+        return {**FAKE_POINT, "step_seconds": step, "data_seconds": 0.2 * step}
+
+    fakes = {
+        "time_probe": time_probe,
+        "time_predict": lambda *a, **k: 1e-5,
+        "time_process_start": lambda device: {"process_start": 5.0, "mlflow_import": 2.0, "first_training": 3.0},
+        "time_steps_fixed": lambda **k: {
+            "train_step_fixed": 0.1,
+            "evaluate_step_fixed": 0.1,
+            "bootstrap_per_image": 1e-6,
+        },  # fmt: skip
+        "time_streamed_reads": lambda: 1e9,
+        "time_host_batches": lambda *a, **k: 1e10,
+        "time_concurrent_speedup": lambda *a, **k: 1.5,
+        "time_backbone_forward": lambda *a, **k: {"seconds_per_image": 1e-3, "build_seconds": 2.0},
+        "time_decode": lambda **k: 4e-3,
+        "time_prepare_and_extract": lambda *a, **k: {
+            "prepare_per_image": 1e-3,
+            "prepare_fixed": 1.0,
+            "extract_per_image": 2e-3,
+            "extract_fixed": 1.0,
+        },  # fmt: skip
+        "time_pretrain": lambda *a, **k: {"step_seconds": 0.1, "image_seconds": 1e-4, "fixed_seconds": 1.0},
+        "warm_up": lambda device: 3.0,
+    }
+    for name, fake in fakes.items():
+        monkeypatch.setattr(calibration, name, fake)
+    return timed
+
+
 def test_paper_suite_names_the_papers_backbones_and_datasets(paper):
     assert len(paper.suite.backbones) == 9 and len(paper.suite.datasets) == 20
     pretrained = set(timm.list_pretrained())
@@ -99,11 +148,12 @@ def test_unknown_backbone_or_source_is_named(paper, tmp_path):
         check_dataset_entry("x", dataclasses.replace(paper.datasets["cifar10"], options={"rooot": "a"}))
 
 
-def test_plan_command_prints_every_task(capsys, monkeypatch):
+def test_plan_command_prints_every_task(capsys, monkeypatch, fake_timers, tmp_path):
     monkeypatch.chdir(ROOT)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**14, 0, 10**13))  # a 10 TB disk
-    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000"]) == 0
+    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000", "--calibration",
+                 str(tmp_path / "calibration.json")]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "1080 probe tasks" in out
     assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 | 453.9 GB | " in out
@@ -111,11 +161,13 @@ def test_plan_command_prints_every_task(capsys, monkeypatch):
     assert "final-layer patch tokens (extract.final_patch_tokens): " in out
 
 
-def test_plan_lists_each_tasks_batch_size_and_steps_as_training_plans_them(capsys, monkeypatch):
+def test_plan_lists_each_tasks_batch_size_and_steps_as_training_plans_them(capsys, monkeypatch, fake_timers,
+                                                                           tmp_path):  # fmt: skip
     monkeypatch.chdir(ROOT)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**14, 0, 10**13))
-    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000", "--tasks"]) == 0
+    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000", "--tasks", "--calibration",
+                 str(tmp_path / "calibration.json")]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "probe tasks (train.batch_plan: reference;" in out
     assert sum(line.startswith("| clip_b16/") for line in out.splitlines()) == 20 * 6  # every task of one backbone
@@ -134,14 +186,97 @@ def test_training_sizes_come_from_the_prepared_splits_else_are_cut_as_prepare_cu
     assert training_sizes("texture", texture, tmp_path, prepare=offline.prepare) == (7, 9)
 
 
-def test_plan_command_on_a_short_disk_prints_the_plan_then_refuses(capsys, monkeypatch):
+def test_plan_command_on_a_short_disk_prints_the_plan_then_refuses(capsys, monkeypatch, fake_timers, tmp_path):
     monkeypatch.chdir(ROOT)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 0, 10**9))  # 1 GB free, TBs needed
-    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000"]) == 2
+    assert main(["plan", "--params", "params.paper.yaml", "--images-per-second", "3000", "--calibration",
+                 str(tmp_path / "calibration.json")]) == 2  # fmt: skip
     captured = capsys.readouterr()
     assert "| vit_b16 | imagenet1k | 1,331,167 | 13 x 2 x 768 |" in captured.out  # the whole plan first
     assert "total still to write:" in captured.out and "of 1.0 GB free" in captured.out
     refusal = captured.err.strip().splitlines()
     assert len(refusal) == 1
     assert refusal[0].startswith("layerprobe plan: error: feature caches need ") and "has 1.0 GB free" in refusal[0]
+
+
+# ------------------------------------------------------------------------------------------- pricing every task
+
+
+def test_plan_prices_every_paper_task_and_reuses_its_calibration(capsys, monkeypatch, fake_timers, tmp_path):
+    monkeypatch.chdir(ROOT)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**14, 0, 10**13))
+    calibration, figures = tmp_path / "calibration.json", tmp_path / "plan.json"
+    command = ["plan", "--params", "params.paper.yaml", "--device", "cpu", "--calibration", str(calibration),
+               "--json", str(figures), "--workers", "8"]  # fmt: skip
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    study = json.loads(figures.read_text())
+    assert len(study["tasks"]) == 1080 and all(t["training"] > 0 and t["evaluation"] > 0 for t in study["tasks"])
+    assert "| vit_b16/imagenet1k/alf | " in out and "| vit_b16 | " in out  # per task and per backbone
+    assert "study: extraction " in out and "with 8 worker(s)" in out and "total " in out
+    # On a CPU the batches are timed up to 256 and the paper's (mostly 2048) read off the fit along the batch.
+    assert {t["basis"] for t in study["tasks"]} == {"scaled"}
+    # The all-tokens probe on ImageNet-1k selects 385 GB of train + val tokens: it streams, and plan says so.
+    imagenet = next(t for t in study["tasks"] if t["task"] == "vit_b16/imagenet1k/attentive_last_all_tokens")
+    assert imagenet["streamed"] and "read their batches from the cache" in out
+    asked = len(fake_timers)
+    # A CPU times batches of up to 256 images (--max-batch) and grids of up to 4 members (--max-grid).
+    assert asked and all(batch <= 256 and shape.grid <= 4 for shape, batch, _ in fake_timers)
+
+    # Once measured, a second plan reuses every figure; a CPU-only machine prices another device from the file.
+    assert main(command) == 0
+    assert len(fake_timers) == asked and " 0 point(s) measured now" in capsys.readouterr().out
+    assert json.loads(figures.read_text())["total"] == pytest.approx(study["total"])
+
+
+def test_a_tasks_training_is_its_step_counts_times_the_timed_steps(paper, fake_timers):
+    import dataclasses
+
+    import torch
+
+    from layerprobe.estimate import ProbeTimings, estimate_task
+    from layerprobe.plan import plan_training, probe_tasks
+
+    suite = dataclasses.replace(paper.suite, backbones=["vit_b16"], datasets=["flowers", "cifar10"], probes=["alf"])
+    params = dataclasses.replace(paper, suite=suite, train=dataclasses.replace(paper.train, seeds=[0, 1]))
+    tasks = probe_tasks(params, plan_training(params), precision="float32")
+    flowers, cifar = tasks
+    assert flowers.shape.grid == 63 and flowers.shape.tokens == 24 and flowers.shape.heads == 24
+    assert (flowers.sweep_batch, flowers.sweep_steps, flowers.refit_batch, flowers.refit_steps) == (204, 1000, 204,
+                                                                                                    1000)  # fmt: skip
+    timings = ProbeTimings({}, device=torch.device("cpu"), can_measure=True, train=params.train, max_batch=None,
+                           cache_dtype=torch.float16)  # fmt: skip
+    timings.prepare({flowers.shape: {(204, 102), (cifar.sweep_batch, 10)},
+                     flowers.shape.member(): {(204, 102), (cifar.refit_batch, 10)}})  # fmt: skip
+    constants = {"train_step_fixed": 0.1, "evaluate_step_fixed": 0.1, "bootstrap_per_image": 0.0,
+                 "stream_bytes_per_second": 1e9, "host_batch_bytes_per_second": 1e10}  # fmt: skip
+    estimate = estimate_task(flowers, timings, timings, constants, memory=None, device_memory=None)
+    grid, member = flowers.shape, flowers.shape.member()
+    per_seed = (0.5 + 1000 * fake_step_seconds(grid, 204, 102) + flowers.val_images * 1e-5
+                + 0.5 + 1000 * fake_step_seconds(member, 204, 102))  # fmt: skip
+    assert estimate.train.seconds == pytest.approx(2 * per_seed + 0.1)  # two seeds, then the step's own cost
+    assert estimate.train.basis == "measured"
+    # A point between the timed corners is read off the fit: the fake is affine in batch and classes, so exactly.
+    middle = timings.figure(grid, 1000, 50, "step_seconds")
+    assert middle.basis == "scaled" and middle.seconds == pytest.approx(fake_step_seconds(grid, 1000, 50), rel=1e-6)
+    # A grid timed at 4 members and alone is read off the line through them: a shared part plus one per member.
+    small = ProbeTimings({}, device=torch.device("cpu"), can_measure=True, train=params.train, max_batch=None,
+                         cache_dtype=torch.float16, max_grid=4)  # fmt: skip
+    small.prepare({grid: {(204, 102)}})
+    assert {shape.grid for shape, _, _ in fake_timers[-2:]} == {4, 1}
+    scaled = small.figure(grid, 204, 102, "step_seconds")
+    assert scaled.basis == "scaled" and scaled.seconds == pytest.approx(fake_step_seconds(grid, 204, 102), rel=1e-6)
+
+
+def test_corners_time_the_extremes_and_cap_the_batch():
+    import torch
+
+    from layerprobe.estimate import ProbeTimings
+
+    timings = ProbeTimings({}, device=torch.device("cpu"), can_measure=False, train=None, max_batch=256,
+                           cache_dtype=torch.float16)  # fmt: skip
+    assert timings.corners({(204, 102), (2048, 10), (2048, 1000)}) == [(64, 10), (64, 1000), (256, 10), (256, 1000)]
+    assert timings.corners({(63, 6), (64, 10)}) == [(64, 6), (64, 10)]  # within 20 %: one batch
+    assert timings.corners({(64, 6), (64, 7)}) == [(64, 7)]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,20 @@ from layerprobe.probes import (
     normalize_selection,
     set_matmul_dtype,
 )
+
+
+class StreamedRows(Protocol):
+    """A selection `[N, K, D]` left in its cache (`layerprobe.selection.StreamedSelection`): sliced into ranges of
+    rows like a tensor, its rows read with `read`."""
+
+    shape: torch.Size
+    device: torch.device
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> StreamedRows: ...
+
+    def read(self, rows: torch.Tensor | slice) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -207,7 +222,15 @@ def fits_on_device(features: torch.Tensor, device: torch.device) -> bool:
     return features.nbytes <= free // 2
 
 
-def _check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+def read_rows(features: torch.Tensor | StreamedRows, rows: torch.Tensor | slice) -> torch.Tensor:
+    """Rows of a selection: of a tensor (a slice is a view), or read now from the shards of a selection left in its
+    cache (`layerprobe.selection.StreamedSelection`, which gives the same values)."""
+    if isinstance(features, torch.Tensor):
+        return features[rows.to(features.device) if isinstance(rows, torch.Tensor) else rows]
+    return features.read(rows)
+
+
+def _check_inputs(features: torch.Tensor | StreamedRows, labels: torch.Tensor, num_classes: int) -> None:
     if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
         raise ValueError(f"labels must be [N] with N={features.shape[0]}, got shape {tuple(labels.shape)}")
     if features.shape[0] < 2:
@@ -226,7 +249,7 @@ def jitter_tokens(x: torch.Tensor, *, std: float, prob: float, generator: torch.
 
 def train_selected(
     spec: ProbeSpec,
-    features: torch.Tensor,
+    features: torch.Tensor | StreamedRows,
     labels: torch.Tensor,
     *,
     num_classes: int,
@@ -235,10 +258,13 @@ def train_selected(
     seed: int = 0,
     token_widths: Sequence[int] | None = None,
     plan_size: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainedGrid:
-    """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype).
+    """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype), held in
+    memory or read batch by batch from their cache (`layerprobe.selection`).
 
-    `token_widths` as in `probes.build_probe`; `plan_size` as in `batch_plan` (the sweep passes its full set's size).
+    `token_widths` as in `probes.build_probe`; `plan_size` as in `batch_plan` (the sweep passes its full set's size);
+    `on_step(step)` is called after every optimisation step (`layerprobe plan` times steps with it).
     """
     _check_inputs(features, labels, num_classes)
     if not grid:
@@ -252,9 +278,11 @@ def train_selected(
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
     optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
-    # Selections too large for the device's memory (all-token features of a large dataset) stay on the host; their
-    # batches are gathered there and copied over, one at a time.
-    features, labels = features.to(device if fits_on_device(features, device) else features.device), labels.to(device)
+    # Selections too large for the device's memory (all-token features of a large dataset) stay on the host, and those
+    # too large for the host's in their cache; their batches are gathered there and copied over, one at a time.
+    if isinstance(features, torch.Tensor) and fits_on_device(features, device):
+        features = features.to(device)
+    labels = labels.to(device)
     weights = class_weights(labels, num_classes)
 
     batch_size, steps_per_epoch, epochs = batch_plan(num_images, config, plan_size=plan_size)
@@ -270,7 +298,7 @@ def train_selected(
         order = torch.randperm(num_images, generator=shuffle_gen).to(device)
         for start in range(0, num_images, batch_size):
             rows = order[start : start + batch_size]
-            x = normalize_selection(features[rows.to(features.device)].to(device).float(), spec.normalize)  # [b, K, D]
+            x = normalize_selection(read_rows(features, rows).to(device).float(), spec.normalize)  # [b, K, D]
             b = x.shape[0]
             x = jitter_tokens(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
             dropout_noise = None
@@ -289,6 +317,8 @@ def train_selected(
             step += 1
             if step % config.log_every == 0 or step == total_steps:
                 history.append({"step": step, "loss": member_loss.detach().cpu().tolist(), "lr": lr.cpu().tolist()})
+            if on_step is not None:
+                on_step(step)
     set_matmul_dtype(probe, torch.float32)  # predictions from the trained probe are computed in full precision
     return TrainedGrid(probe=probe.eval(), history=history, steps=total_steps, epochs=epochs)
 
@@ -333,7 +363,7 @@ def train_grid(
 @torch.no_grad()
 def predict_selected(
     probe: nn.Module,
-    features: torch.Tensor,
+    features: torch.Tensor | StreamedRows,
     *,
     batch_size: int = 4096,
     normalize: str = "token",
@@ -355,7 +385,7 @@ def predict_selected(
     generator = torch.Generator(device=device).manual_seed(jitter_seed) if jitter else None
     logits, attention = [], []
     for start in range(0, features.shape[0], batch_size):
-        x = normalize_selection(features[start : start + batch_size].to(device).float(), normalize)
+        x = normalize_selection(read_rows(features, slice(start, start + batch_size)).to(device).float(), normalize)
         if generator is not None:
             x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator)
         batch_logits, batch_attention = probe(x, return_attention=True)
@@ -432,7 +462,7 @@ def sweep_probe(
 
 def sweep_selected(
     spec: ProbeSpec,
-    features: torch.Tensor,
+    features: torch.Tensor | StreamedRows,
     labels: torch.Tensor,
     *,
     num_train: int,
@@ -444,8 +474,9 @@ def sweep_selected(
 ) -> SweepResult:
     """`sweep_probe` on already selected tokens `[N, K, D]`: the first `num_train` rows are the training split, the
     rest validation. Both are views and the refit trains on the whole tensor, so the selection is never copied (a
-    caller gathers it once, for every seed). The tuning split's batches are planned for the whole set
-    (`batch_plan`'s `plan_size`), which only `train.batch_plan: reference` reads."""
+    caller gathers it once, for every seed, or leaves it in its cache: `layerprobe.selection`). The tuning split's
+    batches are planned for the whole set (`batch_plan`'s `plan_size`), which only `train.batch_plan: reference`
+    reads."""
     if not 0 < num_train < len(features):
         raise ValueError(f"num_train must leave rows for both splits, got {num_train} of {len(features)}")
     train_features, val_features, val_labels = features[:num_train], features[num_train:], labels[num_train:]

@@ -56,7 +56,6 @@ def evaluate_step(
         return {**read_json(marker), "status": "reused", "reason": None}
 
     from layerprobe.checkpoint import load_probe, reading_arguments
-    from layerprobe.features import read_features
     from layerprobe.metrics import (
         BOOTSTRAP_RESAMPLES,
         CI_LEVEL,
@@ -66,15 +65,30 @@ def evaluate_step(
         patch_attention_heatmap,
         summarize_over_seeds,
     )
-    from layerprobe.train import predict
+    from layerprobe.probes import gather_raw
+    from layerprobe.selection import open_selection
+    from layerprobe.train import predict_selected
 
     marker.unlink(missing_ok=True)
     probes = [load_probe(Path(entry["dir"])) for entry in trained["seeds"]]
-    test = read_features(features_dir, split="test", patches=any(c.get("patch_tokens") for _, c in probes))
+    reading = reading_arguments(probes[0][1])
+    if any(reading_arguments(config) != reading for _, config in probes[1:]):
+        raise ValueError(f"the seeds of {train_marker.parent} read different tokens of the cache: re-run train")
+    # What the probe reads of the test split, read once for every seed: held in memory when it fits, else read batch
+    # by batch from the cache (the all-tokens probe's patch tokens of a large test split).
+    test = open_selection(
+        features_dir,
+        splits=["test"],
+        select=lambda tokens, patches: gather_raw(tokens, reading["positions"], patches=patches,
+                                                  width=reading["width"]),
+        patches=any(c.get("patch_tokens") for _, c in probes),
+        batch_rows=evaluate.batch_size,
+    )  # fmt: skip
     per_seed, seed_predictions, first = [], [], None
     for entry, (probe, config) in zip(trained["seeds"], probes, strict=True):
-        predictions, _, attention = predict(probe, test.tokens, batch_size=evaluate.batch_size, patches=test.patches,
-                                            **reading_arguments(config))  # fmt: skip
+        predictions, _, attention = predict_selected(probe, test.features, batch_size=evaluate.batch_size,
+                                                     normalize=reading["normalize"])  # fmt: skip
+        predictions, attention = predictions[0], None if attention is None else attention[0]  # [G = 1, ...]
         metrics = classification_metrics(test.labels.numpy(), predictions.numpy(), config["num_classes"])
         per_seed.append({"seed": entry["seed"], "val_balanced_accuracy": entry["val_balanced_accuracy"], **metrics})
         seed_predictions.append(predictions.numpy())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 
 from layerprobe.config import (
@@ -54,8 +55,9 @@ def train_step(
         return {**read_json(marker), "status": "reused", "reason": None}
 
     from layerprobe.checkpoint import save_probe
-    from layerprobe.features import num_patch_tokens, read_manifest, read_selection
+    from layerprobe.features import num_patch_tokens, read_manifest
     from layerprobe.probes import gather_raw, get_probe_spec, reading_widths, select_token_positions, token_labels
+    from layerprobe.selection import PREDICT_ROWS, open_selection
     from layerprobe.train import make_grid, sweep_selected
 
     marker.unlink(missing_ok=True)  # from here until the new marker, the folder is incomplete
@@ -68,12 +70,15 @@ def train_step(
                                        num_patches=num_patches)  # fmt: skip
     width, token_widths = reading_widths(spec, metadata.get("layer_widths"), positions)
     # Train and val rows in one tensor, read shard by shard: the cache itself is never held in memory whole, and the
-    # sweep, its validation and the refit all use views of this one selection, for every seed.
-    selection = read_selection(
+    # sweep, its validation and the refit all use views of this one selection, for every seed. A selection that does
+    # not fit in memory stays in the cache and is read batch by batch (the reference plan's batches can exceed
+    # train.batch_size by up to a fifth; the validation pass reads up to PREDICT_ROWS at a time).
+    selection = open_selection(
         features_dir,
         splits=["train", "val"],
         select=lambda tokens, patches: gather_raw(tokens, positions, patches=patches, width=width),
         patches=spec.reads_patches,
+        batch_rows=lambda counts: max(math.ceil(1.25 * train.batch_size), min(PREDICT_ROWS, counts["val"])),
     )
     num_classes = len(metadata["class_names"])
     # Attention dropout only exists in attentive heads; a linear probe sweeps lr x wd alone.
