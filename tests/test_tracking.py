@@ -1,4 +1,4 @@
-"""What MLflow is told, without MLflow: one-line descriptions, registry tags, the report's headline."""
+"""What MLflow is told, without MLflow: one-line descriptions, registry tags, the UI's URL, the report's headline."""
 
 from __future__ import annotations
 
@@ -44,6 +44,15 @@ def test_a_registered_version_is_tagged_with_what_it_is():
 def test_a_probe_is_keyed_on_its_evaluation_and_its_weights():
     probe = evaluated()
     assert probe.key == "abc123-0123456789abcdef" and probe.run_name == "vit_shapes_d6/digits/alf"
+
+
+def test_the_ui_url_opens_the_runs_in_the_training_sidebar_with_the_projects_view():
+    url = tracking.runs_url("http://127.0.0.1:5000/", "7")
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=layerprobe"
+                   "&workflowType=machine_learning")  # fmt: skip
+    assert tracking.runs_url("http://h:1", None) == "http://h:1/#/experiments?workflowType=machine_learning"
+    assert tracking.VIEW_TAG == "mlflow.sharedViewState.layerprobe"
+    assert "metrics.`test/balanced_accuracy`" in tracking.RUNS_VIEW["selectedColumns"]
 
 
 def test_the_headline_is_the_mean_gain_per_backbone_with_its_interval():

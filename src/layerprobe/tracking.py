@@ -13,9 +13,13 @@ import datetime as dt
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,20 @@ PID_TAG = "layerprobe.pid"
 HOST_TAG = "layerprobe.host"
 # MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds model-training runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The runs table as `layerprobe ui` opens it: a view MLflow's UI loads from an experiment tag when the URL names it
+# (`viewStateShareKey`), so a fresh browser shows each probe's scores, description, registered model and dataset
+# (without it, only Source, Models and Dataset). Keys as the UI stores its own views.
+VIEW_KEY = "layerprobe"
+VIEW_COLUMNS = ["metrics.`test/balanced_accuracy`", "metrics.`val/balanced_accuracy`", "attributes.`Description`",
+                "attributes.`Models`", "attributes.`Dataset`"]  # fmt: skip
+RUNS_VIEW = {
+    "selectedColumns": VIEW_COLUMNS,
+    "columnOrder": VIEW_COLUMNS,
+    "columnWidths": {VIEW_COLUMNS[0]: 170, VIEW_COLUMNS[1]: 170, VIEW_COLUMNS[2]: 400},
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 
 def resolve_tracking_uri(mlruns_dir: str | Path, configured: str | None = None) -> str:
@@ -63,12 +81,15 @@ def setup_experiment(experiment: str, *, mlruns_dir: str | Path, tracking_uri: s
     if found is None:
         artifacts = (Path(mlruns_dir).resolve() / "artifacts" / experiment).as_uri()
         try:
-            return client.create_experiment(experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+            tags = {**EXPERIMENT_KIND, VIEW_TAG: json.dumps(RUNS_VIEW)}
+            return client.create_experiment(experiment, artifact_location=artifacts, tags=tags)
         except mlflow.exceptions.MlflowException:  # another process created it between the two calls
             found = client.get_experiment_by_name(experiment)
     for key, value in EXPERIMENT_KIND.items():
         if key not in found.tags:  # an experiment made by an older version (or by hand)
             client.set_experiment_tag(found.experiment_id, key, value)
+    if found.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
+        client.set_experiment_tag(found.experiment_id, VIEW_TAG, json.dumps(RUNS_VIEW))
     return found.experiment_id
 
 
@@ -740,3 +761,79 @@ def crown_champions(results: list[dict], *, alias: str) -> dict[str, dict]:
             set_alias(name, alias, result["version"])
     return {name: {"probe": r["probe"], "version": r["version"]} for name, r in best.items()}
 
+
+# ------------------------------------------------------------------------------------------------------------- the UI
+
+# MLflow's UI keeps its sidebar toggle (GenAI / Model training) in the browser's local storage, and a fresh browser
+# starts on GenAI whatever the experiment's kind (mlflow/mlflow#24498); the UI reads this URL parameter first.
+TRAINING_SIDEBAR = "workflowType=machine_learning"
+
+
+def runs_url(base_url: str, experiment_id: str | None) -> str:
+    """The experiment's runs table in the MLflow UI at `base_url`, in the "Model training" sidebar and the project's
+    view (`RUNS_VIEW`); the experiments list when there is no experiment yet."""
+    base = base_url.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?{TRAINING_SIDEBAR}"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{TRAINING_SIDEBAR}"
+
+
+def find_experiment(experiment: str, tracking_uri: str) -> str | None:
+    """The id of `experiment` in the store at `tracking_uri`, None when no run created it yet."""
+    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    return None if found is None else found.experiment_id
+
+
+def start_ui_server(backend_store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path):
+    """`mlflow server` on the project's store (one worker, no job runner), in its own process group, writing to `log`.
+
+    The experiments' artifact locations are file URIs under `artifacts_dir`, which the server reads directly;
+    `--artifacts-destination` only applies to mlflow-artifacts:/ locations and keeps anything from landing in
+    ./mlartifacts. Returns the process (`stop_ui_server` ends it and its uvicorn child).
+    """
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot serve the MLflow UI on {host}:{port} ({e.strerror}): give another --port") from e
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+    }  # the job runner would start ~8 huey consumer processes; telemetry cannot reach out from our machines
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri),
+        *("--artifacts-destination", Path(artifacts_dir).resolve().as_uri()),
+        *("--host", host, "--port", str(port), "--workers", "1"),
+    ]
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_ui_server(server: subprocess.Popen, base_url: str, *, log: Path, timeout: float = 120.0) -> None:
+    """Wait until the server answers /health; fail with its log's tail when it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {server.returncode}:\n{Path(log).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base_url.rstrip('/')}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"mlflow server did not answer in {timeout:.0f} s:\n{Path(log).read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_ui_server(server: subprocess.Popen) -> None:
+    """End `mlflow server` and its uvicorn child (its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
