@@ -275,6 +275,7 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
             driver, lambda d, r=run: d.execute_script(_CELL_JS, r.info.run_id, column), f"{METRIC} of {probe}"
         )
         assert float(shown) == pytest.approx(run.data.metrics[METRIC], abs=1e-9), f"{probe}: {shown}"
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", _links(driver, parent_suffix)[0])
     _screenshot(driver, "mlflow-runs.png")
 
     # b. The compare view of the two children has a `test/balanced_accuracy` row with each run's value in its column.
@@ -310,8 +311,9 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
         pytest.fail(f"{HEATMAP} of run {alf.info.run_id} not rendered at {driver.current_url}; loaded: {loaded}")
 
     # d. The registered model's versions table says what each version is: its probe and score in its row, and
-    # `@champion` on the version the registry's alias points to, and only there.
-    driver.get(f"{base}#/models/{model}")
+    # `@champion` on the version the registry's alias points to, and only there. (Pages other than the runs follow
+    # the browser's sidebar setting; opened here as after one click on "Model training".)
+    driver.get(f"{base}#/models/{model}?{tracking.TRAINING_SIDEBAR}")
     alias = re.compile(rf"@\s*{ALIAS}\b")
 
     def row_text(d, version: str) -> str | None:
@@ -326,13 +328,15 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
     marked = {number: bool(alias.search(row_text(driver, number))) for number in versions}
     assert marked == {number: number == champion for number in versions}, f"@{ALIAS} should mark {champion} only"
     _close_assistant(driver)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})",
+                          _links(driver, f"/models/{model}/versions/{champion}")[0])  # fmt: skip
     _screenshot(driver, "mlflow-registry.png")
 
     # e. A probe run's page names its input dataset: the feature cache, by name and content-hash digest, and says in
     # its description what the probe scored.
     (dataset_input,) = alf.inputs.dataset_inputs
     label = f"{dataset_input.dataset.name} ({dataset_input.dataset.digest})"
-    driver.get(f"{base}#/experiments/{experiment.experiment_id}/runs/{alf.info.run_id}")
+    driver.get(f"{base}#/experiments/{experiment.experiment_id}/runs/{alf.info.run_id}?{tracking.TRAINING_SIDEBAR}")
     _wait(driver, lambda d: label in d.find_element(By.TAG_NAME, "body").text, f"dataset {label} on the run page")
     assert alf.data.tags["mlflow.note.content"] in driver.find_element(By.TAG_NAME, "body").text
     _close_assistant(driver)

@@ -55,7 +55,7 @@ VIEW_COLUMNS = ["metrics.`test/balanced_accuracy`", "metrics.`val/balanced_accur
 RUNS_VIEW = {
     "selectedColumns": VIEW_COLUMNS,
     "columnOrder": VIEW_COLUMNS,
-    "columnWidths": {VIEW_COLUMNS[0]: 170, VIEW_COLUMNS[1]: 170, VIEW_COLUMNS[2]: 400},
+    "columnWidths": {"attributes.`Run Name`": 260, VIEW_COLUMNS[0]: 170, VIEW_COLUMNS[1]: 170, VIEW_COLUMNS[2]: 460},
     "orderByKey": "attributes.start_time",
     "orderByAsc": False,
 }
@@ -88,9 +88,14 @@ def setup_experiment(experiment: str, *, mlruns_dir: str | Path, tracking_uri: s
     for key, value in EXPERIMENT_KIND.items():
         if key not in found.tags:  # an experiment made by an older version (or by hand)
             client.set_experiment_tag(found.experiment_id, key, value)
-    if found.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
-        client.set_experiment_tag(found.experiment_id, VIEW_TAG, json.dumps(RUNS_VIEW))
+    _store_view(client, found)
     return found.experiment_id
+
+
+def _store_view(client: MlflowClient, experiment) -> None:
+    """Store (or update) the runs view `layerprobe ui` opens on `experiment` (an experiment tag)."""
+    if experiment.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
+        client.set_experiment_tag(experiment.experiment_id, VIEW_TAG, json.dumps(RUNS_VIEW))
 
 
 def run_tags() -> dict[str, str]:
@@ -779,9 +784,15 @@ def runs_url(base_url: str, experiment_id: str | None) -> str:
 
 
 def find_experiment(experiment: str, tracking_uri: str) -> str | None:
-    """The id of `experiment` in the store at `tracking_uri`, None when no run created it yet."""
-    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
-    return None if found is None else found.experiment_id
+    """The id of `experiment` in the store at `tracking_uri` (None when no run created it yet), with the runs view
+    the URL names stored on it (a store filled by an older version gets it; a read-only server keeps what it has)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        _store_view(client, found)
+    return found.experiment_id
 
 
 def start_ui_server(backend_store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path):
