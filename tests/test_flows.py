@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import flow, task
@@ -160,6 +161,23 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     test = read_features(Path("features/tiny_vit/count"), split="test")
     predictions = loaded.predict(test.tokens[:5].float().numpy())
     assert predictions.shape == (5,)
+    # A fresh process loads it from the model's own copy of the package (only the modules its pyfunc imports), and
+    # every layerprobe module it imports comes from there.
+    import subprocess
+    import sys
+
+    np.save("rows.npy", test.tokens[:5].float().numpy())
+    script = """import json, sys, mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+predictions = mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load("rows.npy")).tolist()
+files = sorted({m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "layerprobe"})
+print(json.dumps({"predictions": predictions, "files": files}))"""
+    command = [sys.executable, "-c", script, mlflow.get_tracking_uri(), f"models:/{name}@champion"]
+    elsewhere = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    shown = json.loads(elsewhere.stdout.strip().splitlines()[-1])
+    assert shown["predictions"] == predictions.tolist()
+    assert shown["files"] and all("/artifacts/code/layerprobe/" in f for f in shown["files"]), shown["files"]
     assert json.loads(Path("results/evaluate/run.json").read_text())["parent_run_id"] == parents[0].info.run_id
 
     # The report pairs the two probes' test predictions: the gain and its interval on the parent run and in the table,

@@ -27,9 +27,20 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow import RunOperations
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    Run,
+    RunStatus,
+    RunTag,
+)
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
@@ -188,6 +199,23 @@ def log_artifacts(run_id: str, files: dict[str, str | Path]) -> None:
             client.log_artifacts(run_id, str(path), artifact_path=folder)
         elif path.is_file():
             client.log_artifact(run_id, str(path), artifact_path=folder or None)
+
+
+def model_code(folder: Path) -> Path:
+    """`folder/layerprobe`: the package as a logged model carries it, the modules its pyfunc imports (the import
+    closure of `mlflow_model`, lazy imports included: 9 of the package's files), so `models:/...` loads where
+    layerprobe is not installed; each model copies it twice (saved, then uploaded), so the rest stays out."""
+    import shutil
+
+    from layerprobe.code_key import import_closure
+
+    package = Path(__file__).parent
+    code_dir = Path(folder) / "layerprobe"
+    for path in import_closure("layerprobe.mlflow_model"):
+        if path.is_relative_to(package):
+            (code_dir / path.relative_to(package)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, code_dir / path.relative_to(package))
+    return code_dir
 
 
 def _model_requirements() -> list[str]:
@@ -457,7 +485,7 @@ def log_probe_run(
     evaluation folder and sweep in one artifact upload, and a registered version (unless `version`, the registry's
     version of the same weights, exists). Ends FAILED (the error as a tag) if anything here fails.
 
-    `tags` are the batch's common run tags (`run_tags`); `code_dir` a clean copy of the package for the model.
+    `tags` are the batch's common run tags (`run_tags`); `code_dir` the package as models carry it (`model_code`).
     Returns (run id, registered model, version and model uri; the pending `log_batch`). The run stays RUNNING:
     `finish_runs` ends the batch's runs together, since ending a run stops MLflow's async queue (0.7 s a run).
     """
@@ -468,25 +496,26 @@ def log_probe_run(
                  EVALUATION_TAG: probe.key, "probe_hash": probe.probe_hash,
                  "features.content_hash": probe.trained["features_hash"],
                  "dvc.dataset_version": probe.probe_config["provenance"].get("dataset_version", "")}  # fmt: skip
-    run_id = client.create_run(experiment_id, run_name=probe.run_name, tags=run_tags_).info.run_id
+    run = client.create_run(experiment_id, run_name=probe.run_name, tags=run_tags_).info
+    run_id = run.run_id
     try:
         # Created here, in this experiment (left to `Model.log`, a model without an active run lands in the default
-        # experiment); `Model.log` then saves, uploads and finalises it and links it to the run as its output.
+        # experiment), and linked to the run as its output here: given the run, `Model.log` would read the run back
+        # twice to copy its metrics onto the model (0.07 s a probe); the metrics below name the model themselves.
         logged = client.create_logged_model(experiment_id, name=probe.run_name.replace("/", "-"), source_run_id=run_id,
                                             tags={"backbone": probe.backbone, "dataset": probe.dataset,
                                                   "probe": probe.probe})  # fmt: skip
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         model = Model.log(
             None,
             flavor=mlflow.pyfunc,
             name=logged.name,
             model_id=logged.model_id,
-            run_id=run_id,
             python_model=str(MODEL_CODE),
             artifacts={"probe": str(probe.seed_dir)},
             # From the cache's shapes. No input example: MLflow would load the model to check it (0.1 s a probe).
             signature=probe_signature(probe.features_dir, patch_tokens=bool(probe.probe_config.get("patch_tokens"))),
-            # The package travels with the model, so `models:/...` loads where layerprobe is not installed.
-            code_paths=[str(code_dir)],
+            code_paths=[str(code_dir)],  # the modules the pyfunc imports (`model_code`)
             # Stated, not inferred: inference imports the model in a subprocess (~3 s per probe).
             pip_requirements=_model_requirements(),
         )
@@ -513,7 +542,8 @@ def log_probe_run(
         )  # fmt: skip
         evaluation_files = {f"evaluation/{p.name}": p for p in sorted(probe.evaluation_dir.iterdir()) if p.is_file()}
         with _staged({**evaluation_files, f"sweep/{SWEEP_FILE}": probe.seed_dir / SWEEP_FILE}) as folder:
-            client.log_artifacts(run_id, str(folder))
+            # Straight to the run's artifact store: `client.log_artifacts` would read the whole run back to find it.
+            get_artifact_repository(run.artifact_uri, tracking_uri=client.tracking_uri).log_artifacts(str(folder))
     except BaseException as error:
         end_run(run_id, failed=True, error=repr(error))
         raise
@@ -645,8 +675,6 @@ def _record_new(
     set_key: str,
 ) -> str:
     """A new parent run: the `new` probes logged as its children, the others referenced. Fills `results`."""
-    import shutil
-
     tags = run_tags()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     referenced = len(evaluated) - len(new)
@@ -661,8 +689,7 @@ def _record_new(
         describe_registered_models(params, new)
         datasets: dict[Path, DatasetInput] = {}
         with tempfile.TemporaryDirectory(prefix="layerprobe-model-code-") as tmp:
-            code_dir = Path(tmp) / "layerprobe"  # copied once, without bytecode, for every model of the batch
-            shutil.copytree(Path(__file__).parent, code_dir, ignore=shutil.ignore_patterns("__pycache__"))
+            code_dir = model_code(Path(tmp))  # staged once for every model of the batch
             for probe in new:
                 if probe.features_dir not in datasets:
                     name = f"{probe.backbone}/{probe.dataset} features"
