@@ -2,11 +2,11 @@
 
 Run:  python -m flows.evaluate [--params params.yaml] [--backbone NAME ...] [--dataset NAME ...] [--probe NAME ...]
 Cost: one forward pass of each probe over the cached test features (seconds; reused when the probe and features
-are unchanged), then MLflow recording in one batch from the outputs on disk (about 0.2 s per probe logged; a probe
-already recorded with the same scores and weights is referenced, not logged again: 1000 unchanged probes take
-seconds). A parent run holds the probes logged now as children and references the others; a rerun that changed
-nothing adds no run. A failed child ends FAILED, and runs left RUNNING by a killed process are closed as FAILED on
-the next start.
+are unchanged), then MLflow recording in one batch from the outputs on disk (0.3-0.7 s per probe logged on 2 CPU
+cores, benchmarks/RESULTS.md; a probe already recorded with the same scores and weights is referenced, not logged
+again: 1000 unchanged probes take about 12 s). A parent run holds the probes logged now as children and references
+the others; a rerun that changed nothing adds no run. A failed child ends FAILED, and runs left RUNNING by a killed
+process are closed as FAILED on the next start.
 """
 
 from __future__ import annotations
