@@ -40,9 +40,10 @@ def spin() -> None:
         pass
 
 
-def one_run(scratch: Path) -> tuple[int, float, str]:
+def one_run(scratch: Path, commit: str) -> tuple[int, float, str]:
     clone = scratch / "project"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)  # every run of one commit
     (clone / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     env = {
         **os.environ,
@@ -74,7 +75,7 @@ def main() -> None:
     try:
         for number in range(1, args.runs + 1):
             with tempfile.TemporaryDirectory(prefix="layerprobe-repro-") as scratch:
-                code, seconds, output = one_run(Path(scratch))
+                code, seconds, output = one_run(Path(scratch), head.strip())
             ast_error = "AST constructor" in output or "SystemError" in output
             print(f"run {number:2d}: exit {code}, {seconds:6.1f} s{', SystemError' if ast_error else ''}", flush=True)
             if code or ast_error:

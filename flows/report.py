@@ -1,7 +1,7 @@
 """Report stage: the paper-style table (datasets x probes per backbone, gain of alf over the backbone's baseline,
 linear_last_cls or for MAE linear_last_ap, bootstrap intervals) and, per backbone, a layer-attention matrix
 (datasets x layers), written for DVC and logged to the evaluate stage's MLflow parent run (with each gain and its
-paired-bootstrap interval as metrics).
+paired-bootstrap interval as metrics, and the mean gain per backbone as the run's description).
 
 Run:  python -m flows.report [--params params.yaml]
 Cost: seconds (reads metrics and predictions files, 1000 bootstrap resamples per task, draws two figures).
@@ -18,7 +18,15 @@ from flows.common import FLOW_OPTIONS, Params, as_params, run_stage
 from layerprobe import tracking
 from layerprobe.config import HEATMAP_JSON, PREDICTIONS_FILE
 from layerprobe.files import read_arrays, read_json
-from layerprobe.report import HEADLINE, baseline_probe, gain_intervals, gain_metrics, write_report
+from layerprobe.report import (
+    HEADLINE,
+    baseline_probe,
+    gain_intervals,
+    gain_metrics,
+    headline,
+    results_rows,
+    write_report,
+)
 
 
 @task(name="write-report")
@@ -63,6 +71,10 @@ def report_flow(params: Params | str = "params.yaml") -> dict:
         parent_run_id = read_json(run_file)["parent_run_id"]
         tracking.log_metrics(parent_run_id, gain_metrics(intervals))
         tracking.log_artifacts(parent_run_id, {"report": params.paths.report_dir})
+        rows = results_rows(
+            summary, probes=params.suite.probes, groups=groups, intervals=intervals, baselines=baselines
+        )
+        tracking.describe_run(parent_run_id, headline(rows, params.suite.probes, intervals=intervals))
     print(markdown)
     return files
 

@@ -21,7 +21,7 @@ TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_head
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ("pretrain", "prepare", "extract", "train", "evaluate", "run", "predict", "plan", "list"):
+    for command in ("pretrain", "prepare", "extract", "train", "evaluate", "run", "predict", "plan", "ui", "list"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import flow, task
@@ -126,9 +127,31 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     artifacts = {a.path for a in client.list_artifacts(alf.info.run_id, "evaluation")}
     assert {"evaluation/heatmap.png", "evaluation/heatmap.json", "evaluation/confusion.png",
             "evaluation/predictions.npz"} <= artifacts  # fmt: skip
+
+    # Each probe run names its input: the feature cache, by content hash, with its splits and shape.
+    features_hash = json.loads(Path("probes/tiny_vit/count/alf/train.json").read_text())["features_hash"]
+    (dataset,) = [i.dataset for i in alf.inputs.dataset_inputs]
+    assert (dataset.name, dataset.digest) == ("tiny_vit/count features", features_hash[:16])
+    profile = json.loads(dataset.profile)
+    assert sum(profile["splits"].values()) == profile["num_rows"] == 240 and set(profile["splits"]) == {
+        "train", "val", "test"}  # fmt: skip
+    assert profile["shape"] == [240, 4, 2, 32]  # 3 blocks + final, cls/ap, width 32
+    other = next(r for r in children if r.data.tags["probe"] == "linear_last_cls")
+    assert [i.dataset.digest for i in other.inputs.dataset_inputs] == [dataset.digest]
+
+    # The registry says what each version is: the probe, its scores, seeds and features; the model says the task.
     name = "layerprobe-count-tiny-vit"
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == 2
+    versions = {v.tags["probe"]: v for v in client.search_model_versions(f"name = '{name}'")}
+    assert set(versions) == {"alf", "linear_last_cls"}
+    version = versions["alf"]
+    score = alf.data.metrics["test/balanced_accuracy"]
+    val = alf.data.metrics["val/balanced_accuracy"]
+    assert version.description == (f"alf on tiny_vit / count: val {100 * val:.1f}, test {100 * score:.1f} "
+                                   f"[{100 * low:.1f}, {100 * high:.1f}]")  # fmt: skip
+    assert version.tags["test_balanced_accuracy"] == f"{score:.4f}" and version.tags["seeds"] == "0"
+    assert version.tags["features.content_hash"] == features_hash and version.run_id == alf.info.run_id
+    registered = client.get_registered_model(name)
+    assert "count" in registered.description and "@champion" in registered.description
     champion = client.get_model_version_by_alias(name, "champion")
     best = max(children, key=lambda r: r.data.metrics["val/balanced_accuracy"])
     assert str(champion.version) == best.data.tags["registered_version"]
@@ -138,33 +161,105 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     test = read_features(Path("features/tiny_vit/count"), split="test")
     predictions = loaded.predict(test.tokens[:5].float().numpy())
     assert predictions.shape == (5,)
+    # A fresh process loads it from the model's own copy of the package (only the modules its pyfunc imports), and
+    # every layerprobe module it imports comes from there.
+    import subprocess
+    import sys
+
+    np.save("rows.npy", test.tokens[:5].float().numpy())
+    script = """import json, sys, mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+predictions = mlflow.pyfunc.load_model(sys.argv[2]).predict(np.load("rows.npy")).tolist()
+files = sorted({m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "layerprobe"})
+print(json.dumps({"predictions": predictions, "files": files}))"""
+    command = [sys.executable, "-c", script, mlflow.get_tracking_uri(), f"models:/{name}@champion"]
+    elsewhere = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    shown = json.loads(elsewhere.stdout.strip().splitlines()[-1])
+    assert shown["predictions"] == predictions.tolist()
+    assert shown["files"] and all("/artifacts/code/layerprobe/" in f for f in shown["files"]), shown["files"]
     assert json.loads(Path("results/evaluate/run.json").read_text())["parent_run_id"] == parents[0].info.run_id
 
-    # The report pairs the two probes' test predictions: the gain and its interval on the parent run and in the table.
+    # The report pairs the two probes' test predictions: the gain and its interval on the parent run and in the table,
+    # and the mean gain per backbone as the parent run's description.
     from flows.report import report_flow
 
     report_flow("params.yaml")
-    parent = client.get_run(parents[0].info.run_id).data.metrics
-    gain = parent["test/balanced_accuracy_gain/tiny_vit/count"]
+    parent = client.get_run(parents[0].info.run_id)
+    gain = parent.data.metrics["test/balanced_accuracy_gain/tiny_vit/count"]
     by_probe = {r.data.tags["probe"]: r.data.metrics["test/balanced_accuracy"] for r in children}
     assert gain == pytest.approx(by_probe["alf"] - by_probe["linear_last_cls"])
-    low, high = (parent[f"test/balanced_accuracy_gain_ci_{bound}/tiny_vit/count"] for bound in ("low", "high"))
+    low, high = (
+        parent.data.metrics[f"test/balanced_accuracy_gain_ci_{bound}/tiny_vit/count"] for bound in ("low", "high")
+    )
     assert low <= gain <= high
     assert f"{100 * gain:+.2f} [{100 * low:.1f}, {100 * high:.1f}] |" in Path("results/report/report.md").read_text()
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("Mean gain of alf") and f"- tiny_vit: {100 * gain:+.2f}" in description
 
-    evaluate_flow("params.yaml")  # unchanged probes: a new parent run, but no duplicate model versions
+    # Nothing changed: no run, no version is added; the first parent stays the record.
+    evaluate_flow("params.yaml")
+    assert len(client.search_runs([experiment.experiment_id])) == 3
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    assert json.loads(Path("results/evaluate/run.json").read_text())["parent_run_id"] == parents[0].info.run_id
+    assert "layerprobe.confirmed" in client.get_run(parents[0].info.run_id).data.tags
 
 
-def test_failed_evaluation_leaves_runs_failed_not_dangling(trained_project):
+def test_a_retrained_probe_is_logged_again_and_the_unchanged_one_is_referenced(trained_project):
+    import yaml
+
+    from flows.evaluate import evaluate_flow
+    from flows.train import train_flow
+
+    evaluate_flow("params.yaml")
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("tiny").experiment_id
+    first = {r.data.tags["probe"]: r for r in client.search_runs([experiment_id]) if "probe" in r.data.tags}
+    data = yaml.safe_load(Path("params.yaml").read_text())
+    data["probes"]["alf"]["num_heads"] = 2
+    Path("params.yaml").write_text(yaml.safe_dump(data))
+    train_flow("params.yaml")  # alf retrained, linear_last_cls reused
+    evaluate_flow("params.yaml")
+
+    parent_id = json.loads(Path("results/evaluate/run.json").read_text())["parent_run_id"]
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert [r.data.tags["probe"] for r in children] == ["alf"]  # only the changed probe is logged again
+    table = json.loads(Path(client.download_artifacts(parent_id, "probe_runs.json")).read_text())
+    rows = {
+        row[table["columns"].index("probe")]: dict(zip(table["columns"], row, strict=True)) for row in table["data"]
+    }
+    assert rows["linear_last_cls"]["run_id"] == first["linear_last_cls"].info.run_id  # referenced, not copied
+    assert rows["linear_last_cls"]["recorded"] == "referenced" and rows["alf"]["recorded"] == "logged"
+    assert rows["alf"]["run_id"] == children[0].info.run_id != first["alf"].info.run_id
+    versions = client.search_model_versions("name = 'layerprobe-count-tiny-vit'")
+    assert sorted(v.tags["probe"] for v in versions) == ["alf", "alf", "linear_last_cls"]
+
+
+def test_failed_evaluation_leaves_no_run_dangling(trained_project, monkeypatch):
     from flows.evaluate import evaluate_flow
 
-    Path("probes/tiny_vit/count/alf/seed-0/probe.safetensors").write_bytes(b"not safetensors")
+    # A probe that cannot be scored: the flow fails before recording anything.
+    weights = Path("probes/tiny_vit/count/alf/seed-0/probe.safetensors")
+    good = weights.read_bytes()
+    weights.write_bytes(b"not safetensors")
     with pytest.raises(Exception, match="probe"):
         evaluate_flow("params.yaml", probes=["alf"])
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path('mlruns/mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+    # Logging that fails half-way: the child and its parent end FAILED, with the error.
+    weights.write_bytes(good)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("the artifact store refused the model")
+
+    monkeypatch.setattr(mlflow.models.Model, "log", refused)
+    with pytest.raises(RuntimeError, match="refused"):
+        evaluate_flow("params.yaml", probes=["alf"])
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+    assert all("refused the model" in r.data.tags["layerprobe.error"] for r in runs)
 
 
 def test_runs_of_a_killed_process_are_closed_as_failed(project_dir):

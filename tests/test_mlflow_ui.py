@@ -1,12 +1,18 @@
-"""The MLflow UI, in a real headless Chromium, over a tracking store built by the project's own flows.
+"""The MLflow UI as a new user meets it: `layerprobe ui` on a store built by the project's own flows, opened in a
+fresh headless Chromium (an empty profile: nothing set in its local storage).
 
-The flows (prepare → extract → train → evaluate) run in process on the tiny suite, as in test_flows.py; then
-`mlflow server` serves the store and selenium checks what a user sees: the nested runs, the compare view with
-`test/balanced_accuracy`, the alf heatmap artifact rendered as an image, and `@champion` on the right model version.
+The flows (prepare → extract → train → evaluate → report) run in process on the tiny suite, as in test_flows.py; or,
+with LAYERPROBE_UI_PROJECT=<folder>, the test uses that project as it is (the default suite's, for the README's
+screenshots). `layerprobe ui` serves the store and prints a URL; the browser opens it and must find the runs table
+(in the "Model training" sidebar) with the last parent run's `alf` and `linear_last_cls` children and each one's
+`test/balanced_accuracy`; the compare view of the two; the alf heatmap artifact rendered as an image; the registered
+model's versions table naming each version's probe and score, `@champion` on the right one; and a probe run's page
+naming its input dataset (the feature cache, by content hash).
 
 Needs /usr/bin/chromium, /usr/bin/chromedriver (Debian: apt-get install chromium chromium-driver) and selenium;
 skipped when one is missing. Selenium Manager never runs: the driver and the browser are given by path.
-With LAYERPROBE_SCREENSHOTS=<dir> the test also saves mlflow-runs.png and mlflow-champion.png there (docs/ holds them).
+With LAYERPROBE_SCREENSHOTS=<dir> the test also saves mlflow-runs.png, mlflow-registry.png and mlflow-run.png there
+(docs/ holds them, taken on the default suite's store).
 """
 
 from __future__ import annotations
@@ -20,8 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,9 +48,11 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from layerprobe import tracking  # noqa: E402
+from layerprobe.params import load_params  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
-MODEL = "layerprobe-count-tiny-vit"
 ALIAS = "champion"
 METRIC = "test/balanced_accuracy"
 HEATMAP = "evaluation/heatmap.png"
@@ -54,6 +60,7 @@ TIMEOUT = 60  # seconds for any one thing to show up: the machine may be slow
 WIDTH, HEIGHT = 1400, 900
 # resolved at import, before project_dir moves the working directory into a temporary project
 SCREENSHOTS = Path(os.environ["LAYERPROBE_SCREENSHOTS"]).resolve() if os.environ.get("LAYERPROBE_SCREENSHOTS") else None
+PROJECT = Path(os.environ["LAYERPROBE_UI_PROJECT"]).resolve() if os.environ.get("LAYERPROBE_UI_PROJECT") else None
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--no-sandbox",
@@ -69,17 +76,25 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.fixture
-def tracking_store(project_dir, prefect_harness) -> Path:
-    """prepare → extract → train → evaluate through the flows, in process: experiment `tiny` in mlruns/."""
+def tracking_store(request, monkeypatch) -> Path:
+    """A project whose mlruns/ the flows filled: the tiny suite built here, or LAYERPROBE_UI_PROJECT as it is."""
+    if PROJECT is not None:
+        monkeypatch.chdir(PROJECT)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return PROJECT
+    project_dir = request.getfixturevalue("project_dir")
+    request.getfixturevalue("prefect_harness")
     from flows.evaluate import evaluate_flow
     from flows.extract import extract_flow
     from flows.prepare import prepare_flow
+    from flows.report import report_flow
     from flows.train import train_flow
 
     prepare_flow("params.yaml")
     extract_flow("params.yaml")
     train_flow("params.yaml")
     evaluate_flow("params.yaml")
+    report_flow("params.yaml")
     return project_dir
 
 
@@ -90,58 +105,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_server(tracking_store, tmp_path_factory):
-    """`mlflow server` on the store, as the README's `mlflow ui` would serve it; yields its base URL.
-
-    The experiment's artifact location is a file URI under mlruns/artifacts, which the server reads directly
-    (--artifacts-destination only applies to mlflow-artifacts:/ locations; it is set so nothing lands in ./mlartifacts).
-    """
-    mlruns = tracking_store / "mlruns"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # else a job runner starts ~8 huey consumer processes
-    }
+def ui_url(tracking_store, tmp_path_factory):
+    """`layerprobe ui --no-browser` in the project: yields the URL it prints; SIGTERM ends it and its server."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [
-        *(sys.executable, "-m", "mlflow", "server"),
-        *("--backend-store-uri", f"sqlite:///{mlruns / 'mlflow.db'}"),
-        *("--artifacts-destination", (mlruns / "artifacts").as_uri()),
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-    ]
-    log_path = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    log_path = tmp_path_factory.mktemp("layerprobe-ui") / "ui.log"
+    command = [sys.executable, "-m", "layerprobe.cli", "ui", "--no-browser", "--port", str(_free_port())]
     with open(log_path, "wb") as log:
-        # its own process group: `mlflow server` runs uvicorn as a child, and both must go at the end
-        server = subprocess.Popen(
-            command, cwd=tracking_store, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}/"
+        ui = subprocess.Popen(command, cwd=tracking_store, env=env, stdout=subprocess.PIPE, stderr=log,
+                              start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer in {TIMEOUT} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        url = ui.stdout.readline().decode().strip()  # printed once the server answers
+        if not url.startswith("http"):
+            pytest.fail(f"`layerprobe ui` printed {url!r}, exit code {ui.poll()}:\n{log_path.read_text()[-3000:]}")
         yield url
     finally:
+        ui.send_signal(signal.SIGTERM)  # `layerprobe ui` stops its `mlflow server` on the way out
         try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        except ProcessLookupError:
-            pass
+            ui.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait(timeout=30)
 
 
 @pytest.fixture
@@ -225,46 +209,73 @@ return {plot_href: name.getAttribute("href"), values};
 """
 
 
-def test_mlflow_ui_shows_runs_comparison_heatmap_and_champion(tracking_store, mlflow_server, browser, tmp_path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tracking_store / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.data.tags["probe"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"linear_last_cls", "alf"}
+# The runs table's cell of one run (its row id is the run id) in one column (its col-id is the column's key).
+_CELL_JS = """
+const [runId, column] = arguments;
+const cell = [...document.querySelectorAll(`[role=row][row-id="${runId}"] [col-id]`)].find(
+  (c) => c.getAttribute("col-id") === column);
+return cell ? cell.textContent.trim() : null;
+"""
+
+
+def _close_assistant(driver) -> None:
+    """MLflow's assistant panel opens by itself on a first visit to a local server; a user closes it with its x."""
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+        if button.is_displayed():
+            button.click()
+
+
+def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_themselves(
+    tracking_store, ui_url, browser, tmp_path
+):
+    params = load_params("params.yaml")
+    client = MlflowClient(tracking_uri=tracking.resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri))
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    backbone, dataset = params.suite.backbones[0], params.suite.datasets[0]
+    model = tracking.registered_model_name(params.evaluate.registry_prefix, dataset, backbone)
+    # The probes of the first task, wherever they were logged (a rerun references unchanged probes' earlier runs).
+    newest = {"max_results": 1, "order_by": ["attributes.start_time DESC"]}
+    task = f"tags.backbone = '{backbone}' and tags.dataset = '{dataset}'"
+    children = {p: client.search_runs([experiment.experiment_id], f"tags.probe = '{p}' and {task}", **newest)[0]
+                for p in ("linear_last_cls", "alf")}  # fmt: skip
+    parent = client.get_run(children["alf"].data.tags["mlflow.parentRunId"])
     alf = children["alf"]
     heatmap = Path(client.download_artifacts(alf.info.run_id, HEATMAP, str(tmp_path))).read_bytes()
-    versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
-    champion = str(client.get_model_version_by_alias(MODEL, ALIAS).version)
-    assert len(versions) == 2 and champion in versions
-    driver, base = browser, mlflow_server
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{model}'")}
+    champion = str(client.get_model_version_by_alias(model, ALIAS).version)
+    assert champion in versions
+    driver, base = browser, ui_url.split("#")[0]
 
-    # Keep the MLflow Assistant side panel closed (it opens on a first visit and takes a third of the screen): set in
-    # the origin's localStorage from a page that is not the app, so the app cannot write over it before it reads it.
-    driver.get(f"{base}health")
-    driver.execute_script(
-        "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
-        "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-        # only so the screenshot shows the metric; the checks below do not depend on these columns
-        "localStorage.setItem(arguments[0], JSON.stringify({selectedColumns: arguments[1]}));",
-        f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment.experiment_id}"]-ReactComponentState',
-        [f"metrics.`{METRIC}`", "metrics.`val/balanced_accuracy`", "attributes.`Models`"],
-    )
-    driver.get(f"{base}#/experiments/{experiment.experiment_id}/runs")
+    # a. The printed URL opens the experiment's runs (not the GenAI overview), in the "Model training" sidebar, with
+    # the probes' scores as columns. The children show once their parent is expanded, each with its score.
+    assert ui_url.startswith(base) and f"#/experiments/{experiment.experiment_id}/runs?" in ui_url
+    driver.get(ui_url)
 
-    # a. The runs table lists the parent run; its children show once it is expanded, each linked by id and name.
     def link_text(d, href_suffix: str) -> str | None:
         found = _links(d, href_suffix)
         return found[0].get_attribute("textContent").strip() if found else None
 
     parent_suffix = f"/runs/{parent.info.run_id}"
-    name = _wait(driver, lambda d: link_text(d, parent_suffix), f"parent run {parent.info.run_name}")
-    assert name == parent.info.run_name
+    assert (
+        _wait(driver, lambda d: link_text(d, parent_suffix), f"parent run {parent.info.run_name}")
+        == parent.info.run_name
+    )
+    sidebar = driver.find_element(By.TAG_NAME, "body").text
+    assert "Model training" in sidebar and "Traces 0" not in sidebar
+    _close_assistant(driver)
     child_names = {f"/runs/{r.info.run_id}": r.info.run_name for r in children.values()}
     if not all(_links(driver, suffix) for suffix in child_names):  # nested under the parent, collapsed at first
         _links(driver, parent_suffix)[0].find_element(By.XPATH, "./ancestor::*[@role='gridcell'][1]//button").click()
     for suffix, name in child_names.items():
         assert _wait(driver, lambda d, s=suffix: link_text(d, s), f"child run {name}") == name
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", _links(driver, suffix)[0])
+    column = f"metrics.`{METRIC}`"
+    for probe, run in children.items():
+        shown = _wait(
+            driver, lambda d, r=run: d.execute_script(_CELL_JS, r.info.run_id, column), f"{METRIC} of {probe}"
+        )
+        assert float(shown) == pytest.approx(run.data.metrics[METRIC], abs=1e-9), f"{probe}: {shown}"
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", _links(driver, parent_suffix)[0])
     _screenshot(driver, "mlflow-runs.png")
 
     # b. The compare view of the two children has a `test/balanced_accuracy` row with each run's value in its column.
@@ -299,17 +310,34 @@ def test_mlflow_ui_shows_runs_comparison_heatmap_and_champion(tracking_store, ml
         loaded = [{k: v for k, v in img.items() if k != "base64"} for img in seen]
         pytest.fail(f"{HEATMAP} of run {alf.info.run_id} not rendered at {driver.current_url}; loaded: {loaded}")
 
-    # d. The registered model's page marks `@champion` on the version the registry's alias points to, and only there.
-    driver.get(f"{base}#/models/{MODEL}")
+    # d. The registered model's versions table says what each version is: its probe and score in its row, and
+    # `@champion` on the version the registry's alias points to, and only there. (Pages other than the runs follow
+    # the browser's sidebar setting; opened here as after one click on "Model training".)
+    driver.get(f"{base}#/models/{model}?{tracking.TRAINING_SIDEBAR}")
     alias = re.compile(rf"@\s*{ALIAS}\b")
 
     def row_text(d, version: str) -> str | None:
-        found = _links(d, f"/models/{MODEL}/versions/{version}")
+        found = _links(d, f"/models/{model}/versions/{version}")
         return found[0].find_element(By.XPATH, "./ancestor::*[@role='row'][1]").text if found else None
 
-    for version in versions:
-        _wait(driver, lambda d, v=version: row_text(d, v), f"row of version {version}")
+    for number, version in versions.items():
+        row = _wait(driver, lambda d, v=number: row_text(d, v), f"row of version {number}")
+        score = f"test_balanced_accuracy\n: {version.tags['test_balanced_accuracy']}"
+        assert f"probe\n: {version.tags['probe']}" in row and score in row, row
     _wait(driver, lambda d: alias.search(row_text(d, champion) or ""), f"@{ALIAS} on version {champion}")
-    marked = {version: bool(alias.search(row_text(driver, version))) for version in versions}
-    assert marked == {version: version == champion for version in versions}, f"@{ALIAS} should mark {champion} only"
-    _screenshot(driver, "mlflow-champion.png")
+    marked = {number: bool(alias.search(row_text(driver, number))) for number in versions}
+    assert marked == {number: number == champion for number in versions}, f"@{ALIAS} should mark {champion} only"
+    _close_assistant(driver)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})",
+                          _links(driver, f"/models/{model}/versions/{champion}")[0])  # fmt: skip
+    _screenshot(driver, "mlflow-registry.png")
+
+    # e. A probe run's page names its input dataset: the feature cache, by name and content-hash digest, and says in
+    # its description what the probe scored.
+    (dataset_input,) = alf.inputs.dataset_inputs
+    label = f"{dataset_input.dataset.name} ({dataset_input.dataset.digest})"
+    driver.get(f"{base}#/experiments/{experiment.experiment_id}/runs/{alf.info.run_id}?{tracking.TRAINING_SIDEBAR}")
+    _wait(driver, lambda d: label in d.find_element(By.TAG_NAME, "body").text, f"dataset {label} on the run page")
+    assert alf.data.tags["mlflow.note.content"] in driver.find_element(By.TAG_NAME, "body").text
+    _close_assistant(driver)
+    _screenshot(driver, "mlflow-run.png")

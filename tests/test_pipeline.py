@@ -153,3 +153,37 @@ def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(d
     other_before = other_probe.read_bytes()
     assert stages_run(run(["dvc", "repro", "train"], repo, env)) == ["train"]
     assert other_probe.read_bytes() != other_before
+
+
+def test_reruns_that_change_no_evaluation_add_no_probe_runs_and_no_registered_versions(dvc_repo):
+    repo, env = dvc_repo
+    assert stages_run(run(["dvc", "repro"], repo, env))[-2:] == ["evaluate", "report"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("tiny").experiment_id
+
+    def recorded() -> dict:
+        runs = client.search_runs([experiment_id])
+        models = [m.name for m in client.search_registered_models()]
+        return {"probe runs": sum(r.data.tags.get("layerprobe.kind") == "probe" for r in runs),
+                "parent runs": sum(r.data.tags.get("layerprobe.kind") == "evaluation" for r in runs),
+                **{m: len(client.search_model_versions(f"name = '{m}'")) for m in models}}  # fmt: skip
+
+    first = recorded()
+    assert first == {"probe runs": 2, "parent runs": 1, "layerprobe-count-tiny-vit": 2}
+    parent = json.loads((repo / "results/evaluate/run.json").read_text())["parent_run_id"]
+
+    # A change to the report only. report.py is also in the evaluate stage's closure (its Markdown table), so DVC
+    # reruns evaluate too: every probe's evaluation is reused and already recorded, and nothing is added to MLflow.
+    edit(repo / "src/layerprobe/report.py", '"# Results: test balanced', '"# Results (edited): test balanced')
+    assert stages_run(run(["dvc", "repro"], repo, env)) == ["evaluate", "report"]
+    assert recorded() == first
+    assert "Results (edited)" in (repo / "results/report/report.md").read_text()
+
+    # `layerprobe run` twice, nothing changed: every probe's evaluation is reused and already recorded, so MLflow
+    # gains no probe run, no version and no parent run (the first one stays the record, and is marked confirmed).
+    for _ in range(2):
+        run([sys.executable, "-m", "layerprobe.cli", "run"], repo, env)
+        assert recorded() == first
+        assert json.loads((repo / "results/evaluate/run.json").read_text())["parent_run_id"] == parent
+    assert "layerprobe.confirmed" in client.get_run(parent).data.tags
+    assert "up to date" in run(["dvc", "status"], repo, env).stdout

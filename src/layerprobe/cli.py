@@ -8,6 +8,7 @@
     layerprobe predict  --probe probes/vit_tiny_d6/digits/alf/seed-0 --images a.png b.png
     layerprobe run      [--pool gpu]     (the whole pipeline, units on a Prefect work pool, then `dvc commit`)
     layerprobe plan     --params params.paper.yaml
+    layerprobe ui       [--port 5000]    (serve the MLflow store, print and open the experiment's runs page)
     layerprobe list     probes|sources|backbones|datasets
 
 Outputs go where the pipeline puts them (paths: in params.yaml), so a CLI step and `dvc repro` share their work.
@@ -141,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tasks", action="store_true",
                       help="also give every task's batch size and steps")  # fmt: skip
     plan.add_argument("--json", type=Path, help="also write the estimate's figures to this file")
+
+    ui = _command(
+        commands,
+        "ui",
+        "serve the MLflow UI on the project's store (`mlflow server`; or use `tracking.tracking_uri` when it is a "
+        "server) and print and open the experiment's runs page",
+        run_ui,
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port to serve on (default: 5000)")
+    ui.add_argument("--no-browser", action="store_true", help="only print the URL")
 
     listing = _command(commands, "list", "list registered probes or dataset sources, or the params' names", run_list)
     listing.add_argument("what", choices=["probes", "sources", "backbones", "datasets"])
@@ -438,6 +450,45 @@ def run_plan(args) -> int:
     if refusal:  # after the plan, so whoever sizes the disk sees which caches need the space
         sys.stdout.flush()
         raise ValueError(refusal)
+    return 0
+
+
+def run_ui(args) -> int:
+    import signal
+    import webbrowser
+
+    from layerprobe import tracking
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` too ends the server (below, in `finally`)
+
+    params = load_params(args.params)
+    uri = tracking.resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri)
+    server = None
+    if uri.startswith(("http://", "https://")):  # a tracking server: it serves the UI already
+        base = uri
+    else:
+        log = Path(params.paths.mlruns) / "mlflow-server.log"
+        server = tracking.start_ui_server(uri, artifacts_dir=Path(params.paths.mlruns) / "artifacts", host=args.host,
+                                          port=args.port, log=log)  # fmt: skip
+    try:
+        if server is not None:
+            base = f"http://{args.host}:{args.port}"
+            tracking.wait_for_ui_server(server, base, log=log)
+        experiment_id = tracking.find_experiment(params.tracking.experiment, uri)
+        url = tracking.runs_url(base, experiment_id)
+        print(url, flush=True)
+        if experiment_id is None:
+            print(f"(no experiment {params.tracking.experiment!r} yet: run the pipeline first)", file=sys.stderr)
+        if not args.no_browser:
+            webbrowser.open(url)
+        if server is not None:
+            print(f"serving {uri} (log: {log}); Ctrl-C stops it", file=sys.stderr, flush=True)
+            server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server is not None:
+            tracking.stop_ui_server(server)
     return 0
 
 

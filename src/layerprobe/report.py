@@ -212,6 +212,19 @@ def _baseline_of(rows: list[dict]) -> str:
     return rows[0]["baseline"] if rows else BASELINE
 
 
+def headline(rows: list[dict], probes: list[str], *, intervals: dict | None = None) -> str:
+    """The results table's headline, one line per backbone: the mean gain of HEADLINE over its baseline (pp, with the
+    interval of the mean) over the datasets that have both (`results_rows` rows; the parent MLflow run's description).
+    """
+    lines = [f"Mean gain of {HEADLINE} over each backbone's baseline (test balanced accuracy, pp, {LEVEL} interval):"]
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        mean = mean_row(rows, probes, backbone=backbone, intervals=intervals)
+        datasets = sum(r["gain"] is not None for r in rows if r["backbone"] == backbone)
+        gain = "no dataset with both probes" if mean["gain"] is None else f"{_gain_cell(mean)} over {datasets} datasets"
+        lines.append(f"- {backbone}: {gain} (vs {mean['baseline']})")
+    return "\n".join(lines)
+
+
 def layer_reading(heatmap: dict) -> dict:
     """Where a probe reads: the final layer's attention, the most-attended intermediate layer and the top layer.
 
