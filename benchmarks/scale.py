@@ -5,11 +5,12 @@ server of its own (`prefect server start` on 127.0.0.1), a `process` work pool, 
 would start them (`prefect worker start --limit 1`, CUDA hidden), each given one core: OMP_NUM_THREADS=1 (one torch
 thread) and LAYERPROBE_TASK_WORKERS=1 (its unit's probes one after another). For N = 1 then 2, from empty caches
 (prepared datasets, features, probes, results; the pretrained checkpoint is made once before and reused by both),
-it times `layerprobe run --pool bench --no-commit` (the pipeline: units fanned out, then evaluate and report once, in
-the calling process, as the head node would). Prints both wall times and their ratio (target <= 0.65), the same for
+it times `layerprobe run --pool bench --no-commit` (the pipeline: units fanned out, each training and scoring its
+probes on its worker, then the MLflow recording and the report once, in the calling process, as the head node
+would). Prints both wall times and their ratio (target <= 0.65), the same for
 the units phase alone (first unit start to last unit finish, from results/units.json), which is what workers speed
 up, and the lowest whole-run ratio any scheduling could reach (Amdahl): the serial part as measured (run minus units
-phase: start-up, deployment, evaluate and report) plus the units phase divided by the worker ratio.
+phase: start-up, deployment, MLflow recording and report) plus the units phase divided by the worker ratio.
 How:  python benchmarks/scale.py [--workers 1 2] [--keep DIR]
 Cost: about 6-8 minutes on 2 CPU cores (a pretrain of about a minute, then one run per worker count).
 """

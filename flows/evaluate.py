@@ -25,7 +25,6 @@ from flows.common import (
     task_runner,
     unit_lock,
 )
-from layerprobe import tracking
 from layerprobe.config import EvaluateConfig, PathsConfig
 from layerprobe.files import write_json
 from layerprobe.plots import draw_evaluation
@@ -50,6 +49,8 @@ def evaluate_task(
 @task(name="record-in-mlflow")
 def record_task(params: Params, probes: list[tuple[str, str, str]]) -> dict:
     """Record the evaluated probes in MLflow from their outputs on disk (`tracking.record_evaluations`)."""
+    from layerprobe import tracking  # MLflow is imported where it records, not by the units that score
+
     recorded = tracking.record_evaluations(params, probes)
     logged = sum(r["recorded"] == "logged" for r in recorded["results"])
     print(f"MLflow: {logged} probe runs logged, {len(probes) - logged} unchanged (referenced); parent run "
@@ -64,8 +65,11 @@ def evaluate_flow(
     datasets: list[str] | None = None,
     probes: list[str] | None = None,
     units: list[list[str]] | None = None,
+    score: bool = True,
 ) -> dict:
-    """Evaluate the suite's probes (narrowed by the name filters, or to `units`: [backbone, dataset] pairs)."""
+    """Evaluate the suite's probes (narrowed by the name filters, or to `units`: [backbone, dataset] pairs): score
+    each (reused when its unit scored it) and record them all; with `score=False` (the pipeline, whose units have
+    scored their probes on their workers) only record."""
     params = as_params(params)
     tasks = [
         (b, d, p)
@@ -74,10 +78,11 @@ def evaluate_flow(
         if units is None or [b, d] in units
         for p in select(params.suite.probes, probes, "probe")
     ]
-    evaluate = evaluate_task.with_options(**task_options(params))
-    futures = [evaluate.submit(b, d, p, params.evaluate, params.paths) for b, d, p in tasks]
-    for future in futures:
-        future.result()
+    if score:
+        evaluate = evaluate_task.with_options(**task_options(params))
+        futures = [evaluate.submit(b, d, p, params.evaluate, params.paths) for b, d, p in tasks]
+        for future in futures:
+            future.result()
     recorded = record_task.with_options(**task_options(params))(params, tasks)
     results, champions = recorded["results"], recorded["champions"]
     summary = metrics_summary(results)

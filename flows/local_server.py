@@ -30,6 +30,8 @@ from layerprobe.locks import file_lock, process_alive
 PROJECT = Path(__file__).resolve().parents[1]  # the project folder whose flows/ this is
 # DVC starts the next stage within seconds; a minute also covers a slow machine (LAYERPROBE_SERVER_IDLE_SECONDS).
 IDLE_SECONDS = float(os.environ.get("LAYERPROBE_SERVER_IDLE_SECONDS", 60))
+# The settings that name a server's database (a user's own, e.g. Postgres, is kept).
+DATABASE_SETTINGS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
 @contextlib.contextmanager
@@ -94,6 +96,11 @@ def _start_server(state: Path) -> str:
     url = f"http://127.0.0.1:{port}/api"
     # PYTHONPATH: so `-m flows.local_server` imports from any working directory
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+    if not any(os.environ.get(name) for name in DATABASE_SETTINGS):
+        # Its own database beside its state: Prefect's default ($PREFECT_HOME/prefect.db) is one file for every
+        # server on the machine, so two projects' servers starting at once raced on its migration ("no such table:
+        # block_data") and then on its write lock ("database is locked").
+        env[DATABASE_SETTINGS[0]] = f"sqlite+aiosqlite:///{state / 'prefect.db'}"
     command = [sys.executable, "-m", "flows.local_server", "--port", str(port), "--state", str(state),
                "--idle-seconds", str(IDLE_SECONDS)]  # fmt: skip
     with open(state / "server.log", "ab") as log:

@@ -1,5 +1,5 @@
-"""The whole pipeline as one Prefect flow: pretrain, then every unit (backbone x dataset: prepare, extract, train
-every probe), then evaluate and report once.
+"""The whole pipeline as one Prefect flow: pretrain, then every unit (backbone x dataset: prepare, extract, train and
+score every probe, on its worker), then record in MLflow and report once, on this (head) node.
 
 Run:  python -m flows.pipeline [--params params.yaml]       (what `flows/serve.py` schedules)
       layerprobe run [--pool NAME]                          (the same, then `dvc commit` so DVC records it)
@@ -36,7 +36,7 @@ def pipeline(params: Params | str = "params.yaml", work_pool: str | None = None)
     completed = [(o["backbone"], o["dataset"]) for o in outcomes if o["state"] == "COMPLETED"]
     report = None
     if completed:
-        evaluate_flow(params, units=[list(unit) for unit in completed])
+        evaluate_flow(params, units=[list(unit) for unit in completed], score=False)  # the units scored: record
         report = report_flow(params)
     summary = {"units": outcomes, "report": report}
     write_json(params.paths.units_file, outcomes)  # where every unit ran, when, and what it reused or recomputed

@@ -1,5 +1,6 @@
 """A unit of work: one (backbone, dataset) on one device. Prepare the dataset if needed, extract its features, then
-train every probe of the suite on them.
+train every probe of the suite on them and score each on the test split (its metrics, predictions, heatmap and
+figures), so that all the work of a unit runs on its worker and the head node only records.
 
 Run:  python -m flows.unit --params params.yaml --backbone NAME --dataset NAME     (in process)
 The pipeline (flows/pipeline.py) fans units out: in process by default, or, with `flow.work_pool`, as runs of the
@@ -8,7 +9,7 @@ Under a `process` worker the unit holds the worker's slot `gpu:<worker>` (a lock
 run, so two units never share a worker's GPU; it holds its own unit lock too, so a rerun never runs it beside an
 earlier run of itself (units sharing a dataset prepare it once: the prepare step locks it). Every step reuses outputs
 whose fingerprint matches, so a rerun after a kill resumes.
-Cost: one backbone pass over the dataset, plus the probes' sweeps.
+Cost: one backbone pass over the dataset, plus the probes' sweeps and one test pass each.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flows.common import (
     unit_lock,
     worker_name,
 )
+from flows.evaluate import evaluate_task
 from flows.extract import extract_task
 from flows.prepare import prepare_task
 from flows.train import train_task
@@ -67,14 +69,18 @@ def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", d
         features = extract_task.with_options(**options)(
             backbone, dataset, params.backbones[backbone], params.extract, params.paths, params.flow.gpu_concurrency
         )
-        train = train_task.with_options(**options)
-        futures = [
-            train.submit(
+        train, score = train_task.with_options(**options), evaluate_task.with_options(**options)
+        trained = {
+            p: train.submit(
                 backbone, dataset, p, params.probe_config(p), params.train, params.paths, params.flow.gpu_concurrency
             )  # fmt: skip
             for p in params.suite.probes
-        ]
-        probes = {future.result()["probe"]: future.result()["status"] for future in futures}
+        }
+        # Each probe is scored here, on this worker, as soon as it is trained: the head node only records the scores.
+        scored = {p: score.submit(backbone, dataset, p, params.evaluate, params.paths, wait_for=[trained[p]])
+                  for p in params.suite.probes}  # fmt: skip
+        probes = {p: future.result()["status"] for p, future in trained.items()}
+        evaluations = {p: future.result()["status"] for p, future in scored.items()}
         finished = _now()
     return {
         "backbone": backbone,
@@ -83,7 +89,12 @@ def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", d
         "slot": slot,
         "started": started,
         "finished": finished,
-        "status": {"prepare": prepared["status"], "extract": features["status"], "train": probes},
+        "status": {
+            "prepare": prepared["status"],
+            "extract": features["status"],
+            "train": probes,
+            "evaluate": evaluations,
+        },  # fmt: skip
     }
 
 

@@ -8,6 +8,8 @@ import tempfile
 # Set before anything imports prefect or mlflow: telemetry cannot reach out, state stays in a temp folder.
 _STATE = tempfile.mkdtemp(prefix="layerprobe-tests-")
 os.environ.setdefault("PREFECT_HOME", os.path.join(_STATE, "prefect"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # each pytest-xdist worker has its own (it inherits the controller's)
+    os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
 os.environ["LAYERPROBE_STATE_DIR"] = os.path.join(_STATE, "layerprobe")  # the stat cache of input files
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -63,7 +63,8 @@ def test_stage_processes_share_one_server_that_stops_when_idle(tmp_path):
 
 def test_two_projects_on_one_machine_run_at_once_each_on_its_own_server(tmp_path, migrated_mlflow_db):
     """Two project folders, one Prefect home, `dvc repro` in both at the same time, servers that stop 1 s after
-    their last stage: each project runs on its own server, so neither stops nor borrows the other's."""
+    their last stage: each project runs on its own server and database, so neither stops, borrows or locks the
+    other's (a shared database raced on its migration when both started at once)."""
     home = tmp_path / "prefect"
     repos = [make_dvc_repo(tmp_path / name, migrated_mlflow_db, repo_env(tmp_path / name, home)) for name in "ab"]
     processes = [
@@ -82,4 +83,6 @@ def test_two_projects_on_one_machine_run_at_once_each_on_its_own_server(tmp_path
         assert process.returncode == 0, out[-3000:]
     servers = sorted((home / "layerprobe-server").glob("*/server.json"))
     assert len(servers) == 2 and len({json.loads(path.read_text())["url"] for path in servers}) == 2
+    assert all((path.parent / "prefect.db").is_file() for path in servers)  # each its own database: no shared lock
+    assert not (home / "prefect.db").exists()
     assert all((repo / "data/prepared/count/splits.json").is_file() for repo in repos)

@@ -108,7 +108,10 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         # Lose gpu1 (the worker and the unit it runs) as soon as it runs a unit that would succeed.
         deadline, lost = time.monotonic() + 300, None
         while lost is None:
-            assert first.poll() is None and time.monotonic() < deadline, "gpu1 never ran a unit"
+            if first.poll() is not None or time.monotonic() > deadline:
+                first.kill()
+                out, err = first.communicate()
+                pytest.fail(f"gpu1 never ran a unit; the run printed:\n{out[-3000:]}\n{err[-3000:]}")
             names = [n for n in running_units("gpu1") if not n.endswith("-broken")]
             lost = names[0].removeprefix("unit-").replace("-", "/") if names else None
             time.sleep(0.2)

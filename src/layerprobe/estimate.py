@@ -355,19 +355,20 @@ def stage_times(
 
 
 def workers_wall(estimate: StudyEstimate, workers: int) -> float:
-    """Wall seconds of `layerprobe run` with units (a backbone x dataset: its extraction and every probe's training,
-    one after another on the worker's device) on `workers` workers; pretraining before them and evaluation and the
-    report after them run once, as the pipeline runs them."""
+    """Wall seconds of `layerprobe run` with units (a backbone x dataset: its extraction, then every probe's training
+    and test scoring, on the worker) on `workers` workers; pretraining before them, and the MLflow recording and the
+    report after them, run once on the head node, as the pipeline runs them."""
+    recording = OVERHEADS["evaluate_probe_seconds"]  # per probe: what the head node still does for it
     units: dict[tuple[str, str], float] = defaultdict(float)
     for (backbone, dataset), figure in estimate.extraction.items():
         units[(backbone, dataset)] += figure.seconds
     for task in estimate.tasks:
-        units[(task.task.backbone, task.task.dataset)] += task.train.seconds
+        units[(task.task.backbone, task.task.dataset)] += task.train.seconds + task.evaluate.seconds - recording
     first_unit = {}
     for backbone, dataset in units:
         first_unit.setdefault(dataset, (backbone, dataset))
     for dataset, unit in first_unit.items():
         units[unit] += estimate.prepare.get(dataset, Figure(0.0)).seconds
-    serial = (estimate.stages["pretrain"] + estimate.stages["evaluate"] + estimate.stages["report"]
-              + estimate.overheads["train"])  # fmt: skip
+    record = estimate.overheads["evaluate"] + OVERHEADS["mlflow_setup_seconds"] + recording * len(estimate.tasks)
+    serial = estimate.stages["pretrain"] + record + estimate.stages["report"] + estimate.overheads["train"]
     return serial + makespan(list(units.values()), workers)

@@ -763,8 +763,9 @@ def format_estimate(
         f"more in pretrain, evaluate and report, a first optimiser step {study.constants['first_training']:.1f} s "
         "(measured here); constants measured on the project's 2-core "
         "CPU box: " + ", ".join(f"{key.removesuffix('_seconds')} {value:g} s" for key, value in OVERHEADS.items()),
-        f"with {workers} worker(s) (layerprobe run --pool: each backbone x dataset unit extracts and trains on one "
-        f"worker; pretrain before, evaluate and report after, once): {format_duration(workers_wall(study, workers))}",
+        f"with {workers} worker(s) (layerprobe run --pool: each backbone x dataset unit extracts, trains and scores "
+        "its probes on one worker; pretrain before, the MLflow recording and the report after, once): "
+        f"{format_duration(workers_wall(study, workers))}",
     ]
     lines += [f"note: {note}" for note in study.notes]
     return lines
