@@ -31,6 +31,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from layerprobe.estimate import makespan
+
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "bench"
 # What a fresh run recomputes; the pretrained checkpoint (checkpoints/) is kept between runs.
@@ -107,15 +109,17 @@ def wait_for_workers(env: dict, count: int) -> None:
         time.sleep(2)
 
 
-def units_span(project: Path) -> tuple[float, int]:
-    """First unit start to last unit finish, as the units recorded them, and the number of units."""
+def units_span(project: Path) -> tuple[float, list[float]]:
+    """First unit start to last unit finish, as the units recorded them, and each unit's own seconds."""
     outcomes = json.loads((project / "results" / "units.json").read_text())
     starts = [dt.datetime.fromisoformat(o["summary"]["started"]) for o in outcomes]
     ends = [dt.datetime.fromisoformat(o["summary"]["finished"]) for o in outcomes]
-    return (max(ends) - min(starts)).total_seconds(), len(outcomes)
+    return (max(ends) - min(starts)).total_seconds(), [
+        (e - s).total_seconds() for s, e in zip(starts, ends, strict=True)
+    ]
 
 
-def timed_run(project: Path, env: dict, workers: int, logs: Path) -> tuple[float, float, int]:
+def timed_run(project: Path, env: dict, workers: int, logs: Path) -> tuple[float, float, list[float]]:
     for name in OUTPUTS:
         shutil.rmtree(project / name, ignore_errors=True)
     processes = [start_worker(f"gpu{i}", env, logs / f"worker-{workers}-{i}.log") for i in range(workers)]
@@ -174,10 +178,16 @@ def main() -> None:
     wall_ratio, span_ratio = figures[many][0] / figures[few][0], figures[many][1] / figures[few][1]
     verdict = "met" if wall_ratio <= 0.65 else "not met"
     print(f"ratio {many}/{few} workers: run {wall_ratio:.3f} (target <= 0.65: {verdict}), units phase {span_ratio:.3f}")
-    wall, span, _ = figures[few]
+    wall, span, durations = figures[few]
     floor = (wall - span + span * few / many) / wall
     print(f"lowest run ratio {many} workers can reach (serial part as measured, units phase {many / few:g}x faster): "
           f"{floor:.3f}")  # fmt: skip
+    if few == 1:  # whole units cannot be split: the busiest worker runs ceil(units / workers) of them
+        gap = (span - sum(durations)) / max(1, len(durations) - 1)  # a worker's hand-over from one unit to the next
+        best = makespan([d + gap for d in durations], many) - gap
+        print(f"lowest with whole units ({len(durations)} units of {min(durations):.1f}-{max(durations):.1f} s, "
+              f"{gap:.1f} s between units on a worker, the longest first on whichever worker is free): units phase "
+              f"{best:.1f} s, run ratio {(wall - span + best) / wall:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

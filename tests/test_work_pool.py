@@ -129,6 +129,9 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         metrics = json.loads((repo / "results/metrics.json").read_text())  # the finished units were evaluated
         assert {f"{b}/{d}" for b, datasets in metrics.items() for d in datasets} == done
         assert_each_slot_held_one_unit_at_a_time(outcomes)
+        for outcome in outcomes:  # each unit scored its probes on its worker: the head node only recorded them
+            if outcome["state"] == "COMPLETED":
+                assert outcome["summary"]["status"]["evaluate"] == {"linear_last_cls": "computed"}, outcome
 
         # Interrupted with Ctrl-C while units run, on gpu0 and a new gpu2: every flow run it submitted is cancelled,
         # none is left queued or running for a worker to pick up after it has gone.
@@ -157,7 +160,8 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         for outcome in outcomes:  # the units finished in the first run are reused whole
             unit, status = f"{outcome['backbone']}/{outcome['dataset']}", outcome["summary"]["status"]
             if unit != lost:
-                assert {status["prepare"], status["extract"], *status["train"].values()} == {"reused"}, unit
+                assert {status["prepare"], status["extract"], *status["train"].values(),
+                        *status["evaluate"].values()} == {"reused"}, unit  # fmt: skip
         assert_each_slot_held_one_unit_at_a_time(outcomes)
         for backbone in BACKBONES:
             for dataset in DATASETS:
