@@ -1,21 +1,24 @@
 """A study touched, moved, edited or cloned elsewhere keeps its caches: only what a change decides is recomputed.
 
 A tiny suite in a temporary git + DVC repository, on an image folder and a webdataset under datasets/, is run once
-with `dvc repro`; then, each time with the suite extended by one new dataset:
-  (a) the project is copied to another path (`cp -r`: every file gets a new modification time and inode, as a
-      `touch` or an `rsync` without -t gives) and every orchestration module of the copy gets a real edit (a new
-      function, a changed log line), then `dvc repro` in the copy;
-  (b) a fresh `git clone` + `dvc push` to a local remote + `dvc pull` + the datasets copied over, then
+with `dvc repro`; then
+  (a) every dataset file is touched in place to a new modification time, and the prepare and extract steps run
+      (`layerprobe extract`): both reuse, and no cache file changes;
+and, each time with the suite extended by one new dataset:
+  (b) the project is copied to another path (`cp -r`: new times and inodes; its datasets touched later still) and
+      every orchestration module of the copy gets a real edit (a new function, a changed log line), then
+      `dvc repro` in the copy;
+  (c) a fresh `git clone` + `dvc push` to a local remote + `dvc pull` + the datasets copied over, then
       `layerprobe run` in the clone.
 Each time, every earlier prepared dataset, feature shard, manifest and probe file keeps its bytes and its mtime, and
-the new dataset's units are computed. (A file re-timed in place, found equal through the stat cache, is
-tests/test_fingerprint.py's.) Slow: about 3 minutes.
+the new dataset's units are computed. Slow: about 3 minutes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -141,7 +144,18 @@ def test_touched_moved_edited_or_cloned_projects_recompute_only_the_new_datasets
     first = snapshot(repo)
     assert any(path.startswith("features/tiny_vit/shards/shard-") for path in first)
 
-    # (a) Copied elsewhere with `cp -r` (new paths, times and inodes), every orchestration module edited.
+    # (a) Every dataset file touched in place (new mtimes; same bytes, paths and inodes): the steps that key on the
+    # files read them again once, find them equal and reuse everything (the CLI runs them as the stages do).
+    later = time.time() + 5
+    for path in (repo / "datasets").rglob("*"):
+        os.utime(path, (later, later))
+    for dataset in ("folder", "shards"):
+        extracted = run([sys.executable, "-m", "layerprobe.cli", "extract", "--backbone", "tiny_vit", "--dataset",
+                         dataset, "--no-progress"], repo, env)  # fmt: skip
+        assert json.loads(extracted.stdout)["status"] == "reused", extracted.stdout
+    assert snapshot(repo) == first
+
+    # (b) Copied elsewhere with `cp -r` (new paths, times and inodes), every orchestration module edited.
     moved = tmp_path / "elsewhere" / "project"
     moved.parent.mkdir()
     subprocess.run(["cp", "-r", str(repo), str(moved)], check=True)
@@ -156,7 +170,7 @@ def test_touched_moved_edited_or_cloned_projects_recompute_only_the_new_datasets
     run(["dvc", "repro"], moved, env_for(moved, env))
     assert_kept(before_move, snapshot(moved), "extra_a")
 
-    # (b) A fresh clone on "another machine": dvc push, git clone, the datasets copied, dvc pull, then `layerprobe run`.
+    # (c) A fresh clone on "another machine": dvc push, git clone, the datasets copied, dvc pull, then `layerprobe run`.
     remote = tmp_path / "dvc-remote"
     run(["dvc", "remote", "add", "-d", "local", str(remote)], repo, env)
     run(["git", "add", "-A"], repo, env)
