@@ -280,3 +280,26 @@ def test_corners_time_the_extremes_and_cap_the_batch():
     assert timings.corners({(204, 102), (2048, 10), (2048, 1000)}) == [(64, 10), (64, 1000), (256, 10), (256, 1000)]
     assert timings.corners({(63, 6), (64, 10)}) == [(64, 6), (64, 10)]  # within 20 %: one batch
     assert timings.corners({(64, 6), (64, 7)}) == [(64, 7)]
+
+
+def test_units_carry_their_probes_scoring_and_the_head_node_only_records():
+    """`--workers N`: each unit's extraction, training and test scoring split over the workers; pretraining, the
+    MLflow recording (per probe) and the report once, whatever N."""
+    from layerprobe.calibration import ProbeShape
+    from layerprobe.estimate import OVERHEADS, Figure, ProbeTask, StudyEstimate, TaskEstimate, workers_wall
+
+    shape = ProbeShape(head="linear", tokens=1, width=8, heads=0, grid=2, precision="float32")
+
+    def task(dataset: str) -> TaskEstimate:
+        probe = ProbeTask("b", dataset, "linear", shape, classes=2, sweep_batch=8, sweep_steps=1, refit_batch=8,
+                          refit_steps=1, val_images=1, test_images=1, seeds=1, selection_bytes=1, row_bytes=1,
+                          selected_row_bytes=1)  # fmt: skip
+        return TaskEstimate(probe, train=Figure(100.0), evaluate=Figure(40.0 + OVERHEADS["evaluate_probe_seconds"]))
+
+    stages = {"pretrain": 7.0, "prepare": 0.0, "extract": 0.0, "train": 0.0, "evaluate": 999.0, "report": 3.0}
+    study = StudyEstimate(tasks=[task("d1"), task("d2")], extraction={("b", "d1"): Figure(10.0), ("b", "d2"):
+                          Figure(10.0)}, prepare={}, pretrain={}, stages=stages, overheads=dict.fromkeys(stages, 1.0),
+                          constants={}, concurrency=1.0, device={})  # fmt: skip
+    once = 7.0 + 3.0 + 1.0 + 1.0 + OVERHEADS["mlflow_setup_seconds"] + 2 * OVERHEADS["evaluate_probe_seconds"]
+    assert workers_wall(study, 1) == pytest.approx(once + 2 * (10.0 + 100.0 + 40.0))
+    assert workers_wall(study, 2) == pytest.approx(once + (10.0 + 100.0 + 40.0))  # scoring halves with the units
