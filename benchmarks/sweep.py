@@ -48,7 +48,7 @@ Matmul = tuple[tuple[int, ...], tuple[int, ...], int, int | None]
 
 def member_matmuls(head: StackedAttentiveHead, batch: int, num_tokens: int) -> list[Matmul]:
     """Every matmul in one member's training step (forward and backward) as the head computes it in the
-    reassociated form (DESIGN.md "Cost"), with how the grid stacks it over members."""
+    reassociated form (docs/design.md "Cost"), with how the grid stacks it over members."""
     b, k, d, h, e, c = batch, num_tokens, head.dim, head.num_heads, head.head_dim, head.num_classes
     return [
         ((h, d), (d, b * k), 0, None),  # scores: folded queries x tokens

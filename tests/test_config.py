@@ -154,14 +154,3 @@ def test_reading_and_batching_choices_default_to_ours_and_the_paper_params_take_
     assert offline.train.batch_plan == "even" and all(
         (p.normalize, p.pad_final) == (None, None) for p in offline.probes.values()
     )
-
-
-def test_readme_says_what_the_default_run_is_and_which_offline_task_it_leaves_out_and_why():
-    params = load_params(ROOT / "params.yaml")
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### What the default run computes")[1].split("## Look at the results")[0]
-    assert "one backbone and one" in section and "not a replication" in section
-    rows = {line.split("|")[1].strip(" `"): line for line in section.splitlines() if line.startswith("| `")}
-    assert set(rows) == set(params.datasets)  # every task of params.yaml, in the suite or not
-    for name in set(params.datasets) - set(params.suite.datasets):
-        assert "left out of the suite" in rows[name] and "position" in rows[name], name

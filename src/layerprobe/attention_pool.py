@@ -1,6 +1,6 @@
 """Attention pooling followed by a per-head value projection, one grid member at a time.
 
-In the reassociated ALF head (DESIGN.md "Cost"), every member g and head h pools the tokens with its attention
+In the reassociated ALF head (docs/design.md "Cost"), every member g and head h pools the tokens with its attention
 weights and then projects the pooled vector:
 
     values[g, b, h, :] = W[g, h] @ (sum_t weights[(g, h), b, t] * tokens[b, t, :])

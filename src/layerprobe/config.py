@@ -275,7 +275,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe and its sweep grid; defaults are the reference code's (DESIGN.md "Training recipe").
+    """The training recipe and its sweep grid; defaults are the reference code's (docs/design.md "Training recipe").
 
     Every member of the lr x weight decay (x attention dropout) grid trains with the same recipe and seed.
     """

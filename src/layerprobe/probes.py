@@ -460,7 +460,7 @@ class StackedAttentiveHead(nn.Module):
     Per member: query (N(0, 0.02)), LayerNorms on q, k, v, bias-free q/k/v maps D -> H*h, output projection
     H*h -> D with bias, no residual and no MLP, BatchNorm1d(D, affine) on the attended query, Linear(D, C).
     It is computed in the reassociated single-query form: W_k is folded into the query and values are
-    projected after attending, so no per-token K/V projection is ever made (see DESIGN.md "Cost").
+    projected after attending, so no per-token K/V projection is ever made (see docs/design.md "Cost").
     """
 
     def __init__(
