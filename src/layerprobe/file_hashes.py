@@ -115,13 +115,15 @@ class _StatCache:
     def lookup(cls, keys: list[str]) -> dict[str, tuple]:
         if not keys:
             return {}
+        wanted = {_text(key): key for key in keys}
+        keys = list(wanted)
         try:
             with cls._connect() as connection:
                 if len(keys) == 1:
                     rows = connection.execute("SELECT * FROM files WHERE path = ?", keys)
                 else:  # one range scan for a folder's files, not a query per file
                     rows = connection.execute("SELECT * FROM files WHERE path BETWEEN ? AND ?", (min(keys), max(keys)))
-                return {row[0]: row[1:] for row in rows}
+                return {wanted[row[0]]: row[1:] for row in rows if row[0] in wanted}
         except (sqlite3.Error, OSError) as error:
             log.warning("stat cache unavailable (%s): input files are read again", error)
             return {}
@@ -132,6 +134,15 @@ class _StatCache:
             return
         try:
             with cls._connect() as connection, connection:
-                connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", rows)
+                connection.executemany(
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                    [(_text(row[0]), *row[1:]) for row in rows],
+                )
         except (sqlite3.Error, OSError) as error:
             log.warning("stat cache not updated (%s): these files will be read again next time", error)
+
+
+def _text(path: str) -> str:
+    """`path` as sqlite can store it: a name that is not UTF-8 (its bytes kept by Python as surrogates) has them
+    written as backslash escapes, instead of failing to encode."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -4,11 +4,13 @@ and to read its inputs."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import secrets
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,33 +114,65 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{str(path)!r} is corrupt (not JSON: {e})") from e
 
 
-def visible_files(root: str | Path) -> Iterator[Path]:
+def visible_files(root: str | Path, problems: list[str] | None = None) -> Iterator[Path]:
     """Every file under `root` with no hidden part (`.DS_Store`, `.git/`) in its path below `root`, sorted by path.
 
     Symlinked folders and files are followed, as reading them follows them (a class folder that is a link is read, so
-    it is listed); a link back to a folder being walked is not entered twice.
+    it is listed); a link back to a folder being walked is not entered twice. Entries no reader could read are
+    problems, never skipped in silence: see `visible_entries`.
     """
-    return (Path(entry.path) for entry in visible_entries(root))
+    return (Path(entry.path) for entry in visible_entries(root, problems))
 
 
-def visible_entries(root: str | Path) -> Iterator[os.DirEntry]:
+def visible_entries(root: str | Path, problems: list[str] | None = None) -> Iterator[os.DirEntry]:
     """`visible_files` as `os.DirEntry`s: their `path` is a string under `root`, their `stat()` follows links and is
-    cached, so a listing of 50,000 files costs little more than their `os.stat` calls."""
+    cached, so a listing of 50,000 files costs little more than their `os.stat` calls.
+
+    A symbolic link loop, a link to nothing, and a folder or file this user may not read are each a line appended to
+    `problems`; without a list, all of them are one ValueError once the walk is done (every bad file named at once,
+    as bad input, which a flow does not retry). Names that are not UTF-8 are kept as Python decodes them and shown
+    with their escapes (`repr`).
+    """
+    found: list[str] = [] if problems is None else problems
 
     def walk(folder: str, ancestors: frozenset[tuple[int, int]]) -> Iterator[os.DirEntry]:
-        stat = os.stat(folder)
-        here = (stat.st_dev, stat.st_ino)
-        if here in ancestors:
+        try:
+            info = os.stat(folder)
+            here = (info.st_dev, info.st_ino)
+            if here in ancestors:
+                return
+            with os.scandir(folder) as scan:
+                entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:
+            found.append(f"{folder!r} is a folder that cannot be read ({e.strerror})")
             return
-        with os.scandir(folder) as scan:
-            entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda e: e.name)
         for entry in entries:
-            if entry.is_dir():
+            try:  # is_dir and is_file answer False for a link to nothing, and raise for a loop
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+                # World-readable files (most) need no access call: their stat is the one the listing uses anyway.
+                readable = is_file and bool(entry.stat().st_mode & stat.S_IROTH or os.access(entry.path, os.R_OK))
+            except OSError as e:
+                why = "is a symbolic link loop" if e.errno == errno.ELOOP else f"cannot be followed ({e.strerror})"
+                found.append(f"{entry.path!r} {why}")
+                continue
+            if is_dir:
                 yield from walk(entry.path, ancestors | {here})
-            elif entry.is_file():
+            elif readable:
                 yield entry
+            elif is_file:
+                found.append(f"{entry.path!r} cannot be read (permission denied)")
+            elif entry.is_symlink():
+                found.append(f"{entry.path!r} is a symbolic link to {os.readlink(entry.path)!r}, which does not exist")
+            # anything else (a socket, a fifo, a device) is no file and is not read
 
     yield from walk(os.fspath(root), frozenset())
+    if problems is None and found:
+        shown = "; ".join(found[:20]) + (f"; ... and {len(found) - 20} more" if len(found) > 20 else "")
+        raise ValueError(
+            f"{len(found)} bad file(s) under {os.fspath(root)!r} (fix or remove them; names starting with '.' are "
+            f"skipped): {shown}"
+        )
 
 
 def _json_default(value: Any) -> Any:

@@ -12,7 +12,7 @@ import io
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -169,9 +169,10 @@ _PIL_BOMB_CHECK_OFF = _PilBombCheckOff()
 
 
 @contextlib.contextmanager
-def open_image(source: Path | bytes, *, name: str, max_pixels: int | None = None) -> Iterator[Image.Image]:
+def open_image(source: Path | bytes | BinaryIO, *, name: str, max_pixels: int | None = None) -> Iterator[Image.Image]:
     """Open an image lazily and refuse it, before a single pixel is decoded, when its header declares more than
     `max_pixels` pixels (None: PIL's default). Decode errors inside the block become `ImageFileError` naming `name`.
+    `source` is a path, the bytes, or a seekable binary file (read as PIL asks, not whole).
 
     A few kilobytes of PNG can declare 20000 x 20000 pixels: checking the header first keeps such a file from
     costing gigabytes, whoever decodes it (the folder check, a DataLoader worker, `predict`).
@@ -190,12 +191,20 @@ def open_image(source: Path | bytes, *, name: str, max_pixels: int | None = None
             yield image
     except ImageFileError:
         raise
-    except Image.UnidentifiedImageError as e:
-        raise ImageFileError(f"{name}: not an image (PIL cannot identify it)") from e
-    except Image.DecompressionBombError as e:  # PIL's own check on frames and tiles, which `load` decodes later
-        raise ImageFileError(f"{name}: a decompression bomb ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageFileError(f"{name}: truncated or corrupt image ({e})") from e
+    # DecompressionBombError: PIL's own check on frames and tiles, which `load` decodes later
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        raise image_error(name, e) from e
+
+
+def image_error(name: str, error: Exception) -> ImageFileError:
+    """The one-line error for the image `name` that PIL (or the file system under it) failed on with `error`."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        return ImageFileError(f"{name}: not an image (PIL cannot identify it)")
+    if isinstance(error, Image.DecompressionBombError):
+        return ImageFileError(f"{name}: a decompression bomb ({error})")
+    if isinstance(error, OSError) and error.errno is not None:  # a missing or unreadable file, not its contents
+        return ImageFileError(f"{name}: cannot be read ({error.strerror})")
+    return ImageFileError(f"{name}: truncated or corrupt image ({error})")
 
 
 def decode_image(source: Path | bytes, *, name: str, max_pixels: int | None = None) -> Image.Image:

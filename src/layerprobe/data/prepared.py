@@ -96,7 +96,7 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     dataset = create_dataset(source, **options)
     verify = getattr(dataset, "verify_images", None)
-    if verify is not None:  # hand-assembled folders: every broken file reported at once, before anything is written
+    if verify is not None:  # file-backed sources: every broken file reported at once, before anything is written
         verify()
     splits = make_splits(
         dataset.labels,

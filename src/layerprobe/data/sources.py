@@ -7,9 +7,13 @@ decoded lazily in `load_image`; a file that cannot be decoded raises `ImageFileE
 from __future__ import annotations
 
 import inspect
+import io
+import itertools
 import os
+import re
 import tarfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ from PIL import Image
 from layerprobe.data.catalogue import (
     ImageFileError,
     decode_image,
+    image_error,
     open_image,
     register_source,
     resolve_max_pixels,
@@ -57,12 +62,13 @@ class ImageFolderDataset:
         split_dirs = [self.root / s for s in SPLITS]
         has_splits = all(d.is_dir() for d in split_dirs)
         parts = list(zip(SPLITS, split_dirs, strict=True)) if has_splits else [(None, self.root)]
-        class_dirs = {split: self._class_dirs(folder) for split, folder in parts}
+        problems: list[str] = []
+        class_dirs = {split: self._class_dirs(folder, problems) for split, folder in parts}
         self.class_names = sorted({d.name for dirs in class_dirs.values() for d in dirs})
-        if not self.class_names:
+        if not self.class_names and not problems:
             raise ValueError(f"source 'imagefolder': no class folders under {str(self.root)!r}")
         index = {name: i for i, name in enumerate(self.class_names)}
-        paths, labels, splits, problems = [], [], [], []
+        paths, labels, splits = [], [], []
         for split, _ in parts:
             for class_dir in class_dirs[split]:
                 files, bad = self._image_files(class_dir)
@@ -71,14 +77,19 @@ class ImageFolderDataset:
                 labels += [index[class_dir.name]] * len(files)
                 splits += [split] * len(files)
         if problems:  # failing anyway: decode the rest too, so one error names every bad file
-            _raise_all(problems + _decode_problems(paths, max_pixels=self.max_pixels), self.root)
+            _raise_all(problems + self._bad_images(paths), self.root)
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.official_splits = np.asarray(splits) if has_splits else None
 
     @staticmethod
-    def _class_dirs(folder: Path) -> list[Path]:
-        return sorted((d for d in folder.iterdir() if d.is_dir() and _visible(d)), key=lambda d: d.name)
+    def _class_dirs(folder: Path, problems: list[str]) -> list[Path]:
+        """The class folders in `folder`, and a line for each link among them that leads nowhere (a class gone)."""
+        entries = sorted((d for d in folder.iterdir() if _visible(d)), key=lambda d: d.name)
+        for d in entries:
+            if d.is_symlink() and not d.exists():
+                problems.append(f"{str(d)!r} is a symbolic link that leads nowhere (to nothing, or a loop)")
+        return [d for d in entries if d.is_dir()]
 
     @staticmethod
     def _image_files(class_dir: Path) -> tuple[list[Path], list[str]]:
@@ -86,7 +97,7 @@ class ImageFolderDataset:
         files, problems = [], []
         # Hidden files (.DS_Store, editor swap files) are not samples; symlinked folders are followed, exactly as the
         # prepared dataset's fingerprint lists them (`layerprobe.file_hashes.input_listing` walks the same way).
-        for path in visible_files(class_dir):
+        for path in visible_files(class_dir, problems):  # loops, dangling links and unreadable files are problems
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 problems.append(f"{str(path)!r} has an unknown extension")
             else:
@@ -104,7 +115,10 @@ class ImageFolderDataset:
     def verify_images(self) -> None:
         """Decode every image once and report every one that fails or declares more than `max_pixels` pixels in one
         error (prepare calls this, so a folder with three broken files is fixed in one round, not three)."""
-        _raise_all(_decode_problems(self.paths, max_pixels=self.max_pixels), self.root)
+        _raise_all(self._bad_images(self.paths), self.root)
+
+    def _bad_images(self, paths: list[Path]) -> list[str]:
+        return _decode_problems(len(paths), lambda i: (str(paths[i]), paths[i]), max_pixels=self.max_pixels)
 
     def describe(self) -> dict[str, Any]:
         return {"source": "imagefolder", "options": {"root": str(self.root)}, "root": str(self.root)}
@@ -131,8 +145,9 @@ class _PixelBudget:
             self._changed.notify_all()
 
 
-def _decode_problems(paths: list[Path], *, max_pixels: int) -> list[str]:
-    """A line for every file that does not decode as an image or declares more than `max_pixels` pixels.
+def _decode_problems(count: int, source: Callable[[int], tuple[str, Path | BinaryIO]], *, max_pixels: int) -> list[str]:
+    """A line for every one of `count` images (`source(i)`: its name and its file) that does not decode or declares
+    more than `max_pixels` pixels.
 
     Each file's header is read first (size and format, no pixels), so a bomb is refused without being decoded. Then
     threads decode (PIL releases the GIL) within one budget of `max_pixels` pixels in flight, and each image is freed
@@ -141,10 +156,11 @@ def _decode_problems(paths: list[Path], *, max_pixels: int) -> list[str]:
     """
     budget = _PixelBudget(max_pixels)
 
-    def problem(path: Path) -> str | None:
+    def problem(index: int) -> str | None:
         held = 0
         try:
-            with open_image(path, name=str(path), max_pixels=max_pixels) as image:
+            name, file = source(index)
+            with open_image(file, name=name, max_pixels=max_pixels) as image:
                 held = budget.acquire(image.width * image.height)
                 image.load()
                 image.close()  # frees the pixels now, not when the garbage collector gets to them
@@ -155,7 +171,7 @@ def _decode_problems(paths: list[Path], *, max_pixels: int) -> list[str]:
         return None
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return [line for line in pool.map(problem, paths) if line]
+        return [line for line in pool.map(problem, range(count)) if line]
 
 
 def _raise_all(problems: list[str], root: Path) -> None:
@@ -292,16 +308,53 @@ class TorchvisionDataset:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def load_image(self, index: int) -> Image.Image:
+    def _locate(self, index: int) -> tuple[Any, int]:
+        """The part holding sample `index`, and its index there."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         part = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        image = self.parts[part][index - int(self._offsets[part])][0]
+        return self.parts[part], index - int(self._offsets[part])
+
+    def load_image(self, index: int) -> Image.Image:
+        part, local = self._locate(index)
+        image = part[local][0]
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
             raise ImageFileError(f"torchvision dataset {self.name} sample {index}: not a PIL image ({type(image)})")
         return to_rgb(image)
+
+    def _sample_name(self, index: int) -> str:
+        """Sample `index`'s file where the dataset lists its files (most do, as `torchvision_labels` reads them)."""
+        part, local = self._locate(index)
+        for attribute in ("samples", "_samples", "imgs", "_image_files", "_images"):
+            values = getattr(part, attribute, None)
+            if values is not None and len(values) == len(part):
+                item = values[local][0] if isinstance(values[local], tuple | list) else values[local]
+                if isinstance(item, str | os.PathLike):
+                    return str(item)
+        return f"torchvision dataset {self.name} sample {index}"
+
+    def verify_images(self) -> None:
+        """Load every sample once, through torchvision's own reader as extraction will, and report every one that
+        fails in one error (prepare calls this: a corrupt JPEG is found here, not hours into extraction)."""
+
+        def problem(index: int) -> str | None:
+            try:
+                self.load_image(index)
+            except ImageFileError as e:
+                return str(e)
+            except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+                return str(image_error(self._sample_name(index), e))
+            return None
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+            problems = [line for line in pool.map(problem, range(len(self))) if line]
+        if problems:
+            raise ImageFileError(
+                f"source 'torchvision': {len(problems)} bad image(s) in {self.name} under {str(self.root)!r}: "
+                f"{_first_few(problems)}"
+            )
 
     def describe(self) -> dict[str, Any]:
         options = {"name": self.name, "root": str(self.root), "download": self.download}
@@ -340,19 +393,33 @@ def max_image_bytes(max_pixels: int) -> int:
 
 def index_tar(path: Path, tar_index: int, *, max_pixels: int) -> tuple[list[TarMember], list[int], list[str]]:
     """Index one webdataset tar: the image member and integer label of every sample, in tar order, and a line for
-    every problem (the caller reports the problems of all tars at once).
+    every problem (the caller reports the problems of all tars at once); a sample with a problem is left out.
 
     Reads only headers and the tiny `.cls` members (at most `MAX_LABEL_BYTES` each); images are read later by seek,
-    so indexing is cheap. An image member over `max_image_bytes(max_pixels)` is a problem, not a sample.
+    so indexing is cheap. An image member over `max_image_bytes(max_pixels)` is a problem, not a sample, and so is a
+    tar that ends without tar's end-of-archive blocks: one cut short, even at a member boundary, loses samples that
+    nothing else would miss.
     """
     images: dict[str, tarfile.TarInfo] = {}
     labels: dict[str, int] = {}
     order: list[str] = []
     problems: list[str] = []
+    reported: set[str] = set()  # keys of samples with a problem line: not samples, and not reported again
+
+    def problem(key: str, line: str) -> None:
+        problems.append(f"{where}: {line}")
+        reported.add(key)
+
     where = f"tar {str(path)!r}"
     try:
+        size = path.stat().st_size
         with tarfile.open(path, "r:") as tar:
+            last = None
             for member in tar:
+                last = member.name
+                if member.offset_data + member.size > size:
+                    problems.append(f"{where} is cut short: it ends inside {member.name} (copy it again)")
+                    break
                 if not member.isfile():
                     continue
                 key, ext = _split_key(member.name)
@@ -360,27 +427,31 @@ def index_tar(path: Path, tar_index: int, *, max_pixels: int) -> tuple[list[TarM
                     order.append(key)
                 if ext in WDS_IMAGE_EXTENSIONS:
                     if member.size > max_image_bytes(max_pixels):
-                        problems.append(f"{where}: {member.name} is {member.size:,} bytes, more than an image under "
-                                        f"the cap of {max_pixels:,} pixels can be")  # fmt: skip
+                        problem(key, f"{member.name} is {member.size:,} bytes, more than an image under the cap of "
+                                     f"{max_pixels:,} pixels can be")  # fmt: skip
                     images[key] = member
                 elif ext == "cls":
+                    labels[key] = -1  # a placeholder until it is read: the sample counts as labelled
                     if member.size > MAX_LABEL_BYTES:
-                        problems.append(f"{where}: {member.name} is {member.size:,} bytes, not a class index (at "
-                                        f"most {MAX_LABEL_BYTES} bytes)")  # fmt: skip
-                        labels[key] = -1  # the sample is reported; keep it from also counting as unlabelled
+                        problem(key, f"{member.name} is {member.size:,} bytes, not a class index (at most "
+                                     f"{MAX_LABEL_BYTES} bytes)")  # fmt: skip
                         continue
                     raw = tar.extractfile(member).read()
                     try:
                         labels[key] = int(raw.decode("utf-8").strip())
                     except ValueError:  # UnicodeDecodeError included
-                        problems.append(f"{where}: {member.name} holds {raw!r}, not an integer label")
-                        labels[key] = -1
-    except tarfile.TarError as e:
+                        problem(key, f"{member.name} holds {raw!r}, not an integer label")
+            else:
+                tar.fileobj.seek(tar.offset)  # where reading stopped: tar's end-of-archive block, or the cut
+                if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                    after = f"after {last}" if last else "before its first member"
+                    problems.append(f"{where} is cut short {after}: it has no end-of-archive blocks (copy it again)")
+    except (tarfile.TarError, OSError) as e:
         return [], [], [f"{where} cannot be read: {e}"]
     members, label_list = [], []
     for key in order:
-        if key not in images and key not in labels:
-            continue  # a sample with neither image nor label (e.g. only .json metadata) is not ours to judge
+        if key in reported or (key not in images and key not in labels):
+            continue  # reported, or neither image nor label (e.g. only .json metadata): not ours to judge
         if key not in labels:
             problems.append(f"{where}: sample {key!r} has an image but no .cls label")
         elif key not in images:
@@ -390,6 +461,36 @@ def index_tar(path: Path, tar_index: int, *, max_pixels: int) -> tuple[list[TarM
             members.append(TarMember(tar_index, info.offset_data, info.size, info.name))
             label_list.append(labels[key])
     return members, label_list, problems
+
+
+class _MemberFile(io.RawIOBase):
+    """One tar member's bytes as a seekable read-only file over `os.pread`: threads share the tar's descriptor but no
+    file position, and a decoder reads only what it asks for, never a whole member at once."""
+
+    def __init__(self, fd: int, member: TarMember) -> None:
+        super().__init__()
+        self._fd, self._start, self._size, self._position = fd, member.offset, member.size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = max(0, min(len(buffer), self._size - self._position))
+        data = os.pread(self._fd, wanted, self._start + self._position)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
 
 
 class TarImageDataset:
@@ -420,23 +521,55 @@ class TarImageDataset:
             labels += tar_labels
             split_of += [splits[i] if splits else None] * len(members)
             problems += bad
-        if problems:  # every bad member of every tar in one error, as the image folder check does
-            raise ValueError(f"source 'wds': {len(problems)} bad member(s): {_first_few(problems)}")
         self.labels = np.asarray(labels, dtype=np.int64)
-        num_classes = int(self.labels.max()) + 1 if len(labels) else 0
         if class_names is None:
-            class_names = [str(i) for i in range(num_classes)]
-        if num_classes > len(class_names):
-            bad = int(np.argmax(self.labels >= len(class_names)))
-            raise ValueError(
-                f"tar {str(self.tars[self.members[bad].tar])!r}: {self.members[bad].name} has label "
-                f"{labels[bad]} but there are only {len(class_names)} class names"
+            # The labels number the classes, at most one a sample: a stray 12-digit label is a problem, not a
+            # trillion class names.
+            count = min(int(self.labels.max()) + 1, len(labels)) if len(labels) else 0
+            class_names = [str(i) for i in range(count)]
+            known = (
+                f"without classnames.txt the classes are numbered, at most one a sample ({len(labels)}): add "
+                "classnames.txt, one name a line"
+            )
+        else:
+            known = f"classnames.txt names {len(class_names)} classes"
+        for index in np.flatnonzero((self.labels < 0) | (self.labels >= len(class_names))):
+            member = self.members[index]
+            problems.append(
+                f"tar {str(self.tars[member.tar])!r}: sample {_split_key(member.name)[0]!r} has label "
+                f"{labels[index]}, outside 0..{len(class_names) - 1} ({known})"
             )
         self.class_names = list(class_names)
         self.official_splits = np.asarray(split_of) if splits else None
         self._description = description
         self._handles: dict[int, BinaryIO] = {}
         self._pid = os.getpid()
+        if problems:  # failing anyway: decode the rest too, so one error names every bad member of every tar
+            self._raise_all(problems + self._bad_images())
+
+    def _raise_all(self, problems: list[str]) -> None:
+        if problems:
+            source = self._description.get("source", "wds")
+            raise ImageFileError(f"source {source!r}: {len(problems)} bad member(s): {_first_few(problems)}")
+
+    def _bad_images(self) -> list[str]:
+        """A line for every image member that does not decode or declares more than the pixel cap (as the image
+        folder check: headers first, one pixel budget), read in place, a tar at a time (few open files)."""
+        grouped = itertools.groupby(self.members, key=lambda member: member.tar)  # members are in tar order
+        return [line for tar, members in grouped for line in self._decode_tar(self.tars[tar], list(members))]
+
+    def _decode_tar(self, path: Path, members: list[TarMember]) -> list[str]:
+        with open(path, "rb") as handle:
+
+            def source(i: int) -> tuple[str, BinaryIO]:
+                return f"{path}:{members[i].name}", io.BufferedReader(_MemberFile(handle.fileno(), members[i]))
+
+            return _decode_problems(len(members), source, max_pixels=self.max_pixels)
+
+    def verify_images(self) -> None:
+        """Decode every image once and report every one that fails in one error (prepare calls this, so a corrupt
+        JPEG is found before extraction, not hours into it)."""
+        self._raise_all(self._bad_images())
 
     def _handle(self, tar: int) -> BinaryIO:
         if self._pid != os.getpid():
@@ -472,6 +605,11 @@ class TarImageDataset:
         return dict(self._description)
 
 
+def _number_order(path: Path) -> tuple[list[int | str], str]:
+    """Sort key reading a name's digits as numbers: `2.tar` before `10.tar`."""
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", path.name)], path.name
+
+
 def _read_classnames(path: Path) -> list[str] | None:
     if not path.is_file():
         return None
@@ -493,7 +631,9 @@ def wds(*, root: str, max_image_pixels: int | None = None) -> TarImageDataset:
     tars: list[Path] = []
     splits: list[str | None] = []
     for split, directory in split_dirs:
-        found = sorted(directory.glob("*.tar"))
+        # In number order, as webdataset reads `{0..n-1}.tar` (as text, 10.tar would come before 2.tar, and past ten
+        # shards the seeded splits would hold other images than the reference's).
+        found = sorted((tar for tar in directory.glob("*.tar") if _visible(tar)), key=_number_order)
         tars += found
         splits += [split] * len(found)
     if not tars:
