@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -51,20 +52,35 @@ def task_runner() -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=int(os.environ.get("LAYERPROBE_TASK_WORKERS", TASK_WORKERS)))
 
 
-# Bad input (a missing path, a wrong key) fails fast; only what may pass on its own is retried.
+# Bad input (a missing path, a wrong key, a wrong value: every ValueError) fails fast; only what may pass on its own
+# is retried. OS errors that say something about the input or the disk, not about a moment, never pass on their own.
 _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_PERMANENT_ERRNOS = {
+    errno.ELOOP,  # a symlink loop
+    errno.ENAMETOOLONG,
+    errno.EILSEQ,  # a file name the filesystem cannot encode
+    errno.EROFS,
+    errno.ENOSPC,  # a full disk stays full for the seconds between retries; the retry would only redo the work
+    errno.EDQUOT,
+    errno.EFBIG,
+}
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry condition: I/O hiccups, timeouts and CUDA out-of-memory (extraction halves its batch on retry)."""
     error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    if not isinstance(error, BaseException):
-        return False
+    return isinstance(error, BaseException) and transient(error)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether `error` may pass on its own: never a bad input (ValueError, a missing or unreadable file, a loop)."""
     import torch
 
     if isinstance(error, torch.OutOfMemoryError):
         return True
-    return isinstance(error, (OSError, TimeoutError, ConnectionError)) and not isinstance(error, _PERMANENT)
+    if isinstance(error, _PERMANENT) or (isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS):
+        return False
+    return isinstance(error, (OSError, TimeoutError, ConnectionError))
 
 
 def task_options(params: Params) -> dict[str, Any]:

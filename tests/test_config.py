@@ -92,7 +92,7 @@ def test_wrong_type_and_bad_values_are_named(tmp_path):
 def test_suite_names_must_be_defined(tmp_path):
     data = minimal()
     data["suite"]["datasets"] = ["nope"]
-    with pytest.raises(ParamsError, match="suite.datasets names 'nope'"):
+    with pytest.raises(ParamsError, match=r"suite.datasets: unknown dataset 'nope'. Choices: d"):
         load_params(write(tmp_path, data))
 
 

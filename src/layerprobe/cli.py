@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from layerprobe.config import (
@@ -33,37 +37,129 @@ from layerprobe.config import (
     PrepareConfig,
     ProbeConfig,
     TrainConfig,
+    check_device,
+    check_name,
 )
 from layerprobe.params import Params, load_params
 
+TRACEBACK_ENV = "LAYERPROBE_TRACEBACK"  # set to 1 (as --traceback does) to see the whole traceback of an error
+
 
 def main(argv: list[str] | None = None) -> int:
-    from layerprobe.device import flush_denormals
-
-    flush_denormals()  # before any worker thread starts
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The one exception boundary: whatever a command raises is one line `layerprobe <command>: error: ...` and a
+    non-zero exit (2: bad input or a failing file, 1: anything else), unless --traceback asks for all of it."""
+    args = build_parser().parse_args(argv)  # a bad value is one line from argparse, before anything runs
     try:
+        from layerprobe.device import flush_denormals
+
+        flush_denormals()  # before any worker thread starts
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input: one line naming what is wrong; the traceback helps nobody who typed a wrong name.
-        print(f"layerprobe {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # finished units keep their markers; `layerprobe run` has cancelled what it submitted
         print(f"layerprobe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - the boundary: every class becomes one line
+        if args.traceback or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+            traceback.print_exc()
+        else:
+            print(f"layerprobe {args.command}: error: {describe_error(error)}", file=sys.stderr)
+        return 2 if isinstance(error, (ValueError, OSError)) else 1
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a person: our own errors say what is wrong already; an OS error names its path and errno
+    (ENOSPC, EACCES, ...); anything else is named by its class, since it is likely a bug."""
+    if isinstance(error, OSError) and error.strerror and error.errno is not None:
+        where = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+        code = errno.errorcode.get(error.errno, str(error.errno))
+        text = f"{where}: {error.strerror} ({code})" if where else f"{error.strerror} ({code})"
+    elif isinstance(error, (ValueError, OSError)):
+        text = str(error)
+    elif isinstance(error, MemoryError):
+        text = f"out of memory{f' ({error})' if str(error) else ''}: use smaller batches or a larger machine"
+    else:
+        text = f"{type(error).__name__}: {error} (unexpected: --traceback shows where)"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in the same one line as every other error (the usage itself is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _port(text: str) -> int:
+    port = _integer(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {text!r}")
+    return port
+
+
+def _positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """auto, cpu, cuda[:n], and CUDA present when asked for: a wrong device fails before any model is built."""
+    try:
+        check_device("device", text)
+        from layerprobe.device import resolve_device
+
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"img_size\": 32}}', got {text!r}")
+    return value
+
+
+def _name(text: str) -> str:
+    """A backbone, dataset or probe name: it becomes a folder of every output."""
+    try:
+        check_name("name", text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="layerprobe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="layerprobe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = _command(
         commands, "pretrain", "train a backbone from scratch on its params `pretrain` recipe", run_pretrain
     )
-    pretrain.add_argument("--backbone", required=True, help="a backbones: name from params with a `pretrain` recipe")
+    pretrain.add_argument(
+        "--backbone", required=True, type=_name, help="a backbones: name from params with a `pretrain` recipe"
+    )
     pretrain.add_argument("--no-progress", action="store_true")
 
     prepare = _command(commands, "prepare", "materialise a dataset's train/val/test splits", run_prepare)
@@ -75,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _backbone_args(extract)
     _dataset_args(extract)
     extract.add_argument("--tap", choices=TAPS, help="tap point (default: params extract.tap)")
-    extract.add_argument("--batch-size", type=int)
-    extract.add_argument("--num-workers", type=int)
-    extract.add_argument("--device", help="cpu, cuda or auto")
+    extract.add_argument("--batch-size", type=_positive_int)
+    extract.add_argument("--num-workers", type=_integer)
+    extract.add_argument("--device", type=_device, help="cpu, cuda or auto")
     extract.add_argument("--out", type=Path, help="cache folder (default: paths.features/<backbone>/<dataset>)")
     extract.add_argument("--final-patch-tokens", action="store_true", default=None,
                          help="also cache the final layer's patch tokens (for attentive_last_all_tokens)")  # fmt: skip
@@ -86,27 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     train = _command(
         commands, "train", "sweep a probe on cached features and save the best (refit on train+val)", run_train
     )
-    train.add_argument("--backbone", required=True)
-    train.add_argument("--dataset", required=True)
-    train.add_argument("--probe", required=True, help="alf, linear_last_cls, ... (layerprobe list probes)")
+    train.add_argument("--backbone", required=True, type=_name)
+    train.add_argument("--dataset", required=True, type=_name)
+    train.add_argument("--probe", required=True, type=_name, help="alf, linear_last_cls, ... (layerprobe list probes)")
     train.add_argument("--lr", type=float, action="append", help="learning rate(s) to sweep (repeatable)")
     train.add_argument("--weight-decay", type=float, action="append", help="weight decay(s) to sweep (repeatable)")
-    train.add_argument("--min-steps", type=int)
-    train.add_argument("--device")
+    train.add_argument("--min-steps", type=_integer)
+    train.add_argument("--device", type=_device)
 
     evaluate = _command(
         commands, "evaluate", "score a trained probe on test: metrics, heatmap, confusion", run_evaluate
     )
-    evaluate.add_argument("--backbone", required=True)
-    evaluate.add_argument("--dataset", required=True)
-    evaluate.add_argument("--probe", required=True)
+    evaluate.add_argument("--backbone", required=True, type=_name)
+    evaluate.add_argument("--dataset", required=True, type=_name)
+    evaluate.add_argument("--probe", required=True, type=_name)
 
     predict = _command(commands, "predict", "classify image files with a saved probe and its backbone", run_predict)
     predict.add_argument(
         "--probe", type=Path, required=True, help="a saved probe folder (probe.json + probe.safetensors)"
     )
     predict.add_argument("--images", type=Path, nargs="+", required=True)
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--device", type=_device, default="cpu")
 
     run = _command(
         commands,
@@ -129,14 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--calibration", type=Path,
                       help="measurements (JSON) to read and to add to (default: <paths.results>/plan/calibration-"
                            "<device>.json); another machine's file prices the study for its device")  # fmt: skip
-    plan.add_argument("--workers", type=int, default=1, help="also give the wall time with this many workers")
-    plan.add_argument("--max-batch", type=int,
+    plan.add_argument("--workers", type=_positive_int, default=1, help="also give the wall time with this many workers")
+    plan.add_argument("--max-batch", type=_positive_int,
                       help="time probe steps at batches up to this and extrapolate along the batch (default: 256 on "
                            "cpu, none on cuda)")  # fmt: skip
-    plan.add_argument("--max-grid", type=int,
+    plan.add_argument("--max-grid", type=_positive_int,
                       help="time grids of up to this many members and extrapolate along the grid size (default: 4 on "
                            "cpu, none on cuda)")  # fmt: skip
-    plan.add_argument("--images-per-second", type=float,
+    plan.add_argument("--images-per-second", type=_positive_float,
                       help="price extraction from this ViT-B/16@224 rate, scaled by each backbone's FLOPs, instead of "
                            "measuring the backbones")  # fmt: skip
     plan.add_argument("--tasks", action="store_true",
@@ -151,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         run_ui,
     )
     ui.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: 127.0.0.1)")
-    ui.add_argument("--port", type=int, default=5000, help="port to serve on (default: 5000)")
+    ui.add_argument("--port", type=_port, default=5000, help="port to serve on (default: 5000)")
     ui.add_argument("--no-browser", action="store_true", help="only print the URL")
 
     listing = _command(commands, "list", "list registered probes or dataset sources, or the params' names", run_list)
@@ -162,19 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _command(commands, name: str, help_text: str, run) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=help_text, description=help_text)
     command.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    traceback_help = f"show an error's whole traceback, not one line (or set {TRACEBACK_ENV}=1)"
+    command.add_argument("--traceback", action="store_true", help=traceback_help)
     command.set_defaults(run=run)
     return command
 
 
 def _backbone_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="a backbones: name from params, or any timm model name")
+    backbone_help = "a backbones: name from params, or any timm model name"
+    parser.add_argument("--backbone", required=True, type=_name, help=backbone_help)
     parser.add_argument("--pretrained", action="store_true", help="timm model name only: load hub weights")
     parser.add_argument("--checkpoint", help="timm model name only: a local weights file")
-    parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON, e.g. '{\"img_size\": 32}'")
+    parser.add_argument("--model-kwargs", type=_json_object, default=None, help="JSON, e.g. '{\"img_size\": 32}'")
 
 
 def _dataset_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="a datasets: name from params, or a dataset source name")
+    dataset_help = "a datasets: name from params, or a dataset source name"
+    parser.add_argument("--dataset", required=True, type=_name, help=dataset_help)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="source option (JSON value)")
 
 
@@ -216,6 +316,8 @@ def _resolve_backbone(args, params: Params | None) -> BackboneConfig:
     from layerprobe.backbone import check_model_name
 
     check_model_name(args.backbone)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     return BackboneConfig(
         model=args.backbone,
         pretrained=args.pretrained,
@@ -280,12 +382,12 @@ def run_extract(args) -> int:
     params = _params(args)
     backbone = _resolve_backbone(args, params)  # a wrong model name fails before any data is prepared
     paths = _paths(params)
-    _prepare(args, params, paths)  # reused when its fingerprint (source, options, files' contents) matches
-    extract = _overrides(
+    extract = _overrides(  # validated with the params' values, before any data is prepared
         _section(params, "extract", ExtractConfig()),
         tap=args.tap, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
         final_patch_tokens=args.final_patch_tokens,
     )  # fmt: skip
+    _prepare(args, params, paths)  # reused when its fingerprint (source, options, files' contents) matches
     with _unit_lock(args, paths, "extract", args.backbone, args.dataset):
         summary = extract_step(
             args.backbone,
@@ -304,6 +406,7 @@ def run_train(args) -> int:
     from layerprobe.workflow.train import train_step
 
     params = _params(args)
+    _check_probe(args.probe)
     train = _overrides(
         _section(params, "train", TrainConfig()),
         lrs=args.lr, weight_decays=args.weight_decay, min_steps=args.min_steps, device=args.device,
@@ -322,11 +425,20 @@ def run_train(args) -> int:
     return 0
 
 
+def _check_probe(name: str) -> None:
+    from layerprobe.probes import list_probes
+    from layerprobe.registry import unknown_name_error
+
+    if name not in list_probes():
+        raise unknown_name_error("probe", name, list_probes())
+
+
 def run_evaluate(args) -> int:
     from layerprobe.plots import draw_evaluation
     from layerprobe.workflow.evaluate import evaluate_step
 
     params = _params(args)
+    _check_probe(args.probe)
     paths = _paths(params)
     with _unit_lock(args, paths, "evaluate", args.backbone, args.dataset, args.probe):
         result = evaluate_step(

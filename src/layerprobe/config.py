@@ -8,6 +8,8 @@ validates itself in `__post_init__` with a one-line message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,11 @@ class PathsConfig:
     probes: str = "probes"
     results: str = "results"
     mlruns: str = "mlruns"
+
+    def __post_init__(self) -> None:
+        for key, value in dataclasses.asdict(self).items():
+            if not value.strip():  # "" would be the working folder itself
+                raise ParamsError(f"paths.{key} must name a folder, got {value!r}")
 
     @property
     def pretrained_dir(self) -> Path:
@@ -132,6 +139,12 @@ class DatasetConfig:
     num_classes: int | None = None
     num_images: dict[str, int] | None = None  # per official split, so `layerprobe plan` can size caches up front
 
+    def __post_init__(self) -> None:
+        if self.num_classes is not None:
+            _check_range("num_classes", self.num_classes, 1)
+        for split, count in (self.num_images or {}).items():
+            _check_range(f"num_images.{split}", count, 0)
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -158,10 +171,13 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size"):
             _check_positive(f"pretrain.{key}", getattr(self, key))
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ParamsError("pretrain.lr and pretrain.grad_clip must be positive, weight_decay and warmup_steps >= 0")
-        if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 < self.held_out < 1.0:
-            raise ParamsError("pretrain.label_smoothing must be in [0, 1) and pretrain.held_out in (0, 1)")
+        _check_range("pretrain.lr", self.lr, 0, above=True)
+        _check_range("pretrain.grad_clip", self.grad_clip, 0, above=True)
+        _check_range("pretrain.weight_decay", self.weight_decay, 0)
+        _check_range("pretrain.warmup_steps", self.warmup_steps, 0)
+        _check_range("pretrain.label_smoothing", self.label_smoothing, 0, 1, below=True)
+        _check_range("pretrain.held_out", self.held_out, 0, 1, above=True, below=True)
+        check_device("pretrain.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -185,14 +201,14 @@ class BackboneConfig:
     pretrain: PretrainConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ParamsError(f"crop_pct must be in (0, 1] or null, got {self.crop_pct}")
+        if self.crop_pct is not None:
+            _check_range("crop_pct", self.crop_pct, 0, 1, above=True)
         if self.interpolation is not None:
             _check_choice("interpolation", self.interpolation, INTERPOLATIONS)
         for key in ("mean", "std"):
             value = getattr(self, key)
-            if value is not None and len(value) != 3:
-                raise ParamsError(f"{key} must be 3 floats (one per RGB channel) or null, got {value}")
+            if value is not None and (len(value) != 3 or not all(map(math.isfinite, value))):
+                raise ParamsError(f"{key} must be 3 floats (one per RGB channel, finite) or null, got {value}")
         if self.std is not None and min(self.std) <= 0:
             raise ParamsError(f"std must be positive, got {self.std}")
         _check_choice("pos_embed_resample", self.pos_embed_resample, POS_EMBED_RESAMPLES)
@@ -242,8 +258,8 @@ class ExtractConfig:
         _check_choice("extract.precision", self.precision, EXTRACT_PRECISIONS)
         for key in ("batch_size", "shard_size"):
             _check_positive(f"extract.{key}", getattr(self, key))
-        if self.num_workers < 0:
-            raise ParamsError(f"extract.num_workers must be >= 0, got {self.num_workers}")
+        _check_range("extract.num_workers", self.num_workers, 0)
+        check_device("extract.device", self.device)
 
     def fingerprint_params(self) -> dict[str, Any]:
         """What decides the cached values and their layout; batch size, workers and device only change speed."""
@@ -268,6 +284,8 @@ class ProbeConfig:
             raise ParamsError(f"probes.*.tokens must be a non-empty subset of {PROBE_TOKENS}, got {self.tokens}")
         if self.normalize is not None:
             _check_choice("probes.*.normalize", self.normalize, NORMALIZATIONS)
+        if self.num_heads is not None:
+            _check_positive("probes.*.num_heads", self.num_heads)
 
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -305,19 +323,22 @@ class TrainConfig:
         for key in ("lrs", "weight_decays", "attn_dropouts", "seeds"):
             if not getattr(self, key):
                 raise ParamsError(f"train.{key} must not be empty")
-        if any(not 0.0 <= p < 1.0 for p in self.attn_dropouts):
-            raise ParamsError(f"train.attn_dropouts must be in [0, 1), got {self.attn_dropouts}")
+        for i, lr in enumerate(self.lrs):
+            _check_range(f"train.lrs[{i}]", lr, 0, above=True)
+        for i, weight_decay in enumerate(self.weight_decays):
+            _check_range(f"train.weight_decays[{i}]", weight_decay, 0)
+        for i, dropout in enumerate(self.attn_dropouts):
+            _check_range(f"train.attn_dropouts[{i}]", dropout, 0, 1, below=True)
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:  # a repeated seed trains the same probe twice and reports a spread of 0 across "seeds"
+            raise ParamsError(f"train.seeds must be distinct, got {self.seeds} ({repeated[0]} repeated)")
         for key in ("epochs", "batch_size", "min_batches"):
             _check_positive(f"train.{key}", getattr(self, key))
         for key in ("min_steps", "jitter_std", "min_lr"):
-            if getattr(self, key) < 0:
-                raise ParamsError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if self.grad_clip <= 0:
-            raise ParamsError(f"train.grad_clip must be positive, got {self.grad_clip}")
-        if not 0.0 <= self.jitter_prob <= 1.0:
-            raise ParamsError(f"train.jitter_prob must be in [0, 1], got {self.jitter_prob}")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ParamsError(f"train.device must be auto, cpu or cuda[:n], got {self.device!r}")
+            _check_range(f"train.{key}", getattr(self, key), 0)
+        _check_range("train.grad_clip", self.grad_clip, 0, above=True)
+        _check_range("train.jitter_prob", self.jitter_prob, 0, 1)
+        check_device("train.device", self.device)
 
     @property
     def log_every(self) -> int:
@@ -339,6 +360,12 @@ class EvaluateConfig:
     champion_alias: str = "champion"
     batch_size: int = 1024
 
+    def __post_init__(self) -> None:
+        for key in ("registry_prefix", "champion_alias"):
+            if not getattr(self, key).strip():
+                raise ParamsError(f"evaluate.{key} must not be empty")
+        _check_positive("evaluate.batch_size", self.batch_size)
+
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -346,5 +373,32 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_positive(key: str, value: float) -> None:
-    if value < 1:
-        raise ParamsError(f"{key} must be >= 1, got {value}")
+    _check_range(key, value, 1)
+
+
+def _check_range(
+    key: str, value: float, low: float, high: float = math.inf, *, above: bool = False, below: bool = False
+) -> None:
+    """`value` in [low, high] (`above`: > low, `below`: < high); NaN and infinities never pass (every comparison
+    with NaN is false, so a check written as `value < low` would let it through)."""
+    inside = (value > low if above else value >= low) and (value < high if below else value <= high)
+    if not (math.isfinite(value) and inside):
+        if high == math.inf:
+            bounds = f"{'>' if above else '>='} {low:g}"
+        else:
+            bounds = f"in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+        raise ParamsError(f"{key} must be {bounds}, got {value!r}")
+
+
+def check_device(key: str, value: str) -> None:
+    """auto, cpu, cuda or cuda:<n>, as `layerprobe.device.resolve_device` reads it (whether CUDA exists is asked
+    there, on the machine that runs the step)."""
+    if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+        raise ParamsError(f"{key} must be auto, cpu or cuda[:n], got {value!r}")
+
+
+def check_name(key: str, name: str) -> None:
+    """A name that becomes a folder (features/<backbone>/<dataset>, probes/.../<probe>): one path part that stays
+    inside its parent and is not hidden."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ParamsError(f"{key} {name!r} cannot be a folder name: use one without '/', '\\' or a leading '.'")

@@ -146,12 +146,18 @@ def open_shard(path: Path) -> tuple[pa.RecordBatch, dict, list[int]]:
         raise ValueError(f"feature shard {path} is unreadable: {e}") from e
 
 
+MANIFEST_KEYS = ("format", "provenance", "shards", "splits", "num_images", "dtype")  # what readers index
+
+
 def read_manifest(cache_dir: Path) -> dict:
     """The manifest of a complete cache; a directory without one is an incomplete (or foreign) cache."""
     path = Path(cache_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"feature cache {cache_dir} is incomplete or missing: no {MANIFEST_FILE} (run extract)")
     manifest = read_json(path)
+    missing = [key for key in MANIFEST_KEYS if key not in manifest] if isinstance(manifest, dict) else ["format"]
+    if missing:  # an edited or foreign file: one line naming it, not a KeyError wherever the key is first read
+        raise ValueError(f"{path} has no {missing[0]!r}: it is not a whole manifest (re-run extract)")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"feature cache {cache_dir} is in format {manifest.get('format')!r}, this code reads "
                          f"{FORMAT!r}: re-run extract")  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from layerprobe.config import (
     PrepareConfig,
     ProbeConfig,
     TrainConfig,
+    check_name,
 )
+from layerprobe.registry import unknown_name_error
 
 
 @dataclass(frozen=True)
@@ -42,17 +45,45 @@ class SuiteConfig:
     datasets: list[str]
     probes: list[str]
 
+    def __post_init__(self) -> None:
+        for key in ("backbones", "datasets", "probes"):
+            names = getattr(self, key)
+            if not names:
+                raise ParamsError(f"suite.{key} must name at least one {key[:-1]}")
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ParamsError(f"suite.{key} names {repeated[0]!r} twice")
+
 
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "layerprobe"
     tracking_uri: str | None = None  # default sqlite:///<paths.mlruns>/mlflow.db; MLFLOW_TRACKING_URI wins
 
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ParamsError("tracking.experiment must not be empty")
+
 
 @dataclass(frozen=True)
 class ServeConfig:
     name: str = "layerprobe-scheduled"
     cron: str = "0 3 * * *"
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ParamsError("flow.serve.name must not be empty")
+        # Prefect's own schedule (what `flows.serve` builds from the cron), so a bad one is refused when the params
+        # are read, not when a server is asked to serve it.
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=self.cron)
+        except ValueError:
+            raise ParamsError(
+                f"flow.serve.cron {self.cron!r} is not a cron string Prefect can schedule (five fields: "
+                "minute hour day-of-month month day-of-week, e.g. '0 3 * * *')"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -72,8 +103,17 @@ class FlowConfig:
     def __post_init__(self) -> None:
         if self.work_pool is not None and not self.work_pool.strip():
             raise ParamsError("flow.work_pool must be a work pool name or null (run units in this process)")
-        if self.retries < 0 or self.gpu_concurrency < 1 or self.worker_wait_seconds <= 0:
-            raise ParamsError("flow.retries must be >= 0, flow.gpu_concurrency >= 1, flow.worker_wait_seconds > 0")
+        for key, value, low in (
+            ("retries", self.retries, 0),
+            ("gpu_concurrency", self.gpu_concurrency, 1),
+            ("retry_delay_seconds", self.retry_delay_seconds, 0),
+        ):
+            if not value >= low:  # also refuses NaN
+                raise ParamsError(f"flow.{key} must be >= {low}, got {value!r}")
+        if not 0 < self.worker_wait_seconds < math.inf:
+            raise ParamsError(f"flow.worker_wait_seconds must be > 0, got {self.worker_wait_seconds!r}")
+        if not self.unit_deployment.strip():
+            raise ParamsError("flow.unit_deployment must not be empty")
 
 
 @dataclass(frozen=True)
@@ -91,13 +131,41 @@ class Params:
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
-        for section, names, defined in (
-            ("backbones", self.suite.backbones, self.backbones),
-            ("datasets", self.suite.datasets, self.datasets),
+        """What no single section can check: names across sections, and that each task keeps its own folders and
+        its own registered model. Everything runs before any step, so a bad name never costs a computed output."""
+        from layerprobe.data import list_sources
+        from layerprobe.probes import list_probes
+
+        for section, defined in (("datasets", self.datasets), ("backbones", self.backbones)):
+            for name in defined:
+                check_name(f"{section}:", name)
+        probes, sources = list_probes(), list_sources()
+        for key, kind, names, known in (
+            ("suite.backbones", "backbone", self.suite.backbones, list(self.backbones)),
+            ("suite.datasets", "dataset", self.suite.datasets, list(self.datasets)),
+            ("suite.probes", "probe", self.suite.probes, probes),
+            ("probes", "probe", list(self.probes), probes),
+            *((f"datasets.{name}.source", "source", [d.source], sources) for name, d in self.datasets.items()),
+            *(
+                (f"backbones.{name}.pretrain.source", "source", [b.pretrain.source], sources)
+                for name, b in self.backbones.items()
+                if b.pretrain
+            ),
         ):
             for name in names:
-                if name not in defined:
-                    raise ParamsError(f"suite.{section} names {name!r}, which is not defined under {section}:")
+                if name not in known:
+                    raise ParamsError(f"{key}: {unknown_name_error(kind, name, known)}")
+        owners: dict[str, tuple[str, str]] = {}
+        for backbone in self.suite.backbones:
+            for dataset in self.suite.datasets:
+                model = registered_model_name(self.evaluate.registry_prefix, dataset, backbone)
+                if model in owners:  # they would share versions, and one @champion would be crowned across both
+                    first = owners[model]
+                    raise ParamsError(
+                        f"tasks {first[1]}/{first[0]} and {dataset}/{backbone} (dataset/backbone) would share the "
+                        f"registered model {model!r}: rename a dataset or backbone"
+                    )
+                owners[model] = (backbone, dataset)
 
     def tasks(self) -> list[tuple[str, str, str]]:
         """Every (backbone, dataset, probe) of the suite, in a stable order."""
@@ -106,6 +174,15 @@ class Params:
     def probe_config(self, probe: str) -> ProbeConfig:
         """The params' overrides of a registered probe (none when the probe has no entry)."""
         return self.probes.get(probe) or ProbeConfig()
+
+
+def registered_model_name(prefix: str, dataset: str, backbone: str) -> str:
+    """`layerprobe-<dataset>-<backbone>`: one registered model per (dataset, backbone); probes are its versions.
+
+    `_` and `/` read as `-`, so two tasks can meet on one name (`count_shapes` + `vit`, `count` + `shapes_vit`):
+    `Params` refuses such a suite, which keeps every name already in a registry (and its @champion URIs) as it was.
+    """
+    return f"{prefix}-{dataset}-{backbone}".replace("/", "-").replace("_", "-")
 
 
 def params_from_dict(raw: dict[str, Any], *, source: str = "params") -> Params:
@@ -183,13 +260,15 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return [_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is Any:
         return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if number is not None and not math.isfinite(number):  # .nan, .inf, "nan": no key has a use for them
+            raise ParamsError(f"{where} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ParamsError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -47,7 +47,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from layerprobe.config import HISTORY_FILE, PROBE_CONFIG, SWEEP_FILE
 from layerprobe.files import read_json, stable_hash
 from layerprobe.locks import process_alive
-from layerprobe.params import Params
+from layerprobe.params import Params, registered_model_name
 
 # A progress bar per copied model folder is noise when a study logs a thousand probes.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -235,11 +235,6 @@ def _dir_hash(directory: Path) -> str:
 
 def set_alias(registered_name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(registered_name, alias, version)
-
-
-def registered_model_name(prefix: str, dataset: str, backbone: str) -> str:
-    """`layerprobe-<dataset>-<backbone>`: one registered model per (dataset, backbone); probes are its versions."""
-    return f"{prefix}-{dataset}-{backbone}".replace("/", "-").replace("_", "-")
 
 
 def _plain(value: Any) -> Any:
