@@ -171,3 +171,19 @@ def dvc_repo(tmp_path, migrated_mlflow_db, prefect_harness) -> tuple[Path, dict]
     repo = tmp_path / "repo"
     env = {**repo_env(repo, tmp_path / "prefect"), "PREFECT_API_URL": PREFECT_API_URL.value()}
     return make_dvc_repo(repo, migrated_mlflow_db, env), env
+
+
+@pytest.fixture
+def unpickling_timm(monkeypatch):
+    """timm as 1.0.9-1.0.25 load a local `.pth`/`.bin`: `torch.load(weights_only=False)`, full pickle, whatever timm
+    is installed; so a test shows that layerprobe never hands timm such a file to load."""
+    import timm.models
+    import timm.models._builder
+    import torch
+
+    def load_state_dict(checkpoint_path, use_ema=True, device="cpu", weights_only=False):
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        return timm.models.clean_state_dict(checkpoint.get("state_dict", checkpoint))
+
+    monkeypatch.setattr(timm.models, "load_state_dict", load_state_dict)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict", load_state_dict)

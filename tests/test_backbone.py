@@ -247,3 +247,38 @@ def test_dinov2_resampling_keeps_a_fitting_table_and_every_other_weight(dinov2_c
         assert key == "pos_embed" or torch.equal(value, other), key
     with pytest.raises(ValueError, match="pos_embed_resample"):
         create_backbone(DINOV2, checkpoint=path, model_kwargs=kwargs, pos_embed_resample="bilinear")
+
+
+class _Payload:
+    """What a shared .pth can carry: unpickling it calls `exec` on code that leaves a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".bin"])
+def test_plain_weights_load_and_a_checkpoint_carrying_a_code_payload_is_refused_before_it_runs(
+    tmp_path, suffix, unpickling_timm
+):
+    torch.manual_seed(0)
+    original = timm.create_model(NAME, pretrained=False, **TINY).eval()
+    weights = original.state_dict()
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in weights.items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / f"trained{suffix}")  # a DDP training checkpoint: tensors, ints, strings
+    loaded = create_backbone(NAME, checkpoint=tmp_path / f"trained{suffix}", model_kwargs=TINY)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(loaded.forward_features(x), original.forward_features(x))  # unwrapped as timm does
+    assert "state_dict" not in loaded.pretrained_cfg  # the loaded tensors are not kept twice
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / f"shared{suffix}"
+    torch.save({"state_dict": weights, "extra": _Payload(marker)}, path)
+    with pytest.raises(ValueError) as info:
+        create_backbone(NAME, checkpoint=path, model_kwargs=TINY)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "(exec)" in message
+    assert not marker.exists()

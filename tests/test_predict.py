@@ -135,3 +135,29 @@ def test_a_malformed_probe_json_is_one_line_naming_the_key(tmp_path, edit, named
         predict_images(probe, _images(tmp_path / "images", 1))
     message = str(excinfo.value)
     assert "\n" not in message and "probe.json" in message and named in message
+
+
+def test_predict_refuses_a_probe_whose_checkpoint_carries_a_code_payload_and_runs_none_of_it(
+    tmp_path, capsys, unpickling_timm
+):
+    """Whoever can write a shared probe folder can point its probe.json at any checkpoint and record that file's
+    hash: the hash then matches, so only loading without pickle keeps the payload from running."""
+    from layerprobe.cli import main
+
+    probe, checkpoint = _probe(tmp_path)
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    shared = tmp_path / "shared.pth"
+    torch.save({"state_dict": dict(create_backbone(MODEL, model_kwargs=TINY).state_dict()), "x": Payload()}, shared)
+    config = json.loads((probe / "probe.json").read_text())
+    config["provenance"].update(checkpoint=str(shared), weights=f"file:sha256:{sha256_file(shared)}")
+    (probe / "probe.json").write_text(json.dumps(config))
+    images = _images(tmp_path / "images", 2)
+    assert main(["predict", "--probe", str(probe), "--images", *map(str, images)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(shared) in err and "(exec)" in err
+    assert not marker.exists()

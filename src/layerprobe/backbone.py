@@ -1,7 +1,10 @@
 """Frozen timm ViT backbones and their eval transforms.
 
 Weights come from timm's own pretrained path, so a local `.safetensors` / `.pth` / `.bin` file goes through the same
-key filtering (position-embedding resampling, CLIP key remapping) as a hub download would. With
+key filtering (position-embedding resampling, CLIP key remapping) as a hub download would. Nothing is unpickled: a
+`.pth` / `.bin` file is read here with `torch.load(weights_only=True)` (tensors and containers only) and handed to
+timm as a state dict, since timm 1.0.9-1.0.25 `torch.load` a local file with full pickle, and a checkpoint path (with
+its expected hash) comes from a probe.json that anyone who can write the probe folder can edit. With
 `pos_embed_resample="dinov2"` a checkpoint's position-embedding table is fitted to the model's patch grid with
 DINOv2's own rule instead of timm's (see `resample_pos_embed_dinov2`).
 """
@@ -46,7 +49,7 @@ def create_backbone(
     Args:
         model_name: timm model name, optionally with a weights tag (`vit_base_patch16_clip_224.openai`).
         pretrained: Load timm's published weights (needs the hub or a warm cache).
-        checkpoint: Local weights file (`.safetensors`, `.pth`, `.bin`); implies pretrained.
+        checkpoint: Local weights file (`.safetensors`, `.pth`, `.bin`; never unpickled); implies pretrained.
         model_kwargs: Extra `timm.create_model` arguments (`img_size`, `depth`, ...).
         init_seed: Seed of the random initialisation (irrelevant when weights are loaded).
         pos_embed_resample: How loaded weights' position embeddings are fitted to the model's patch grid when they
@@ -57,6 +60,7 @@ def create_backbone(
         ValueError: Unknown model name or `model_kwargs` key (with the nearest match), a checkpoint that does not fit
             the model, or hub weights that could not be downloaded.
         FileNotFoundError: `checkpoint` does not exist.
+        ValueError: `checkpoint` holds more than tensors (a pickled object would have to run to load it).
     """
     kwargs = dict(model_kwargs or {})
     check_model_name(model_name)
@@ -185,23 +189,65 @@ def _arguments_of(model_name: str, owner: str) -> list[str]:
 def _create_from_checkpoint(model_name: str, path: Path, kwargs: dict, pos_embed_resample: str) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    # timm reads a .safetensors file with safetensors (never pickle) in every version: handed over by its path.
     overlay: dict[str, Any] = {"file": str(path)}
+    if path.suffix != ".safetensors":
+        overlay = {"state_dict": read_weights(path)}
     # timm drops the classifier when num_classes differs from the registry's; a head the caller asked for by size must
     # come from the checkpoint too (CLIP's projection lives in `head`), so declare the checkpoint's class count.
     if kwargs.get("num_classes"):
         overlay["num_classes"] = kwargs["num_classes"]
     try:
-        return _create_model(model_name, True, kwargs, overlay, pos_embed_resample)
+        model = _create_model(model_name, True, kwargs, overlay, pos_embed_resample)
     except Exception as e:
         raise (
             model_kwargs_error(model_name, kwargs, e) or ValueError(_describe_misfit(model_name, path, kwargs, e))
         ) from e
+    model.pretrained_cfg.pop("state_dict", None)  # the loaded tensors, which the model's config would keep alive
+    return model
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a local weights file, never unpickling an object: `.safetensors` by safetensors, anything
+    else by `torch.load(weights_only=True)`, unwrapped as timm unwraps training checkpoints (its EMA weights first,
+    then `state_dict` or `model`; `module.` prefixes dropped). A file that needs more than tensors and containers to
+    load (a pickled class, a code payload) is refused in one line, before anything of it runs."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file: {_first_line(e)}") from e
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise ValueError(
+            f"checkpoint {path} holds more than weights ({found.group(1) if found else 'a pickled object'}), which "
+            "only full unpickling would build, and unpickling can run code: it is not loaded; save its state dict "
+            "as .safetensors (or as plain tensors with torch.save)"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} could not be read as weights: {_first_line(e)}") from e
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"checkpoint {path} is not a state dict (names to tensors): {type(checkpoint).__name__}")
+    return timm.models.clean_state_dict(checkpoint)
 
 
 def _describe_misfit(model_name: str, path: Path, kwargs: dict, error: Exception) -> str:
     """One line naming the checkpoint and the first key whose shape (or presence) does not fit."""
     try:
-        loaded = timm.models.load_state_dict(str(path))
+        loaded = read_weights(path)
         expected = timm.create_model(model_name, pretrained=False, **kwargs).state_dict()
     except Exception:
         return f"checkpoint {path} could not be loaded into {model_name!r}: {_first_line(error)}"

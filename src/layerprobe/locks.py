@@ -29,6 +29,7 @@ from pathlib import Path
 from layerprobe.config import PathsConfig
 from layerprobe.file_hashes import state_dir
 from layerprobe.files import is_temporary
+from layerprobe.mounts import refuse_host_local_locks
 
 WAIT_REPORT_SECONDS = 30.0  # while waiting on another writer, say so again this often
 
@@ -42,6 +43,7 @@ def file_lock(path: str | Path, *, what: str | None = None, log: Callable[[str],
     """Hold an exclusive lock on `path` (created if needed) across processes and hosts; released even if the holder
     dies. When another process holds it, `log` says so (naming `what` and the holder) and this one waits."""
     path = Path(path)
+    refuse_host_local_locks(path)  # NFS `nolock`, `local_lock=flock|all`: flock would succeed on this host only
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         if not _try_lock(handle, path):

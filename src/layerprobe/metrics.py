@@ -18,12 +18,26 @@ def _as_numpy(values: ArrayLike) -> np.ndarray:
 
 
 def classification_metrics(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> dict:
-    """Top-1 accuracy, balanced accuracy (mean recall over classes present in `y_true`), per-class recall, confusion.
+    """Top-1 accuracy, balanced accuracy (mean recall over classes present in `y_true`) and per-class recall.
 
     Returns:
-        {"accuracy", "balanced_accuracy", "per_class_accuracy": [C] (None for absent classes),
-        "confusion_matrix": [C][C] ints, rows = true class, columns = predicted}.
+        {"accuracy", "balanced_accuracy", "per_class_accuracy": [C] (None for absent classes)}. The confusion matrix
+        is `confusion_matrix`: C² numbers do not belong in a JSON document (ImageNet: a million), and the labels and
+        predictions it counts (O(images), in the evaluation's predictions.npz) are its compact form.
     """
+    confusion = confusion_matrix(y_true, y_pred, num_classes)
+    support = confusion.sum(axis=1)
+    present = support > 0
+    recall = np.divide(np.diag(confusion), support, out=np.zeros(num_classes), where=present)
+    return {
+        "accuracy": float(np.trace(confusion) / support.sum()),
+        "balanced_accuracy": float(recall[present].mean()),
+        "per_class_accuracy": [float(r) if p else None for r, p in zip(recall, present, strict=True)],
+    }
+
+
+def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
+    """`[C, C]` int64 counts, rows = true class, columns = predicted."""
     truth, guess = _as_numpy(y_true).astype(np.int64).ravel(), _as_numpy(y_pred).astype(np.int64).ravel()
     if truth.shape != guess.shape:
         raise ValueError(f"y_true has {truth.size} labels but y_pred has {guess.size}")
@@ -32,16 +46,7 @@ def classification_metrics(y_true: ArrayLike, y_pred: ArrayLike, num_classes: in
     for name, values in (("y_true", truth), ("y_pred", guess)):
         if values.min() < 0 or values.max() >= num_classes:
             raise ValueError(f"{name} has labels outside [0, {num_classes}): range [{values.min()}, {values.max()}]")
-    confusion = np.bincount(truth * num_classes + guess, minlength=num_classes**2).reshape(num_classes, num_classes)
-    support = confusion.sum(axis=1)
-    present = support > 0
-    recall = np.divide(np.diag(confusion), support, out=np.zeros(num_classes), where=present)
-    return {
-        "accuracy": float((truth == guess).mean()),
-        "balanced_accuracy": float(recall[present].mean()),
-        "per_class_accuracy": [float(r) if p else None for r, p in zip(recall, present, strict=True)],
-        "confusion_matrix": confusion.astype(int).tolist(),
-    }
+    return np.bincount(truth * num_classes + guess, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 # Bootstrap intervals. The paper reports one seed and no intervals; on a test set of a few thousand images a 1-2 pp

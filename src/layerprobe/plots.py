@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only, never a window; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from layerprobe.config import HEATMAP_JSON  # noqa: E402
-from layerprobe.files import read_json, tmp_path  # noqa: E402
+from layerprobe.config import HEATMAP_JSON, PREDICTIONS_FILE  # noqa: E402
+from layerprobe.files import read_arrays, read_json, tmp_path  # noqa: E402
 
 DPI = 120
 HEATMAP_PNG = "heatmap.png"  # per evaluated probe, beside its heatmap.json
@@ -134,6 +134,19 @@ def _draw_heatmap(ax: plt.Axes, heatmap: Mapping, *, title: str = ""):
     return image
 
 
+# A confusion figure's canvas grows with the class count up to this many classes, each named on both axes; past it
+# the canvas stays this size (ImageNet's 1000 classes drawn one cell per class would be a 42,000-pixel, 7 GB canvas)
+# and the axes give class indices. Counts are written in the cells up to CONFUSION_COUNTED classes.
+CONFUSION_NAMED = 40
+CONFUSION_COUNTED = 20
+
+
+def confusion_figsize(num_classes: int) -> tuple[float, float]:
+    """Inches of the confusion figure: 0.35 inch per class, capped at CONFUSION_NAMED classes' worth."""
+    side = 2.5 + 0.35 * min(num_classes, CONFUSION_NAMED)
+    return side + 1.0, side
+
+
 def plot_confusion_matrix(
     cm: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, *, title: str = "", dpi: int = DPI
 ) -> Path:
@@ -142,30 +155,38 @@ def plot_confusion_matrix(
     if counts.shape != (len(class_names), len(class_names)):
         raise ValueError(f"confusion matrix shape {counts.shape} does not match {len(class_names)} class names")
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    side = 2.5 + 0.35 * len(class_names)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side), layout="constrained")
-    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    fig, ax = plt.subplots(figsize=confusion_figsize(len(class_names)), layout="constrained")
+    # Coloured here, as bytes: matplotlib would resample the float matrix through several float64 RGBA copies
+    # (1000 classes: ~150 MB more than the canvas).
+    colours = matplotlib.colormaps["Blues"]
+    ax.imshow(colours(rates, bytes=True))
+    if len(class_names) <= CONFUSION_NAMED:
+        ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+        ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted" if len(class_names) <= CONFUSION_NAMED else "predicted (class index)")
+    ax.set_ylabel("true" if len(class_names) <= CONFUSION_NAMED else "true (class index)")
     ax.set_title(title or "confusion (row-normalised)")
-    if len(class_names) <= 20:  # beyond that the numbers are unreadable anyway
+    if len(class_names) <= CONFUSION_COUNTED:  # beyond that the numbers are unreadable anyway
         for (i, j), value in np.ndenumerate(counts):
             ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=7,
                     color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
-    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0.0, 1.0), cmap=colours)
+    fig.colorbar(scale, ax=ax, fraction=0.05, pad=0.02)
     return _save(fig, path, dpi)
 
 
 def draw_evaluation(evaluation: Mapping, out_dir: str | Path, *, title: str, redraw: bool = True) -> dict[str, str]:
-    """The figures of one evaluated probe (its metrics.json as `evaluation`): the first seed's confusion matrix and,
-    for an attentive probe, its attention heatmap. With `redraw=False` only missing figures are drawn (a reused
-    evaluation keeps its figures). Returns {name: path} of the figures."""
+    """The figures of one evaluated probe (its metrics.json as `evaluation`): the first seed's confusion matrix,
+    counted from the test labels and predictions it saved, and, for an attentive probe, its attention heatmap. With
+    `redraw=False` only missing figures are drawn (a reused evaluation keeps its figures). Returns {name: path} of
+    the figures."""
+    from layerprobe.metrics import confusion_matrix
+
     out_dir = Path(out_dir)
     figures = {"confusion_png": out_dir / CONFUSION_PNG}
     if redraw or not figures["confusion_png"].is_file():
-        confusion = evaluation["seeds"][0]["confusion_matrix"]
+        saved = read_arrays(out_dir / PREDICTIONS_FILE)
+        confusion = confusion_matrix(saved["labels"], saved["predictions"][0], len(evaluation["class_names"]))
         plot_confusion_matrix(confusion, evaluation["class_names"], figures["confusion_png"])
     if evaluation.get("heatmap"):
         figures["heatmap_png"] = out_dir / HEATMAP_PNG

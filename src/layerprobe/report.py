@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from layerprobe.files import write_bytes_atomic
 from layerprobe.metrics import CI_LEVEL, paired_bootstrap_draws, percentile_interval
 
 REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of them)
@@ -387,10 +388,11 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = results_rows(summary, probes=probes, groups=groups, intervals=intervals, baselines=baselines)
     files = {key: out_dir / name for key, name in REPORT_FILES.items() if key != "attention"}
-    files["markdown"].write_text(format_markdown(rows, probes, heatmaps, intervals=intervals))
-    files["csv"].write_text(format_csv(rows, probes))
+    # Renamed into place, never written through: a file DVC linked into its cache is that cached version.
+    write_bytes_atomic(files["markdown"], format_markdown(rows, probes, heatmaps, intervals=intervals).encode())
+    write_bytes_atomic(files["csv"], format_csv(rows, probes).encode())
     series = gains_series(rows)
-    files["gains"].write_text(json.dumps(series, indent=2) + "\n")
+    write_bytes_atomic(files["gains"], (json.dumps(series, indent=2) + "\n").encode())
     if series:
         bounds = {s["task"]: (s["gain_ci_low"], s["gain_ci_high"]) for s in series if s["gain_ci_low"] is not None}
         baseline = " / ".join(dict.fromkeys(s["baseline"] for s in series))  # each baseline in use, once
@@ -398,7 +400,7 @@ def write_report(
                    intervals=bounds, level=LEVEL)  # fmt: skip
     else:
         del files["gains_png"]  # no task has both probes: nothing to compare
-    files["attention_json"].write_text(json.dumps(attention_rows(heatmaps), indent=1) + "\n")
+    write_bytes_atomic(files["attention_json"], (json.dumps(attention_rows(heatmaps), indent=1) + "\n").encode())
     for backbone, by_dataset in heatmaps.items():
         labels = {f"{d} ({groups[d]})" if groups.get(d) else d: heatmap for d, heatmap in by_dataset.items()}
         files[f"attention/{backbone}"] = plot_attention_matrix(

@@ -1,5 +1,5 @@
-"""Evaluate step: score one trained probe (every seed) once on the test split: metrics (with the confusion matrix),
-predictions and the attention heatmap's numbers. Figures of them are drawn by whoever runs the step
+"""Evaluate step: score one trained probe (every seed) once on the test split: metrics, predictions (the confusion
+matrix's compact form) and the attention heatmap's numbers. Figures of them are drawn by whoever runs the step
 (`layerprobe.plots.draw_evaluation`): drawing decides no number, so it stays outside this step's code key."""
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
 def evaluate_step(
     backbone_name: str, dataset_name: str, probe_name: str, *, evaluate: EvaluateConfig, paths: PathsConfig
 ) -> dict:
-    """Evaluate (or reuse) one probe on test: writes metrics.json (per seed, with its confusion matrix; mean ± std over
-    seeds; a bootstrap interval over test images), every seed's test predictions (predictions.npz, which the report
-    pairs across probes) and the first seed's attention heatmap (attentive probes: over layers, or over patch
-    positions for a probe reading the final layer's patch tokens); metrics.json last, as the completion marker."""
+    """Evaluate (or reuse) one probe on test: writes metrics.json (per seed; mean ± std over seeds; a bootstrap
+    interval over test images), every seed's test predictions (predictions.npz, which the report pairs across probes
+    and the confusion figure counts) and the first seed's attention heatmap (attentive probes: over layers, or over
+    patch positions for a probe reading the final layer's patch tokens); metrics.json last, as the completion marker.
+    """
     from layerprobe.features import cache_content_hash
 
     train_marker = paths.train_marker(backbone_name, dataset_name, probe_name)
