@@ -9,7 +9,7 @@ from pathlib import Path
 from layerprobe.config import FORMATS, MANIFEST_FILE, BackboneConfig, ExtractConfig, PathsConfig
 from layerprobe.file_hashes import file_sha256
 from layerprobe.files import read_json
-from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
+from layerprobe.fingerprint import Fingerprint, changed_files, make_fingerprint, provenance_record, staleness
 
 
 def extract_fingerprint(backbone: BackboneConfig, extract: ExtractConfig, *, dataset_version: str) -> Fingerprint:
@@ -61,7 +61,10 @@ def extract_step(
         from layerprobe.extract import LayerTokenExtractor, extract_features
 
         prepared = open_prepared(paths.prepared_dir(dataset_name))  # fails on a broken dataset before the model
-        # Stale (its fingerprint, or a file it lists): no longer complete. Finished shards that still match are kept.
+        # Stale (its fingerprint, or a file it lists): no longer complete. Finished shards that still match are kept,
+        # but not one changed in place (its header still matches the plan).
+        for name in changed_files(out_dir / MANIFEST_FILE, fingerprint):
+            (out_dir / name).unlink()
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         network = create_backbone(
             backbone.model, pretrained=backbone.pretrained, checkpoint=backbone.checkpoint,
