@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import layerprobe.verify
 from layerprobe.cli import main
+from layerprobe.config import PathsConfig
 
 UNIT = ["--backbone", "tiny_vit", "--dataset", "count"]
 
@@ -62,7 +65,7 @@ def test_a_shard_changed_in_place_is_refused_before_training_reads_it_and_extrac
     assert status == 0 and lines == [lines[-1]] and lines[-1].startswith("all ") and "match" in lines[-1], lines
 
 
-def test_a_probe_changed_in_place_is_refused_by_evaluate_and_retrained_by_train(project_dir, capsys):
+def test_a_probe_changed_in_place_is_refused_by_evaluate_and_retrained_by_train(project_dir, capsys, monkeypatch):
     step(["extract", *UNIT], capsys)
     step(["train", *UNIT, "--probe", "linear_last_cls"], capsys)
     weights = project_dir / "probes/tiny_vit/count/linear_last_cls/seed-0/probe.safetensors"
@@ -82,7 +85,20 @@ def test_a_probe_changed_in_place_is_refused_by_evaluate_and_retrained_by_train(
     assert weights.read_bytes() == original  # deterministic: the probe as it was
     assert main(["evaluate", *UNIT, "--probe", "linear_last_cls"]) == 0
     capsys.readouterr()
-    assert verify(capsys)[0] == 0
+    monkeypatch.setattr(layerprobe.verify, "PROGRESS_SECONDS", 0.0)  # a long run's progress, on stderr
+    assert main(["verify"]) == 0
+    out, err = capsys.readouterr()
+    paths, names = PathsConfig(), ("tiny_vit", "count", "linear_last_cls")
+    markers = [
+        paths.splits_file("count"),
+        paths.features_dir(*names[:2]) / "manifest.json",
+        paths.train_marker(*names),
+        paths.evaluation_marker(*names),
+    ]
+    listed = sum(len(json.loads((project_dir / marker).read_text())["files"]) for marker in markers)
+    summary = f"all {listed} files listed by 4 markers under data/prepared, features, probes, results match"
+    assert re.fullmatch(rf"{summary} \(\d+\.\d\d GB read\)\n", out), out
+    assert f"({listed} of {listed} files)" in err.splitlines()[-1] and err.startswith("layerprobe verify: ")
 
 
 def test_verify_names_a_path_that_does_not_exist_in_one_line(project_dir, capsys):

@@ -8,7 +8,8 @@ Layout of a cache directory:
                            layer's true width, unpadded). Separate files, so a probe that does not read them never
                            touches them.
     manifest.json          completion marker: provenance, shard files (and their patch files) with rows and sha256,
-                           content_hash
+                           content_hash, and `files` (each file's size and sha256), against which every read vouches
+                           for the files it opens (`fingerprint.vouch`: a stat when unchanged, else a re-hash)
 
 Uncompressed single-batch IPC memory-maps and converts to numpy without a copy (0.005 s to open 0.8 GB, measured in
 the design notes); Parquet and compressed IPC decode and copy. No pickle anywhere.

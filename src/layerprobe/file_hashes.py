@@ -1,5 +1,5 @@
-"""Input files by content: sha256 of every file a step reads, with a local stat cache so unchanged files are not
-read again.
+"""Files by content: sha256 of every file a step reads (its inputs, and the outputs it reuses: `fingerprint.vouch`),
+with a local stat cache so unchanged files are not read again.
 
 An input's identity is its bytes, never its modification time or absolute path: a project copied, cloned, pulled
 with DVC or rsynced without `-t` keys its inputs the same, so nothing is recomputed. Hashing 1 TB on every run would

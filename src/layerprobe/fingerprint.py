@@ -13,8 +13,11 @@ A fingerprint has four parts:
             sha256 (`layerprobe.file_hashes`): never a modification time or an absolute path, so a project moved,
             cloned or copied to another machine reuses its caches.
 Each step writes its fingerprint into its completion marker (splits.json, manifest.json, train.json, metrics.json)
-and recomputes only when the recorded one differs. Beside it the marker records, for the record only, what made it:
-the whole code's hash, the exact library builds, Python and the host (`provenance_record`).
+and recomputes only when the recorded one differs. The marker also lists the files of the output with their size
+and sha256 (`listed_files`), and nothing is read or reused unvouched (`vouch`): a file whose stat the machine's stat
+cache knows costs a `stat`, any other is hashed first, and one changed in place makes the output stale, naming it.
+Beside it the marker records, for the record only, what made it: the whole code's hash, the exact library builds,
+Python and the host (`provenance_record`).
 """
 
 from __future__ import annotations
@@ -135,13 +138,16 @@ def vouch(
     problems: dict[str, str] = {}
     changed: list[str] = []
     present: list[tuple[str, str, os.stat_result]] = []
+    folder = os.path.abspath(marker.parent)
     for name in files if names is None else names:
-        record, path = files.get(name), marker.parent / name
+        record, path = files.get(name), os.path.join(folder, name)
         try:
-            stat = path.stat()  # the one stat a vouched-for file costs (beside a stat-cache lookup)
+            stat = os.stat(path)  # the one stat a vouched-for file costs (beside its share of one stat-cache query)
         except OSError:
             stat = None
-        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        if os.path.isabs(name) or ".." in name.split("/"):  # an edited marker must not reach outside its output
+            problems[name] = f"is not a file under {marker.parent}"
+        elif not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
             problems[name] = f"has no sha256 in {marker.name}" if name in files else f"is not listed in {marker.name}"
         elif stat is None or not S_ISREG(stat.st_mode):
             problems[name] = "is missing"
@@ -149,7 +155,7 @@ def vouch(
             problems[name] = f"changed size ({record.get('bytes')} bytes recorded, {stat.st_size} now)"
             changed.append(name)
         else:
-            present.append((name, os.path.abspath(path), stat))
+            present.append((name, path, stat))
     digests = file_digests([(path, stat) for _, path, stat in present], reread=reread, progress=progress)
     hashes = {name: digest for (name, _, _), (_, digest) in zip(present, digests, strict=True)}
     for name, digest in hashes.items():

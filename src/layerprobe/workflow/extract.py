@@ -9,7 +9,7 @@ from pathlib import Path
 from layerprobe.config import FORMATS, MANIFEST_FILE, BackboneConfig, ExtractConfig, PathsConfig
 from layerprobe.file_hashes import file_sha256
 from layerprobe.files import read_json
-from layerprobe.fingerprint import Fingerprint, changed_files, make_fingerprint, provenance_record, staleness
+from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
 def extract_fingerprint(backbone: BackboneConfig, extract: ExtractConfig, *, dataset_version: str) -> Fingerprint:
@@ -46,6 +46,7 @@ def extract_step(
     extractor keeps finished shards of this very fingerprint (a killed run resumes) and recomputes the rest.
     """
     from layerprobe.features import cache_content_hash
+    from layerprobe.fingerprint import changed_files
 
     splits_file = paths.splits_file(dataset_name)
     if not splits_file.is_file():
@@ -55,16 +56,15 @@ def extract_step(
     out_dir = Path(out_dir) if out_dir else paths.features_dir(backbone_name, dataset_name)
     reason = staleness(out_dir / MANIFEST_FILE, fingerprint)
     if reason is not None:
+        for name in changed_files(out_dir / MANIFEST_FILE, fingerprint):  # changed in place: not finished work,
+            (out_dir / name).unlink()  # though a shard's header still matches the plan
         # Imported only when there is work: timm alone costs a reused cache seconds.
         from layerprobe.backbone import create_backbone, create_eval_transform, describe_transform
         from layerprobe.data import open_prepared
         from layerprobe.extract import LayerTokenExtractor, extract_features
 
         prepared = open_prepared(paths.prepared_dir(dataset_name))  # fails on a broken dataset before the model
-        # Stale (its fingerprint, or a file it lists): no longer complete. Finished shards that still match are kept,
-        # but not one changed in place (its header still matches the plan).
-        for name in changed_files(out_dir / MANIFEST_FILE, fingerprint):
-            (out_dir / name).unlink()
+        # Stale (its fingerprint, or a file it lists): no longer complete. Finished shards that still match are kept.
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         network = create_backbone(
             backbone.model, pretrained=backbone.pretrained, checkpoint=backbone.checkpoint,
