@@ -516,6 +516,8 @@ def run_verify(args) -> int:
     paths = _paths(_params(args))
     default = [paths.data, paths.features, paths.probes, paths.results, paths.pretrained_dir]
     roots = args.path or [Path(p) for p in default if Path(p).exists()]
+    if not roots:
+        raise FileNotFoundError(f"no outputs here to verify (none of {', '.join(map(str, default))}): give a PATH")
 
     def progress(line: str) -> None:
         print(f"layerprobe verify: {line}", file=sys.stderr, flush=True)
