@@ -129,7 +129,7 @@ def test_reading_without_patches_never_opens_the_patch_files(tmp_path):
         path.write_bytes(b"")  # any read of these would fail
     plain = read_features(cache, split=["train", "test"])
     assert plain.patches is None and torch.equal(plain.tokens, expected)
-    with pytest.raises(ValueError, match="patches-00000.arrow is missing or changed"):
+    with pytest.raises(ValueError, match="patches-00000.arrow changed size"):
         read_features(cache, patches=True)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -12,9 +16,11 @@ from layerprobe.features import (
     open_shard,
     read_features,
     read_manifest,
+    read_selection,
     write_manifest,
     write_shard,
 )
+from layerprobe.files import write_json
 
 SHAPE = (3, 2, 5)  # L, T, D
 
@@ -113,6 +119,33 @@ def test_content_hash_follows_the_shard_contents(tmp_path):
     assert cache_content_hash(tmp_path / "a") == read_manifest(tmp_path / "a")["content_hash"]
     _write_cache(tmp_path / "c", shard_rows=(3, 4))  # same rows, cut differently: different shard files
     assert cache_content_hash(tmp_path / "c") != cache_content_hash(tmp_path / "a")
+
+
+def test_a_shard_changed_in_place_is_neither_hashed_nor_read_as_the_manifest_recorded_it(tmp_path):
+    _write_cache(tmp_path)
+    recorded = cache_content_hash(tmp_path)
+    shard = tmp_path / "shard-00001.arrow"
+    before, original = shard.stat(), shard.read_bytes()
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0xFF  # one byte of the tokens, the size and modification time kept
+    shard.write_bytes(bytes(changed))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    bad = "shard-00001.arrow changed in place: sha256 differs from manifest.json's; re-run extract"
+    for read in (
+        cache_content_hash,
+        read_features,
+        lambda cache: read_selection(cache, splits=["train"], select=lambda t, p: t[:, 0]),
+    ):
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            read(tmp_path)
+    # A manifest whose files were re-certified by hand: the content hash is of the bytes there, not of its records.
+    manifest = read_manifest(tmp_path)
+    manifest["files"]["shard-00001.arrow"]["sha256"] = hashlib.sha256(changed).hexdigest()
+    write_json(tmp_path / "manifest.json", manifest)
+    assert cache_content_hash(tmp_path) != recorded
+    shard.write_bytes(original)
+    with pytest.raises(ValueError, match="shard-00001.arrow changed in place"):
+        cache_content_hash(tmp_path)
 
 
 def test_write_shard_rejects_mismatched_rows(tmp_path):

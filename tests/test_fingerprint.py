@@ -37,7 +37,7 @@ from layerprobe.config import (
 )
 from layerprobe.file_hashes import input_listing
 from layerprobe.files import write_json
-from layerprobe.fingerprint import make_fingerprint, staleness
+from layerprobe.fingerprint import listed_files, make_fingerprint, staleness
 from layerprobe.workflow.extract import extract_fingerprint
 from layerprobe.workflow.prepare import prepare_fingerprint
 from layerprobe.workflow.pretrain import pretrain_fingerprint
@@ -59,7 +59,7 @@ RESULTS = {
 ORCHESTRATION = {
     "layerprobe.calibration", "layerprobe.cli", "layerprobe.estimate", "layerprobe.locks", "layerprobe.mlflow_model",
     "layerprobe.params", "layerprobe.plan",
-    "layerprobe.plots", "layerprobe.predict", "layerprobe.report", "layerprobe.tracking",
+    "layerprobe.plots", "layerprobe.predict", "layerprobe.report", "layerprobe.tracking", "layerprobe.verify",
 }  # fmt: skip
 
 
@@ -316,6 +316,32 @@ def test_staleness_names_the_part_that_changed(tmp_path):
                                               inputs={"features": "a"})) == "format changed"  # fmt: skip
     write_json(marker, {"no": "fingerprint"})
     assert staleness(marker, first) == "marker.json records no fingerprint"
+
+
+def test_staleness_vouches_for_every_listed_file_by_its_sha256_at_the_cost_of_a_stat(tmp_path, monkeypatch):
+    fingerprint = make_fingerprint("layerprobe.workflow.train", format="f/1", params={}, inputs={})
+    output = tmp_path / "out.bin"
+    output.write_bytes(b"the output")
+    _settle(output)
+    marker = tmp_path / "marker.json"
+    write_json(marker, {"fingerprint": fingerprint.as_dict(), "files": listed_files(tmp_path, ["out.bin"])})
+    reads = _count_reads(monkeypatch)
+    assert staleness(marker, fingerprint) is None and reads == []  # recorded by listed_files: a stat, no read
+    before = output.stat()
+    output.write_bytes(b"THE OUTPUT")  # same size, and the old modification time put back
+    os.utime(output, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert staleness(marker, fingerprint) == "out.bin changed in place: sha256 differs from marker.json's"
+    assert reads == [output]  # its ctime moved: read before being trusted
+    output.write_bytes(b"the output")  # back as recorded, but written just now: racy, so read on every check
+    reads.clear()
+    assert staleness(marker, fingerprint) is None and staleness(marker, fingerprint) is None
+    assert reads == [output, output]
+    output.write_bytes(b"shorter")
+    assert staleness(marker, fingerprint) == "out.bin changed size (10 bytes recorded, 7 now)"
+    output.unlink()
+    assert staleness(marker, fingerprint) == "out.bin is missing"
+    write_json(marker, {"fingerprint": fingerprint.as_dict(), "files": {"out.bin": 10}})  # sizes only: not trusted
+    assert staleness(marker, fingerprint) == "out.bin has no sha256 in marker.json"
 
 
 # ---------------------------------------------------------------------------------------------- input contents

@@ -10,6 +10,7 @@
     layerprobe plan     --params params.paper.yaml
     layerprobe ui       [--port 5000]    (serve the MLflow store, print and open the experiment's runs page)
     layerprobe list     probes|sources|backbones|datasets
+    layerprobe verify   [PATH ...]       (re-hash every output file its marker lists, as `git fsck`)
 
 Outputs go where the pipeline puts them (paths: in params.yaml), so a CLI step and `dvc repro` share their work.
 """
@@ -252,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = _command(commands, "list", "list registered probes or dataset sources, or the params' names", run_list)
     listing.add_argument("what", choices=["probes", "sources", "backbones", "datasets"])
+
+    verify = _command(
+        commands,
+        "verify",
+        "re-hash every file the outputs' markers list and name any that differ (as `git fsck`); exit status 1 if any",
+        run_verify,
+    )
+    verify.add_argument(
+        "path",
+        type=Path,
+        nargs="*",
+        help="output folders or markers (default: the params' prepared data, features, probes, results and "
+        "pretrained checkpoints)",
+    )
     return parser
 
 
@@ -602,6 +617,24 @@ def run_ui(args) -> int:
         if server is not None:
             tracking.stop_ui_server(server)
     return 0
+
+
+def run_verify(args) -> int:
+    from layerprobe.verify import verify
+
+    for path in args.path:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+    paths = _paths(_params(args))
+    default = [paths.data, paths.features, paths.probes, paths.results, paths.pretrained_dir]
+    roots = args.path or [Path(p) for p in default if Path(p).exists()]
+    if not roots:
+        raise FileNotFoundError(f"no outputs here to verify (none of {', '.join(map(str, default))}): give a PATH")
+
+    def progress(line: str) -> None:
+        print(f"layerprobe verify: {line}", file=sys.stderr, flush=True)
+
+    return 1 if verify(roots, report=print, progress=progress) else 0
 
 
 def run_list(args) -> int:

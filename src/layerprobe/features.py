@@ -8,7 +8,8 @@ Layout of a cache directory:
                            layer's true width, unpadded). Separate files, so a probe that does not read them never
                            touches them.
     manifest.json          completion marker: provenance, shard files (and their patch files) with rows and sha256,
-                           content_hash
+                           content_hash, and `files` (each file's size and sha256), against which every read vouches
+                           for the files it opens (`fingerprint.vouch`: a stat when unchanged, else a re-hash)
 
 Uncompressed single-batch IPC memory-maps and converts to numpy without a copy (0.005 s to open 0.8 GB, measured in
 the design notes); Parquet and compressed IPC decode and copy. No pickle anywhere.
@@ -29,6 +30,7 @@ import torch
 
 from layerprobe.config import FORMATS, MANIFEST_FILE
 from layerprobe.files import canonical_json, read_json, replace_durably, sha256_file, tmp_path, write_json
+from layerprobe.fingerprint import listed_files, vouch
 from layerprobe.registry import unknown_name_error
 
 FORMAT = FORMATS["features"]
@@ -201,6 +203,7 @@ def write_manifest(
             size = (Path(cache_dir) / patch_file).stat().st_size
             entry["patches"] = {"file": patch_file, "sha256": patch_sha, "bytes": size}
         entries.append(entry)
+    listed = _listed_hashes(entries)
     manifest = {
         "format": FORMAT,
         "fingerprint": provenance.get("fingerprint"),  # what made the cache (layerprobe.fingerprint)
@@ -210,27 +213,37 @@ def write_manifest(
         "dtype": provenance["dtype"],
         "plan_sha256": plan_sha256,
         "shards": entries,
-        "content_hash": content_hash(provenance, _file_hashes(entries)),
-        # every file of the cache with its size: a reuse checks them (a deleted shard is recomputed, not trusted)
-        "files": {
-            **{e["file"]: e["bytes"] for e in entries},
-            **{e["patches"]["file"]: e["patches"]["bytes"] for e in entries if "patches" in e},
-        },
+        "content_hash": content_hash(provenance, [sha for _, sha in listed]),
+        # every file of the cache with its size and sha256: each read and reuse vouches for them (`fingerprint.vouch`)
+        "files": listed_files(cache_dir, [name for name, _ in listed], sha256=dict(listed)),
         "recorded": recorded,
     }
     write_json(Path(cache_dir) / MANIFEST_FILE, manifest)
     return manifest
 
 
-def _file_hashes(entries: Sequence[dict]) -> list[str]:
-    """Every file's sha256 in manifest order: the token shards, then their patch-token files (if any)."""
-    return [e["sha256"] for e in entries] + [e["patches"]["sha256"] for e in entries if "patches" in e]
+def _listed_hashes(entries: Sequence[dict]) -> list[tuple[str, str]]:
+    """(file, sha256) of every file in manifest order: the token shards, then their patch-token files (if any)."""
+    return [(e["file"], e["sha256"]) for e in entries] + [
+        (e["patches"]["file"], e["patches"]["sha256"]) for e in entries if "patches" in e
+    ]
 
 
 def cache_content_hash(cache_dir: Path) -> str:
-    """The cache's content hash, recomputed from its manifest (shard sha256s and provenance)."""
+    """The cache's content hash, from the sha256 of its files as they are now (each vouched for: a shard changed in
+    place fails here, naming it) and its provenance."""
     manifest = read_manifest(cache_dir)
-    return content_hash(manifest["provenance"], _file_hashes(manifest["shards"]))
+    names = [name for name, _ in _listed_hashes(manifest["shards"])]
+    hashes = _vouched(Path(cache_dir), manifest, names)
+    return content_hash(manifest["provenance"], [hashes[name] for name in names])
+
+
+def _vouched(cache_dir: Path, manifest: dict, names: list[str]) -> dict[str, str]:
+    """The sha256 of `names` (files of the cache), each vouched for against the manifest before it is read."""
+    vouched = vouch(cache_dir / MANIFEST_FILE, manifest, names=names)
+    if vouched.problems:
+        raise ValueError(f"feature cache {cache_dir}: {vouched.first_problem()}; re-run extract")
+    return vouched.hashes
 
 
 def has_patch_tokens(provenance: dict) -> bool:
@@ -386,7 +399,9 @@ def num_patch_tokens(cache_dir: Path) -> int:
     manifest = read_manifest(cache_dir)
     if not has_patch_tokens(manifest["provenance"]) or not manifest["shards"]:
         raise missing_patch_tokens_error(cache_dir)
-    _, patch_shape = _open_listed(cache_dir, manifest["shards"][0]["patches"])
+    first = manifest["shards"][0]["patches"]["file"]
+    _vouched(cache_dir, manifest, [first])
+    _, _, patch_shape = open_shard(cache_dir / first)
     return int(patch_shape[0])
 
 
@@ -405,16 +420,22 @@ def _open_cache(
             raise unknown_name_error(f"split of feature cache {cache_dir}", name, manifest["splits"])
     if patches and not has_patch_tokens(provenance):
         raise missing_patch_tokens_error(cache_dir)
-    shards = []
-    shape, patch_shape = [0, 0, 0], [0, 0]
+    read = []  # every file about to be read, vouched for first (the patch-token files only when they are read)
     for entry in manifest["shards"]:
-        batch, shape = _open_listed(cache_dir, entry)
-        patch_batch = None
+        read.append(entry["file"])
         if patches:
             if "patches" not in entry:
                 raise ValueError(f"feature cache {cache_dir}: the manifest lists no patch tokens for {entry['file']}; "
                                  "re-run extract")  # fmt: skip
-            patch_batch, patch_shape = _open_listed(cache_dir, entry["patches"])
+            read.append(entry["patches"]["file"])
+    _vouched(cache_dir, manifest, read)
+    shards = []
+    shape, patch_shape = [0, 0, 0], [0, 0]
+    for entry in manifest["shards"]:
+        batch, _, shape = open_shard(cache_dir / entry["file"])
+        patch_batch = None
+        if patches:
+            patch_batch, _, patch_shape = open_shard(cache_dir / entry["patches"]["file"])
             if not np.array_equal(patch_batch.column("index").to_numpy(), batch.column("index").to_numpy()):
                 raise ValueError(f"feature cache {cache_dir}: {entry['patches']['file']} does not hold the rows of "
                                  f"{entry['file']}; re-run extract")  # fmt: skip
@@ -428,16 +449,6 @@ def _split_mask(batch: pa.RecordBatch, wanted: list[str]) -> np.ndarray:
 
 def _torch_dtype(provenance: dict) -> torch.dtype:
     return torch.float16 if provenance["dtype"] == "float16" else torch.float32
-
-
-def _open_listed(cache_dir: Path, entry: dict) -> tuple[pa.RecordBatch, list[int]]:
-    """Open a file the manifest lists, failing if it is gone or its size changed since extraction."""
-    path = cache_dir / entry["file"]
-    if not path.is_file() or ("bytes" in entry and path.stat().st_size != entry["bytes"]):
-        raise ValueError(f"feature cache {cache_dir}: {entry['file']} is missing or changed since extraction; "
-                         "re-run extract")  # fmt: skip
-    batch, _, shape = open_shard(path)
-    return batch, shape
 
 
 def _rows_view(batch: pa.RecordBatch, column: str) -> np.ndarray:

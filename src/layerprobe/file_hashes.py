@@ -1,5 +1,5 @@
-"""Input files by content: sha256 of every file a step reads, with a local stat cache so unchanged files are not
-read again.
+"""Files by content: sha256 of every file a step reads (its inputs, and the outputs it reuses: `fingerprint.vouch`),
+with a local stat cache so unchanged files are not read again.
 
 An input's identity is its bytes, never its modification time or absolute path: a project copied, cloned, pulled
 with DVC or rsynced without `-t` keys its inputs the same, so nothing is recomputed. Hashing 1 TB on every run would
@@ -19,7 +19,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,10 +66,12 @@ def file_sha256(path: str | Path) -> str:
     return file_digests([(os.path.abspath(path), Path(path).stat())])[0][1]
 
 
-def file_digests(files: list[tuple[str, os.stat_result]]) -> list[tuple[int, str]]:
+def file_digests(
+    files: list[tuple[str, os.stat_result]], *, reread: bool = False, progress: Callable[[int], None] | None = None
+) -> list[tuple[int, str]]:
     """(size, sha256) of each (absolute path, its stat) in order, reading only the files whose (size, mtime, ctime,
-    inode) the stat cache has not seen."""
-    known = _StatCache.lookup([path for path, _ in files])
+    inode) the stat cache has not seen (every file with `reread`); `progress` gets each read file's size."""
+    known = {} if reread else _StatCache.lookup([path for path, _ in files])
     hashes: dict[str, str] = {}
     missing = []
     for path, stat in files:
@@ -80,7 +82,10 @@ def file_digests(files: list[tuple[str, os.stat_result]]) -> list[tuple[int, str
             missing.append((path, stat))
     if missing:
         with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(missing))) as pool:
-            hashes.update(zip([p for p, _ in missing], pool.map(sha256_file, [p for p, _ in missing]), strict=True))
+            for (path, stat), digest in zip(missing, pool.map(sha256_file, [p for p, _ in missing]), strict=True):
+                hashes[path] = digest
+                if progress is not None:
+                    progress(stat.st_size)
         settled = time.time_ns() - int(RACY_SECONDS * 1e9)
         _StatCache.store(
             [(path, *_stat_key(stat), hashes[path]) for path, stat in missing if stat.st_mtime_ns < settled]

@@ -13,20 +13,27 @@ A fingerprint has four parts:
             sha256 (`layerprobe.file_hashes`): never a modification time or an absolute path, so a project moved,
             cloned or copied to another machine reuses its caches.
 Each step writes its fingerprint into its completion marker (splits.json, manifest.json, train.json, metrics.json)
-and recomputes only when the recorded one differs. Beside it the marker records, for the record only, what made it:
-the whole code's hash, the exact library builds, Python and the host (`provenance_record`).
+and recomputes only when the recorded one differs. The marker also lists the files of the output with their size
+and sha256 (`listed_files`), and nothing is read or reused unvouched (`vouch`): a file whose stat the machine's stat
+cache knows costs a `stat`, any other is hashed first, and one changed in place makes the output stale, naming it.
+Beside it the marker records, for the record only, what made it: the whole code's hash, the exact library builds,
+Python and the host (`provenance_record`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from layerprobe.code_key import code_fingerprint, full_code_hash, library_versions
+from layerprobe.file_hashes import file_digests
 from layerprobe.files import read_json, stable_hash
 
 PARTS = ("format", "code", "params", "inputs")
@@ -56,8 +63,8 @@ def make_fingerprint(step_module: str, *, format: str, params: Any, inputs: Any)
 
 
 def staleness(marker: Path, fingerprint: Fingerprint) -> str | None:
-    """None when `marker` records `fingerprint` and every file it lists is there with its recorded size; otherwise
-    why the output must be recomputed (for the logs). Checking sizes costs a `stat` per file, never a read."""
+    """None when `marker` records `fingerprint` and every file it lists is vouched for (`vouch`); otherwise why the
+    output must be recomputed (for the logs). An unchanged file costs a `stat`; only a changed one is read."""
     marker = Path(marker)
     if not marker.is_file():
         return "not computed yet"
@@ -71,23 +78,91 @@ def staleness(marker: Path, fingerprint: Fingerprint) -> str | None:
     if recorded.get("value") != fingerprint.value:
         changed = [part for part in PARTS if recorded.get(part) != getattr(fingerprint, part)]
         return f"{' and '.join(changed) or 'fingerprint'} changed"
-    return missing_files(marker.parent, document.get("files") or {})
+    return vouch(marker, document).first_problem()
 
 
-def listed_files(folder: Path, names: list[str]) -> dict[str, int]:
-    """{name: size} of the files (relative to `folder`, the marker's) that a marker lists as its output."""
-    return {name: (Path(folder) / name).stat().st_size for name in names}
+def changed_files(marker: Path, fingerprint: Fingerprint) -> list[str]:
+    """The files `marker` lists that are there with other bytes than it records, when it records `fingerprint`: a
+    step that resumes must not keep them as finished work. [] otherwise (another fingerprint keeps nothing)."""
+    try:
+        document = read_json(marker)
+        same = document["fingerprint"]["value"] == fingerprint.value
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    return vouch(marker, document).changed if same else []
 
 
-def missing_files(folder: Path, files: dict[str, int]) -> str | None:
-    """Why the files a marker lists are not its output any more (the first one missing or resized), or None."""
-    for name, size in files.items():
-        path = Path(folder) / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} changed size ({size} bytes recorded, {path.stat().st_size} now)"
-    return None
+def listed_files(folder: Path, names: list[str], *, sha256: dict[str, str] | None = None) -> dict[str, dict]:
+    """{name: {"bytes": size, "sha256": digest}} of the files (relative to `folder`, the marker's) that a marker
+    lists as its output: what every later read vouches for. `sha256` holds digests the writer already computed, so a
+    file just written is not read again."""
+    folder, known = Path(folder), dict(sha256 or {})
+    unknown = [name for name in names if name not in known]
+    digests = file_digests([(os.path.abspath(folder / name), (folder / name).stat()) for name in unknown])
+    known.update((name, digest) for name, (_, digest) in zip(unknown, digests, strict=True))
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": known[name]} for name in names}
+
+
+@dataclass(frozen=True)
+class Vouched:
+    """What a marker's listed files hold now: the sha256 of each one there, and why each bad one is not what the
+    marker recorded (`changed`: there, with other bytes)."""
+
+    hashes: dict[str, str]
+    problems: dict[str, str]  # file name -> why, e.g. "changed in place: sha256 differs from manifest.json's"
+    changed: list[str]
+
+    def first_problem(self) -> str | None:
+        return next((f"{name} {why}" for name, why in self.problems.items()), None)
+
+
+def vouch(
+    marker: Path,
+    document: dict | None = None,
+    *,
+    names: Iterable[str] | None = None,
+    reread: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Vouched:
+    """Check the files `marker` (its JSON: `document`) lists, or `names` among them, against their recorded sizes and
+    sha256s: the one check every read of an output goes through.
+
+    A file whose stat (size, mtime, ctime, inode) the machine's stat cache holds with its sha256 costs a `stat`; any
+    other is read and hashed before its values are used (`layerprobe.file_hashes`, with its racy-clean rule);
+    `reread` hashes every file (`layerprobe verify`), calling `progress` with each file's bytes.
+    """
+    marker = Path(marker)
+    document = read_json(marker) if document is None else document
+    files = document.get("files") if isinstance(document, dict) else None
+    files = files if isinstance(files, dict) else {}
+    problems: dict[str, str] = {}
+    changed: list[str] = []
+    present: list[tuple[str, str, os.stat_result]] = []
+    folder = os.path.abspath(marker.parent)
+    for name in files if names is None else names:
+        record, path = files.get(name), os.path.join(folder, name)
+        try:
+            stat = os.stat(path)  # the one stat a vouched-for file costs (beside its share of one stat-cache query)
+        except OSError:
+            stat = None
+        if os.path.isabs(name) or ".." in name.split("/"):  # an edited marker must not reach outside its output
+            problems[name] = f"is not a file under {marker.parent}"
+        elif not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+            problems[name] = f"has no sha256 in {marker.name}" if name in files else f"is not listed in {marker.name}"
+        elif stat is None or not S_ISREG(stat.st_mode):
+            problems[name] = "is missing"
+        elif stat.st_size != record.get("bytes"):
+            problems[name] = f"changed size ({record.get('bytes')} bytes recorded, {stat.st_size} now)"
+            changed.append(name)
+        else:
+            present.append((name, path, stat))
+    digests = file_digests([(path, stat) for _, path, stat in present], reread=reread, progress=progress)
+    hashes = {name: digest for (name, _, _), (_, digest) in zip(present, digests, strict=True)}
+    for name, digest in hashes.items():
+        if digest != files[name]["sha256"]:
+            problems[name] = f"changed in place: sha256 differs from {marker.name}'s"
+            changed.append(name)
+    return Vouched(hashes=hashes, problems=problems, changed=changed)
 
 
 def provenance_record() -> dict[str, Any]:

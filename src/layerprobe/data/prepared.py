@@ -25,6 +25,7 @@ from layerprobe.data.catalogue import ImageDataset, create_dataset, is_materiali
 from layerprobe.data.sources import TarImageDataset
 from layerprobe.data.splits import SPLIT_NAMES, make_splits
 from layerprobe.files import canonical_json, read_json, write_bytes_atomic
+from layerprobe.fingerprint import listed_files
 
 _REQUIRED_KEYS = ("name", "source", "options", "class_names", "num_images", "version", "splits", "materialised")
 
@@ -132,7 +133,8 @@ def prepare_dataset(
             split_lists, list(dataset.class_names), description, images_sha256, (fingerprint or {}).get("inputs")
         ),
         "format": FORMATS["prepared"],
-        "files": {IMAGES_TAR: tar_path.stat().st_size} if materialised else {},  # checked before any reuse
+        # vouched for (size and sha256) before any reuse
+        "files": listed_files(out_dir, [IMAGES_TAR], sha256={IMAGES_TAR: images_sha256}) if materialised else {},
         "fingerprint": fingerprint,
         "recorded": recorded,
         "splits": split_lists,

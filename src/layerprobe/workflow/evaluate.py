@@ -18,7 +18,7 @@ from layerprobe.config import (
     PathsConfig,
 )
 from layerprobe.files import read_json, sha256_file, write_arrays, write_json
-from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, provenance_record, staleness
+from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, provenance_record, staleness, vouch
 
 
 def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
@@ -48,6 +48,8 @@ def evaluate_step(
     if not train_marker.is_file():
         raise FileNotFoundError(f"probe {probe_name!r} is not trained: {train_marker} is missing (run train)")
     trained = read_json(train_marker)
+    if (bad := vouch(train_marker, trained).first_problem()) is not None:  # the probes are read only vouched for
+        raise ValueError(f"probe {probe_name!r} of {train_marker.parent}: {bad}; re-run train")
     features_dir = paths.features_dir(backbone_name, dataset_name)
     fingerprint = evaluate_fingerprint(trained, features_hash=cache_content_hash(features_dir))
     out_dir = paths.evaluation_dir(backbone_name, dataset_name, probe_name)

@@ -46,6 +46,7 @@ def extract_step(
     extractor keeps finished shards of this very fingerprint (a killed run resumes) and recomputes the rest.
     """
     from layerprobe.features import cache_content_hash
+    from layerprobe.fingerprint import changed_files
 
     splits_file = paths.splits_file(dataset_name)
     if not splits_file.is_file():
@@ -55,6 +56,8 @@ def extract_step(
     out_dir = Path(out_dir) if out_dir else paths.features_dir(backbone_name, dataset_name)
     reason = staleness(out_dir / MANIFEST_FILE, fingerprint)
     if reason is not None:
+        for name in changed_files(out_dir / MANIFEST_FILE, fingerprint):  # changed in place: not finished work,
+            (out_dir / name).unlink()  # though a shard's header still matches the plan
         # Imported only when there is work: timm alone costs a reused cache seconds.
         from layerprobe.backbone import create_backbone, create_eval_transform, describe_transform
         from layerprobe.data import open_prepared
