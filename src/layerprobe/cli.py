@@ -43,6 +43,7 @@ from layerprobe.config import (
 )
 from layerprobe.params import Params, load_params
 
+TENSOR_COMMANDS = {"pretrain", "prepare", "extract", "train", "evaluate", "predict", "run", "plan"}
 TRACEBACK_ENV = "LAYERPROBE_TRACEBACK"  # set to 1 (as --traceback does) to see the whole traceback of an error
 
 
@@ -51,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     non-zero exit (2: bad input or a failing file, 1: anything else), unless --traceback asks for all of it."""
     args = build_parser().parse_args(argv)  # a bad value is one line from argparse, before anything runs
     try:
-        from layerprobe.device import flush_denormals
+        if args.command in TENSOR_COMMANDS:  # importing torch costs seconds that `verify`, `ui`, `list` need not pay
+            from layerprobe.device import flush_denormals
 
-        flush_denormals()  # before any worker thread starts
+            flush_denormals()  # before any worker thread starts
         return args.run(args)
     except KeyboardInterrupt:  # finished units keep their markers; `layerprobe run` has cancelled what it submitted
         print(f"layerprobe {args.command}: interrupted", file=sys.stderr)
