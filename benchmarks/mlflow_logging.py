@@ -13,8 +13,8 @@ curves, so the real logging code logs real files, metrics and models.
   figure), then on all N into another; seconds per probe. Then the same call again with nothing changed: its
   seconds and the probe runs, parent runs and registered versions it added (0, 0 and 0).
 Every line ends with the machine's 1-minute load average: on a shared machine the figures move with it.
-- page: `mlflow server` on the after store (`tracking.start_ui_server`, as `layerprobe ui`), a fresh headless
-  Chromium opens `tracking.runs_url`; seconds until the runs table shows the parent run, then, after one click on
+- page: `mlflow server` on the after store (`mlflow_ui.mlflow_server`, as `layerprobe ui`), a fresh headless
+  Chromium opens `mlflow_ui.runs_url`; seconds until the runs table shows the parent run, then, after one click on
   its expander, until its first child rows show.
 How:  python benchmarks/mlflow_logging.py [--num-probes 1000 --before 100 --keep DIR]
       (needs git, and /usr/bin/chromium + /usr/bin/chromedriver + selenium for the page; skipped without them)

@@ -6,7 +6,8 @@ are unchanged), then MLflow recording in one batch from the outputs on disk (0.3
 cores, benchmarks/RESULTS.md; a probe already recorded with the same scores and weights is referenced, not logged
 again: 1000 unchanged probes take about 12 s). A parent run holds the probes logged now as children and references
 the others; a rerun that changed nothing adds no run. A failed child ends FAILED, and runs left RUNNING by a killed
-process are closed as FAILED on the next start.
+recording are closed as FAILED by the next (recordings of one experiment take turns, holding its lock).
+A filtered run replaces only its own rows of results/metrics.json and its champions in run.json.
 """
 
 from __future__ import annotations

@@ -22,13 +22,8 @@ from mlflow.tracking import MlflowClient
 # it, a fresh browser shows only Source, Models and Dataset.
 VIEW_KEY = "layerprobe"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_COLUMNS = [
-    "metrics.`test/balanced_accuracy`",
-    "metrics.`val/balanced_accuracy`",
-    "attributes.`Description`",
-    "attributes.`Models`",
-    "attributes.`Dataset`",
-]
+VIEW_COLUMNS = [f"metrics.`{key}/balanced_accuracy`" for key in ("test", "val")]
+VIEW_COLUMNS += [f"attributes.`{name}`" for name in ("Description", "Models", "Dataset")]
 RUNS_VIEW = {"selectedColumns": VIEW_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": False}
 # A fresh browser starts on the GenAI sidebar whatever the experiment's kind (mlflow/mlflow#24498); the UI reads
 # this URL parameter first.

@@ -70,9 +70,8 @@ def registered_versions(names: set[str]) -> dict[tuple[str, str], ModelVersion]:
         return {}
     listed = ", ".join(f"'{name}'" for name in sorted(names))
     found: dict[tuple[str, str], ModelVersion] = {}
-    for version in sorted(
-        mlflow.search_model_versions(filter_string=f"name IN ({listed})"), key=lambda v: int(v.version)
-    ):
+    versions = mlflow.search_model_versions(filter_string=f"name IN ({listed})")
+    for version in sorted(versions, key=lambda v: int(v.version)):
         if "probe_hash" in version.tags:
             found.setdefault((version.name, version.tags["probe_hash"]), version)
     return found
@@ -81,16 +80,8 @@ def registered_versions(names: set[str]) -> dict[tuple[str, str], ModelVersion]:
 def register(probe: EvaluatedProbe, model, *, run_id: str, description: str) -> ModelVersion:
     """A new version of the probe's registered model from its logged `model`, named on the model as
     `mlflow.register_model` names it (the runs table's Models column reads it)."""
-    client = MlflowClient()
-    version = client.create_model_version(
-        probe.registered_model,
-        source=model.model_uri,
-        run_id=run_id,
-        model_id=model.model_id,
-        tags=version_tags(probe),
-        description=description,
-        await_creation_for=0,
-    )
+    client, new = MlflowClient(), {"description": description, "await_creation_for": 0, "model_id": model.model_id}
+    version = client.create_model_version(probe.registered_model, model.model_uri, run_id, version_tags(probe), **new)
     registered = [{"name": probe.registered_model, "version": str(version.version)}]
     client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(registered)})
     return version

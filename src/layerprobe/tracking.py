@@ -74,7 +74,8 @@ def recording(params: Params) -> Iterator[str]:
     """Hold the experiment's recording lock (a file beside the store) and yield the experiment's id.
 
     One recorder at a time per experiment: two would both find a probe unrecorded and register its weights twice.
-    So a probe or parent run still RUNNING once the lock is held was left by a killed recorder: it is closed FAILED.
+    So in a store beside the lock, a probe or parent run still RUNNING once the lock is held was left by a killed
+    recorder: it is closed FAILED. (A tracking server's recorders share the lock only through one `paths.mlruns`.)
     """
     uri, experiment = (
         resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri),
@@ -85,7 +86,7 @@ def recording(params: Params) -> Iterator[str]:
     with file_lock(store / f".{name}.record.lock", what=f"recording in MLflow experiment {experiment!r}", log=print):
         experiment_id = setup_experiment(experiment, mlruns_dir=params.paths.mlruns, tracking_uri=uri)
         left = f"attributes.status = 'RUNNING' and tags.`{KIND_TAG}` IS NOT NULL"
-        for run in mlflow.search_runs([experiment_id], left, output_format="list"):
+        for run in mlflow.search_runs([experiment_id], left, output_format="list") if uri.startswith("sqlite:") else []:
             end_run(run.info.run_id, failed=True, error="its recorder ended without closing it")
         yield experiment_id
 
