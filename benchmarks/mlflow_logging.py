@@ -13,8 +13,8 @@ curves, so the real logging code logs real files, metrics and models.
   figure), then on all N into another; seconds per probe. Then the same call again with nothing changed: its
   seconds and the probe runs, parent runs and registered versions it added (0, 0 and 0).
 Every line ends with the machine's 1-minute load average: on a shared machine the figures move with it.
-- page: `mlflow server` on the after store (`tracking.start_ui_server`, as `layerprobe ui`), a fresh headless
-  Chromium opens `tracking.runs_url`; seconds until the runs table shows the parent run, then, after one click on
+- page: `mlflow server` on the after store (`mlflow_ui.mlflow_server`, as `layerprobe ui`), a fresh headless
+  Chromium opens `mlflow_ui.runs_url`; seconds until the runs table shows the parent run, then, after one click on
   its expander, until its first child rows show.
 How:  python benchmarks/mlflow_logging.py [--num-probes 1000 --before 100 --keep DIR]
       (needs git, and /usr/bin/chromium + /usr/bin/chromedriver + selenium for the page; skipped without them)
@@ -219,38 +219,37 @@ def page_load(project: Path, experiment: str) -> tuple[float, float] | None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from layerprobe import tracking
+    from layerprobe import mlflow_ui
 
     uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
     port = 5000 + int(time.time()) % 1000
-    server = tracking.start_ui_server(uri, artifacts_dir=project / "mlruns" / "artifacts", host="127.0.0.1", port=port,
-                                      log=project / "mlflow-server.log")  # fmt: skip
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
                  "--window-size=1400,900", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):  # fmt: skip
         options.add_argument(flag)
     driver = None
+    serving = mlflow_ui.mlflow_server(uri, artifacts_dir=project / "mlruns" / "artifacts", host="127.0.0.1", port=port,
+                                      log=project / "mlflow-server.log")  # fmt: skip
     try:
-        base = f"http://127.0.0.1:{port}"
-        tracking.wait_for_ui_server(server, base, log=project / "mlflow-server.log")
-        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver", log_output=subprocess.DEVNULL),
-                                  options=options)  # fmt: skip
-        url = tracking.runs_url(base, tracking.find_experiment(experiment, uri))
-        wait = WebDriverWait(driver, 300, poll_frequency=0.05)
-        start = time.perf_counter()
-        driver.get(url)
-        parent = wait.until(lambda d: d.find_elements(By.XPATH, "//a[contains(@href,'/runs/')]"))[0]
-        table = time.perf_counter() - start
-        expander = parent.find_element(By.XPATH, "./ancestor::*[@role='gridcell'][1]//button")
-        start = time.perf_counter()
-        expander.click()
-        wait.until(lambda d: len(d.find_elements(By.XPATH, "//a[contains(@href,'/runs/')]")) > 2)
-        return table, time.perf_counter() - start
+        with serving:
+            base = f"http://127.0.0.1:{port}"
+            driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver", log_output=subprocess.DEVNULL),
+                                      options=options)  # fmt: skip
+            url = mlflow_ui.runs_url(base, mlflow_ui.find_experiment(experiment, uri))
+            wait = WebDriverWait(driver, 300, poll_frequency=0.05)
+            start = time.perf_counter()
+            driver.get(url)
+            parent = wait.until(lambda d: d.find_elements(By.XPATH, "//a[contains(@href,'/runs/')]"))[0]
+            table = time.perf_counter() - start
+            expander = parent.find_element(By.XPATH, "./ancestor::*[@role='gridcell'][1]//button")
+            start = time.perf_counter()
+            expander.click()
+            wait.until(lambda d: len(d.find_elements(By.XPATH, "//a[contains(@href,'/runs/')]")) > 2)
+            return table, time.perf_counter() - start
     finally:
         if driver is not None:
             driver.quit()
-        tracking.stop_ui_server(server)
 
 
 def main() -> None:

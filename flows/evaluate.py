@@ -6,7 +6,8 @@ are unchanged), then MLflow recording in one batch from the outputs on disk (0.3
 cores, benchmarks/RESULTS.md; a probe already recorded with the same scores and weights is referenced, not logged
 again: 1000 unchanged probes take about 12 s). A parent run holds the probes logged now as children and references
 the others; a rerun that changed nothing adds no run. A failed child ends FAILED, and runs left RUNNING by a killed
-process are closed as FAILED on the next start.
+recording are closed as FAILED by the next (recordings of one experiment take turns, holding its lock).
+A filtered run replaces only its own rows of results/metrics.json and its champions in run.json.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from flows.common import (
     unit_lock,
 )
 from layerprobe.config import EvaluateConfig, PathsConfig
-from layerprobe.files import write_json
+from layerprobe.files import read_json, write_json
 from layerprobe.plots import draw_evaluation
-from layerprobe.report import evaluation_markdown, metrics_summary
+from layerprobe.report import evaluation_markdown, merge_summaries, metrics_summary
 from layerprobe.workflow.evaluate import evaluate_step
 
 
@@ -84,19 +85,30 @@ def evaluate_flow(
         for future in futures:
             future.result()
     recorded = record_task.with_options(**task_options(params))(params, tasks)
-    results, champions = recorded["results"], recorded["champions"]
-    summary = metrics_summary(results)
-    write_json(params.paths.metrics_file, summary)
-    write_json(
-        params.paths.pipeline_run_file,
-        {"parent_run_id": recorded["parent_run_id"], "experiment_id": recorded["experiment_id"],
-         "parent": recorded["parent"], "champions": champions},
-    )  # fmt: skip
+    summary = write_summaries(params, recorded)
     create_markdown_artifact(
         key="layerprobe-evaluation",
-        markdown=evaluation_markdown(results, champions),
+        markdown=evaluation_markdown(recorded["results"], recorded["champions"]),
         description="Test metrics per probe",
     )
+    return summary
+
+
+def write_summaries(params: Params, recorded: dict) -> dict:
+    """results/metrics.json and run.json: the recorded probes' rows and champions merged into the suite's last
+    summaries, so a filtered evaluate replaces only its own rows (rows of tasks the suite no longer holds go)."""
+    from layerprobe.model_registry import registered_model_name
+
+    paths, suite = params.paths, params.suite
+    earlier = read_json(paths.metrics_file) if paths.metrics_file.is_file() else {}
+    summary = metrics_summary(recorded["results"])
+    summary = merge_summaries(earlier, summary, suite.backbones, suite.datasets, suite.probes)
+    write_json(paths.metrics_file, summary)
+    names = {registered_model_name(params.evaluate.registry_prefix, d, b) for b in summary for d in summary[b]}
+    champions = read_json(paths.pipeline_run_file).get("champions", {}) if paths.pipeline_run_file.is_file() else {}
+    champions = {name: c for name, c in {**champions, **recorded["champions"]}.items() if name in names}
+    run = {key: recorded[key] for key in ("parent_run_id", "experiment_id", "parent")}
+    write_json(paths.pipeline_run_file, {**run, "champions": champions})
     return summary
 
 

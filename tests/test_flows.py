@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, task
 
 from flows.common import task_options
-from layerprobe import tracking
 from layerprobe.params import load_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -260,16 +259,6 @@ def test_failed_evaluation_leaves_no_run_dangling(trained_project, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
     assert all("refused the model" in r.data.tags["layerprobe.error"] for r in runs)
-
-
-def test_runs_of_a_killed_process_are_closed_as_failed(project_dir):
-    experiment_id = tracking.setup_experiment("tiny", mlruns_dir="mlruns")
-    orphan = tracking.start_run(experiment_id, "orphan", tags={tracking.PID_TAG: "999999999"})
-    alive = tracking.start_run(experiment_id, "alive")
-    assert tracking.fail_dangling_runs(experiment_id) == [orphan]
-    client = MlflowClient()
-    assert client.get_run(orphan).info.status == "FAILED"
-    assert client.get_run(alive).info.status == "RUNNING"
 
 
 def test_gpu_tasks_hold_a_slot_that_a_killed_holder_frees(project_dir):

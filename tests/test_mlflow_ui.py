@@ -48,7 +48,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from layerprobe import tracking  # noqa: E402
+from layerprobe import mlflow_ui, model_registry, tracking  # noqa: E402
 from layerprobe.params import load_params  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -232,7 +232,7 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
     client = MlflowClient(tracking_uri=tracking.resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri))
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     backbone, dataset = params.suite.backbones[0], params.suite.datasets[0]
-    model = tracking.registered_model_name(params.evaluate.registry_prefix, dataset, backbone)
+    model = model_registry.registered_model_name(params.evaluate.registry_prefix, dataset, backbone)
     # The probes of the first task, wherever they were logged (a rerun references unchanged probes' earlier runs).
     newest = {"max_results": 1, "order_by": ["attributes.start_time DESC"]}
     task = f"tags.backbone = '{backbone}' and tags.dataset = '{dataset}'"
@@ -313,7 +313,7 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
     # d. The registered model's versions table says what each version is: its probe and score in its row, and
     # `@champion` on the version the registry's alias points to, and only there. (Pages other than the runs follow
     # the browser's sidebar setting; opened here as after one click on "Model training".)
-    driver.get(f"{base}#/models/{model}?{tracking.TRAINING_SIDEBAR}")
+    driver.get(f"{base}#/models/{model}?{mlflow_ui.TRAINING_SIDEBAR}")
     alias = re.compile(rf"@\s*{ALIAS}\b")
 
     def row_text(d, version: str) -> str | None:
@@ -336,7 +336,7 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
     # its description what the probe scored.
     (dataset_input,) = alf.inputs.dataset_inputs
     label = f"{dataset_input.dataset.name} ({dataset_input.dataset.digest})"
-    driver.get(f"{base}#/experiments/{experiment.experiment_id}/runs/{alf.info.run_id}?{tracking.TRAINING_SIDEBAR}")
+    driver.get(f"{base}#/experiments/{experiment.experiment_id}/runs/{alf.info.run_id}?{mlflow_ui.TRAINING_SIDEBAR}")
     _wait(driver, lambda d: label in d.find_element(By.TAG_NAME, "body").text, f"dataset {label} on the run page")
     assert alf.data.tags["mlflow.note.content"] in driver.find_element(By.TAG_NAME, "body").text
     _close_assistant(driver)

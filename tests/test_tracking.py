@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprobe import tracking
+from layerprobe import mlflow_ui, model_registry, tracking
 from layerprobe.report import headline, results_rows
 
 
@@ -32,7 +32,7 @@ def test_a_probe_is_described_in_one_line_with_its_scores_and_interval():
 
 
 def test_a_registered_version_is_tagged_with_what_it_is():
-    tags = tracking.version_tags(evaluated(seeds=3))
+    tags = model_registry.version_tags(evaluated(seeds=3))
     assert tags == {
         "probe": "alf", "backbone": "vit_shapes_d6", "dataset": "digits", "seeds": "0,1,2",
         "val_balanced_accuracy": "0.7100", "test_balanced_accuracy": "0.6770",
@@ -47,12 +47,12 @@ def test_a_probe_is_keyed_on_its_evaluation_and_its_weights():
 
 
 def test_the_ui_url_opens_the_runs_in_the_training_sidebar_with_the_projects_view():
-    url = tracking.runs_url("http://127.0.0.1:5000/", "7")
+    url = mlflow_ui.runs_url("http://127.0.0.1:5000/", "7")
     assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=layerprobe"
                    "&workflowType=machine_learning")  # fmt: skip
-    assert tracking.runs_url("http://h:1", None) == "http://h:1/#/experiments?workflowType=machine_learning"
-    assert tracking.VIEW_TAG == "mlflow.sharedViewState.layerprobe"
-    assert "metrics.`test/balanced_accuracy`" in tracking.RUNS_VIEW["selectedColumns"]
+    assert mlflow_ui.runs_url("http://h:1", None) == "http://h:1/#/experiments?workflowType=machine_learning"
+    assert mlflow_ui.VIEW_TAG == "mlflow.sharedViewState.layerprobe"
+    assert "metrics.`test/balanced_accuracy`" in mlflow_ui.RUNS_VIEW["selectedColumns"]
 
 
 def test_the_headline_is_the_mean_gain_per_backbone_with_its_interval():

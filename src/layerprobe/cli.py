@@ -583,28 +583,23 @@ def run_plan(args) -> int:
 
 
 def run_ui(args) -> int:
+    import contextlib
     import signal
     import webbrowser
 
-    from layerprobe import tracking
+    from layerprobe.mlflow_ui import find_experiment, mlflow_server, runs_url
+    from layerprobe.tracking import resolve_tracking_uri
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` too ends the server (below, in `finally`)
-
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` too ends the server (on leaving `mlflow_server`)
     params = load_params(args.params)
-    uri = tracking.resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri)
-    server = None
-    if uri.startswith(("http://", "https://")):  # a tracking server: it serves the UI already
-        base = uri
-    else:
-        log = Path(params.paths.mlruns) / "mlflow-server.log"
-        server = tracking.start_ui_server(uri, artifacts_dir=Path(params.paths.mlruns) / "artifacts", host=args.host,
-                                          port=args.port, log=log)  # fmt: skip
-    try:
-        if server is not None:
-            base = f"http://{args.host}:{args.port}"
-            tracking.wait_for_ui_server(server, base, log=log)
-        experiment_id = tracking.find_experiment(params.tracking.experiment, uri)
-        url = tracking.runs_url(base, experiment_id)
+    uri = resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri)
+    remote = uri.startswith(("http://", "https://"))  # a tracking server: it serves the UI already
+    log = Path(params.paths.mlruns) / "mlflow-server.log"
+    artifacts = Path(params.paths.mlruns) / "artifacts"
+    serving = mlflow_server(uri, artifacts_dir=artifacts, host=args.host, port=args.port, log=log)
+    with contextlib.suppress(KeyboardInterrupt), contextlib.nullcontext() if remote else serving as server:
+        experiment_id = find_experiment(params.tracking.experiment, uri)
+        url = runs_url(uri if remote else f"http://{args.host}:{args.port}", experiment_id)
         print(url, flush=True)
         if experiment_id is None:
             print(f"(no experiment {params.tracking.experiment!r} yet: run the pipeline first)", file=sys.stderr)
@@ -613,11 +608,6 @@ def run_ui(args) -> int:
         if server is not None:
             print(f"serving {uri} (log: {log}); Ctrl-C stops it", file=sys.stderr, flush=True)
             server.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if server is not None:
-            tracking.stop_ui_server(server)
     return 0
 
 

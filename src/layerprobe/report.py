@@ -62,14 +62,14 @@ def metrics_summary(evaluations: list[dict]) -> dict:
     return summary
 
 
-def flat_metrics(summary: dict) -> dict[str, float]:
-    """`test/balanced_accuracy/<backbone>/<dataset>/<probe>` for the parent MLflow run."""
-    return {
-        f"test/balanced_accuracy/{b}/{d}/{p}": v["test_balanced_accuracy"]
-        for b, datasets in summary.items()
-        for d, probes in datasets.items()
-        for p, v in probes.items()
-    }
+def merge_summaries(earlier: dict, summary: dict, backbones: list[str], datasets: list[str], probes: list[str]) -> dict:
+    """`summary`'s rows over `earlier`'s, for the suite's tasks (backbone, dataset, probe) only, in its order."""
+    merged: dict = {}
+    for b, d, p in ((b, d, p) for b in backbones for d in datasets for p in probes):
+        row = summary.get(b, {}).get(d, {}).get(p) or earlier.get(b, {}).get(d, {}).get(p)
+        if row is not None:
+            merged.setdefault(b, {}).setdefault(d, {})[p] = row
+    return merged
 
 
 def gain_metrics(intervals: dict) -> dict[str, float]:

@@ -1,0 +1,104 @@
+"""The MLflow model registry: one registered model per (dataset, backbone), one version per trained probe's weights,
+and `@champion` on the best version by validation balanced accuracy (never by test). Called by `layerprobe.tracking`
+while it holds the experiment's recording lock."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+from layerprobe.params import Params, registered_model_name  # noqa: F401 - the name is decided where params check it
+
+if TYPE_CHECKING:
+    from layerprobe.tracking import EvaluatedProbe
+
+
+def describe_registered_models(params: Params, probes: list[EvaluatedProbe]) -> None:
+    """Create each registered model the probes go to, or update its description where it changed."""
+    client = MlflowClient()
+    for name, probe in {p.registered_model: p for p in probes}.items():
+        config = params.datasets[probe.dataset]
+        task = config.description or f"{config.source} images"
+        group = f", {config.group}" if config.group else ""
+        description = (
+            f"Probes classifying {probe.dataset} ({task}{group}; {len(probe.evaluation['class_names'])} classes) from "
+            f"the layer tokens of the frozen backbone {probe.backbone}. One version per trained probe's weights, its "
+            "tags giving the probe, seeds, scores and features' hash. "
+            f"@{params.evaluate.champion_alias}: the best by validation balanced accuracy, never by test."
+        )
+        try:
+            current = client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(
+                name, description=description, tags={"backbone": probe.backbone, "dataset": probe.dataset}
+            )
+            continue
+        if current.description != description:
+            client.update_registered_model(name, description=description)
+
+
+def version_tags(probe: EvaluatedProbe) -> dict[str, str]:
+    """What a registered version says about itself: probe, backbone, dataset, seeds, scores, the features' hash."""
+    evaluation = probe.evaluation
+    low, high = evaluation["test_ci"]["balanced_accuracy"]
+    return {
+        "probe": probe.probe,
+        "backbone": probe.backbone,
+        "dataset": probe.dataset,
+        "seeds": ",".join(str(seed["seed"]) for seed in evaluation["seeds"]),
+        "val_balanced_accuracy": f"{evaluation['val_balanced_accuracy']:.4f}",
+        "test_balanced_accuracy": f"{evaluation['test']['balanced_accuracy']:.4f}",
+        "test_balanced_accuracy_ci": f"[{low:.4f}, {high:.4f}]",
+        "features.content_hash": probe.trained["features_hash"],
+        "probe_hash": probe.probe_hash,  # one version per weights' hash; its source run is the version's run
+    }
+
+
+def registered_versions(names: set[str]) -> dict[tuple[str, str], ModelVersion]:
+    """{(registered model, probe hash): its first version} over `names`."""
+    if not names:
+        return {}
+    listed = ", ".join(f"'{name}'" for name in sorted(names))
+    found: dict[tuple[str, str], ModelVersion] = {}
+    versions = mlflow.search_model_versions(filter_string=f"name IN ({listed})")
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        if "probe_hash" in version.tags:
+            found.setdefault((version.name, version.tags["probe_hash"]), version)
+    return found
+
+
+def register(probe: EvaluatedProbe, model, *, run_id: str, description: str) -> ModelVersion:
+    """A new version of the probe's registered model from its logged `model`, named on the model as
+    `mlflow.register_model` names it (the runs table's Models column reads it)."""
+    client, new = MlflowClient(), {"description": description, "await_creation_for": 0, "model_id": model.model_id}
+    version = client.create_model_version(probe.registered_model, model.model_uri, run_id, version_tags(probe), **new)
+    registered = [{"name": probe.registered_model, "version": str(version.version)}]
+    client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(registered)})
+    return version
+
+
+def crown_champions(results: list[dict], *, alias: str, suite_probes: list[str]) -> dict[str, dict]:
+    """Give `alias` to the best probe per registered model by validation balanced accuracy, among `results` and the
+    version holding it now when its probe is in the suite but not in `results` (a recording of some of the suite's
+    probes keeps the others' best). Returns {registered model: {probe, version}}."""
+    client = MlflowClient()
+    best: dict[str, dict] = {}
+    for name in {r["registered_model"] for r in results}:
+        candidates = [r for r in results if r["registered_model"] == name]
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException:
+            current = None
+        probe = current.tags.get("probe") if current is not None else None
+        if probe in suite_probes and probe not in {r["probe"] for r in candidates}:
+            val = float(current.tags["val_balanced_accuracy"])
+            candidates.append({"probe": probe, "version": current.version, "val_balanced_accuracy": val})
+        best[name] = max(candidates, key=lambda r: r["val_balanced_accuracy"])
+        if current is None or str(current.version) != str(best[name]["version"]):
+            client.set_registered_model_alias(name, alias, str(best[name]["version"]))
+    return {name: {"probe": r["probe"], "version": str(r["version"])} for name, r in best.items()}
