@@ -104,15 +104,17 @@ def refuse_foreign(target: str | Path, marker: str) -> None:
         )
 
 
-def begin_output(target: str | Path, key: str, *, marker: str, resume: bool = False) -> Path:
-    """The staging folder to write output folder `target` into (computed as `key`, completed by `marker`).
+def begin_output(target: str | Path, key: str, *, marker: str | None, resume: bool = False) -> Path:
+    """The staging folder to write output folder `target` into (computed as `key`, completed by `marker`; None: a
+    folder no command points at a user's folder, the report, which has no marker to check).
 
     With `resume`, what an earlier run computing the same `key` finished there is kept (its temporaries go: their
     writer died, as the caller holds the target's lock) and other keys' staging folders stay, to resume when asked
     again; without, the target's staging folders are removed and this one starts empty.
     """
     target = Path(target)
-    refuse_foreign(target, marker)
+    if marker is not None:
+        refuse_foreign(target, marker)
     previous = _previous_path(target)
     if previous.is_dir():  # a swap was cut between its two renames: the old output comes back or goes for good
         if target.exists():

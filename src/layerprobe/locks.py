@@ -111,9 +111,10 @@ _OUTPUTS: dict[str, Callable[..., Path]] = {
     "evaluate": lambda paths, backbone, dataset, probe: paths.evaluation_dir(backbone, dataset, probe),
 }
 # ... and what it reads, as (the step writing it, its names), downstream before upstream: every process takes its locks
-# in the pipeline's order backwards (evaluation, probe, features, prepared dataset), so no two wait on each other.
+# in the pipeline's order backwards (evaluation, probe, features), so no two wait on each other. Extraction holds no
+# lock on its prepared dataset: units of several backbones extract one dataset at once, and the prepare step that each
+# of them runs first (to find it prepared) would wait for all the others' extractions.
 _INPUTS: dict[str, Callable[..., list[tuple[str, tuple[str, ...]]]]] = {
-    "extract": lambda backbone, dataset: [("prepare", (dataset,))],
     "train": lambda backbone, dataset, probe: [("extract", (backbone, dataset))],
     "evaluate": lambda backbone, dataset, probe: [
         ("train", (backbone, dataset, probe)),
@@ -152,8 +153,8 @@ def unit_lock(
     """Hold what one unit of a step needs, for flows and CLI commands alike: its output's lock exclusive (`pretrain`
     (backbone; `out`: its checkpoint), `prepare` (dataset), `extract` (backbone, dataset; `out`: another cache
     folder), `train` and `evaluate` (backbone, dataset, probe)), then its inputs' locks shared (train: the feature
-    cache; evaluate: the probe and the cache; extract: the prepared dataset). A second writer waits; readers wait for
-    a writer, and a writer for its readers."""
+    cache; evaluate: the probe and the cache). A second writer waits; readers wait for a writer, and a writer for its
+    readers."""
     with contextlib.ExitStack() as held:
         output = unit_lock_path(paths, step, *names, out=out)
         held.enter_context(file_lock(output, what=f"{step} {'/'.join(names)}", log=log))
