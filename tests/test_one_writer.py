@@ -376,3 +376,27 @@ def test_a_filesystem_that_refuses_locks_is_one_line_not_a_retry(tmp_path, monke
         with file_lock(tmp_path / ".x.lock"):
             pass
     assert "\n" not in str(error.value) and not isinstance(error.value, OSError)  # never retried as transient
+
+
+def test_a_report_cut_short_leaves_the_last_report_whole(tmp_path, monkeypatch):
+    from test_report import INTERVALS, PROBES, SUMMARY
+
+    import layerprobe.plots
+    from layerprobe.report import write_report
+
+    heatmap = {"layers": ["final"], "tokens": ["cls", "ap"], "weights": [[0.5, 0.5]], "layer_means": [0.5]}
+    options = {"probes": PROBES, "groups": {}, "heatmaps": {"vit": {"digits": heatmap}}}
+    first = write_report(SUMMARY, tmp_path / "report", intervals=INTERVALS, **options)
+    written = {path: path.read_bytes() for path in first.values()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is stopped half-way through the new report
+
+    monkeypatch.setattr(layerprobe.plots, "plot_attention_matrix", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(SUMMARY, tmp_path / "report", intervals=None, **options)  # other tables than the last report's
+    assert {path: path.read_bytes() for path in first.values()} == written
+    monkeypatch.undo()
+    again = write_report(SUMMARY, tmp_path / "report", intervals=None, **options)
+    assert set(again) == set(first) and again["markdown"].read_bytes() != written[first["markdown"]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report"]  # no staging or old report left

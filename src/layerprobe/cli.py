@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=int)
     extract.add_argument("--num-workers", type=int)
     extract.add_argument("--device", help="cpu, cuda or auto")
-    extract.add_argument("--out", type=Path, help="cache folder (default: paths.features/<backbone>/<dataset>)")
+    out_help = (
+        "cache folder, new or a cache (default: paths.features/<backbone>/<dataset>); its lock and, without "
+        "a params file, the prepared dataset go beside it"
+    )
+    extract.add_argument("--out", type=Path, help=out_help)
     extract.add_argument("--final-patch-tokens", action="store_true", default=None,
                          help="also cache the final layer's patch tokens (for attentive_last_all_tokens)")  # fmt: skip
     extract.add_argument("--no-progress", action="store_true")

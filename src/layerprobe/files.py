@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -95,9 +96,9 @@ def refuse_foreign(target: str | Path, marker: str) -> None:
         ours = str(read_json(target / marker).get("format", "")).startswith("layerprobe-")
     except (OSError, ValueError, AttributeError):
         ours = False
-    foreign = [] if ours else [path.name for path in visible_files(target)]
+    foreign = [] if ours else [path.name for path in itertools.islice(visible_files(target), 4)]  # no full walk
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(
             f"{target} holds files that are not a layerprobe output ({shown}): layerprobe writes only into a new "
             "folder or over its own output; choose another folder"
