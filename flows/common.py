@@ -94,11 +94,12 @@ def task_options(params: Params) -> dict[str, Any]:
     }
 
 
-def unit_lock(paths, step: str, *names: str):
-    """The unit's lock (`layerprobe.locks.unit_lock`), saying in the run's log when it waits and on whom."""
+def unit_lock(paths, step: str, *names: str, out=None):
+    """The step's locks (`layerprobe.locks.unit_lock`: its output exclusive, its inputs shared), saying in the run's
+    log when it waits and on whom."""
     from layerprobe.locks import unit_lock as lock
 
-    return lock(paths, step, *names, log=get_run_logger().info)
+    return lock(paths, step, *names, out=out, log=get_run_logger().info)
 
 
 def log_step(summary: dict, what: str) -> None:

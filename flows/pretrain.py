@@ -8,8 +8,6 @@ reused. Each run is also an MLflow run (`pretrain/<backbone>`): recipe, loss cur
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, task
 
 from flows.common import (
@@ -26,12 +24,13 @@ from flows.common import (
 )
 from layerprobe import tracking
 from layerprobe.config import BackboneConfig, PathsConfig
-from layerprobe.workflow.pretrain import pretrain_step
+from layerprobe.workflow.pretrain import pretrain_checkpoint, pretrain_step
 
 
 @task(name="pretrain-backbone", task_run_name="pretrain-{backbone_name}")
 def pretrain_task(backbone_name: str, backbone: BackboneConfig, paths: PathsConfig, gpu_limit: int = 1) -> dict:
-    with unit_lock(paths, "pretrain", backbone_name), gpu_slot(backbone.pretrain.device, gpu_limit):
+    checkpoint = pretrain_checkpoint(backbone_name, backbone, paths)
+    with unit_lock(paths, "pretrain", backbone_name, out=checkpoint), gpu_slot(backbone.pretrain.device, gpu_limit):
         summary = pretrain_step(backbone_name, backbone=backbone)
     log_step(summary, f"backbone {backbone_name} (held-out accuracy {summary['held_out_accuracy']:.3f})")
     return summary
@@ -42,10 +41,8 @@ def pretrain_flow(params: Params | str = "params.yaml", backbones: list[str] | N
     params = as_params(params)
     params.paths.pretrained_dir.mkdir(parents=True, exist_ok=True)  # the stage's output, even with nothing to train
     names = [b for b in select(params.suite.backbones, backbones, "backbone") if params.backbones[b].pretrain]
-    for name in names:
-        if not Path(params.backbones[name].checkpoint).resolve().is_relative_to(params.paths.pretrained_dir.resolve()):
-            raise ValueError(f"backbones.{name}.checkpoint must lie in {params.paths.pretrained_dir}/, the pretrain "
-                             "stage's output that DVC tracks")  # fmt: skip
+    for name in names:  # every checkpoint checked before any is trained
+        pretrain_checkpoint(name, params.backbones[name], params.paths)
     pretrain = pretrain_task.with_options(**task_options(params))
     futures = [pretrain.submit(b, params.backbones[b], params.paths, params.flow.gpu_concurrency) for b in names]
     summaries = [future.result() for future in futures]

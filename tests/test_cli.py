@@ -119,11 +119,12 @@ def test_a_model_kwargs_typo_is_one_line(tmp_path, monkeypatch, capsys):
     assert not list((tmp_path / "features").rglob("*.arrow"))  # nothing but the unit's lock file
 
 
-def test_an_unknown_model_in_a_pretrain_recipe_is_one_line_before_any_image_is_made(tmp_path, capsys):
+def test_an_unknown_model_in_a_pretrain_recipe_is_one_line_before_any_image_is_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # its lock lies beside the checkpoint: here, not in the checkout
     params = tiny_params()
     params["backbones"]["tiny_vit"] = {
         "model": "vit_tiny_patch16_2244",
-        "checkpoint": str(tmp_path / "checkpoints/tiny.safetensors"),
+        "checkpoint": "checkpoints/pretrained/tiny.safetensors",
         "model_kwargs": {"img_size": 32, "num_classes": 0},
         "pretrain": {"source": "shapes", "options": {"num_images": 10_000_000}},  # never made: fails first
     }
@@ -131,7 +132,7 @@ def test_an_unknown_model_in_a_pretrain_recipe_is_one_line_before_any_image_is_m
     assert main(["pretrain", "--params", str(path), "--backbone", "tiny_vit", "--no-progress"]) == 2
     line = _one_error_line(capsys, "pretrain")
     assert "unknown model 'vit_tiny_patch16_2244'. Did you mean 'vit_tiny_patch16_224'?" in line
-    assert not (tmp_path / "checkpoints").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").rglob("*")] == ["pretrained", ".tiny.safetensors.pretrain.lock"]
 
 
 def test_list_probes_and_sources(capsys):

@@ -156,6 +156,11 @@ def test_out_of_memory_halves_the_batch_and_retries(tmp_path):
     assert torch.equal(read_features(tmp_path / "retried").tokens, read_features(reference_dir).tokens)
 
 
+def staged(out_dir) -> list:
+    """The staging folders beside `out_dir` (`layerprobe.files.begin_output`): where a cache is written until whole."""
+    return sorted(out_dir.parent.glob(f".{out_dir.name}.staging-*.tmp"))
+
+
 def test_resume_skips_finished_shards(tmp_path, monkeypatch):
     model = _model()
     reference = cache_content_hash(_extract(model, tmp_path / "uninterrupted"))
@@ -173,11 +178,12 @@ def test_resume_skips_finished_shards(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _extract(model, out_dir)
     monkeypatch.undo()
-    assert not (out_dir / "manifest.json").exists()
+    assert not out_dir.exists()  # nothing half-made where the cache goes
     assert written == ["shard-00000.arrow", "shard-00001.arrow"]
-    left = tmp_path_of(out_dir / "shard-00002.arrow")
-    left.write_bytes(b"half-written")  # what a kill during a write leaves (or another writer, still writing)
-    before = {name: (out_dir / name).stat() for name in written}
+    (staging,) = staged(out_dir)
+    left = tmp_path_of(staging / "shard-00002.arrow")
+    left.write_bytes(b"half-written")  # what a kill during a write leaves
+    before = {name: (staging / name).stat() for name in written}
 
     seen = _count_images(model)
     _extract(model, out_dir)
@@ -185,54 +191,79 @@ def test_resume_skips_finished_shards(tmp_path, monkeypatch):
     for name, stat in before.items():
         after = (out_dir / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
-    # Not this writer's to delete (another may still write it): the holder of the unit's lock removes it
-    # (`layerprobe.locks.unit_lock`); the manifest never lists it.
-    assert left.read_bytes() == b"half-written" and left.name not in (out_dir / "manifest.json").read_text()
+    # The staging folder is this extraction's own (its writers hold the cache's lock): its dead writer's temporary
+    # went with it, and nothing of it is left beside the cache.
+    assert not left.exists() and not staged(out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["manifest.json", *(f"shard-0000{i}.arrow" for i in range(4))]
     assert cache_content_hash(out_dir) == reference
     assert torch.equal(read_features(out_dir).tokens, read_features(tmp_path / "uninterrupted").tokens)
 
 
 def test_complete_cache_rerun_does_no_work(tmp_path):
-    model = _model()
-    _extract(model, tmp_path)
-    stats = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    model, out_dir = _model(), tmp_path / "cache"
+    _extract(model, out_dir)
+    stats = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     seen = _count_images(model)
-    _extract(model, tmp_path)
+    _extract(model, out_dir)
     assert seen[0] == 0
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stats
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == stats
 
 
-def test_changed_provenance_recomputes_every_shard(tmp_path):
-    model = _model()
-    _extract(model, tmp_path, tap="norm2")
-    old_hash = cache_content_hash(tmp_path)
-    (tmp_path / "manifest.json").unlink()  # an interrupted run: shards remain, manifest absent
+def test_changed_provenance_recomputes_every_shard_beside_the_old_cache(tmp_path, monkeypatch):
+    model, out_dir = _model(), tmp_path / "cache"
+    _extract(model, out_dir, tap="norm2")
+    old_hash, old_tokens = cache_content_hash(out_dir), read_features(out_dir).tokens
     seen = _count_images(model)
-    _extract(model, tmp_path, tap="block")
+    real_write_shard = extract_module.write_shard
+
+    def checks_the_old_cache(path, **kwargs):  # while the new cache is written, the old one is whole and readable
+        assert cache_content_hash(out_dir) == old_hash and torch.equal(read_features(out_dir).tokens, old_tokens)
+        return real_write_shard(path, **kwargs)
+
+    monkeypatch.setattr(extract_module, "write_shard", checks_the_old_cache)
+    _extract(model, out_dir, tap="block")
+    monkeypatch.undo()
     assert seen[0] == 10
-    manifest = read_manifest(tmp_path)
-    assert manifest["provenance"]["tap"] == "block" and cache_content_hash(tmp_path) != old_hash
-    _extract(model, tmp_path, tap="block", provenance={"backbone": NAME, "weights": "other"})  # complete, but stale
+    manifest = read_manifest(out_dir)
+    assert manifest["provenance"]["tap"] == "block" and cache_content_hash(out_dir) != old_hash
+    _extract(model, out_dir, tap="block", provenance={"backbone": NAME, "weights": "other"})  # complete, but stale
     assert seen[0] == 20
-    assert read_features(tmp_path).metadata["weights"] == "other"
+    assert read_features(out_dir).metadata["weights"] == "other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no staging or old cache left beside it
 
 
 def test_changed_shard_size_drops_extra_shards(tmp_path):
-    model = _model()
-    _extract(model, tmp_path, shard_size=3)
-    _extract(model, tmp_path, shard_size=5)
-    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.arrow", "shard-00001.arrow"]
-    assert len(read_features(tmp_path).tokens) == 10
+    model, out_dir = _model(), tmp_path / "cache"
+    _extract(model, out_dir, shard_size=3)
+    _extract(model, out_dir, shard_size=5)
+    assert sorted(p.name for p in out_dir.glob("shard-*")) == ["shard-00000.arrow", "shard-00001.arrow"]
+    assert len(read_features(out_dir).tokens) == 10
 
 
 def test_bad_image_is_named_and_finished_shards_stay(tmp_path):
-    model = _model()
+    model, out_dir = _model(), tmp_path / "cache"
     with pytest.raises(OSError, match="images/00007.png"):
-        _extract(model, tmp_path, images=TinyImages(10, bad=7), batch_size=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.arrow", "shard-00001.arrow"]
+        _extract(model, out_dir, images=TinyImages(10, bad=7), batch_size=1)
+    assert not out_dir.exists()
+    assert sorted(p.name for p in staged(out_dir)[0].iterdir()) == ["shard-00000.arrow", "shard-00001.arrow"]
     seen = _count_images(model)
-    _extract(model, tmp_path)  # the file was fixed: only the unfinished shards run
-    assert seen[0] == 4 and len(read_features(tmp_path).tokens) == 10
+    _extract(model, out_dir)  # the file was fixed: only the unfinished shards run
+    assert seen[0] == 4 and len(read_features(out_dir).tokens) == 10
+
+
+def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
+    out_dir = tmp_path / "train"
+    out_dir.mkdir()
+    for name in ("shard-000000.tar", "shard-000001.tar"):  # webdataset's ShardWriter names
+        (out_dir / name).write_bytes(name.encode())
+    with pytest.raises(ValueError, match=r"train holds files that are not a layerprobe output \(shard-000000.tar"):
+        _extract(_model(), out_dir)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "train",
+        "train/shard-000000.tar",
+        "train/shard-000001.tar",
+    ]
+    assert all(path.read_bytes() == path.name.encode() for path in out_dir.iterdir())
 
 
 class HostileImages(TinyImages):

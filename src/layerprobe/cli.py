@@ -177,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=_positive_int)
     extract.add_argument("--num-workers", type=_integer)
     extract.add_argument("--device", type=_device, help="cpu, cuda or auto")
-    extract.add_argument("--out", type=Path, help="cache folder (default: paths.features/<backbone>/<dataset>)")
+    out_help = (
+        "cache folder, new or a cache (default: paths.features/<backbone>/<dataset>); its lock and, without "
+        "a params file, the prepared dataset go beside it"
+    )
+    extract.add_argument("--out", type=Path, help=out_help)
     extract.add_argument("--final-patch-tokens", action="store_true", default=None,
                          help="also cache the final layer's patch tokens (for attentive_last_all_tokens)")  # fmt: skip
     extract.add_argument("--no-progress", action="store_true")
@@ -358,15 +362,17 @@ def _overrides(config, **values):
 
 
 def run_pretrain(args) -> int:
-    from layerprobe.workflow.pretrain import pretrain_step
+    from layerprobe.workflow.pretrain import pretrain_checkpoint, pretrain_step
 
     params = load_params(args.params)
     if args.backbone not in params.backbones:
         from layerprobe.registry import unknown_name_error
 
         raise unknown_name_error("backbone", args.backbone, list(params.backbones))
-    with _unit_lock(args, params.paths, "pretrain", args.backbone):
-        summary = pretrain_step(args.backbone, backbone=params.backbones[args.backbone], progress=not args.no_progress)
+    backbone = params.backbones[args.backbone]
+    checkpoint = pretrain_checkpoint(args.backbone, backbone, params.paths)  # only ever in paths.pretrained_dir
+    with _unit_lock(args, params.paths, "pretrain", args.backbone, out=checkpoint):
+        summary = pretrain_step(args.backbone, backbone=backbone, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     return 0
 
@@ -386,11 +392,15 @@ def _prepare(args, params: Params | None, paths: PathsConfig) -> dict:
         return prepare_step(args.dataset, dataset=dataset, prepare=prepare, paths=paths)
 
 
-def _unit_lock(args, paths: PathsConfig, step: str, *names: str):
-    """The unit's lock, as the flows hold it: a second run of the unit waits (saying on whom), then reuses."""
+def _unit_lock(args, paths: PathsConfig, step: str, *names: str, out: Path | None = None):
+    """The step's locks, as the flows hold them (`layerprobe.locks.unit_lock`: its output exclusive, its inputs
+    shared): a second run of the unit waits (saying on whom), then reuses."""
     from layerprobe.locks import unit_lock
 
-    return unit_lock(paths, step, *names, log=lambda line: print(f"layerprobe {args.command}: {line}", file=sys.stderr))
+    def log(line: str) -> None:
+        print(f"layerprobe {args.command}: {line}", file=sys.stderr)
+
+    return unit_lock(paths, step, *names, out=out, log=log)
 
 
 def run_extract(args) -> int:
@@ -399,13 +409,20 @@ def run_extract(args) -> int:
     params = _params(args)
     backbone = _resolve_backbone(args, params)  # a wrong model name fails before any data is prepared
     paths = _paths(params)
+    if args.out:
+        from layerprobe.config import MANIFEST_FILE
+        from layerprobe.files import refuse_foreign
+
+        refuse_foreign(args.out, MANIFEST_FILE)  # before the dataset is prepared: a folder of other files is not ours
+        if params is None:  # no project here: the dataset it needs goes beside the cache, not into the working folder
+            paths = dataclasses.replace(paths, data=str(args.out.parent / f".{args.out.name}.prepared"))
     extract = _overrides(  # validated with the params' values, before any data is prepared
         _section(params, "extract", ExtractConfig()),
         tap=args.tap, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
         final_patch_tokens=args.final_patch_tokens,
     )  # fmt: skip
     _prepare(args, params, paths)  # reused when its fingerprint (source, options, files' contents) matches
-    with _unit_lock(args, paths, "extract", args.backbone, args.dataset):
+    with _unit_lock(args, paths, "extract", args.backbone, args.dataset, out=args.out):
         summary = extract_step(
             args.backbone,
             args.dataset,

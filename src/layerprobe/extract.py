@@ -1,8 +1,9 @@
 """Images → per-layer cls/ap tokens [N, L, T, D] at the chosen tap (and, as an option, the final layer's patch tokens
 [N, P, D_final]), streamed into a resumable feature cache.
 
-One forward pass per image; host memory holds at most one shard. A rerun keeps finished shards whose provenance and
-rows match the plan, recomputes the rest and writes `manifest.json` last (see `layerprobe.features`).
+One forward pass per image; host memory holds at most one shard. The cache is written in a staging folder beside its
+target and swapped in whole (`layerprobe.files.begin_output`); a rerun of a killed extraction keeps the shards it
+finished there, recomputes the rest and writes `manifest.json` last (see `layerprobe.features`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,8 @@ from layerprobe.features import (
     write_patch_shard,
     write_shard,
 )
-from layerprobe.files import canonical_json, is_temporary, read_json, sha256_file
+from layerprobe.files import begin_output, canonical_json, pause_point, read_json, sha256_file, stable_hash, swap_in
+from layerprobe.fingerprint import vouch
 
 _log = logging.getLogger(__name__)
 
@@ -289,6 +293,7 @@ def write_token_shards(
                         metadata=metadata,
                     )
                     current, filled = next(shard_iter, None), 0
+                    pause_point(f"extract-shard-{len(hashes) // (2 if patches is not None else 1)}")
             bar.update(len(tokens))
     if current is not None:
         raise RuntimeError(f"image batches ended before shard {current.file} was complete")
@@ -352,6 +357,37 @@ def _shard_is_current(path: Path, plan: ShardPlan, metadata: dict, row_shape: li
     return current
 
 
+def _vouched_files(cache_dir: Path, manifest: dict) -> set[str]:
+    """The files of the cache in place whose bytes are what its manifest records (`fingerprint.vouch`: a stat each
+    when unchanged): only these may be reused or taken over; a shard changed in place is recomputed."""
+    vouched = vouch(cache_dir / MANIFEST_FILE, manifest)
+    return set(vouched.hashes) - set(vouched.problems)
+
+
+def _take_over(
+    cache_dir: Path,
+    staging: Path,
+    plan: ShardPlan,
+    metadata: dict,
+    row_shape: list[int],
+    *,
+    patches: bool,
+    trusted: set[str],
+):
+    """Hard-link into `staging` the shard of `plan` (and its patch-token file) that the cache in place holds for
+    exactly these rows and provenance, its bytes vouched for (`trusted`), so a cache missing one shard recomputes
+    that one only (copied where the filesystem has no hard links; a copy cut short is unreadable, so recomputed)."""
+    names = (plan.file, *([patch_shard_name(plan.file)] if patches else []))
+    source = cache_dir / plan.file
+    if not set(names) <= trusted or not _shard_is_current(source, plan, metadata, row_shape, patches=patches):
+        return
+    for name in names:
+        try:
+            os.link(cache_dir / name, staging / name)
+        except OSError:
+            shutil.copy2(cache_dir / name, staging / name)
+
+
 def _worker_error_message(error: Exception) -> str | None:
     """The error of a DataLoader worker as it was raised there; None for an error raised in this process.
 
@@ -405,7 +441,9 @@ def extract_features(
 ) -> Path:
     """Extract every image listed in `splits` into a resumable feature cache at `out_dir` and return `out_dir`.
 
-    A complete cache with the same provenance and rows is returned untouched; finished shards that match are kept.
+    A complete cache with the same provenance and rows is returned untouched. Otherwise the cache is written in a
+    staging folder keyed on its provenance and rows, keeping the shards a killed run of it finished there, and swapped
+    in complete: the cache at `out_dir` stays whole until then, and a folder of other files is refused untouched.
     Costs one forward pass per missing image; host memory holds one shard plus the DataLoader's prefetched batches.
     """
     if dtype not in DTYPES:
@@ -420,33 +458,32 @@ def extract_features(
     out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST_FILE
 
+    trusted: set[str] = set()
     if manifest_path.is_file():
         try:
             manifest = read_json(manifest_path)
         except ValueError:
             manifest = {}
+        trusted = _vouched_files(out_dir, manifest)
         if (
             canonical_json(manifest.get("provenance")) == canonical_json(metadata)
             and manifest.get("plan_sha256") == plan_hash
+            and trusted == set(manifest.get("files") or {})
         ):
             return out_dir
-        manifest_path.unlink()  # the cache no longer describes what was asked for: not complete any more
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written beside out_dir and swapped in complete: the cache there stays whole until then. The staging folder is
+    # keyed on what it computes, so a killed run resumes from its finished shards and other settings leave it be.
+    key = stable_hash({"provenance": metadata, "plan": plan_hash})
+    staging = begin_output(out_dir, key, marker=MANIFEST_FILE, resume=True)
     patches = extractor.final_patch_tokens
-    planned_files = {p.file for p in plans} | ({patch_shard_name(p.file) for p in plans} if patches else set())
-    for path in out_dir.iterdir():
-        listed = path.name.startswith(("shard-", "patches-"))
-        # Shards of an older plan go; temporaries are left to whoever holds the unit's lock (`layerprobe.locks`),
-        # which knows whose they are: a second writer's half-written shard is not this one's to delete.
-        stale = listed and not is_temporary(path) and path.name not in planned_files
-        if stale and path.is_file():
-            path.unlink()
 
     hashes: dict[str, str] = {}
     todo: list[ShardPlan] = []
     for plan in plans:
-        path = out_dir / plan.file
-        patch_path = out_dir / patch_shard_name(plan.file)
+        path = staging / plan.file
+        patch_path = staging / patch_shard_name(plan.file)
+        if not path.is_file():
+            _take_over(out_dir, staging, plan, metadata, row_shape, patches=patches, trusted=trusted)
         if path.is_file() and _shard_is_current(path, plan, metadata, row_shape, patches=patches):
             hashes[plan.file] = sha256_file(path)
             if patches:
@@ -472,7 +509,7 @@ def extract_features(
                     loader,
                     extractor=extractor,
                     shards=todo,
-                    out_dir=out_dir,
+                    out_dir=staging,
                     metadata=metadata,
                     dtype=dtype,
                     device=target,
@@ -488,7 +525,7 @@ def extract_features(
 
     patch_files = [patch_shard_name(p.file) for p in plans] if patches else None
     write_manifest(
-        out_dir,
+        staging,
         provenance=metadata,
         shards=[(p.file, len(p.indices), hashes[p.file]) for p in plans],
         splits=split_names,
@@ -496,7 +533,7 @@ def extract_features(
         patch_shards=None if patch_files is None else [(name, hashes[name]) for name in patch_files],
         recorded=recorded,
     )
-    return out_dir
+    return swap_in(staging, out_dir)
 
 
 def plan_sha256(plans: Sequence[ShardPlan]) -> str:

@@ -1,16 +1,28 @@
 """Atomic writes, content hashes and walks of files: what every step uses to write outputs a killed run cannot corrupt
-and to read its inputs."""
+and to read its inputs.
+
+The one write path of a step's output folder (feature cache, probe, evaluation, prepared dataset): `begin_output`
+gives a staging folder beside the target, the step writes everything there, marker last, and `swap_in` puts it in
+place whole. Until then the previous output stays as it was, complete and readable, and a killed run leaves it so.
+A step deletes only its own names (its staging folders, the output it replaces), and refuses a target that holds
+files that are no layerprobe output. Every writer of one target runs under that target's lock
+(`layerprobe.locks`), so a temporary in its staging folder is a dead writer's.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
 import hashlib
+import itertools
 import json
 import os
 import secrets
+import shutil
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +30,7 @@ from typing import Any
 import numpy as np
 
 TMP_SUFFIX = ".tmp"
+PAUSE_ENV = "LAYERPROBE_PAUSE"  # `<point>:<flag file>`: stop at that point (`pause_point`), for tests of kills
 
 
 def canonical_json(value: Any) -> str:
@@ -58,12 +71,104 @@ def replace_durably(tmp: Path, path: Path) -> Path:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    _fsync_folder(path.parent)
     return path
+
+
+def staging_path(target: str | Path, key: str) -> Path:
+    """Where the output `target` computed as `key` is written before it is swapped in: a hidden sibling (one rename
+    away, on the same filesystem; ignored by DVC and by `visible_files` as a temporary)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.staging-{key}{TMP_SUFFIX}")
+
+
+def _previous_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.previous{TMP_SUFFIX}")
+
+
+def refuse_foreign(target: str | Path, marker: str) -> None:
+    """Fail in one line when `target` holds files that are not a layerprobe output (one with its completion marker
+    `marker`): writing the output there would replace them (a webdataset's `shard-000000.tar`, a user's notes)."""
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"{target} is a file, not an output folder: choose another folder")
+    try:
+        ours = str(read_json(target / marker).get("format", "")).startswith("layerprobe-")
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    foreign = [] if ours else [path.name for path in itertools.islice(visible_files(target), 4)]  # no full walk
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"{target} holds files that are not a layerprobe output ({shown}): layerprobe writes only into a new "
+            "folder or over its own output; choose another folder"
+        )
+
+
+def begin_output(target: str | Path, key: str, *, marker: str | None, resume: bool = False) -> Path:
+    """The staging folder to write output folder `target` into (computed as `key`, completed by `marker`; None: a
+    folder no command points at a user's folder, the report, which has no marker to check).
+
+    With `resume`, what an earlier run computing the same `key` finished there is kept (its temporaries go: their
+    writer died, as the caller holds the target's lock) and other keys' staging folders stay, to resume when asked
+    again; without, the target's staging folders are removed and this one starts empty.
+    """
+    target = Path(target)
+    if marker is not None:
+        refuse_foreign(target, marker)
+    previous = _previous_path(target)
+    if previous.is_dir():  # a swap was cut between its two renames: the old output comes back or goes for good
+        if target.exists():
+            shutil.rmtree(previous)
+        else:
+            os.rename(previous, target)
+    staging = staging_path(target, key)
+    if not resume:
+        for old in target.parent.glob(f".{glob.escape(target.name)}.staging-*{TMP_SUFFIX}"):
+            shutil.rmtree(old)
+    elif staging.is_dir():
+        for path in staging.iterdir():
+            if is_temporary(path):
+                path.unlink()
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def swap_in(staging: Path, target: str | Path) -> Path:
+    """Put the complete output `staging` (from `begin_output`) in place of `target`, then remove the old one.
+
+    Two renames: a crash between them leaves the old output under a hidden name, which the next `begin_output` puts
+    back. Readers are not in the gap, they wait on the target's lock, which the writer holds."""
+    target = Path(target)
+    previous = _previous_path(target)
+    if target.exists():
+        os.rename(target, previous)
+    os.rename(staging, target)
+    _fsync_folder(target.parent)
+    if previous.exists():
+        shutil.rmtree(previous)
+    return target
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def pause_point(name: str) -> None:
+    """A deterministic stop for tests of kills and concurrent runs: with `LAYERPROBE_PAUSE=<name>:<flag file>` the
+    process writes the flag file (its pid) when it reaches point `name` and waits until the file is deleted."""
+    point, _, flag = os.environ.get(PAUSE_ENV, "").partition(":")
+    if point != name or not flag:
+        return
+    Path(flag).write_text(str(os.getpid()))
+    while Path(flag).exists():
+        time.sleep(0.05)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

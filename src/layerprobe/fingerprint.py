@@ -81,17 +81,6 @@ def staleness(marker: Path, fingerprint: Fingerprint) -> str | None:
     return vouch(marker, document).first_problem()
 
 
-def changed_files(marker: Path, fingerprint: Fingerprint) -> list[str]:
-    """The files `marker` lists that are there with other bytes than it records, when it records `fingerprint`: a
-    step that resumes must not keep them as finished work. [] otherwise (another fingerprint keeps nothing)."""
-    try:
-        document = read_json(marker)
-        same = document["fingerprint"]["value"] == fingerprint.value
-    except (OSError, ValueError, TypeError, KeyError):
-        return []
-    return vouch(marker, document).changed if same else []
-
-
 def listed_files(folder: Path, names: list[str], *, sha256: dict[str, str] | None = None) -> dict[str, dict]:
     """{name: {"bytes": size, "sha256": digest}} of the files (relative to `folder`, the marker's) that a marker
     lists as its output: what every later read vouches for. `sha256` holds digests the writer already computed, so a

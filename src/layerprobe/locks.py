@@ -1,16 +1,19 @@
 """One writer per unit: file locks held around a step, and process checks. Orchestration, never part of a code key.
 
-Steps do not import this module: whoever runs a step (a flow's task, a CLI command) holds its unit's lock around it,
-so two runs of one unit (a rerun while the last run's units still work, two people on one project folder, two
-workers given the same unit) never write one output at once. The second waits, says on whom, then finds the first's
-marker and reuses what it wrote.
+Steps do not import this module: whoever runs a step (a flow's task, a CLI command) holds its locks around it through
+`unit_lock`, the one place that knows what each step writes and reads. Readers share, writers exclude: a step holds
+its output's lock exclusive, so two runs of one unit (a rerun while the last run's units still work, two people on one
+project folder, two workers given the same unit) never write one output at once (the second waits, says on whom,
+then finds the first's marker and reuses what it wrote), and its inputs' locks shared, so no input is rewritten while
+it is read (train reads no cache that extract rebuilds; evaluate reads train.json and the weights of one training).
 
-The lock is `flock(2)` on a hidden file beside the output: the kernel releases it when its holder exits or dies, so
-there is no stale lock to break and no rule that could break a live holder's. On NFS (v3 with lockd, v4 default
-mounts) Linux turns `flock` into an NFS byte-range lock, which the server releases when the holder's lease lapses
-(a crashed host: about 90 s); Lustre honours it when mounted with `-o flock` (the default `noflock` refuses it). A
-filesystem that refuses locks (NFS mounted `nolock`, Lustre without `flock`, some FUSE mounts) is an error naming the
-path and the fix, not a silent run without a lock, and never retried as a transient failure.
+The lock is `flock(2)` on a hidden file beside the output (`--out DIR`: beside DIR; pretrain: beside its checkpoint):
+the kernel releases it when its holder exits or dies, so there is no stale lock to break and no rule that could break a
+live holder's. On NFS (v3 with lockd, v4 default mounts) Linux turns `flock` into an NFS byte-range lock, which the
+server releases when the holder's lease lapses (a crashed host: about 90 s); Lustre honours it when mounted with `-o
+flock` (the default `noflock` refuses it). A filesystem that refuses locks (NFS mounted `nolock`, Lustre without
+`flock`, some FUSE mounts) is an error naming the path and the fix, not a silent run without a lock, and never retried
+as a transient failure.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from pathlib import Path
 
 from layerprobe.config import PathsConfig
 from layerprobe.file_hashes import state_dir
-from layerprobe.files import is_temporary
 from layerprobe.mounts import refuse_host_local_locks
 
 WAIT_REPORT_SECONDS = 30.0  # while waiting on another writer, say so again this often
@@ -39,19 +41,22 @@ class LockUnavailableError(ValueError):
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, *, what: str | None = None, log: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if needed) across processes and hosts; released even if the holder
-    dies. When another process holds it, `log` says so (naming `what` and the holder) and this one waits."""
+def file_lock(
+    path: str | Path, *, what: str | None = None, log: Callable[[str], None] | None = None, shared: bool = False
+) -> Iterator[None]:
+    """Hold a lock on `path` (created if needed) across processes and hosts; released even if the holder dies:
+    exclusive (a writer), or `shared` with other readers (LOCK_SH). When another process holds it in a way that
+    excludes this one, `log` says so (naming `what` and the holder) and this one waits."""
     path = Path(path)
     refuse_host_local_locks(path)  # NFS `nolock`, `local_lock=flock|all`: flock would succeed on this host only
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        if not _try_lock(handle, path):
+        if not _try_lock(handle, path, shared=shared):
             holder = _holder(path)
             say = log or (lambda message: None)
-            say(f"{what or path}: waiting for {holder}, which is computing it")
+            say(f"{what or path}: waiting for {holder}, which {'writes' if shared else 'uses'} it")
             start = time.monotonic()
-            while not _try_lock(handle, path, wait=WAIT_REPORT_SECONDS):
+            while not _try_lock(handle, path, wait=WAIT_REPORT_SECONDS, shared=shared):
                 say(f"{what or path}: still waiting for {_holder(path)} ({time.monotonic() - start:.0f} s)")
             say(f"{what or path}: {holder} finished after {time.monotonic() - start:.0f} s; checking what it wrote")
         try:
@@ -61,12 +66,12 @@ def file_lock(path: str | Path, *, what: str | None = None, log: Callable[[str],
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _try_lock(handle, path: Path, *, wait: float = 0.0) -> bool:
+def _try_lock(handle, path: Path, *, wait: float = 0.0, shared: bool = False) -> bool:
     """Take the lock without blocking, or within `wait` seconds (polling, so the waiter can report)."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             if time.monotonic() >= deadline:
@@ -98,25 +103,34 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
-# Where each step's unit lock lies (a hidden `.<name>.<step>.lock`, which DVC ignores) and the folder only that unit
-# writes (None: a folder shared with other units).
-_UNITS: dict[str, Callable[..., tuple[Path, str, Path | None]]] = {
+# What each step writes (its default target: `out` replaces it, and pretrain's checkpoint always comes as `out`)...
+_OUTPUTS: dict[str, Callable[..., Path]] = {
     # a whole unit of `layerprobe run` (backbone x dataset), held by the unit flow around its steps
-    "unit": lambda paths, backbone, dataset: (Path(paths.features) / backbone, dataset, None),
-    "pretrain": lambda paths, backbone: (paths.pretrained_dir, backbone, None),
-    "prepare": lambda paths, dataset: (Path(paths.data), dataset, paths.prepared_dir(dataset)),
-    "extract": lambda paths, backbone, dataset: (
-        Path(paths.features) / backbone, dataset, paths.features_dir(backbone, dataset)),
-    "train": lambda paths, backbone, dataset, probe: (
-        paths.probe_dir(backbone, dataset, probe).parent, probe, paths.probe_dir(backbone, dataset, probe)),
-    "evaluate": lambda paths, backbone, dataset, probe: (
-        paths.evaluation_dir(backbone, dataset, probe).parent, probe, paths.evaluation_dir(backbone, dataset, probe)),
-}  # fmt: skip
+    "unit": lambda paths, backbone, dataset: paths.features_dir(backbone, dataset),
+    "prepare": lambda paths, dataset: paths.prepared_dir(dataset),
+    "extract": lambda paths, backbone, dataset: paths.features_dir(backbone, dataset),
+    "train": lambda paths, backbone, dataset, probe: paths.probe_dir(backbone, dataset, probe),
+    "evaluate": lambda paths, backbone, dataset, probe: paths.evaluation_dir(backbone, dataset, probe),
+}
+# ... and what it reads, as (the step writing it, its names), downstream before upstream: every process takes its locks
+# in the pipeline's order backwards (evaluation, probe, features), so no two wait on each other. Extraction holds no
+# lock on its prepared dataset: units of several backbones extract one dataset at once, and the prepare step that each
+# of them runs first (to find it prepared) would wait for all the others' extractions.
+_INPUTS: dict[str, Callable[..., list[tuple[str, tuple[str, ...]]]]] = {
+    "train": lambda backbone, dataset, probe: [("extract", (backbone, dataset))],
+    "evaluate": lambda backbone, dataset, probe: [
+        ("train", (backbone, dataset, probe)),
+        ("extract", (backbone, dataset)),
+    ],
+}
 
 
-def unit_lock_path(paths: PathsConfig, step: str, *names: str) -> Path:
-    folder, name, _ = _UNITS[step](paths, *names)
-    return folder / f".{name}.{step}.lock"
+def unit_lock_path(paths: PathsConfig, step: str, *names: str, out: str | Path | None = None) -> Path:
+    """The lock file of a step's output: hidden, beside it (`.<name>.<step>.lock`, which DVC ignores)."""
+    if out is None and step not in _OUTPUTS:
+        raise ValueError(f"the {step} step's lock needs the path it writes")
+    target = Path(out) if out is not None else _OUTPUTS[step](paths, *names)
+    return target.parent / f".{target.name}.{step}.lock"
 
 
 def lock_held(path: Path) -> bool:
@@ -131,19 +145,24 @@ def lock_held(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def unit_lock(paths: PathsConfig, step: str, *names: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold the lock of one unit of a step: `pretrain` (backbone), `prepare` (dataset), `extract` (backbone,
-    dataset), `train` and `evaluate` (backbone, dataset, probe); a second run of the unit waits for it.
-
-    Once held, the temporaries left in the unit's folder are removed: every writer of the unit writes only while
-    holding this lock, so a temporary still there when the lock is free belongs to a writer that died mid-write.
-    """
-    _, _, output = _UNITS[step](paths, *names)
-    with file_lock(unit_lock_path(paths, step, *names), what=f"{step} {'/'.join(names)}", log=log):
-        if output is not None and output.is_dir():
-            for path in output.rglob(".*"):
-                if is_temporary(path) and path.is_file():
-                    path.unlink(missing_ok=True)
+def unit_lock(
+    paths: PathsConfig,
+    step: str,
+    *names: str,
+    out: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold what one unit of a step needs, for flows and CLI commands alike: its output's lock exclusive (`pretrain`
+    (backbone; `out`: its checkpoint), `prepare` (dataset), `extract` (backbone, dataset; `out`: another cache
+    folder), `train` and `evaluate` (backbone, dataset, probe)), then its inputs' locks shared (train: the feature
+    cache; evaluate: the probe and the cache). A second writer waits; readers wait for a writer, and a writer for its
+    readers."""
+    with contextlib.ExitStack() as held:
+        output = unit_lock_path(paths, step, *names, out=out)
+        held.enter_context(file_lock(output, what=f"{step} {'/'.join(names)}", log=log))
+        for writer, upstream in _INPUTS.get(step, lambda *_: [])(*names):
+            path = unit_lock_path(paths, writer, *upstream)
+            held.enter_context(file_lock(path, what=f"{writer} {'/'.join(upstream)}", log=log, shared=True))
         yield
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layerprobe.files import write_bytes_atomic
+from layerprobe.files import begin_output, swap_in, write_bytes_atomic
 from layerprobe.metrics import CI_LEVEL, paired_bootstrap_draws, percentile_interval
 
 REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of them)
@@ -385,12 +385,11 @@ def write_report(
     from layerprobe.plots import plot_attention_matrix, plot_gains
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = begin_output(out_dir, "report", marker=None)  # the last report stays whole until this one replaces it
     rows = results_rows(summary, probes=probes, groups=groups, intervals=intervals, baselines=baselines)
-    files = {key: out_dir / name for key, name in REPORT_FILES.items() if key != "attention"}
-    # Renamed into place, never written through: a file DVC linked into its cache is that cached version.
-    write_bytes_atomic(files["markdown"], format_markdown(rows, probes, heatmaps, intervals=intervals).encode())
-    write_bytes_atomic(files["csv"], format_csv(rows, probes).encode())
+    files = {key: staging / name for key, name in REPORT_FILES.items() if key != "attention"}
+    files["markdown"].write_text(format_markdown(rows, probes, heatmaps, intervals=intervals))
+    files["csv"].write_text(format_csv(rows, probes))
     series = gains_series(rows)
     write_bytes_atomic(files["gains"], (json.dumps(series, indent=2) + "\n").encode())
     if series:
@@ -404,7 +403,8 @@ def write_report(
     for backbone, by_dataset in heatmaps.items():
         labels = {f"{d} ({groups[d]})" if groups.get(d) else d: heatmap for d, heatmap in by_dataset.items()}
         files[f"attention/{backbone}"] = plot_attention_matrix(
-            labels, out_dir / REPORT_FILES["attention"] / f"{backbone}.png",
+            labels, staging / REPORT_FILES["attention"] / f"{backbone}.png",
             title=f"{backbone}: where {HEADLINE} attends, per dataset (test images, mean over heads)",
         )  # fmt: skip
-    return files
+    swap_in(staging, out_dir)
+    return {key: out_dir / Path(path).relative_to(staging) for key, path in files.items()}

@@ -11,13 +11,14 @@ import numpy as np
 from layerprobe.config import (
     FORMATS,
     HEATMAP_JSON,
+    METRICS_FILE,
     PREDICTIONS_FILE,
     PROBE_CONFIG,
     PROBE_WEIGHTS,
     EvaluateConfig,
     PathsConfig,
 )
-from layerprobe.files import read_json, sha256_file, write_arrays, write_json
+from layerprobe.files import begin_output, read_json, sha256_file, swap_in, write_arrays, write_json
 from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, provenance_record, staleness, vouch
 
 
@@ -72,7 +73,7 @@ def evaluate_step(
     from layerprobe.selection import open_selection
     from layerprobe.train import predict_selected
 
-    marker.unlink(missing_ok=True)
+    staging = begin_output(out_dir, fingerprint.value, marker=METRICS_FILE)  # swapped in whole, marker last
     probes = [load_probe(Path(entry["dir"])) for entry in trained["seeds"]]
     reading = reading_arguments(probes[0][1])
     if any(reading_arguments(config) != reading for _, config in probes[1:]):
@@ -105,10 +106,9 @@ def evaluate_step(
     # The interval of the seed mean (the number reported): resampled test images, each seed scored on the same ones.
     ci_low, ci_high = bootstrap_balanced_accuracy(labels, predictions, config["num_classes"])
     outputs = {"metrics": str(marker), "predictions": str(out_dir / PREDICTIONS_FILE)}
-    out_dir.mkdir(parents=True, exist_ok=True)
     label_type = np.min_scalar_type(config["num_classes"] - 1)  # uint8 up to 256 classes: the file stays small
     write_arrays(
-        out_dir / PREDICTIONS_FILE,
+        staging / PREDICTIONS_FILE,
         labels=labels.astype(label_type),
         predictions=predictions.astype(label_type),
         seeds=np.array([s["seed"] for s in per_seed]),
@@ -123,7 +123,7 @@ def evaluate_step(
         else:
             heatmap_kind = "layers"
             heatmap = layer_attention_heatmap(attention, config["token_labels"])
-        write_json(out_dir / HEATMAP_JSON, heatmap)
+        write_json(staging / HEATMAP_JSON, heatmap)
         outputs["heatmap_json"] = str(out_dir / HEATMAP_JSON)
     result = {
         "probe": probe_name,
@@ -140,11 +140,12 @@ def evaluate_step(
         "heatmap": heatmap_kind,  # None (a linear probe), "layers" or "patches"
         "outputs": outputs,
         "format": FORMATS["evaluation"],
-        "files": listed_files(out_dir, [PREDICTIONS_FILE, *([HEATMAP_JSON] if heatmap_kind else [])]),
+        "files": listed_files(staging, [PREDICTIONS_FILE, *([HEATMAP_JSON] if heatmap_kind else [])]),
         "fingerprint": fingerprint.as_dict(),
         "recorded": provenance_record(),
     }
-    write_json(marker, result)
+    write_json(staging / METRICS_FILE, result)
+    swap_in(staging, out_dir)
     return {**result, "status": "computed", "reason": reason}
 
 

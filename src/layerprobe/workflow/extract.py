@@ -8,7 +8,7 @@ from pathlib import Path
 
 from layerprobe.config import FORMATS, MANIFEST_FILE, BackboneConfig, ExtractConfig, PathsConfig
 from layerprobe.file_hashes import file_sha256
-from layerprobe.files import read_json
+from layerprobe.files import read_json, refuse_foreign
 from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
@@ -43,29 +43,26 @@ def extract_step(
     """Write (or reuse) the feature cache of (backbone, dataset); returns its path and content hash.
 
     A cache whose manifest records the same fingerprint is reused without building the model; otherwise the
-    extractor keeps finished shards of this very fingerprint (a killed run resumes) and recomputes the rest.
+    extractor keeps finished shards of this very fingerprint (a killed run resumes) and recomputes the rest, beside
+    the old cache, which stays whole until the new one replaces it.
     """
     from layerprobe.features import cache_content_hash
-    from layerprobe.fingerprint import changed_files
 
+    out_dir = Path(out_dir) if out_dir else paths.features_dir(backbone_name, dataset_name)
+    refuse_foreign(out_dir, MANIFEST_FILE)  # before any work: an --out of other files is never written
     splits_file = paths.splits_file(dataset_name)
     if not splits_file.is_file():
         raise FileNotFoundError(f"dataset {dataset_name!r} is not prepared: {splits_file} is missing (run prepare)")
     dataset_version = read_json(splits_file)["version"]
     fingerprint = extract_fingerprint(backbone, extract, dataset_version=dataset_version)
-    out_dir = Path(out_dir) if out_dir else paths.features_dir(backbone_name, dataset_name)
     reason = staleness(out_dir / MANIFEST_FILE, fingerprint)
     if reason is not None:
-        for name in changed_files(out_dir / MANIFEST_FILE, fingerprint):  # changed in place: not finished work,
-            (out_dir / name).unlink()  # though a shard's header still matches the plan
         # Imported only when there is work: timm alone costs a reused cache seconds.
         from layerprobe.backbone import create_backbone, create_eval_transform, describe_transform
         from layerprobe.data import open_prepared
         from layerprobe.extract import LayerTokenExtractor, extract_features
 
         prepared = open_prepared(paths.prepared_dir(dataset_name))  # fails on a broken dataset before the model
-        # Stale (its fingerprint, or a file it lists): no longer complete. Finished shards that still match are kept.
-        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         network = create_backbone(
             backbone.model, pretrained=backbone.pretrained, checkpoint=backbone.checkpoint,
             model_kwargs=backbone.model_kwargs, pos_embed_resample=backbone.pos_embed_resample,

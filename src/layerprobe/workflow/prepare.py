@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerprobe.config import FORMATS, DatasetConfig, PathsConfig, PrepareConfig
+from layerprobe.config import FORMATS, SPLITS_FILE, DatasetConfig, PathsConfig, PrepareConfig
 from layerprobe.data import prepare_dataset, source_inputs
 from layerprobe.file_hashes import input_listing
-from layerprobe.files import read_json
+from layerprobe.files import begin_output, read_json, swap_in
 from layerprobe.fingerprint import Fingerprint, make_fingerprint, provenance_record, staleness
 
 
@@ -27,18 +27,20 @@ def prepare_step(name: str, *, dataset: DatasetConfig, prepare: PrepareConfig, p
     out_dir = paths.prepared_dir(name)
     fingerprint = prepare_fingerprint(dataset, prepare)
     reason = staleness(paths.splits_file(name), fingerprint)
-    if reason is not None:
+    if reason is not None:  # written beside the old one, which stays whole until this one replaces it
+        staging = begin_output(out_dir, fingerprint.value, marker=SPLITS_FILE)
         prepare_dataset(
             name,
             source=dataset.source,
             options=dataset.options,
-            out_dir=out_dir,
+            out_dir=staging,
             val_fraction=prepare.val_fraction,
             test_fraction=prepare.test_fraction,
             seed=prepare.seed,
             fingerprint=fingerprint.as_dict(),
             recorded=provenance_record(),
         )
+        swap_in(staging, out_dir)
     marker = read_json(paths.splits_file(name))
     return {
         "dataset": name,

@@ -6,7 +6,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from layerprobe.config import FORMATS, BackboneConfig
+from layerprobe.config import FORMATS, BackboneConfig, PathsConfig
 from layerprobe.data import create_dataset, source_inputs
 from layerprobe.file_hashes import input_listing
 from layerprobe.files import read_json, replace_durably, tmp_path, write_json
@@ -24,6 +24,20 @@ def pretrain_fingerprint(backbone: BackboneConfig) -> Fingerprint:
     }
     inputs = input_listing(source_inputs(recipe.source, recipe.options))
     return make_fingerprint(__name__, format=FORMATS["pretrained"], params=params, inputs=inputs)
+
+
+def pretrain_checkpoint(backbone_name: str, backbone: BackboneConfig, paths: PathsConfig) -> Path:
+    """The file pretraining `backbone_name` writes: its `checkpoint`, refused in one line unless it lies in
+    `paths.pretrained_dir` (the stage's output, which DVC tracks), so no downloaded checkpoint is ever overwritten."""
+    if backbone.pretrain is None:
+        raise ValueError(f"backbone {backbone_name!r} has no `pretrain` section: nothing to pretrain")
+    checkpoint = Path(backbone.checkpoint)
+    if not checkpoint.resolve().is_relative_to(paths.pretrained_dir.resolve()):
+        raise ValueError(
+            f"backbones.{backbone_name}.checkpoint {checkpoint} is outside {paths.pretrained_dir}/, where pretrain "
+            "writes (the stage's output that DVC tracks): it is not overwritten"
+        )
+    return checkpoint
 
 
 def marker_path(backbone: BackboneConfig) -> Path:
@@ -50,7 +64,6 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
     from layerprobe.pretrain import encoder_state, pretrain
 
     check_model_name(backbone.model)  # a typo fails in one line, before the recipe's images are made
-    marker.unlink(missing_ok=True)
     recipe = backbone.pretrain
     dataset = create_dataset(recipe.source, **recipe.options)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, without disturbing the caller's RNG
@@ -77,7 +90,7 @@ def pretrain_step(backbone_name: str, *, backbone: BackboneConfig, progress: boo
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(checkpoint)
     save_file(encoder_state(model), str(tmp), metadata={"layerprobe.backbone": backbone_name})
-    replace_durably(tmp, checkpoint)
+    replace_durably(tmp, checkpoint)  # the old checkpoint stays whole until this rename
     summary = {
         "backbone": backbone_name,
         "checkpoint": str(checkpoint),

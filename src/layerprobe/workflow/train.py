@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 
 from layerprobe.config import (
     FORMATS,
@@ -12,12 +11,13 @@ from layerprobe.config import (
     PROBE_CONFIG,
     PROBE_WEIGHTS,
     SWEEP_FILE,
+    TRAIN_MARKER,
     PathsConfig,
     ProbeConfig,
     TrainConfig,
 )
 from layerprobe.device import dtype_name, resolve_device, resolve_matmul_dtype
-from layerprobe.files import read_json, write_json
+from layerprobe.files import begin_output, pause_point, read_json, swap_in, write_json
 from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, provenance_record, staleness
 
 
@@ -41,7 +41,8 @@ def train_step(
     """Train (or reuse) probe `probe_name` on the (backbone, dataset) feature cache.
 
     Writes `seed-<s>/` (probe.safetensors + probe.json, sweep.json with every config's validation scores,
-    history.json with the refit's curves) per seed, then `train.json` last as the completion marker.
+    history.json with the refit's curves) per seed, then `train.json` last as the completion marker, into a staging
+    folder that replaces the probe's folder whole once complete (`layerprobe.files.begin_output`).
     """
     from layerprobe.features import cache_content_hash
 
@@ -60,7 +61,7 @@ def train_step(
     from layerprobe.selection import PREDICT_ROWS, open_selection
     from layerprobe.train import make_grid, sweep_selected
 
-    marker.unlink(missing_ok=True)  # from here until the new marker, the folder is incomplete
+    staging = begin_output(out_dir, fingerprint.value, marker=TRAIN_MARKER)  # the old probe stays whole until swapped
     spec = get_probe_spec(probe_name, **probe.overrides())
     metadata = read_manifest(features_dir)["provenance"]
     layer_names, token_names = metadata["layer_names"], metadata["token_names"]
@@ -85,9 +86,6 @@ def train_step(
     grid = make_grid(train.lrs, train.weight_decays, train.attn_dropouts if spec.head == "attentive" else [0.0])
     device = resolve_device(train.device)
     training = {"device": device.type, "precision": dtype_name(resolve_matmul_dtype(train.precision, device))}
-    for stale in out_dir.glob("seed-*"):  # seeds no longer asked for must not linger in the output
-        if stale.name not in {f"seed-{seed}" for seed in train.seeds}:
-            shutil.rmtree(stale)
     per_seed = []
     for seed in train.seeds:
         result = sweep_selected(
@@ -101,7 +99,7 @@ def train_step(
             seed=seed,
             token_widths=token_widths,
         )
-        seed_dir = paths.seed_dir(backbone_name, dataset_name, probe_name, seed)
+        seed_dir, staged = paths.seed_dir(backbone_name, dataset_name, probe_name, seed), staging / f"seed-{seed}"
         best = dataclasses.asdict(result.best)
         config = {
             "probe": probe_name,
@@ -119,9 +117,9 @@ def train_step(
             "provenance": metadata,
             "training": training,
         }
-        save_probe(seed_dir, result.probe, config)
-        write_json(seed_dir / SWEEP_FILE, {"best": best, "configs": result.val_scores})
-        write_json(seed_dir / HISTORY_FILE, result.history)
+        save_probe(staged, result.probe, config)
+        write_json(staged / SWEEP_FILE, {"best": best, "configs": result.val_scores})
+        write_json(staged / HISTORY_FILE, result.history)
         best_val = max(score["balanced_accuracy"] for score in result.val_scores)
         per_seed.append({"seed": seed, "dir": str(seed_dir), "best": best, "val_balanced_accuracy": best_val})
     summary = {
@@ -131,7 +129,7 @@ def train_step(
         "training": training,
         "format": FORMATS["probes"],
         "files": listed_files(
-            out_dir,
+            staging,
             [
                 f"seed-{seed}/{name}"
                 for seed in train.seeds
@@ -141,7 +139,9 @@ def train_step(
         "fingerprint": fingerprint.as_dict(),
         "recorded": provenance_record(),
     }
-    write_json(marker, summary)
+    write_json(staging / TRAIN_MARKER, summary)
+    pause_point("train-swap")
+    swap_in(staging, out_dir)
     return {**summary, "status": "computed", "reason": reason}
 
 
