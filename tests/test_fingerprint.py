@@ -58,7 +58,7 @@ RESULTS = {
 }  # fmt: skip
 ORCHESTRATION = {
     "layerprobe.calibration", "layerprobe.cli", "layerprobe.estimate", "layerprobe.locks", "layerprobe.mlflow_model",
-    "layerprobe.params", "layerprobe.plan",
+    "layerprobe.mlflow_ui", "layerprobe.model_registry", "layerprobe.mounts", "layerprobe.params", "layerprobe.plan",
     "layerprobe.plots", "layerprobe.predict", "layerprobe.report", "layerprobe.tracking", "layerprobe.verify",
 }  # fmt: skip
 
