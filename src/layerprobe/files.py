@@ -103,7 +103,7 @@ def refuse_foreign(target: str | Path, marker: str) -> None:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(
             f"{target} holds files that are not a layerprobe output ({shown}): layerprobe writes only into a new "
-            "folder or over its own output; choose another folder"
+            "folder or over its own output; move or delete them, or choose another folder"
         )
 
 
