@@ -181,7 +181,8 @@ def test_a_webdataset_folder_as_extract_out_keeps_every_file_and_the_command_is_
     assert refused.returncode == 2 and not out
     assert err.strip().splitlines() == [
         f"layerprobe extract: error: {shards} holds files that are not a layerprobe output (shard-000000.tar, "
-        "shard-000001.tar): layerprobe writes only into a new folder or over its own output; choose another folder"
+        "shard-000001.tar): layerprobe writes only into a new folder or over its own output; move or delete them, or "
+        "choose another folder"
     ]
     assert {path.name: path.read_bytes() for path in shards.iterdir()} == kept
     assert sorted(path.name for path in shards.parent.iterdir()) == ["train"] and not list(work.iterdir())
