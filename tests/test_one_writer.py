@@ -274,7 +274,7 @@ def test_evaluate_while_its_probe_retrains_waits_and_scores_the_weights_it_then_
     assert run_ok(["evaluate", *unit, "--probe", "alf"], tmp_path)["status"] == "computed"
 
     flag = tmp_path / "paused"
-    retrain = cli(["train", *unit, "--probe", "alf", "--lr", "0.001"], tmp_path, pause=("train-swap", flag))
+    retrain = cli(["train", *unit, "--probe", "alf", "--lr", "0.001"], tmp_path, pause=("train-swap-alf", flag))
     wait_for_pause(flag, retrain)  # the new probe written, not yet in place; train holds the probe's lock
     evaluate = cli(["evaluate", *unit, "--probe", "alf"], tmp_path)
     said = ""

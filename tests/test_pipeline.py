@@ -23,6 +23,8 @@ from conftest import TINY_BACKBONE, run, tiny_params, write_params
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from layerprobe.files import PAUSE_ENV
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
@@ -110,19 +112,24 @@ def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(d
     assert probe.read_bytes() == before
 
     # A change of behaviour in training code (every learning rate halved): the probes are retrained. `dvc repro` is
-    # killed once the linear probe is done and alf is still training: the rerun keeps the one, finishes the other.
+    # killed once the linear probe is done and alf is trained but not yet swapped in (a pause point, not a race): the
+    # rerun keeps the one, finishes the other.
     edit(train_code, "    return min_lr + 0.5 * (1 + math.cos", "    return 0.5 * min_lr + 0.25 * (1 + math.cos")
     other_marker, marker = other_probe.parent.parent / "train.json", probe.parent.parent / "train.json"
     old_code = json.loads(other_marker.read_text())["fingerprint"]["code"]
-    killed = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    old_probe = probe.read_bytes()
+    flag = repo.parent / "alf-trained.flag"
+    killed = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env={**env, PAUSE_ENV: f"train-swap-alf:{flag}"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (other_marker.is_file() and json.loads(other_marker.read_text())["fingerprint"]["code"] != old_code):
+    while not (flag.is_file() and json.loads(other_marker.read_text())["fingerprint"]["code"] != old_code):
         assert killed.poll() is None and time.monotonic() < deadline, "the linear probe was never retrained"
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert not marker.is_file()  # alf was not finished: no marker, so nothing half-written is trusted
+    flag.unlink()
+    # alf's new output never landed: its old one stands whole, certified for the old code only, so it is retrained.
+    assert json.loads(marker.read_text())["fingerprint"]["code"] == old_code and probe.read_bytes() == old_probe
     kept = other_probe.stat().st_mtime_ns
     assert stages_run(run(["dvc", "repro", "train"], repo, env)) == ["train"]
     assert other_probe.stat().st_mtime_ns == kept  # finished work was not redone

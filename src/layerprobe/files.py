@@ -44,10 +44,11 @@ def stable_hash(value: Any, *, length: int = 16) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 4 MiB blocks."""
+    """sha256 of a file's bytes, read in 1 MiB blocks: a few threads hash at once during training, and their
+    buffers count against the memory budget (4 MiB blocks took it 2 MiB over in tests/test_selection.py)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 

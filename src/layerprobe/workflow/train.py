@@ -140,7 +140,7 @@ def train_step(
         "recorded": provenance_record(),
     }
     write_json(staging / TRAIN_MARKER, summary)
-    pause_point("train-swap")
+    pause_point(f"train-swap-{probe_name}")
     swap_in(staging, out_dir)
     return {**summary, "status": "computed", "reason": reason}
 
