@@ -77,7 +77,7 @@ def check_pool(client, pool: str) -> tuple[str, list[str]]:
     except ObjectNotFound:
         raise ValueError(
             f"work pool {pool!r} does not exist on the Prefect server: create it with "
-            f"`prefect work-pool create {pool} --type process` and start workers (README: Run on many machines)"
+            f"`prefect work-pool create {pool} --type process` and start workers (docs/many-machines.md)"
         ) from None
     workers = live_workers(client, pool)
     if not workers:

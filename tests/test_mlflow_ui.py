@@ -2,7 +2,7 @@
 fresh headless Chromium (an empty profile: nothing set in its local storage).
 
 The flows (prepare → extract → train → evaluate → report) run in process on the tiny suite, as in test_flows.py; or,
-with LAYERPROBE_UI_PROJECT=<folder>, the test uses that project as it is (the default suite's, for the README's
+with LAYERPROBE_UI_PROJECT=<folder>, the test uses that project as it is (the default suite's, for docs/mlflow.md's
 screenshots). `layerprobe ui` serves the store and prints a URL; the browser opens it and must find the runs table
 (in the "Model training" sidebar) with the last parent run's `alf` and `linear_last_cls` children and each one's
 `test/balanced_accuracy`; the compare view of the two; the alf heatmap artifact rendered as an image; the registered

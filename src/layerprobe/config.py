@@ -305,7 +305,7 @@ class TrainConfig:
     min_steps: int = 1000  # the reference raises epochs until at least 1000 optimisation steps
     batch_size: int = 2048  # largest batch; `even` evens batches out so the last one is not a runt
     min_batches: int = 5  # at least this many batches per epoch (the reference shrinks batches on small sets)
-    batch_plan: str = "even"  # even | reference (BATCH_PLANS; README "Paper-exact preprocessing and selection")
+    batch_plan: str = "even"  # even | reference (BATCH_PLANS; docs/paper-study.md, "Where the reference differs")
     grad_clip: float = 5.0  # per-member gradient-norm clip
     jitter_std: float = 0.05  # Gaussian noise on normalised training tokens...
     jitter_prob: float = 0.5  # ...for this share of the images
