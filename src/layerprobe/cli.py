@@ -43,28 +43,34 @@ from layerprobe.config import (
 )
 from layerprobe.params import Params, load_params
 
-TENSOR_COMMANDS = {"pretrain", "prepare", "extract", "train", "evaluate", "predict", "run", "plan"}
+TENSOR_COMMANDS = {"pretrain", "prepare", "extract", "train", "evaluate", "predict", "plan"}
 TRACEBACK_ENV = "LAYERPROBE_TRACEBACK"  # set to 1 (as --traceback does) to see the whole traceback of an error
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The one exception boundary: whatever a command raises is one line `layerprobe <command>: error: ...` and a
-    non-zero exit (2: bad input or a failing file, 1: anything else), unless --traceback asks for all of it."""
     args = build_parser().parse_args(argv)  # a bad value is one line from argparse, before anything runs
+    return guarded(f"layerprobe {args.command}", lambda: args.run(args), compute=args.command in TENSOR_COMMANDS,
+                   show_traceback=args.traceback)  # fmt: skip
+
+
+def guarded(name: str, call, *, compute: bool, show_traceback: bool) -> int:
+    """The one exception boundary (the CLI's and the project pipeline's entry): whatever `call` raises is one line
+    `<name>: error: ...` and a non-zero exit (2: bad input or a failing file, 1: anything else), unless
+    `show_traceback` (--traceback) or LAYERPROBE_TRACEBACK=1 asks for all of it."""
     try:
-        if args.command in TENSOR_COMMANDS:  # importing torch costs seconds that `verify`, `ui`, `list` need not pay
+        if compute:  # importing torch costs seconds that `verify`, `ui`, `list` need not pay
             from layerprobe.device import flush_denormals
 
             flush_denormals()  # before any worker thread starts
-        return args.run(args)
+        return call()
     except KeyboardInterrupt:  # finished units keep their markers; `layerprobe run` has cancelled what it submitted
-        print(f"layerprobe {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - the boundary: every class becomes one line
-        if args.traceback or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+        if show_traceback or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
             traceback.print_exc()
         else:
-            print(f"layerprobe {args.command}: error: {describe_error(error)}", file=sys.stderr)
+            print(f"{name}: error: {describe_error(error)}", file=sys.stderr)
         return 2 if isinstance(error, (ValueError, OSError)) else 1
 
 
@@ -492,45 +498,16 @@ def run_evaluate(args) -> int:
 
 
 def run_pipeline(args) -> int:
-    import os
+    """`python -m flows.pipeline` in the project folder: the pipeline is the project's (flows/ beside dvc.yaml), so
+    the installed library starts it rather than importing it."""
     import subprocess
 
-    root = Path.cwd()
-    if not (root / "flows" / "pipeline.py").is_file():
-        raise FileNotFoundError(f"`layerprobe run` runs in the project folder (with flows/pipeline.py), not in {root}")
-    sys.path.insert(0, str(root))  # `flows` is the project's package, beside dvc.yaml, not part of the library
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.local_server import prefect_api
-    from flows.pipeline import pipeline
-
-    params = load_params(args.params)  # read once: the pipeline passes it down to every flow and unit
-    pool = args.pool or params.flow.work_pool
-    if pool and not PREFECT_API_URL.value():
-        raise ValueError(
-            f"work pool {pool!r} needs the Prefect server its workers use: set PREFECT_API_URL "
-            "(e.g. http://<host>:4200/api of `prefect server start`)"
-        )
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_api():
-        try:
-            summary = pipeline(params, work_pool=args.pool)
-        except RuntimeError as error:  # failed units: the rest is evaluated, nothing is recorded in dvc.lock
-            print(f"layerprobe run: error: {error}", file=sys.stderr)
-            return 1
-    for outcome in summary["units"]:
-        status = outcome["summary"]["status"]
-        trained = ", ".join(f"{probe} {state}" for probe, state in status["train"].items())
-        where = outcome["summary"]["worker"] or "this process"
-        print(f"{outcome['backbone']}/{outcome['dataset']} on {where}: extract {status['extract']}; {trained}")
-    if not args.no_commit and (root / "dvc.yaml").is_file():
-        # The outputs were made outside `dvc repro`: commit records them in dvc.lock (DVC's pattern for that), so
-        # `dvc status` is clean and a later `dvc repro` reruns nothing.
-        committed = subprocess.run(["dvc", "commit", "--force"], cwd=root, capture_output=True, text=True)
-        if committed.returncode:
-            raise ValueError(f"`dvc commit` failed: {' '.join(committed.stderr.split())[:400]}")
-        print("dvc commit: dvc.lock records this run; `dvc status` is clean")
-    return 0
+    if not Path("flows/pipeline.py").is_file():
+        where = Path.cwd()
+        raise FileNotFoundError(f"`layerprobe run` runs in the project folder (with flows/pipeline.py), not in {where}")
+    forwarded = ["--params", str(args.params), *(["--pool", args.pool] if args.pool else [])]
+    forwarded += [flag for flag, wanted in (("--no-commit", args.no_commit), ("--traceback", args.traceback)) if wanted]
+    return subprocess.run([sys.executable, "-m", "flows.pipeline", *forwarded]).returncode
 
 
 def run_predict(args) -> int:
