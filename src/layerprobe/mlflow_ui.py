@@ -44,51 +44,34 @@ def find_experiment(experiment: str, tracking_uri: str) -> str | None:
     server keeps what it has)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    if found.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
+    if found is not None and found.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.set_experiment_tag(found.experiment_id, VIEW_TAG, json.dumps(RUNS_VIEW))
-    return found.experiment_id
+    return None if found is None else found.experiment_id
 
 
 @contextlib.contextmanager
 def mlflow_server(
     store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path
 ) -> Iterator[subprocess.Popen]:
-    """`mlflow server` on the store at http://host:port in its own process group, writing to `log`: yields the process
-    once it answers; ends it and its uvicorn child on exit. Artifacts are file URIs the server reads directly
+    """`mlflow server` on the store at http://host:port, writing to `log`: yields the process once it answers; ends
+    it and its uvicorn child (its process group) on exit. Artifacts are file URIs the server reads directly
     (`--artifacts-destination` keeps anything from landing in ./mlartifacts)."""
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
         except OSError as e:
             raise ValueError(f"cannot serve the MLflow UI on {host}:{port} ({e.strerror}): give another --port") from e
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri, "--workers", "1"]
+    command += ["--artifacts-destination", Path(artifacts_dir).resolve().as_uri(), "--host", host, "--port", str(port)]
     # The job runner would start ~8 huey consumer processes; telemetry cannot reach out from our machines.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        store_uri,
-        "--artifacts-destination",
-        Path(artifacts_dir).resolve().as_uri(),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 120
-        while not _healthy(base):
+        while not _healthy(f"http://{host}:{port}/health"):
             if server.poll() is not None or time.monotonic() > deadline:
                 state = f"exited with {server.returncode}" if server.poll() is not None else "did not answer in 120 s"
                 raise RuntimeError(f"mlflow server {state}:\n{Path(log).read_text()[-3000:]}")
@@ -104,9 +87,9 @@ def mlflow_server(
                 server.wait(timeout=30)
 
 
-def _healthy(base_url: str) -> bool:
+def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

@@ -22,23 +22,21 @@ def describe_registered_models(params: Params, probes: list[EvaluatedProbe]) -> 
     """Create each registered model the probes go to, or update its description where it changed."""
     client = MlflowClient()
     for name, probe in {p.registered_model: p for p in probes}.items():
-        config = params.datasets[probe.dataset]
-        task = config.description or f"{config.source} images"
-        group = f", {config.group}" if config.group else ""
+        dataset = params.datasets[probe.dataset]
+        task = (dataset.description or f"{dataset.source} images") + (f", {dataset.group}" if dataset.group else "")
         description = (
-            f"Probes classifying {probe.dataset} ({task}{group}; {len(probe.evaluation['class_names'])} classes) from "
+            f"Probes classifying {probe.dataset} ({task}; {len(probe.evaluation['class_names'])} classes) from "
             f"the layer tokens of the frozen backbone {probe.backbone}. One version per trained probe's weights, its "
             "tags giving the probe, seeds, scores and features' hash. "
             f"@{params.evaluate.champion_alias}: the best by validation balanced accuracy, never by test."
         )
         try:
-            current = client.get_registered_model(name)
+            current = client.get_registered_model(name).description
         except mlflow.exceptions.MlflowException:
-            client.create_registered_model(
-                name, description=description, tags={"backbone": probe.backbone, "dataset": probe.dataset}
-            )
-            continue
-        if current.description != description:
+            current = client.create_registered_model(
+                name, tags={"backbone": probe.backbone, "dataset": probe.dataset}
+            ).description
+        if current != description:
             client.update_registered_model(name, description=description)
 
 
@@ -61,14 +59,11 @@ def version_tags(probe: EvaluatedProbe) -> dict[str, str]:
 
 def registered_versions(names: set[str]) -> dict[tuple[str, str], ModelVersion]:
     """{(registered model, probe hash): its first version} over `names`."""
-    if not names:
-        return {}
     listed = ", ".join(f"'{name}'" for name in sorted(names))
+    versions = mlflow.search_model_versions(filter_string=f"name IN ({listed})") if names else []
     found: dict[tuple[str, str], ModelVersion] = {}
-    versions = mlflow.search_model_versions(filter_string=f"name IN ({listed})")
     for version in sorted(versions, key=lambda v: int(v.version)):
-        if "probe_hash" in version.tags:
-            found.setdefault((version.name, version.tags["probe_hash"]), version)
+        found.setdefault((version.name, version.tags.get("probe_hash")), version)
     return found
 
 
@@ -86,8 +81,7 @@ def crown_champions(results: list[dict], *, alias: str, suite_probes: list[str])
     """Give `alias` to the best probe per registered model by validation balanced accuracy, among `results` and the
     version holding it now when its probe is in the suite but not in `results` (a recording of some of the suite's
     probes keeps the others' best). Returns {registered model: {probe, version}}."""
-    client = MlflowClient()
-    best: dict[str, dict] = {}
+    client, champions = MlflowClient(), {}
     for name in {r["registered_model"] for r in results}:
         candidates = [r for r in results if r["registered_model"] == name]
         try:
@@ -98,7 +92,8 @@ def crown_champions(results: list[dict], *, alias: str, suite_probes: list[str])
         if probe in suite_probes and probe not in {r["probe"] for r in candidates}:
             val = float(current.tags["val_balanced_accuracy"])
             candidates.append({"probe": probe, "version": current.version, "val_balanced_accuracy": val})
-        best[name] = max(candidates, key=lambda r: r["val_balanced_accuracy"])
-        if current is None or str(current.version) != str(best[name]["version"]):
-            client.set_registered_model_alias(name, alias, str(best[name]["version"]))
-    return {name: {"probe": r["probe"], "version": str(r["version"])} for name, r in best.items()}
+        best = max(candidates, key=lambda r: r["val_balanced_accuracy"])
+        champions[name] = {"probe": best["probe"], "version": str(best["version"])}
+        if current is None or str(current.version) != champions[name]["version"]:
+            client.set_registered_model_alias(name, alias, champions[name]["version"])
+    return champions
