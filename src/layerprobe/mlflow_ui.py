@@ -51,9 +51,7 @@ def find_experiment(experiment: str, tracking_uri: str) -> str | None:
 
 
 @contextlib.contextmanager
-def mlflow_server(
-    store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path
-) -> Iterator[subprocess.Popen]:
+def mlflow_server(store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path) -> Iterator:
     """`mlflow server` on the store at http://host:port, writing to `log`: yields the process once it answers; ends
     it and its uvicorn child (its process group) on exit. Artifacts are file URIs the server reads directly
     (`--artifacts-destination` keeps anything from landing in ./mlartifacts)."""
@@ -71,7 +69,7 @@ def mlflow_server(
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not _healthy(f"http://{host}:{port}/health"):
+        while not _answers(f"http://{host}:{port}/health"):
             if server.poll() is not None or time.monotonic() > deadline:
                 state = f"exited with {server.returncode}" if server.poll() is not None else "did not answer in 120 s"
                 raise RuntimeError(f"mlflow server {state}:\n{Path(log).read_text()[-3000:]}")
@@ -87,9 +85,7 @@ def mlflow_server(
                 server.wait(timeout=30)
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+def _answers(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+    return False

@@ -4,6 +4,7 @@ while it holds the experiment's recording lock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import TYPE_CHECKING
 
@@ -16,28 +17,6 @@ from layerprobe.params import Params, registered_model_name  # noqa: F401 - the 
 
 if TYPE_CHECKING:
     from layerprobe.tracking import EvaluatedProbe
-
-
-def describe_registered_models(params: Params, probes: list[EvaluatedProbe]) -> None:
-    """Create each registered model the probes go to, or update its description where it changed."""
-    client = MlflowClient()
-    for name, probe in {p.registered_model: p for p in probes}.items():
-        dataset = params.datasets[probe.dataset]
-        task = (dataset.description or f"{dataset.source} images") + (f", {dataset.group}" if dataset.group else "")
-        description = (
-            f"Probes classifying {probe.dataset} ({task}; {len(probe.evaluation['class_names'])} classes) from "
-            f"the layer tokens of the frozen backbone {probe.backbone}. One version per trained probe's weights, its "
-            "tags giving the probe, seeds, scores and features' hash. "
-            f"@{params.evaluate.champion_alias}: the best by validation balanced accuracy, never by test."
-        )
-        try:
-            current = client.get_registered_model(name).description
-        except mlflow.exceptions.MlflowException:
-            current = client.create_registered_model(
-                name, tags={"backbone": probe.backbone, "dataset": probe.dataset}
-            ).description
-        if current != description:
-            client.update_registered_model(name, description=description)
 
 
 def version_tags(probe: EvaluatedProbe) -> dict[str, str]:
@@ -61,16 +40,26 @@ def registered_versions(names: set[str]) -> dict[tuple[str, str], ModelVersion]:
     """{(registered model, probe hash): its first version} over `names`."""
     listed = ", ".join(f"'{name}'" for name in sorted(names))
     versions = mlflow.search_model_versions(filter_string=f"name IN ({listed})") if names else []
-    found: dict[tuple[str, str], ModelVersion] = {}
-    for version in sorted(versions, key=lambda v: int(v.version)):
-        found.setdefault((version.name, version.tags.get("probe_hash")), version)
-    return found
+    return {(v.name, v.tags.get("probe_hash")): v for v in sorted(versions, key=lambda v: -int(v.version))}
 
 
-def register(probe: EvaluatedProbe, model, *, run_id: str, description: str) -> ModelVersion:
-    """A new version of the probe's registered model from its logged `model`, named on the model as
-    `mlflow.register_model` names it (the runs table's Models column reads it)."""
-    client, new = MlflowClient(), {"description": description, "await_creation_for": 0, "model_id": model.model_id}
+def register(params: Params, probe: EvaluatedProbe, model, *, run_id: str, description: str) -> ModelVersion:
+    """A new version of the probe's registered model (created on its first) from its logged `model`, named on the
+    model as `mlflow.register_model` names it (the runs table's Models column reads it)."""
+    client, dataset = MlflowClient(), params.datasets[probe.dataset]
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # it exists already
+        client.create_registered_model(
+            probe.registered_model, tags={"backbone": probe.backbone, "dataset": probe.dataset}
+        )
+    task = (dataset.description or f"{dataset.source} images") + (f", {dataset.group}" if dataset.group else "")
+    client.update_registered_model(  # described anew: the dataset's description or the alias may have changed
+        probe.registered_model,
+        f"Probes classifying {probe.dataset} ({task}; {len(probe.evaluation['class_names'])} classes) from the layer "
+        f"tokens of the frozen backbone {probe.backbone}. One version per trained probe's weights, its tags giving the "
+        f"probe, seeds, scores and features' hash. @{params.evaluate.champion_alias}: the best by validation balanced "
+        "accuracy, never by test.",
+    )
+    new = {"description": description, "await_creation_for": 0, "model_id": model.model_id}
     version = client.create_model_version(probe.registered_model, model.model_uri, run_id, version_tags(probe), **new)
     registered = [{"name": probe.registered_model, "version": str(version.version)}]
     client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(registered)})
@@ -86,12 +75,13 @@ def crown_champions(results: list[dict], *, alias: str, suite_probes: list[str])
         candidates = [r for r in results if r["registered_model"] == name]
         try:
             current = client.get_model_version_by_alias(name, alias)
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException:  # no champion yet
             current = None
-        probe = current.tags.get("probe") if current is not None else None
-        if probe in suite_probes and probe not in {r["probe"] for r in candidates}:
+        if current and current.tags.get("probe") in set(suite_probes) - {r["probe"] for r in candidates}:
             val = float(current.tags["val_balanced_accuracy"])
-            candidates.append({"probe": probe, "version": current.version, "val_balanced_accuracy": val})
+            candidates.append(
+                {"probe": current.tags["probe"], "version": current.version, "val_balanced_accuracy": val}
+            )
         best = max(candidates, key=lambda r: r["val_balanced_accuracy"])
         champions[name] = {"probe": best["probe"], "version": str(best["version"])}
         if current is None or str(current.version) != champions[name]["version"]:

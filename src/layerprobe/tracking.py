@@ -1,9 +1,6 @@
 """Recording in MLflow: runs with their params, metrics and artifacts, and each evaluated probe as a child run with its
-logged model and registered version (`layerprobe.model_registry`). Called by flows, never by the science.
-
-Runs are addressed by id through `MlflowClient`, so Prefect's task threads never share MLflow's fluent "active run";
-the client splits each `log_batch` at MLflow's limits. Metadata lives in `sqlite:///<mlruns>/mlflow.db`, artifacts
-under `<mlruns>/artifacts`.
+logged model and registered version (`layerprobe.model_registry`). Called by flows, never by the science. Runs are
+addressed by id through `MlflowClient`: Prefect's task threads never share MLflow's fluent "active run".
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -75,17 +71,12 @@ def setup_experiment(experiment: str, *, mlruns_dir: str | Path, tracking_uri: s
 
 @contextlib.contextmanager
 def recording(params: Params) -> Iterator[str]:
-    """Hold the experiment's recording lock (a file beside the store) and yield the experiment's id.
-
-    One recorder at a time per experiment: two would both find a probe unrecorded and register its weights twice.
-    So in a store beside the lock, a probe or parent run still RUNNING once the lock is held was left by a killed
-    recorder: it is closed FAILED. (A tracking server's recorders share the lock only through one `paths.mlruns`.)
+    """Hold the experiment's recording lock (beside the store) and yield its id. One recorder at a time: two would
+    both register a probe's weights. So in a store beside the lock, a probe or parent run still RUNNING was left by a
+    killed recorder: it is closed FAILED. (A tracking server's recorders share the lock through one `paths.mlruns`.)
     """
-    uri, experiment = (
-        resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri),
-        params.tracking.experiment,
-    )
-    local = uri.startswith("sqlite:///")
+    uri = resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri)
+    experiment, local = params.tracking.experiment, uri.startswith("sqlite:///")
     store = Path(uri.removeprefix("sqlite:///")).parent if local else Path(params.paths.mlruns)
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in experiment)
     with file_lock(store / f".{name}.record.lock", what=f"recording in MLflow experiment {experiment!r}", log=print):
@@ -97,11 +88,8 @@ def recording(params: Params) -> Iterator[str]:
 
 
 def start_run(experiment_id: str, run_name: str, *, tags: dict[str, str]) -> str:
-    """A RUNNING run with `tags`, the git commit and the DVC experiment's name (`dvc exp run`)."""
+    """A RUNNING run with `tags` and the DVC experiment's name (`dvc exp run`)."""
     tags = {"dvc.exp_name": os.environ["DVC_EXP_NAME"], **tags} if os.environ.get("DVC_EXP_NAME") else tags
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-        tags = {"mlflow.source.git.commit": git.stdout.strip(), **tags}
     return MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
@@ -149,10 +137,8 @@ def log_metrics(run_id: str, metrics: dict[str, float | list[tuple[int, float]]]
 def log_artifacts(run_id: str, files: dict[str, str | Path]) -> None:
     """Log files: {artifact folder: local path}; a folder is logged whole."""
     for folder, path in files.items():
-        if Path(path).is_dir():
-            MlflowClient().log_artifacts(run_id, str(path), artifact_path=folder)
-        elif Path(path).is_file():
-            MlflowClient().log_artifact(run_id, str(path), artifact_path=folder or None)
+        log = MlflowClient().log_artifacts if Path(path).is_dir() else MlflowClient().log_artifact
+        log(run_id, str(path), artifact_path=folder)
 
 
 def describe_run(run_id: str, headline: str) -> None:
@@ -163,10 +149,9 @@ def describe_run(run_id: str, headline: str) -> None:
 
 def log_pretrain_run(experiment_id: str, summary: dict, *, recipe: Any) -> str:
     """One run `pretrain/<backbone>`: the recipe as params, held-out accuracy, the loss curve, the checkpoint's hash."""
-    tags = {"backbone": summary["backbone"], "stage": "pretrain", "checkpoint": summary["checkpoint"]}
-    with run(
-        experiment_id, f"pretrain/{summary['backbone']}", tags | {"checkpoint.sha256": summary["sha256"]}
-    ) as run_id:
+    tags = {"backbone": summary["backbone"], "stage": "pretrain"}
+    tags |= {"checkpoint": summary["checkpoint"], "checkpoint.sha256": summary["sha256"]}
+    with run(experiment_id, f"pretrain/{summary['backbone']}", tags) as run_id:
         log_params(run_id, {"pretrain": recipe, "classes": summary["classes"], "num_images": summary["num_images"]})
         metrics = {f"pretrain/{k}": summary[k] for k in ("held_out_accuracy", "seconds")}
         metrics |= {f"pretrain/{k}": [(row["step"], row[k]) for row in summary["history"]] for k in ("loss", "lr")}
@@ -233,58 +218,42 @@ def describe_probe(probe: EvaluatedProbe) -> str:
     return f"{probe.probe} on {probe.backbone} / {probe.dataset}: val {val}, test {test} [{low}, {high}]"
 
 
-def features_dataset(probe: EvaluatedProbe) -> tuple[DatasetInput, list[int]]:
-    """The probe's feature cache as an MLflow input dataset (its content hash as digest, its split sizes and shape as
-    profile), and one image's token shape [L, T, D]. The same cache is the same dataset in every run."""
+def features_dataset(probe: EvaluatedProbe) -> DatasetInput:
+    """The probe's feature cache as an MLflow input dataset: its content hash as digest, its split sizes and shape
+    [N, L, T, D] as profile. The same cache is the same dataset in every run."""
     from layerprobe.features import cache_content_hash, open_shard, read_manifest
 
     manifest = read_manifest(probe.features_dir)
     shards = [open_shard(probe.features_dir / entry["file"]) for entry in manifest["shards"]]  # memory-mapped
     splits = Counter(str(split) for batch, _, _ in shards for split in batch.column("split").to_pylist())
-    shape = shards[0][2]
-    profile = {"num_rows": manifest["num_images"], "splits": splits, "shape": [manifest["num_images"], *shape]}
+    profile = {"num_rows": manifest["num_images"], "splits": splits, "shape": [manifest["num_images"], *shards[0][2]]}
     source, digest = json.dumps({"uri": probe.features_dir.resolve().as_uri()}), cache_content_hash(probe.features_dir)
     dataset = Dataset(
         f"{probe.backbone}/{probe.dataset} features", digest[:16], "local", source, profile=json.dumps(profile)
     )
-    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")]), list(shape)
-
-
-def probe_signature(probe: EvaluatedProbe, shape: list[int]) -> mlflow.models.ModelSignature:
-    """Tokens [-1, L, T, D] float32 (and, for a probe reading the final layer's patch tokens, patches [-1, P, D])
-    in, class indices [-1] out."""
-    from mlflow.types import Schema, TensorSpec
-
-    from layerprobe.features import open_shard, read_manifest
-
-    patches = probe.probe_config.get("patch_tokens")
-    inputs = [TensorSpec(np.dtype(np.float32), (-1, *shape), "tokens" if patches else None)]
-    if patches:
-        first = read_manifest(probe.features_dir)["shards"][0]["patches"]["file"]
-        inputs.append(TensorSpec(np.dtype(np.float32), (-1, *open_shard(probe.features_dir / first)[2]), "patches"))
-    return mlflow.models.ModelSignature(Schema(inputs), Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def log_probe_run(
-    params: Params, probe: EvaluatedProbe, *, experiment_id: str, parent_id: str, cache: tuple, code_dir: Path, version
+    params: Params, probe: EvaluatedProbe, *, experiment_id: str, parent_id: str, cache, code_dir: Path, version
 ) -> dict:
     """What one probe records, as a child run of `parent_id`: its feature cache (`features_dataset`) as input; the
     probe as a pickle-free pyfunc model, registered unless `version` (of the same weights) exists; params; scores
     linked to the model and the cache; the refit's curves; the evaluation folder (figures, predictions); the sweep."""
-    (dataset, shape), evaluation, description = cache, probe.evaluation, describe_probe(probe)
+    evaluation, description = probe.evaluation, describe_probe(probe)
     tags = {key: getattr(probe, key) for key in ("backbone", "dataset", "probe", "probe_hash", "registered_model")}
     tags |= {"mlflow.parentRunId": parent_id, KIND_TAG: "probe", NOTE_TAG: description, EVALUATION_TAG: probe.key}
     with run(experiment_id, probe.run_name, tags | {"features.content_hash": probe.trained["features_hash"]}) as run_id:
         client = MlflowClient()
-        client.log_inputs(run_id, datasets=[dataset])
+        client.log_inputs(run_id, datasets=[cache])
         # Created in this experiment: left to `Model.log`, a model without an active run lands in experiment 0.
         model = client.create_logged_model(experiment_id, name=probe.run_name.replace("/", "-"), source_run_id=run_id)
         # Requirements stated (pinned to what logged it), not inferred: inferring loads the model in a subprocess.
         required = [f"{name}=={installed_version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
         pyfunc = {"python_model": str(MODEL_CODE), "artifacts": {"probe": str(probe.seed_dir)}, "name": model.name}
         pyfunc |= {"code_paths": [str(code_dir)], "pip_requirements": required, "model_id": model.model_id}
-        model = Model.log(None, mlflow.pyfunc, run_id=run_id, signature=probe_signature(probe, shape), **pyfunc)
-        version = version or model_registry.register(probe, model, run_id=run_id, description=description)
+        model = Model.log(None, mlflow.pyfunc, run_id=run_id, **pyfunc)  # its input and output: `mlflow_model`
+        version = version or model_registry.register(params, probe, model, run_id=run_id, description=description)
         client.set_tag(run_id, "registered_version", str(version.version))
 
         backbone, extract = params.backbones[probe.backbone], params.extract
@@ -304,8 +273,12 @@ def log_probe_run(
         scores |= {"val/balanced_accuracy": evaluation["val_balanced_accuracy"]}
         history = read_json(probe.seed_dir / HISTORY_FILE)  # the refit's curves (the probe that was saved)
         scores |= {f"train/{k}": [(row["step"], row[k][0]) for row in history] for k in ("loss", "lr")}
-        linked = {"model_id": model.model_id, "dataset_name": dataset.dataset.name}
-        log_metrics(run_id, scores, **linked, dataset_digest=dataset.dataset.digest)
+        linked = {
+            "model_id": model.model_id,
+            "dataset_name": cache.dataset.name,
+            "dataset_digest": cache.dataset.digest,
+        }
+        log_metrics(run_id, scores, **linked)
         log_artifacts(run_id, {"evaluation": probe.evaluation_dir, "sweep": probe.seed_dir / SWEEP_FILE})
     return {"run_id": run_id, "version": str(version.version), "model_uri": model.model_uri, "recorded": "logged"}
 
@@ -333,10 +306,9 @@ def record_evaluations(params: Params, probes: list[tuple[str, str, str]]) -> di
     logged again; a version is registered once per weights' hash. A new parent run holds the probes logged now as
     children and references the others (`probe_runs.json`); when every probe is referenced and an earlier parent
     covers exactly this set, no run is added: that parent is tagged `layerprobe.confirmed` and stays the record.
-    Then `@champion` goes to the best probe by validation balanced accuracy per registered model.
-
-    Returns {"experiment_id", "parent_run_id", "parent": "new" | "unchanged", "results": [evaluation + row + run id,
-    version, model uri, "recorded": "logged" | "referenced"], "champions"}.
+    Then `@champion` goes to the best probe by validation balanced accuracy per registered model. Returns
+    {experiment_id, parent_run_id, parent: new | unchanged, results: [evaluation, row, run_id, version, model_uri,
+    recorded: logged | referenced], champions}.
     """
     evaluated = [read_evaluated_probe(params, *task) for task in probes]
     set_key = stable_hash({"suite": params.suite.name, "probes": sorted(p.key for p in evaluated)})
@@ -344,12 +316,12 @@ def record_evaluations(params: Params, probes: list[tuple[str, str, str]]) -> di
         versions = model_registry.registered_versions({p.registered_model for p in evaluated})
         # Newest first, so each key keeps its earliest run: the one first recorded.
         earlier = {r.data.tags[EVALUATION_TAG]: r.info.run_id for r in _search(experiment_id, EVALUATION_TAG, None)}
-        results = {}
-        for p in evaluated:
-            version = versions.get((p.registered_model, p.probe_hash))
-            if p.key in earlier and version is not None:
-                results[p.key] = {"run_id": earlier[p.key], "version": str(version.version)}
-                results[p.key] |= {"model_uri": version.source, "recorded": "referenced"}
+        known = {p.key: versions.get((p.registered_model, p.probe_hash)) for p in evaluated if p.key in earlier}
+        results = {
+            key: {"run_id": earlier[key], "version": str(v.version), "model_uri": v.source, "recorded": "referenced"}
+            for key, v in known.items()
+            if v is not None
+        }
         new = [p for p in evaluated if p.key not in results]
         same = [] if new else _search(experiment_id, EVALUATION_SET_TAG, set_key)
         if same:
@@ -372,7 +344,6 @@ def _record_new(params: Params, experiment_id: str, evaluated, new, versions: di
     tags = {"suite": params.suite.name, KIND_TAG: "evaluation", EVALUATION_SET_TAG: set_key, NOTE_TAG: summary}
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     with run(experiment_id, f"{params.suite.name}-{stamp}", tags | {SUMMARY_TAG: summary}) as parent_id:
-        model_registry.describe_registered_models(params, new)
         caches = {p.features_dir: features_dataset(p) for p in {p.features_dir: p for p in new}.values()}
         with tempfile.TemporaryDirectory(prefix="layerprobe-model-code-") as tmp:
             code_dir, ids = model_code(Path(tmp)), {"experiment_id": experiment_id, "parent_id": parent_id}
