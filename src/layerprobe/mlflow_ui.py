@@ -52,9 +52,8 @@ def find_experiment(experiment: str, tracking_uri: str) -> str | None:
 
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path) -> Iterator:
-    """`mlflow server` on the store at http://host:port, writing to `log`: yields the process once it answers; ends
-    it and its uvicorn child (its process group) on exit. Artifacts are file URIs the server reads directly
-    (`--artifacts-destination` keeps anything from landing in ./mlartifacts)."""
+    """`mlflow server` on the store at http://host:port, writing to `log`: yields the process once it answers, ends it
+    on exit. It reads artifacts' file URIs directly (`--artifacts-destination`: nothing lands in ./mlartifacts)."""
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
@@ -75,14 +74,10 @@ def mlflow_server(store_uri: str, *, artifacts_dir: Path, host: str, port: int, 
                 raise RuntimeError(f"mlflow server {state}:\n{Path(log).read_text()[-3000:]}")
             time.sleep(0.5)
         yield server
-    finally:
+    finally:  # the whole group: `mlflow server` runs uvicorn as its child
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=30)
+        server.wait(timeout=30)
 
 
 def _answers(url: str) -> bool:

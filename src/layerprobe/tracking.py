@@ -113,13 +113,11 @@ def run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Iterator[str
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """Flat params: nested dicts and config dataclasses joined with '.'."""
+    """Flat params: nested dicts' keys joined with '.'."""
     MlflowClient().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in _flatten(params).items()])
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
-    if dataclasses.is_dataclass(values) and not isinstance(values, type):
-        values = dataclasses.asdict(values)
     if not isinstance(values, dict):
         return {prefix: values}
     return {k: v for key, value in values.items() for k, v in _flatten(value, f"{prefix}.{key}".strip(".")).items()}
@@ -152,14 +150,18 @@ def log_pretrain_run(experiment_id: str, summary: dict, *, recipe: Any) -> str:
     tags = {"backbone": summary["backbone"], "stage": "pretrain"}
     tags |= {"checkpoint": summary["checkpoint"], "checkpoint.sha256": summary["sha256"]}
     with run(experiment_id, f"pretrain/{summary['backbone']}", tags) as run_id:
-        log_params(run_id, {"pretrain": recipe, "classes": summary["classes"], "num_images": summary["num_images"]})
+        log_params(
+            run_id,
+            {
+                "pretrain": dataclasses.asdict(recipe),
+                "classes": summary["classes"],
+                "num_images": summary["num_images"],
+            },
+        )
         metrics = {f"pretrain/{k}": summary[k] for k in ("held_out_accuracy", "seconds")}
         metrics |= {f"pretrain/{k}": [(row["step"], row[k]) for row in summary["history"]] for k in ("loss", "lr")}
         log_metrics(run_id, metrics)
     return run_id
-
-
-# --------------------------------------------------------------------------------------------------- evaluated probes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,11 +189,8 @@ class EvaluatedProbe:
         return f"{self.backbone}/{self.dataset}/{self.probe}"
 
     @property
-    def row(self) -> dict:
-        """Its names and scores as the parent's table and the evaluation's results list them."""
-        names = {key: getattr(self, key) for key in ("backbone", "dataset", "probe", "registered_model")}
-        scores = {"test_balanced_accuracy": self.evaluation["test"]["balanced_accuracy"]}
-        return names | scores | {"val_balanced_accuracy": self.evaluation["val_balanced_accuracy"]}
+    def names(self) -> dict[str, str]:
+        return {key: getattr(self, key) for key in ("backbone", "dataset", "probe", "registered_model")}
 
 
 def read_evaluated_probe(params: Params, backbone: str, dataset: str, probe: str) -> EvaluatedProbe:
@@ -199,9 +198,9 @@ def read_evaluated_probe(params: Params, backbone: str, dataset: str, probe: str
     if not paths.evaluation_marker(*names).is_file():
         raise FileNotFoundError(f"{'/'.join(names)} is not evaluated: {paths.evaluation_marker(*names)} is missing")
     trained = read_json(paths.train_marker(*names))
-    seed_dir, digest = Path(trained["seeds"][0]["dir"]), hashlib.sha256()
-    for path in sorted(p for p in seed_dir.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(seed_dir).as_posix().encode() + path.read_bytes())
+    seed_dir = Path(trained["seeds"][0]["dir"])
+    files = sorted(p for p in seed_dir.rglob("*") if p.is_file())
+    digest = hashlib.sha256(b"".join(p.relative_to(seed_dir).as_posix().encode() + p.read_bytes() for p in files))
     registered = model_registry.registered_model_name(params.evaluate.registry_prefix, dataset, backbone)
     outputs = (paths.evaluation_dir(*names), seed_dir, paths.features_dir(backbone, dataset))
     read = (read_json(paths.evaluation_marker(*names)), trained, read_json(seed_dir / PROBE_CONFIG))
@@ -262,9 +261,8 @@ def log_probe_run(
         logged |= {"dataset_source": params.datasets[probe.dataset].source, "feature_dtype": extract.dtype}
         logged |= {"extract_precision": extract.precision, "train": {k: getattr(params.train, k) for k in TRAIN_GRID}}
         logged |= {"best": evaluation["best"], "num_seeds": evaluation["num_seeds"]}
-        log_params(
-            run_id, logged | {"probe_spec": probe.probe_config["spec"], "training": probe.trained.get("training", {})}
-        )
+        logged |= {"probe_spec": probe.probe_config["spec"], "training": probe.trained.get("training", {})}
+        log_params(run_id, logged)
 
         low, high = evaluation["test_ci"]["balanced_accuracy"]  # bootstrap over test images (metrics.CI_LEVEL)
         scores = {f"test/{k}": v for k, v in evaluation["test"].items()}
@@ -296,19 +294,13 @@ def model_code(folder: Path) -> Path:
     return code_dir
 
 
-# ----------------------------------------------------------------------------------------------------- the recording
-
-
 def record_evaluations(params: Params, probes: list[tuple[str, str, str]]) -> dict:
     """Record evaluated probes (backbone, dataset, probe) from their outputs on disk, under the recording lock.
 
-    A probe recorded before with the same key (`EVALUATION_TAG`), its version still registered, is referenced, not
-    logged again; a version is registered once per weights' hash. A new parent run holds the probes logged now as
-    children and references the others (`probe_runs.json`); when every probe is referenced and an earlier parent
-    covers exactly this set, no run is added: that parent is tagged `layerprobe.confirmed` and stays the record.
-    Then `@champion` goes to the best probe by validation balanced accuracy per registered model. Returns
-    {experiment_id, parent_run_id, parent: new | unchanged, results: [evaluation, row, run_id, version, model_uri,
-    recorded: logged | referenced], champions}.
+    A probe recorded before with its key (`EVALUATION_TAG`), its version still registered, is referenced, not logged
+    again; a version is registered once per weights' hash. A new parent run holds the probes logged now and references
+    the others (`probe_runs.json`), unless every probe is referenced and an earlier parent holds exactly this set: that
+    one stays the record, tagged `layerprobe.confirmed`. `@champion`: the best by validation balanced accuracy.
     """
     evaluated = [read_evaluated_probe(params, *task) for task in probes]
     set_key = stable_hash({"suite": params.suite.name, "probes": sorted(p.key for p in evaluated)})
@@ -329,7 +321,7 @@ def record_evaluations(params: Params, probes: list[tuple[str, str, str]]) -> di
             MlflowClient().set_tag(parent_id, "layerprobe.confirmed", dt.datetime.now(dt.timezone.utc).isoformat())
         else:
             parent_id = _record_new(params, experiment_id, evaluated, new, versions, results, set_key)
-        rows = [p.evaluation | p.row | results[p.key] for p in evaluated]
+        rows = [p.evaluation | p.names | results[p.key] for p in evaluated]
         champions = model_registry.crown_champions(
             rows, alias=params.evaluate.champion_alias, suite_probes=params.suite.probes
         )
@@ -350,7 +342,7 @@ def _record_new(params: Params, experiment_id: str, evaluated, new, versions: di
             for p in new:  # the model code staged once for the batch, each cache read once
                 version, cache = versions.get((p.registered_model, p.probe_hash)), caches[p.features_dir]
                 results[p.key] = log_probe_run(params, p, **ids, cache=cache, code_dir=code_dir, version=version)
-        table = [p.row | results[p.key] for p in evaluated]
+        table = [p.names | results[p.key] for p in evaluated]  # the scores are the probe runs' own
         table = {"columns": list(table[0]), "data": [list(row.values()) for row in table]}
         MlflowClient().log_dict(parent_id, table, PROBE_RUNS_FILE)
     return parent_id
