@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from importlib.metadata import version as installed_version
@@ -35,7 +34,8 @@ from layerprobe.params import Params
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model folder is noise
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-MODEL_REQUIREMENTS = ("torch", "numpy", "safetensors", "scikit-learn")  # what the pyfunc imports at load time
+# What the pyfunc imports, pinned as installed: stated, since inferring them loads each model in a subprocess.
+MODEL_REQUIREMENTS = ("torch", "numpy", "safetensors", "scikit-learn")
 # MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds model-training runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 KIND_TAG = "layerprobe.kind"  # "evaluation" (a parent run) or "probe" (its children)
@@ -59,8 +59,7 @@ def resolve_tracking_uri(mlruns_dir: str | Path, configured: str | None = None) 
 def setup_experiment(experiment: str, *, mlruns_dir: str | Path, tracking_uri: str | None = None) -> str:
     """Point MLflow at the store and return the experiment id, creating it with artifacts under `mlruns/`."""
     mlflow.set_tracking_uri(resolve_tracking_uri(mlruns_dir, tracking_uri))
-    found = MlflowClient().get_experiment_by_name(experiment)
-    if found is not None:
+    if (found := MlflowClient().get_experiment_by_name(experiment)) is not None:
         return found.experiment_id
     artifacts = (Path(mlruns_dir).resolve() / "artifacts" / experiment).as_uri()
     try:
@@ -126,7 +125,7 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 def log_metrics(run_id: str, metrics: dict[str, float | list[tuple[int, float]]], **linked: str) -> None:
     """Scores {key: value} (missing and non-finite ones left out) and curves {key: [(step, value), ...]}; `linked`:
     the `model_id`, `dataset_name` and `dataset_digest` the scores belong to."""
-    now = int(time.time() * 1000)
+    now = int(dt.datetime.now().timestamp() * 1000)
     batch = [Metric(k, float(v), now, int(step)) for k, c in metrics.items() if isinstance(c, list) for step, v in c]
     scores = {k: v for k, v in metrics.items() if not isinstance(v, list) and v is not None and np.isfinite(v)}
     MlflowClient().log_batch(run_id, metrics=batch + [Metric(k, float(v), now, 0, **linked) for k, v in scores.items()])
@@ -227,9 +226,8 @@ def features_dataset(probe: EvaluatedProbe) -> DatasetInput:
     splits = Counter(str(split) for batch, _, _ in shards for split in batch.column("split").to_pylist())
     profile = {"num_rows": manifest["num_images"], "splits": splits, "shape": [manifest["num_images"], *shards[0][2]]}
     source, digest = json.dumps({"uri": probe.features_dir.resolve().as_uri()}), cache_content_hash(probe.features_dir)
-    dataset = Dataset(
-        f"{probe.backbone}/{probe.dataset} features", digest[:16], "local", source, profile=json.dumps(profile)
-    )
+    name = f"{probe.backbone}/{probe.dataset} features"
+    dataset = Dataset(name, digest[:16], "local", source, profile=json.dumps(profile))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
@@ -247,7 +245,6 @@ def log_probe_run(
         client.log_inputs(run_id, datasets=[cache])
         # Created in this experiment: left to `Model.log`, a model without an active run lands in experiment 0.
         model = client.create_logged_model(experiment_id, name=probe.run_name.replace("/", "-"), source_run_id=run_id)
-        # Requirements stated (pinned to what logged it), not inferred: inferring loads the model in a subprocess.
         required = [f"{name}=={installed_version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
         pyfunc = {"python_model": str(MODEL_CODE), "artifacts": {"probe": str(probe.seed_dir)}, "name": model.name}
         pyfunc |= {"code_paths": [str(code_dir)], "pip_requirements": required, "model_id": model.model_id}
@@ -322,9 +319,8 @@ def record_evaluations(params: Params, probes: list[tuple[str, str, str]]) -> di
         else:
             parent_id = _record_new(params, experiment_id, evaluated, new, versions, results, set_key)
         rows = [p.evaluation | p.names | results[p.key] for p in evaluated]
-        champions = model_registry.crown_champions(
-            rows, alias=params.evaluate.champion_alias, suite_probes=params.suite.probes
-        )
+        alias, suite_probes = params.evaluate.champion_alias, params.suite.probes
+        champions = model_registry.crown_champions(rows, alias=alias, suite_probes=suite_probes)
     recorded = {"experiment_id": experiment_id, "parent_run_id": parent_id, "results": rows, "champions": champions}
     return recorded | {"parent": "unchanged" if same else "new"}
 
@@ -351,7 +347,5 @@ def _record_new(params: Params, experiment_id: str, evaluated, new, versions: di
 def _search(experiment_id: str, tag: str, value: str | None) -> list:
     """The finished runs carrying `tag` (with `value`, unless None), newest first, every page."""
     condition = f"tags.`{tag}` = '{value}'" if value is not None else f"tags.`{tag}` IS NOT NULL"
-    order = ["attributes.start_time DESC"]
-    return mlflow.search_runs(
-        [experiment_id], f"{condition} and attributes.status = 'FINISHED'", order_by=order, output_format="list"
-    )
+    condition += " and attributes.status = 'FINISHED'"
+    return mlflow.search_runs([experiment_id], condition, order_by=["attributes.start_time DESC"], output_format="list")
