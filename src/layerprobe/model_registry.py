@@ -46,22 +46,20 @@ def registered_versions(names: set[str]) -> dict[tuple[str, str], ModelVersion]:
 def register(params: Params, probe: EvaluatedProbe, model, *, run_id: str, description: str) -> ModelVersion:
     """A new version of the probe's registered model (created on its first) from its logged `model`, named on the
     model as `mlflow.register_model` names it (the runs table's Models column reads it)."""
-    client, dataset = MlflowClient(), params.datasets[probe.dataset]
+    client, dataset, name = MlflowClient(), params.datasets[probe.dataset], probe.registered_model
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # it exists already
-        client.create_registered_model(
-            probe.registered_model, tags={"backbone": probe.backbone, "dataset": probe.dataset}
-        )
+        client.create_registered_model(name, tags={"backbone": probe.backbone, "dataset": probe.dataset})
     task = (dataset.description or f"{dataset.source} images") + (f", {dataset.group}" if dataset.group else "")
     client.update_registered_model(  # described anew: the dataset's description or the alias may have changed
-        probe.registered_model,
+        name,
         f"Probes classifying {probe.dataset} ({task}; {len(probe.evaluation['class_names'])} classes) from the layer "
         f"tokens of the frozen backbone {probe.backbone}. One version per trained probe's weights, its tags giving the "
         f"probe, seeds, scores and features' hash. @{params.evaluate.champion_alias}: the best by validation balanced "
         "accuracy, never by test.",
     )
     new = {"description": description, "await_creation_for": 0, "model_id": model.model_id}
-    version = client.create_model_version(probe.registered_model, model.model_uri, run_id, version_tags(probe), **new)
-    registered = [{"name": probe.registered_model, "version": str(version.version)}]
+    version = client.create_model_version(name, model.model_uri, run_id, version_tags(probe), **new)
+    registered = [{"name": name, "version": str(version.version)}]
     client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(registered)})
     return version
 
@@ -77,11 +75,10 @@ def crown_champions(results: list[dict], *, alias: str, suite_probes: list[str])
             current = client.get_model_version_by_alias(name, alias)
         except mlflow.exceptions.MlflowException:  # no champion yet
             current = None
-        if current and current.tags.get("probe") in set(suite_probes) - {r["probe"] for r in candidates}:
+        kept = current.tags.get("probe") if current else None  # a champion not recorded now stays a rival
+        if kept in set(suite_probes) - {r["probe"] for r in candidates}:
             val = float(current.tags["val_balanced_accuracy"])
-            candidates.append(
-                {"probe": current.tags["probe"], "version": current.version, "val_balanced_accuracy": val}
-            )
+            candidates.append({"probe": kept, "version": current.version, "val_balanced_accuracy": val})
         best = max(candidates, key=lambda r: r["val_balanced_accuracy"])
         champions[name] = {"probe": best["probe"], "version": str(best["version"])}
         if current is None or str(current.version) != champions[name]["version"]:

@@ -149,14 +149,8 @@ def log_pretrain_run(experiment_id: str, summary: dict, *, recipe: Any) -> str:
     tags = {"backbone": summary["backbone"], "stage": "pretrain"}
     tags |= {"checkpoint": summary["checkpoint"], "checkpoint.sha256": summary["sha256"]}
     with run(experiment_id, f"pretrain/{summary['backbone']}", tags) as run_id:
-        log_params(
-            run_id,
-            {
-                "pretrain": dataclasses.asdict(recipe),
-                "classes": summary["classes"],
-                "num_images": summary["num_images"],
-            },
-        )
+        data = {"classes": summary["classes"], "num_images": summary["num_images"]}
+        log_params(run_id, {"pretrain": dataclasses.asdict(recipe)} | data)
         metrics = {f"pretrain/{k}": summary[k] for k in ("held_out_accuracy", "seconds")}
         metrics |= {f"pretrain/{k}": [(row["step"], row[k]) for row in summary["history"]] for k in ("loss", "lr")}
         log_metrics(run_id, metrics)
@@ -238,9 +232,9 @@ def log_probe_run(
     probe as a pickle-free pyfunc model, registered unless `version` (of the same weights) exists; params; scores
     linked to the model and the cache; the refit's curves; the evaluation folder (figures, predictions); the sweep."""
     evaluation, description = probe.evaluation, describe_probe(probe)
-    tags = {key: getattr(probe, key) for key in ("backbone", "dataset", "probe", "probe_hash", "registered_model")}
+    tags = probe.names | {"probe_hash": probe.probe_hash, "features.content_hash": probe.trained["features_hash"]}
     tags |= {"mlflow.parentRunId": parent_id, KIND_TAG: "probe", NOTE_TAG: description, EVALUATION_TAG: probe.key}
-    with run(experiment_id, probe.run_name, tags | {"features.content_hash": probe.trained["features_hash"]}) as run_id:
+    with run(experiment_id, probe.run_name, tags) as run_id:
         client = MlflowClient()
         client.log_inputs(run_id, datasets=[cache])
         # Created in this experiment: left to `Model.log`, a model without an active run lands in experiment 0.
@@ -268,12 +262,8 @@ def log_probe_run(
         scores |= {"val/balanced_accuracy": evaluation["val_balanced_accuracy"]}
         history = read_json(probe.seed_dir / HISTORY_FILE)  # the refit's curves (the probe that was saved)
         scores |= {f"train/{k}": [(row["step"], row[k][0]) for row in history] for k in ("loss", "lr")}
-        linked = {
-            "model_id": model.model_id,
-            "dataset_name": cache.dataset.name,
-            "dataset_digest": cache.dataset.digest,
-        }
-        log_metrics(run_id, scores, **linked)
+        data = cache.dataset
+        log_metrics(run_id, scores, model_id=model.model_id, dataset_name=data.name, dataset_digest=data.digest)
         log_artifacts(run_id, {"evaluation": probe.evaluation_dir, "sweep": probe.seed_dir / SWEEP_FILE})
     return {"run_id": run_id, "version": str(version.version), "model_uri": model.model_uri, "recorded": "logged"}
 
