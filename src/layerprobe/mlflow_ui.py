@@ -31,8 +31,7 @@ TRAINING_SIDEBAR = "workflowType=machine_learning"
 
 
 def runs_url(base_url: str, experiment_id: str | None) -> str:
-    """The experiment's runs table in the "Model training" sidebar and the project's view; the experiments list when
-    there is no experiment yet."""
+    """The experiment's runs table in the "Model training" sidebar and the project's view (none yet: the list)."""
     base = base_url.rstrip("/")
     if experiment_id is None:
         return f"{base}/#/experiments?{TRAINING_SIDEBAR}"
@@ -40,8 +39,7 @@ def runs_url(base_url: str, experiment_id: str | None) -> str:
 
 
 def find_experiment(experiment: str, tracking_uri: str) -> str | None:
-    """The id of `experiment` (None when no run created it yet), with the runs view stored on it (a read-only
-    server keeps what it has)."""
+    """The id of `experiment` (None before its first run), its runs view stored (a read-only server keeps its own)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None and found.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
@@ -68,7 +66,9 @@ def mlflow_server(store_uri: str, *, artifacts_dir: Path, host: str, port: int, 
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not _answers(f"http://{host}:{port}/health"):
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2):
+                break  # it answers 200 (an error status raises)
             if server.poll() is not None or time.monotonic() > deadline:
                 state = f"exited with {server.returncode}" if server.poll() is not None else "did not answer in 120 s"
                 raise RuntimeError(f"mlflow server {state}:\n{Path(log).read_text()[-3000:]}")
@@ -78,9 +78,3 @@ def mlflow_server(store_uri: str, *, artifacts_dir: Path, host: str, port: int, 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-        return response.status == 200
-    return False

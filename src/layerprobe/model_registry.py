@@ -64,10 +64,9 @@ def register(params: Params, probe: EvaluatedProbe, model, *, run_id: str, descr
     return version
 
 
-def crown_champions(results: list[dict], *, alias: str, suite_probes: list[str]) -> dict[str, dict]:
+def crown_champions(results: list[dict], alias: str, suite_probes: list[str]) -> dict[str, dict]:
     """Give `alias` to the best probe per registered model by validation balanced accuracy, among `results` and the
-    version holding it now when its probe is in the suite but not in `results` (a recording of some of the suite's
-    probes keeps the others' best). Returns {registered model: {probe, version}}."""
+    version holding it now when its probe is in the suite but not recorded now. Returns {model: {probe, version}}."""
     client, champions = MlflowClient(), {}
     for name in {r["registered_model"] for r in results}:
         candidates = [r for r in results if r["registered_model"] == name]

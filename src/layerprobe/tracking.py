@@ -1,7 +1,6 @@
 """Recording in MLflow: runs with their params, metrics and artifacts, and each evaluated probe as a child run with its
 logged model and registered version (`layerprobe.model_registry`). Called by flows, never by the science. Runs are
-addressed by id through `MlflowClient`: Prefect's task threads never share MLflow's fluent "active run".
-"""
+addressed by id through `MlflowClient`: Prefect's task threads never share MLflow's fluent "active run"."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from layerprobe import model_registry
+from layerprobe.code_key import import_closure
 from layerprobe.config import HISTORY_FILE, PROBE_CONFIG, SWEEP_FILE
 from layerprobe.files import read_json, stable_hash
 from layerprobe.locks import file_lock
@@ -72,8 +72,7 @@ def setup_experiment(experiment: str, *, mlruns_dir: str | Path, tracking_uri: s
 def recording(params: Params) -> Iterator[str]:
     """Hold the experiment's recording lock (beside the store) and yield its id. One recorder at a time: two would
     both register a probe's weights. So in a store beside the lock, a probe or parent run still RUNNING was left by a
-    killed recorder: it is closed FAILED. (A tracking server's recorders share the lock through one `paths.mlruns`.)
-    """
+    killed recorder: it is closed FAILED. (A tracking server's recorders share the lock through one `paths.mlruns`.)"""
     uri = resolve_tracking_uri(params.paths.mlruns, params.tracking.tracking_uri)
     experiment, local = params.tracking.experiment, uri.startswith("sqlite:///")
     store = Path(uri.removeprefix("sqlite:///")).parent if local else Path(params.paths.mlruns)
@@ -93,7 +92,6 @@ def start_run(experiment_id: str, run_name: str, *, tags: dict[str, str]) -> str
 
 
 def end_run(run_id: str, *, error: str | None = None) -> None:
-    """FINISHED, or FAILED with the `error` as a tag."""
     if error:
         MlflowClient().set_tag(run_id, "layerprobe.error", error[:5000])
     MlflowClient().set_terminated(run_id, status="FAILED" if error else "FINISHED")
@@ -225,13 +223,11 @@ def features_dataset(probe: EvaluatedProbe) -> DatasetInput:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
-def log_probe_run(
-    params: Params, probe: EvaluatedProbe, *, experiment_id: str, parent_id: str, cache, code_dir: Path, version
-) -> dict:
-    """What one probe records, as a child run of `parent_id`: its feature cache (`features_dataset`) as input; the
+def log_probe_run(params: Params, probe: EvaluatedProbe, parent: tuple[str, str], *, cache, code_dir, version) -> dict:
+    """What one probe records, as a child run of `parent` (experiment id, run id): its feature `cache` as input; the
     probe as a pickle-free pyfunc model, registered unless `version` (of the same weights) exists; params; scores
     linked to the model and the cache; the refit's curves; the evaluation folder (figures, predictions); the sweep."""
-    evaluation, description = probe.evaluation, describe_probe(probe)
+    (experiment_id, parent_id), evaluation, description = parent, probe.evaluation, describe_probe(probe)
     tags = probe.names | {"probe_hash": probe.probe_hash, "features.content_hash": probe.trained["features_hash"]}
     tags |= {"mlflow.parentRunId": parent_id, KIND_TAG: "probe", NOTE_TAG: description, EVALUATION_TAG: probe.key}
     with run(experiment_id, probe.run_name, tags) as run_id:
@@ -271,8 +267,6 @@ def log_probe_run(
 def model_code(folder: Path) -> Path:
     """`folder/layerprobe`: the modules the pyfunc imports (the import closure of `mlflow_model`), so `models:/...`
     loads where layerprobe is not installed; the rest of the package stays out of every model."""
-    from layerprobe.code_key import import_closure
-
     package, code_dir = Path(__file__).parent, Path(folder) / "layerprobe"
     for path in import_closure("layerprobe.mlflow_model"):
         if path.is_relative_to(package):
@@ -309,8 +303,7 @@ def record_evaluations(params: Params, probes: list[tuple[str, str, str]]) -> di
         else:
             parent_id = _record_new(params, experiment_id, evaluated, new, versions, results, set_key)
         rows = [p.evaluation | p.names | results[p.key] for p in evaluated]
-        alias, suite_probes = params.evaluate.champion_alias, params.suite.probes
-        champions = model_registry.crown_champions(rows, alias=alias, suite_probes=suite_probes)
+        champions = model_registry.crown_champions(rows, params.evaluate.champion_alias, params.suite.probes)
     recorded = {"experiment_id": experiment_id, "parent_run_id": parent_id, "results": rows, "champions": champions}
     return recorded | {"parent": "unchanged" if same else "new"}
 
@@ -324,10 +317,10 @@ def _record_new(params: Params, experiment_id: str, evaluated, new, versions: di
     with run(experiment_id, f"{params.suite.name}-{stamp}", tags | {SUMMARY_TAG: summary}) as parent_id:
         caches = {p.features_dir: features_dataset(p) for p in {p.features_dir: p for p in new}.values()}
         with tempfile.TemporaryDirectory(prefix="layerprobe-model-code-") as tmp:
-            code_dir, ids = model_code(Path(tmp)), {"experiment_id": experiment_id, "parent_id": parent_id}
+            code_dir, parent = model_code(Path(tmp)), (experiment_id, parent_id)
             for p in new:  # the model code staged once for the batch, each cache read once
                 version, cache = versions.get((p.registered_model, p.probe_hash)), caches[p.features_dir]
-                results[p.key] = log_probe_run(params, p, **ids, cache=cache, code_dir=code_dir, version=version)
+                results[p.key] = log_probe_run(params, p, parent, cache=cache, code_dir=code_dir, version=version)
         table = [p.names | results[p.key] for p in evaluated]  # the scores are the probe runs' own
         table = {"columns": list(table[0]), "data": [list(row.values()) for row in table]}
         MlflowClient().log_dict(parent_id, table, PROBE_RUNS_FILE)
