@@ -31,8 +31,7 @@ TRAINING_SIDEBAR = "workflowType=machine_learning"
 
 
 def runs_url(base_url: str, experiment_id: str | None) -> str:
-    """The experiment's runs table in the "Model training" sidebar and the project's view; the experiments list when
-    there is no experiment yet."""
+    """The experiment's runs table in the "Model training" sidebar and the project's view (none yet: the list)."""
     base = base_url.rstrip("/")
     if experiment_id is None:
         return f"{base}/#/experiments?{TRAINING_SIDEBAR}"
@@ -40,73 +39,42 @@ def runs_url(base_url: str, experiment_id: str | None) -> str:
 
 
 def find_experiment(experiment: str, tracking_uri: str) -> str | None:
-    """The id of `experiment` (None when no run created it yet), with the runs view stored on it (a read-only
-    server keeps what it has)."""
+    """The id of `experiment` (None before its first run), its runs view stored (a read-only server keeps its own)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    if found.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
+    if found is not None and found.tags.get(VIEW_TAG) != json.dumps(RUNS_VIEW):
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.set_experiment_tag(found.experiment_id, VIEW_TAG, json.dumps(RUNS_VIEW))
-    return found.experiment_id
+    return None if found is None else found.experiment_id
 
 
 @contextlib.contextmanager
-def mlflow_server(
-    store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path
-) -> Iterator[subprocess.Popen]:
-    """`mlflow server` on the store at http://host:port in its own process group, writing to `log`: yields the process
-    once it answers; ends it and its uvicorn child on exit. Artifacts are file URIs the server reads directly
-    (`--artifacts-destination` keeps anything from landing in ./mlartifacts)."""
+def mlflow_server(store_uri: str, *, artifacts_dir: Path, host: str, port: int, log: Path) -> Iterator:
+    """`mlflow server` on the store at http://host:port, writing to `log`: yields the process once it answers, ends it
+    on exit. It reads artifacts' file URIs directly (`--artifacts-destination`: nothing lands in ./mlartifacts)."""
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
         except OSError as e:
             raise ValueError(f"cannot serve the MLflow UI on {host}:{port} ({e.strerror}): give another --port") from e
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri, "--workers", "1"]
+    command += ["--artifacts-destination", Path(artifacts_dir).resolve().as_uri(), "--host", host, "--port", str(port)]
     # The job runner would start ~8 huey consumer processes; telemetry cannot reach out from our machines.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true", **os.environ}
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        store_uri,
-        "--artifacts-destination",
-        Path(artifacts_dir).resolve().as_uri(),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 120
-        while not _healthy(base):
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2):
+                break  # it answers 200 (an error status raises)
             if server.poll() is not None or time.monotonic() > deadline:
                 state = f"exited with {server.returncode}" if server.poll() is not None else "did not answer in 120 s"
                 raise RuntimeError(f"mlflow server {state}:\n{Path(log).read_text()[-3000:]}")
             time.sleep(0.5)
         yield server
-    finally:
+    finally:  # the whole group: `mlflow server` runs uvicorn as its child
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=30)
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+        server.wait(timeout=30)

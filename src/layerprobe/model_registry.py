@@ -4,6 +4,7 @@ while it holds the experiment's recording lock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import TYPE_CHECKING
 
@@ -16,30 +17,6 @@ from layerprobe.params import Params, registered_model_name  # noqa: F401 - the 
 
 if TYPE_CHECKING:
     from layerprobe.tracking import EvaluatedProbe
-
-
-def describe_registered_models(params: Params, probes: list[EvaluatedProbe]) -> None:
-    """Create each registered model the probes go to, or update its description where it changed."""
-    client = MlflowClient()
-    for name, probe in {p.registered_model: p for p in probes}.items():
-        config = params.datasets[probe.dataset]
-        task = config.description or f"{config.source} images"
-        group = f", {config.group}" if config.group else ""
-        description = (
-            f"Probes classifying {probe.dataset} ({task}{group}; {len(probe.evaluation['class_names'])} classes) from "
-            f"the layer tokens of the frozen backbone {probe.backbone}. One version per trained probe's weights, its "
-            "tags giving the probe, seeds, scores and features' hash. "
-            f"@{params.evaluate.champion_alias}: the best by validation balanced accuracy, never by test."
-        )
-        try:
-            current = client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException:
-            client.create_registered_model(
-                name, description=description, tags={"backbone": probe.backbone, "dataset": probe.dataset}
-            )
-            continue
-        if current.description != description:
-            client.update_registered_model(name, description=description)
 
 
 def version_tags(probe: EvaluatedProbe) -> dict[str, str]:
@@ -61,44 +38,48 @@ def version_tags(probe: EvaluatedProbe) -> dict[str, str]:
 
 def registered_versions(names: set[str]) -> dict[tuple[str, str], ModelVersion]:
     """{(registered model, probe hash): its first version} over `names`."""
-    if not names:
-        return {}
     listed = ", ".join(f"'{name}'" for name in sorted(names))
-    found: dict[tuple[str, str], ModelVersion] = {}
-    versions = mlflow.search_model_versions(filter_string=f"name IN ({listed})")
-    for version in sorted(versions, key=lambda v: int(v.version)):
-        if "probe_hash" in version.tags:
-            found.setdefault((version.name, version.tags["probe_hash"]), version)
-    return found
+    versions = mlflow.search_model_versions(filter_string=f"name IN ({listed})") if names else []
+    return {(v.name, v.tags.get("probe_hash")): v for v in sorted(versions, key=lambda v: -int(v.version))}
 
 
-def register(probe: EvaluatedProbe, model, *, run_id: str, description: str) -> ModelVersion:
-    """A new version of the probe's registered model from its logged `model`, named on the model as
-    `mlflow.register_model` names it (the runs table's Models column reads it)."""
-    client, new = MlflowClient(), {"description": description, "await_creation_for": 0, "model_id": model.model_id}
-    version = client.create_model_version(probe.registered_model, model.model_uri, run_id, version_tags(probe), **new)
-    registered = [{"name": probe.registered_model, "version": str(version.version)}]
+def register(params: Params, probe: EvaluatedProbe, model, *, run_id: str, description: str) -> ModelVersion:
+    """A new version of the probe's registered model (created on its first) from its logged `model`, named on the
+    model as `mlflow.register_model` names it (the runs table's Models column reads it)."""
+    client, dataset, name = MlflowClient(), params.datasets[probe.dataset], probe.registered_model
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # it exists already
+        client.create_registered_model(name, tags={"backbone": probe.backbone, "dataset": probe.dataset})
+    task = (dataset.description or f"{dataset.source} images") + (f", {dataset.group}" if dataset.group else "")
+    client.update_registered_model(  # described anew: the dataset's description or the alias may have changed
+        name,
+        f"Probes classifying {probe.dataset} ({task}; {len(probe.evaluation['class_names'])} classes) from the layer "
+        f"tokens of the frozen backbone {probe.backbone}. One version per trained probe's weights, its tags giving the "
+        f"probe, seeds, scores and features' hash. @{params.evaluate.champion_alias}: the best by validation balanced "
+        "accuracy, never by test.",
+    )
+    new = {"description": description, "await_creation_for": 0, "model_id": model.model_id}
+    version = client.create_model_version(name, model.model_uri, run_id, version_tags(probe), **new)
+    registered = [{"name": name, "version": str(version.version)}]
     client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(registered)})
     return version
 
 
-def crown_champions(results: list[dict], *, alias: str, suite_probes: list[str]) -> dict[str, dict]:
+def crown_champions(results: list[dict], alias: str, suite_probes: list[str]) -> dict[str, dict]:
     """Give `alias` to the best probe per registered model by validation balanced accuracy, among `results` and the
-    version holding it now when its probe is in the suite but not in `results` (a recording of some of the suite's
-    probes keeps the others' best). Returns {registered model: {probe, version}}."""
-    client = MlflowClient()
-    best: dict[str, dict] = {}
+    version holding it now when its probe is in the suite but not recorded now. Returns {model: {probe, version}}."""
+    client, champions = MlflowClient(), {}
     for name in {r["registered_model"] for r in results}:
         candidates = [r for r in results if r["registered_model"] == name]
         try:
             current = client.get_model_version_by_alias(name, alias)
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException:  # no champion yet
             current = None
-        probe = current.tags.get("probe") if current is not None else None
-        if probe in suite_probes and probe not in {r["probe"] for r in candidates}:
+        kept = current.tags.get("probe") if current else None  # a champion not recorded now stays a rival
+        if kept in set(suite_probes) - {r["probe"] for r in candidates}:
             val = float(current.tags["val_balanced_accuracy"])
-            candidates.append({"probe": probe, "version": current.version, "val_balanced_accuracy": val})
-        best[name] = max(candidates, key=lambda r: r["val_balanced_accuracy"])
-        if current is None or str(current.version) != str(best[name]["version"]):
-            client.set_registered_model_alias(name, alias, str(best[name]["version"]))
-    return {name: {"probe": r["probe"], "version": str(r["version"])} for name, r in best.items()}
+            candidates.append({"probe": kept, "version": current.version, "val_balanced_accuracy": val})
+        best = max(candidates, key=lambda r: r["val_balanced_accuracy"])
+        champions[name] = {"probe": best["probe"], "version": str(best["version"])}
+        if current is None or str(current.version) != champions[name]["version"]:
+            client.set_registered_model_alias(name, alias, champions[name]["version"])
+    return champions
