@@ -8,7 +8,7 @@ what the estimate holds: process start-up, Prefect, the work, MLflow, DVC's own 
 total, plan's estimate, the measured time and measured / estimate (target 0.75-1.33 for the train stage and for
 the whole run), with the machine and its load average before and after.
 How:  python benchmarks/plan.py [--keep DIR]
-Cost: the default suite's run (5-12 minutes on 2 cores, depending on their load) and plan's measurements (~1 min).
+Cost: the default suite's run (5-12 minutes on 2 cores, depending on their load) and plan's measurements (~20 s).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     measured = stage_seconds(lines)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; load average {before} before, {after} after")
     print(f"plan (calibrated now, {plan_seconds:.0f} s): " + "; ".join(
-        line for line in planned.stdout.splitlines() if line.startswith(("study:", "fixed overheads:"))))  # fmt: skip
+        line for line in planned.stdout.splitlines() if line.startswith(("study:", "dvc repro"))))  # fmt: skip
     print("| stage | plan's estimate | measured | measured / estimate |")
     print("|---|---:|---:|---:|")
     for stage, seconds in measured.items():

@@ -1,14 +1,11 @@
 """Dry run of a params file: every task, each feature cache's size on disk and what the study costs in time.
 
-Nothing is downloaded and no weights are loaded: backbones are built on PyTorch's `meta` device (shapes only), dataset
-entries are checked against the source registry, sizes come from the entries' counts (or their prepared splits), and
-each task's batch size and steps from the training code's own `batch_plan`.
-
-Time = each task's steps x the step time of its probe's shape, timed with the training step itself on the chosen
-device, + its validation and test predictions, + each cache's images / the backbone's images per second (one timed
-forward, or a given ViT-B/16 rate scaled by forward FLOPs), + pretraining's steps x a timed step, + DVC stages' fixed
-costs. Timings are kept in a calibration file keyed by device and shape: a later plan, or a machine without that
-device, reuses them.
+Nothing is downloaded and no weights are loaded: backbones are built on the `meta` device, sizes come from the dataset
+entries' counts (or their prepared splits), each task's batch size and steps from the training code's `batch_plan`.
+Time = steps x the step time of the probe's shape, timed with the training step on the chosen device, + predictions,
++ images / the backbone's images per second (one timed forward, or a given ViT-B/16 rate scaled by FLOPs), +
+pretraining's steps x a timed step, + DVC stages' fixed costs. Timings are kept in a calibration file keyed by device
+and shape: a later plan, or a machine without that device, reuses them.
 """
 
 from __future__ import annotations
@@ -40,12 +37,12 @@ NUM_TOKENS = 2  # cls and ap per layer
 # A CPU times steps of at most CPU_MAX_BATCH images, and a grid of more than CPU_MAX_GRID members as one member,
 # scaling both in proportion: a paper-sized step takes minutes there, and a dry run must answer in seconds.
 CPU_MAX_BATCH, CPU_MAX_GRID = 64, 4
-# What a run costs beyond its work, from benchmarks/plan.py's time-stamped `dvc repro` of the default suite (2-core
-# AMD EPYC): without them, that run's estimate is half of what it takes.
-STAGE_SECONDS = 20.0  # per DVC stage: a Python importing torch, timm and Prefect; DVC hashing, its lock
-FIRST_STAGE_SECONDS = 45.0  # once: the local Prefect server starting, MLflow making its store
-TASK_SECONDS = 0.5  # per task trained: reading its cache, writing the probe
-RECORD_SECONDS = 2.5  # per task evaluated: its figures and MLflow run
+# What a run costs beyond its work, read off benchmarks/plan.py's time-stamped `dvc repro` of the default suite
+# (2-core AMD EPYC, 2026-12-07): without them, that run's estimate is half of what it takes.
+STAGE_SECONDS = 10.0  # per DVC stage: a Python importing torch, timm and Prefect; DVC hashing, its lock
+FIRST_STAGE_SECONDS = 45.0  # once: the Prefect server starting, MLflow making its store, the recipe's images made
+TASK_SECONDS = 0.25  # per task trained: reading its cache, writing the probe
+RECORD_SECONDS = 0.7  # per task evaluated: its figures and MLflow run
 STAGES = ("pretrain", "prepare", "extract", "train", "evaluate", "report")
 
 
@@ -134,11 +131,10 @@ class Estimate:
     def stages(self) -> dict[str, float]:
         """Wall seconds per `dvc repro` stage on one machine, tasks one after the other, fixed costs included."""
         work = {"pretrain": FIRST_STAGE_SECONDS + sum(self.pretrain.values()), "extract": sum(self.extraction.values())}
-        work |= {"train": sum(self.train.values()), "evaluate": sum(self.evaluate.values()) + self.recording()}
+        work |= {"train": sum(self.train.values()), "evaluate": sum(self.evaluate.values()) + self.recording}
         return {stage: STAGE_SECONDS + work.get(stage, 0.0) for stage in STAGES}
 
-    def recording(self) -> float:
-        return RECORD_SECONDS * len(self.tasks)
+    recording = property(lambda self: RECORD_SECONDS * len(self.tasks))  # the evaluate step's MLflow runs
 
     def workers_wall(self, workers: int) -> float:
         """Wall seconds of `layerprobe run --pool`: each backbone x dataset unit extracts, trains and scores its probes
@@ -146,7 +142,7 @@ class Estimate:
         units = dict(self.extraction)
         for key, seconds in self.train.items():
             units[key[:2]] += seconds + self.evaluate[key]
-        head = self.stages()["pretrain"] + 3 * STAGE_SECONDS + self.recording()  # a unit's start, evaluate, report
+        head = self.stages()["pretrain"] + 3 * STAGE_SECONDS + self.recording  # a unit's start, evaluate, report
         return head + makespan(list(units.values()), workers)
 
 
@@ -350,19 +346,13 @@ def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, p
         if (len(marks) > 3 and elapsed > 0.25) or (len(marks) > 1 and elapsed > 0.5):  # a long step varies little
             raise _Enough
 
+    common = {"num_classes": classes, "token_widths": shape.token_widths}
     with contextlib.suppress(_Enough):
         train_selected(
-            shape.spec,
-            features,
-            torch.arange(batch) % classes,
-            num_classes=classes,
-            grid=grid,
-            config=config,
-            token_widths=shape.token_widths,
-            on_step=on_step,
+            shape.spec, features, torch.arange(batch) % classes, grid=grid, config=config, on_step=on_step, **common
         )
-    kwargs = {"num_tokens": shape.tokens, "dim": shape.width, "grid_size": shape.grid, "num_classes": classes}
-    probe = build_probe(shape.spec, token_widths=shape.token_widths, **kwargs).to(device).eval()
+    probe = build_probe(shape.spec, num_tokens=shape.tokens, dim=shape.width, grid_size=shape.grid, **common)
+    probe = probe.to(device).eval()
     start = time.perf_counter()
     predict_selected(probe, features, batch_size=batch, normalize=shape.spec.normalize)
     _synchronize(device)
@@ -378,13 +368,8 @@ def time_forward(backbone: BackboneConfig, params: Params, *, device: torch.devi
 
     model = create_backbone(backbone.model, pretrained=False, model_kwargs=backbone.model_kwargs).to(device)
     extract, size = params.extract, model_data_config(model)["input_size"][-1]
-    extractor = LayerTokenExtractor(
-        model,
-        tap=extract.tap,
-        final_projection=backbone.final_projection,
-        precision=extract.precision,
-        final_patch_tokens=extract.final_patch_tokens,
-    )
+    settings = {name: getattr(extract, name) for name in ("tap", "precision", "final_patch_tokens")}
+    extractor = LayerTokenExtractor(model, final_projection=backbone.final_projection, **settings)
     pixels = torch.randn((extract.batch_size if device.type == "cuda" else 8, 3, size, size), device=device)
     seconds = []
     for _ in range(4):
@@ -409,7 +394,7 @@ def time_pretrain_step(backbone: BackboneConfig, *, device: torch.device) -> flo
         config = dataclasses.replace(recipe, steps=steps, warmup_steps=1)
         pretrain(model, images, labels, held_out=(images[:2], labels[:2]), config=config, device=device, progress=False)
         seconds.append(time.perf_counter() - start)
-    return max(seconds[1] - seconds[0], seconds[1] / 8 / 2) / 6
+    return max((seconds[1] - seconds[0]) / 6, seconds[1] / 16)  # not below half the mean: a busy moment
 
 
 def _synchronize(device: torch.device) -> None:
@@ -474,13 +459,13 @@ def estimate(params: Params, calibration: dict, *, device: torch.device, save=No
         return at * (batch / rows if what == "step" else 1.0) * shape.grid / timed.grid
 
     for t in study.tasks:
-        grid = lambda what, t=t: seconds(t.shape, t.sweep.batch_size, t.classes, what)  # noqa: E731
-        member = lambda what, t=t: seconds(dataclasses.replace(t.shape, grid=1), t.refit.batch_size, t.classes, what)  # noqa: E731
-        validate = (t.refit.images - t.sweep.images) * grid("predict")
-        study.train[t.key] = seeds * (t.sweep.steps * grid("step") + validate + t.refit.steps * member("step"))
-        study.train[t.key] += TASK_SECONDS
-        study.evaluate[t.key] = seeds * t.test_images * member("predict")
-    vit_b = backbone_shape(BackboneConfig(model="vit_base_patch16_224")).gflops_per_image
+        member, sweep, refit = dataclasses.replace(t.shape, grid=1), t.sweep, t.refit
+        train = sweep.steps * seconds(t.shape, sweep.batch_size, t.classes, "step")
+        train += (refit.images - sweep.images) * seconds(t.shape, sweep.batch_size, t.classes, "predict")  # validation
+        train += refit.steps * seconds(member, refit.batch_size, t.classes, "step")
+        study.train[t.key] = seeds * train + TASK_SECONDS
+        study.evaluate[t.key] = seeds * t.test_images * seconds(member, refit.batch_size, t.classes, "predict")
+    vit_b = images_per_second and backbone_shape(BackboneConfig(model="vit_base_patch16_224")).gflops_per_image
     for cache in study.caches:
         config = params.backbones[cache.backbone]
         if images_per_second:
