@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import namedtuple
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import yaml
 
 import layerprobe.plan as plan
 from layerprobe.cli import main
+from layerprobe.config import MANIFEST_FILE
 from layerprobe.params import load_params
-from layerprobe.plan import backbone_shape, check_disk, plan_suite, split_sizes
+from layerprobe.plan import backbone_shape, dataset_counts, disk_need, plan_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +36,13 @@ def step_seconds(shape, batch: int, classes: int) -> float:
 
 @pytest.fixture
 def timed_steps(monkeypatch):
-    """plan's step timer replaced by `step_seconds` (the paper's 54 shapes take a minute to time on 2 cores); returns
+    """plan's step timer replaced by `step_seconds` (the paper's 54 timings take half a minute on 2 cores); returns
     the (shape, batch, classes) points plan asked for."""
     asked = []
 
     def time_step(shape, *, batch, classes, **_):
         asked.append((shape, batch, classes))
-        return {"step": step_seconds(shape, batch, classes), "predict": 1e-5}
+        return step_seconds(shape, batch, classes)
 
     monkeypatch.setattr(plan, "time_step", time_step)
     return asked
@@ -66,7 +68,7 @@ def test_paper_suite_names_the_papers_backbones_and_datasets(paper):
 
 
 def test_plan_resolves_every_cache_of_the_paper_suite_in_dry_mode(paper):
-    plans = plan_suite(paper)
+    plans = plan_study(paper).caches
     assert len(plans) == 9 * 20
     vit_b_imagenet = next(p for p in plans if p.backbone == "vit_b16" and p.dataset == "imagenet1k")
     assert vit_b_imagenet.num_layers == 13 and vit_b_imagenet.dim == 768
@@ -79,7 +81,7 @@ def test_plan_resolves_every_cache_of_the_paper_suite_in_dry_mode(paper):
 def test_patch_tokens_add_p_x_final_width_per_image_only_when_asked_for(paper):
     def cache(params, backbone: str):
         suite = dataclasses.replace(params.suite, backbones=[backbone], datasets=["flowers"])
-        (planned,) = plan_suite(dataclasses.replace(params, suite=suite))
+        (planned,) = plan_study(dataclasses.replace(params, suite=suite)).caches
         return planned
 
     without = dataclasses.replace(paper, extract=dataclasses.replace(paper.extract, final_patch_tokens=False))
@@ -97,7 +99,7 @@ def test_patch_tokens_add_p_x_final_width_per_image_only_when_asked_for(paper):
 
 def test_vit_b16_flops_match_the_published_figure(paper):
     shape = backbone_shape(paper.backbones["vit_b16"])
-    assert shape.num_tokens == 197
+    assert shape.num_patches == 196
     assert 33 < shape.gflops_per_image < 37  # ~17.6 GMACs per image for ViT-B/16 at 224
     assert backbone_shape(paper.backbones["vit_l16"]).gflops_per_image > 3 * shape.gflops_per_image
 
@@ -105,8 +107,14 @@ def test_vit_b16_flops_match_the_published_figure(paper):
 def test_caches_that_do_not_fit_are_refused_up_front(paper, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 0, 10**9))
-    with pytest.raises(ValueError, match=r"feature caches need .* TB but .* has 1.0 GB free"):
-        check_disk(plan_suite(paper), tmp_path / "features")
+    needed, free, refusal = disk_need(plan_study(paper).caches, tmp_path / "features", dtype="float16")
+    assert free == 10**9 and needed > 7 * 10**12
+    assert re.fullmatch(r"feature caches need 7.0 TB but .* has 1.0 GB free; free space or point .*", refusal)
+    caches = plan_study(paper).caches
+    for cache in caches[1:]:  # written already: only the first still needs its space
+        (tmp_path / "features" / cache.backbone / cache.dataset).mkdir(parents=True)
+        (tmp_path / "features" / cache.backbone / cache.dataset / MANIFEST_FILE).touch()
+    assert disk_need(caches, tmp_path / "features", dtype="float16")[:2] == (caches[0].bytes, 10**9)
 
 
 def test_unknown_backbone_or_source_is_named(paper):
@@ -114,18 +122,18 @@ def test_unknown_backbone_or_source_is_named(paper):
     with pytest.raises(ValueError, match="vit_base_patch16_2244"):
         backbone_shape(bad)
     with pytest.raises(ValueError, match="wdss"):
-        plan.check_dataset_entry("x", dataclasses.replace(paper.datasets["cifar10"], source="wdss"))
+        dataset_counts("x", dataclasses.replace(paper.datasets["cifar10"], source="wdss"), paper)
     with pytest.raises(ValueError, match="datasets.x.options.rooot"):
-        plan.check_dataset_entry("x", dataclasses.replace(paper.datasets["cifar10"], options={"rooot": "a"}))
+        dataset_counts("x", dataclasses.replace(paper.datasets["cifar10"], options={"rooot": "a"}), paper)
 
 
-def test_split_sizes_come_from_the_prepared_splits_else_are_cut_as_prepare_cuts(tmp_path):
+def test_dataset_counts_are_cut_as_prepare_cuts_them(paper):
     offline = load_params(ROOT / "params.yaml")
-    texture = offline.datasets["texture"]  # 1,500 generated images, no official test split
-    assert split_sizes("texture", texture, tmp_path, prepare=offline.prepare) == (960, 1200, 300)
-    splits = {"train": list(range(7)), "val": [7, 8], "test": [9]}
-    (tmp_path / "splits.json").write_text(json.dumps({"splits": splits}))
-    assert split_sizes("texture", texture, tmp_path, prepare=offline.prepare) == (7, 9, 1)
+    # 1,500 generated images, no official test split: 300 for test, 20 % of the rest for validation; 6 classes
+    assert dataset_counts("texture", offline.datasets["texture"], offline) == (1500, 960, 1200, 6)
+    assert dataset_counts("digits", offline.datasets["digits"], offline)[::3] == (1797, 10)  # counted by making it
+    # an official test split: train is the full training set
+    assert dataset_counts("flowers", paper.datasets["flowers"], paper) == (7169, 816, 1020, 102)
 
 
 def paper_plan(tmp_path, *extra: str) -> list[str]:
@@ -189,23 +197,28 @@ def test_a_tasks_training_is_its_step_counts_times_its_shapes_timed_step(paper, 
     for task in study.tasks:  # cifar10 trains at batches of 2,048 and 10 classes: its timed point, scaled
         step = step_seconds(member, 64, task.classes)
         sweep, refit = 63 * task.sweep.batch_size / 64 * step, task.refit.batch_size / 64 * step
-        validation = (task.refit.images - task.sweep.images) * 63 * 1e-5
-        seeds = 2 * (task.sweep.steps * sweep + validation + task.refit.steps * refit)
-        assert study.train[task.key] == pytest.approx(seeds + plan.TASK_SECONDS)
-        assert study.evaluate[task.key] == pytest.approx(2 * task.test_images * 1e-5)
-    assert study.evaluate[flowers.key] == pytest.approx(2 * 6149 * 1e-5)
+        assert study.train[task.key] == pytest.approx(2 * (task.sweep.steps * sweep + task.refit.steps * refit) + 0.25)
+
+    # Twice the steps (min_steps 2,000 where both tasks train for 1,000 or fewer): twice the time, nothing re-timed
+    longer = dataclasses.replace(params, train=dataclasses.replace(params.train, min_steps=2000))
+    timed_steps.clear()
+    again = plan.estimate(longer, {}, device=torch.device("cpu"), images_per_second=3000.0)
+    assert again.tasks[0].sweep.steps == 2000
+    ratio = (again.train[flowers.key] - 0.25) / (study.train[flowers.key] - 0.25)
+    assert ratio == pytest.approx((again.tasks[0].sweep.steps + again.tasks[0].refit.steps) / 2000)
 
 
-def test_units_carry_their_probes_and_the_head_node_pretrains_records_and_reports():
-    """`--workers N`: each backbone x dataset unit's extraction, training and scoring split over the workers;
-    pretraining, the MLflow recording and the report once, whatever N."""
+def test_units_carry_their_probes_and_the_head_node_pretrains_evaluates_and_reports():
+    """`--workers N`: each backbone x dataset unit's extraction and training split over the workers; pretraining,
+    the evaluation and the report once, whatever N."""
     study = plan.Estimate(caches=[], tasks=[None, None], extraction={("b", "d1"): 10.0, ("b", "d2"): 10.0})
     study.train = {("b", "d1", "p"): 100.0, ("b", "d2", "p"): 100.0}
-    study.evaluate = {("b", "d1", "p"): 40.0, ("b", "d2", "p"): 40.0}
     study.pretrain = {"b": 7.0}
-    once = study.stages()["pretrain"] + 3 * plan.STAGE_SECONDS + 2 * plan.RECORD_SECONDS
-    assert study.workers_wall(1) == pytest.approx(once + 2 * 150.0)
-    assert study.workers_wall(2) == pytest.approx(once + 150.0)
+    stages = study.stages()
+    assert stages["train"] == 10 + 200 and stages["pretrain"] == 10 + 45 + 7 and stages["evaluate"] == 10 + 2 * 0.7
+    once = stages["pretrain"] + 10 + stages["evaluate"] + stages["report"]
+    assert study.workers_wall(1) == pytest.approx(once + 2 * 110.0)
+    assert study.workers_wall(2) == pytest.approx(once + 110.0)
     assert study.workers_wall(8) == study.workers_wall(2)
 
 
@@ -227,31 +240,34 @@ def tiny_params(tmp_path: Path) -> Path:
 
 
 def test_a_calibration_file_prices_the_study_again_measuring_nothing(capsys, tmp_path, monkeypatch):
-    calibration, figures = tmp_path / "calibration.json", tmp_path / "plan.json"
-    command = [
-        "plan",
-        "--params",
-        str(tiny_params(tmp_path)),
-        "--calibration",
-        str(calibration),
-        "--json",
-        str(figures),
+    command = ["plan", "--params", str(tiny_params(tmp_path)), "--json", str(tmp_path / "plan.json")]
+    # Timed for real, on random features in memory: 2 probe shapes x (grid, member) and the backbone's forward, with
+    # a progress line each. Nothing is written but the calibration, at its default place under paths.results.
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert "5 timing(s) measured now, 0 read" in captured.out
+    assert [line.split(" (")[-1] for line in captured.err.splitlines()] == ["1)", "2)", "3)", "4)", "5)"]
+    calibration = tmp_path / "results" / "plan" / "calibration-cpu.json"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == [
+        Path("params.yaml"),
+        Path("plan.json"),
+        calibration.relative_to(tmp_path),
     ]
-    assert main(command) == 0  # measured for real: 2 probe shapes x (grid, member) and the backbone's forward
-    assert "5 figure(s) measured now, 0 reused" in capsys.readouterr().out
-    first = json.loads(figures.read_text())
+    first = json.loads((tmp_path / "plan.json").read_text())
     assert set(first["tasks"]) == {"vit_tiny_d6/shapes/linear_last_cls", "vit_tiny_d6/shapes/alf"}
     assert all(task["training"] > plan.TASK_SECONDS for task in first["tasks"].values())
 
     def no_timing(*args, **kwargs):
-        raise AssertionError("a second plan timed something")
+        raise AssertionError("a second plan timed or built something")
 
-    for timer in ("time_step", "time_forward", "time_pretrain_step", "_backbone_shape"):
+    for timer in ("time_step", "time_forward", "time_pretrain_step"):
         monkeypatch.setattr(plan, timer, no_timing)
+    monkeypatch.setattr(timm, "create_model", no_timing)
     plan._SHAPES.clear()  # the backbones' shapes come from the file too
     assert main(command) == 0
-    assert "0 figure(s) measured now, 5 reused" in capsys.readouterr().out
-    assert json.loads(figures.read_text()) == first
+    captured = capsys.readouterr()
+    assert "0 timing(s) measured now, 5 read" in captured.out and captured.err == ""
+    assert json.loads((tmp_path / "plan.json").read_text()) == first
 
     # Another machine's file: the same figures as a GPU's price the study here, where there is no GPU to time.
     if torch.cuda.is_available():
@@ -261,15 +277,26 @@ def test_a_calibration_file_prices_the_study_again_measuring_nothing(capsys, tmp
     data["figures"] = {key.replace("cpu", "cuda", 1): value for key, value in data["figures"].items()}
     other = tmp_path / "calibration-cuda.json"
     other.write_text(json.dumps(data))
-    assert main([*command[:4], "--calibration", str(other), "--device", "cuda"]) == 0
-    assert "0 figure(s) measured now, 5 reused" in capsys.readouterr().out
-    assert main([*command[:4], "--calibration", str(calibration), "--device", "cuda"]) == 2
+    assert main([*command, "--calibration", str(other), "--device", "cuda"]) == 0
+    assert "0 timing(s) measured now, 5 read" in capsys.readouterr().out
+    assert json.loads((tmp_path / "plan.json").read_text())["tasks"] == first["tasks"]
+    del data["figures"][next(iter(data["figures"]))]  # a file that lacks a timing names it; nothing can time it here
+    other.write_text(json.dumps(data))
+    assert main([*command, "--calibration", str(other), "--device", "cuda"]) == 2
+    assert "the calibration has no 'cuda " in capsys.readouterr().err
+    assert main([*command, "--calibration", str(calibration), "--device", "cuda"]) == 2
     assert "calibration has cpu figures, not cuda" in capsys.readouterr().err
 
 
-def test_a_calibration_file_in_another_format_is_named(tmp_path):
+@pytest.mark.parametrize("content", ["not json", '{"format": "layerprobe-calibration/1"}', "[]", None])
+def test_a_bad_calibration_file_is_named_in_one_line_before_any_timing(capsys, tmp_path, timed_steps, content):
     path = tmp_path / "calibration.json"
-    assert plan.load_calibration(path) == {"format": plan.FORMAT}
-    path.write_text('{"format": "layerprobe-calibration/1"}')
-    with pytest.raises(ValueError, match="is in format 'layerprobe-calibration/1'"):
-        plan.load_calibration(path)
+    if content is None:
+        path.mkdir()  # a folder where the file should be
+    else:
+        path.write_text(content)
+    assert main(["plan", "--params", str(tiny_params(tmp_path)), "--calibration", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"layerprobe plan: error: calibration file {path} is ") and err.count("\n") == 1
+    assert "delete it to measure again" in err and timed_steps == []
+    assert plan.load_calibration(tmp_path / "none.json") == {"format": plan.FORMAT}

@@ -233,15 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
         "list every task with cache sizes and what it costs in time (measured on this machine); checks disk space",
         run_plan,
     )
-    plan.add_argument("--device", choices=["cpu", "cuda"],
-                      help="device to price for (default: the calibration file's, else cpu)")  # fmt: skip
-    plan.add_argument("--calibration", type=Path,
-                      help="step times (JSON) to read and to add to (default: <paths.results>/plan/calibration-"
-                           "<device>.json); another machine's file prices the study for its device")  # fmt: skip
+    plan.add_argument(
+        "--device", choices=["cpu", "cuda"], help="device to price for (default: the calibration file's, else cpu)"
+    )
+    plan.add_argument(
+        "--calibration",
+        type=Path,
+        help="timings (JSON) to read and to add to (default: <paths.results>/plan/calibration-<device>.json); "
+        "another machine's file prices the study for its device",
+    )
     plan.add_argument("--workers", type=_positive_int, default=1, help="also give the wall time with this many workers")
-    plan.add_argument("--images-per-second", type=_positive_float,
-                      help="price extraction from this ViT-B/16@224 rate, scaled by each backbone's FLOPs, instead of "
-                           "timing a forward of each backbone")  # fmt: skip
+    plan.add_argument(
+        "--images-per-second",
+        type=_positive_float,
+        help="price extraction from this ViT-B/16@224 rate, scaled by each backbone's FLOPs, instead of timing a "
+        "forward of each backbone",
+    )
     plan.add_argument("--tasks", action="store_true", help="also give every cache's and every task's row")
     plan.add_argument("--json", type=Path, help="also write the estimate's figures to this file")
 
@@ -512,28 +519,28 @@ def run_predict(args) -> int:
 
 
 def run_plan(args) -> int:
+    import functools
+
     import torch
 
     from layerprobe.files import write_json
-    from layerprobe.plan import check_disk, estimate, estimate_json, format_plan, load_calibration, save_calibration
+    from layerprobe.plan import disk_need, estimate, estimate_json, format_plan, load_calibration
 
     params = load_params(args.params)
-    if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    results = Path(params.paths.results) / "plan"
-    path = args.calibration or results / f"calibration-{args.device or 'cpu'}.json"
+    path = args.calibration or Path(params.paths.results) / "plan" / f"calibration-{args.device or 'cpu'}.json"
     calibration = load_calibration(path)
     device = torch.device(args.device or calibration.get("device", {}).get("type") or "cpu")
-    study = estimate(params, calibration, device=device, images_per_second=args.images_per_second,
-                     save=lambda: save_calibration(path, calibration))  # fmt: skip
-    save_calibration(path, calibration)  # with the backbones' shapes, which spare a later plan building them
+    save = functools.partial(write_json, path, calibration)  # after each timing: a plan stopped half-way keeps them
+    study = estimate(params, calibration, device=device, images_per_second=args.images_per_second, save=save)
+    save()  # with the backbones' shapes, which spare a later plan building them
     print(format_plan(params, study, workers=args.workers, list_tasks=args.tasks))
-    print(f"calibration {path} ({calibration['device'].get('name') or device.type}): {study.measured} figure(s) "
-          f"measured now, {study.reused} reused")  # fmt: skip
+    name = calibration["device"].get("name") or device.type
+    print(f"calibration {path} ({name}): {study.measured} timing(s) measured now, {study.reused} read", flush=True)
     if args.json:
         write_json(args.json, estimate_json(study, workers=args.workers))
-    sys.stdout.flush()  # the plan first, so whoever sizes the disk sees which caches need the space
-    check_disk(study.caches, Path(params.paths.features), dtype=params.extract.dtype)
+    _, _, refusal = disk_need(study.caches, Path(params.paths.features), dtype=params.extract.dtype)
+    if refusal:  # after the plan, so whoever sizes the disk sees which caches need the space
+        raise ValueError(refusal)
     return 0
 
 
