@@ -210,11 +210,10 @@ def main() -> None:
                          probe_steps(device, quick=args.quick)))  # fmt: skip
         calibration = work / f"calibration-{args.device}.json"
         params = quick_params(work) if args.quick else ROOT / "params.paper.yaml"
-        plan_output = run([sys.executable, "-m", "layerprobe.cli", "plan", "--params", str(params), "--device",
-                           args.device, "--calibration", str(calibration), "--workers", "8"],
-                          timeout=120 if args.quick else 420)  # fmt: skip
-        sections.append((f"`layerprobe plan --device {args.device}` for {params.name} (calibration "
-                         f"`{calibration.name}`)", plan_output))  # fmt: skip
+        plan = ["plan", "--params", str(params), "--device", args.device, "--calibration", str(calibration)]
+        plan_output = run([sys.executable, "-m", "layerprobe.cli", *plan, "--workers", "8"], timeout=420)
+        title = f"`layerprobe plan --device {args.device}` for {params.name} (calibration `{calibration.name}`)"
+        sections.append((title, plan_output))
         sections.append(("Two process workers on one device", two_workers(device, quick=args.quick)))
         seconds = time.perf_counter() - begun
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"

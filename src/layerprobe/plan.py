@@ -1,10 +1,7 @@
-"""Dry run of a params file: every task, each feature cache's size on disk and what the study costs in time.
-
-Nothing is downloaded and no weights are loaded (backbones are built on the `meta` device). Time = each task's steps
-(`train.batch_plan`) x its probe shape's step, timed with the training step on random features in memory, + images /
-the backbone's images per second (one timed forward, or a given ViT-B/16 rate scaled by FLOPs), + the pretrain
-recipe's steps x a timed step, + DVC stages' fixed costs. Timings are kept in a calibration file keyed by device and
-shape, which a later plan, or a machine without that device, reads."""
+"""Dry run of a params file: every task, each feature cache's size on disk and what the study costs in time, which is
+each task's steps (`train.batch_plan`) x its probe shape's step, timed with the training step on random features, +
+images / a backbone's images per second (one timed forward, or a given ViT-B/16 rate scaled by FLOPs), + pretraining,
++ DVC stages' fixed costs. Timings are kept by device and shape in a calibration file that another machine can read."""
 
 from __future__ import annotations
 
@@ -83,8 +80,6 @@ class TrainingRun:
 
 @dataclass(frozen=True)
 class Shape:
-    """What decides a probe step's cost apart from its batch and classes."""
-
     spec: ProbeSpec
     tokens: int  # K
     width: int  # W, the width tokens are read at
@@ -115,8 +110,6 @@ class Task:
 
 @dataclass
 class Estimate:
-    """Seconds of every part of a study, and how many timings were measured now and how many read."""
-
     caches: list[CachePlan]
     tasks: list[Task]
     train: dict[tuple[str, str, str], float] = field(default_factory=dict)  # per task, every seed
@@ -132,8 +125,7 @@ class Estimate:
         return {stage: STAGE_SECONDS + work.get(stage, 0.0) for stage in STAGES}
 
     def workers_wall(self, workers: int) -> float:
-        """Wall seconds of `layerprobe run --pool`: each backbone x dataset unit extracts and trains on one of
-        `workers`; pretraining before them, and a unit's start, the evaluation and the report, once."""
+        """Wall seconds of `layerprobe run --pool`: units (backbone x dataset: extraction, training) on `workers`."""
         units = dict(self.extraction)
         for key, seconds in self.train.items():
             units[key[:2]] += seconds
@@ -154,8 +146,7 @@ _SHAPES: dict[str, BackboneShape] = {}
 
 
 def backbone_shape(config: BackboneConfig) -> BackboneShape:
-    """Blocks, width, patches and forward GFLOPs of a timm ViT built on the meta device (no memory, no weights; its
-    initialisers still run, about a second for a ViT-L); remembered per architecture, and in the calibration file."""
+    """Blocks, width, patches and forward GFLOPs of a timm ViT built on the meta device (no memory, no weights)."""
     key = json.dumps([config.model, config.model_kwargs, config.final_projection, config.pretrained], sort_keys=True)
     if key in _SHAPES:
         return _SHAPES[key]
@@ -184,9 +175,8 @@ def backbone_shape(config: BackboneConfig) -> BackboneShape:
 
 
 def dataset_counts(name: str, config: DatasetConfig, params: Params) -> tuple[int, int, int, int]:
-    """(images to extract, tuning split, train + val, classes) of a dataset entry: its recorded counts (else the
-    source's own, made to count it) cut as prepare cuts them (`train_test_split` rounds the cut up; a stratified cut
-    can differ by an image)."""
+    """(images to extract, tuning split, train + val, classes) of a dataset entry: its recorded counts (else its
+    source's, made to count them) cut as prepare cuts them (rounding up; a stratified cut can differ by an image)."""
     from layerprobe.data import create_dataset, source_factory
 
     parameters = inspect.signature(source_factory(config.source)).parameters  # unknown source: did-you-mean error
@@ -206,8 +196,7 @@ def dataset_counts(name: str, config: DatasetConfig, params: Params) -> tuple[in
 
 
 def plan_study(params: Params) -> Estimate:
-    """Every cache (backbone x dataset) and task (x probe) of the suite, validating each entry on the way: a task's
-    shape is what its probe reads, selected from the backbone's layers as training selects them."""
+    """Every cache (backbone x dataset) and task (x probe); a task's shape read off the layers as training reads it."""
     from layerprobe.probes import get_probe_spec, reading_widths, select_token_positions
     from layerprobe.train import batch_plan, make_grid
 
@@ -240,9 +229,7 @@ def plan_study(params: Params) -> Estimate:
 def disk_need(plans: list[CachePlan], features_root: Path, *, dtype: str) -> tuple[int, int, str | None]:
     """Bytes of the caches not yet written, bytes free on the features disk, and a one-line refusal if short."""
     needed = sum(p.bytes for p in plans if not (features_root / p.backbone / p.dataset / MANIFEST_FILE).is_file())
-    where = features_root
-    while not where.exists():
-        where = where.parent
+    where = next(folder for folder in (features_root, *features_root.parents) if folder.exists())
     free, hint = shutil.disk_usage(where).free, ", or set extract.dtype: float16" if dtype != "float16" else ""
     need, has = format_bytes(needed), format_bytes(free)
     refusal = f"feature caches need {need} but {where.resolve()} has {has} free; free space or point paths.features"
@@ -255,11 +242,10 @@ class _Enough(Exception):
 
 def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, params: Params) -> float:
     """Seconds per step of `train.train_selected` at this shape, batch and classes, on random features in memory: the
-    median of the steps after a warm-up one (at least 3 and a quarter second, or one past half a second)."""
+    fastest after a warm-up one, of 3 and a quarter second or of a second (a new shape's first steps set it up)."""
     from layerprobe.train import HParams, train_selected
 
-    dtype = torch.float16 if params.extract.dtype == "float16" else torch.float32
-    features = torch.randn((batch, shape.tokens, shape.width), device=device).to(dtype)
+    features = torch.randn((batch, shape.tokens, shape.width), device=device).to(getattr(torch, params.extract.dtype))
     plan = {"epochs": 1, "min_steps": 40, "batch_size": batch, "batch_plan": "even", "min_batches": 1, "seeds": [0]}
     config = dataclasses.replace(params.train, device=str(device), **plan)
     dropout = 0.1 if shape.spec.head == "attentive" else 0.0
@@ -269,19 +255,17 @@ def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, p
     def on_step(step: int) -> None:
         _synchronize(device)
         marks.append(time.perf_counter())
-        elapsed = marks[-1] - marks[0]
-        if (len(marks) > 3 and elapsed > 0.25) or (len(marks) > 1 and elapsed > 0.5):  # a long step varies little
+        if len(marks) > 1 and marks[-1] - marks[0] > (1.0 if len(marks) < 4 else 0.25):
             raise _Enough
 
     head = {"num_classes": classes, "token_widths": shape.token_widths, "grid": grid, "config": config}
     with contextlib.suppress(_Enough):
         train_selected(shape.spec, features, torch.arange(batch) % classes, on_step=on_step, **head)
-    return statistics.median(b - a for a, b in itertools.pairwise(marks))
+    return min(b - a for a, b in itertools.pairwise(marks))
 
 
 def time_forward(backbone: BackboneConfig, params: Params, *, device: torch.device) -> float:
-    """Images per second of the extraction's forward at its tap (the median of 3 after a warm-up one), for a randomly
-    initialised copy of `backbone` on random pixels."""
+    """Images per second of the extraction's forward (the median of 3 after a warm-up), random weights and pixels."""
     from layerprobe.backbone import create_backbone, model_data_config
     from layerprobe.extract import LayerTokenExtractor
 
@@ -295,8 +279,7 @@ def time_forward(backbone: BackboneConfig, params: Params, *, device: torch.devi
 
 
 def time_pretrain_step(backbone: BackboneConfig, *, device: torch.device) -> float:
-    """Seconds per step of the backbone's pretrain recipe: `pretrain.pretrain` at 2 and 8 steps on random images, the
-    difference over 6 (not below half the mean: a busy moment)."""
+    """Seconds per step of `pretrain.pretrain`: 8 steps less 2, over 6 (not below half the mean: a busy moment)."""
     from layerprobe.backbone import create_model, model_data_config
     from layerprobe.pretrain import pretrain
 
@@ -322,11 +305,10 @@ def _synchronize(device: torch.device) -> None:
 
 
 def estimate(params: Params, calibration: dict, *, device: torch.device, save=None, images_per_second=None) -> Estimate:
-    """Every task's training, cache's extraction and recipe's pretraining, in seconds. A probe shape is timed at its
-    tasks' largest batch (on a CPU at most CPU_MAX_BATCH images and CPU_MAX_GRID members) and at their least and most
-    classes (a 1000-class linear head on 48 tokens steps 75x slower than a 2-class one), read in proportion to the
-    batch and grid, and along the line between the classes; on `device`, else from `calibration` (another machine's
-    file). What is timed is added to it and `save` called after each, so a plan stopped half-way keeps it."""
+    """Every task's training, cache's extraction and recipe's pretraining, in seconds, timed on `device` or read from
+    `calibration` (what is timed is added, `save` called after each). A probe shape is timed at the study's largest
+    batch (on a CPU at most CPU_MAX_BATCH, and one member of a grid over CPU_MAX_GRID), scaled in proportion, and at
+    its least and most classes, read off the line between (1000 classes step 75x slower than 2 on 48 tokens)."""
     from layerprobe.device import dtype_name, resolve_matmul_dtype
 
     can_measure = device.type == "cpu" or torch.cuda.is_available()
@@ -352,25 +334,19 @@ def estimate(params: Params, calibration: dict, *, device: torch.device, save=No
             study.measured += 1
             if save is not None:
                 save()
-        elif key not in used:
-            study.reused += 1
         used.add(key)
+        study.reused = len(used) - study.measured
         return figures[key]
 
-    runs: dict[Shape, list[tuple[int, int]]] = {}  # every (batch, classes) each shape trains at
-    for t in study.tasks:
-        runs.setdefault(t.shape, []).append((t.sweep.batch_size, t.classes))
-        runs.setdefault(dataclasses.replace(t.shape, grid=1), []).append((t.refit.batch_size, t.classes))
+    rows = min(max((t.sweep.batch_size for t in study.tasks), default=1), CPU_MAX_BATCH if cpu else math.inf)
+    ends = min((t.classes for t in study.tasks), default=1), max((t.classes for t in study.tasks), default=1)
 
     def step(shape: Shape, batch: int, classes: int) -> float:
         timed = dataclasses.replace(shape, grid=1) if cpu and shape.grid > CPU_MAX_GRID else shape
-        rows = min(max(b for b, _ in runs[shape]), CPU_MAX_BATCH if cpu else math.inf)
-        ends = sorted({min(c for _, c in runs[shape]), max(c for _, c in runs[shape])})
-        at = []
-        for c in ends:
-            measure = functools.partial(time_step, timed, batch=rows, classes=c, device=device, params=params)
-            at.append(figure(f"{device.type} {precision}|{timed.key} b{rows} c{c}", measure, f"{timed.key} c{c}"))
-        seconds = at[0] if len(at) == 1 else at[0] + (at[1] - at[0]) * (classes - ends[0]) / (ends[1] - ends[0])
+        timer = functools.partial(time_step, timed, batch=rows, device=device, params=params)
+        key = f"{device.type} {precision}|{timed.key} b{rows} c"
+        low, high = (figure(key + str(c), functools.partial(timer, classes=c), f"{timed.key} c{c}") for c in ends)
+        seconds = low + (high - low) * (classes - ends[0]) / max(ends[1] - ends[0], 1)
         return seconds * batch / rows * shape.grid / timed.grid
 
     for t in study.tasks:
@@ -392,7 +368,8 @@ def estimate(params: Params, calibration: dict, *, device: torch.device, save=No
         if (config := params.backbones[name]).pretrain is not None:
             what = json.dumps([config.model, config.model_kwargs, config.pretrain.batch_size], sort_keys=True)
             measure = functools.partial(time_pretrain_step, config, device=device)
-            study.pretrain[name] = config.pretrain.steps * figure(f"{device.type}|pretrain {what}", measure, name)
+            seconds = figure(f"{device.type}|pretrain {what}", measure, f"{name}'s pretrain step")
+            study.pretrain[name] = config.pretrain.steps * seconds
     calibration["backbones"] = {key: dataclasses.asdict(shape) for key, shape in _SHAPES.items()}
     return study
 
@@ -415,10 +392,8 @@ def format_bytes(count: float) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
     if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
+        return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h" + (f" ({seconds / 86400:.1f} days)" if seconds >= 48 * 3600 else "")
 
 
