@@ -8,7 +8,7 @@ what the estimate holds: process start-up, Prefect, the work, MLflow, DVC's own 
 total, plan's estimate, the measured time and measured / estimate (target 0.75-1.33 for the train stage and for
 the whole run), with the machine and its load average before and after.
 How:  python benchmarks/plan.py [--keep DIR]
-Cost: the default suite's run (5-12 minutes on 2 cores, depending on their load) and plan's measurements (~1 min).
+Cost: the default suite's run (5-12 minutes on 2 cores, depending on their load) and plan's measurements (~20 s).
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ TARGET = (0.75, 1.33)
 def copy_project(destination: Path) -> None:
     """The working tree's files that git sees (tracked and untracked, not ignored), committed to a fresh git repo
     there, as DVC needs one."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in listed.splitlines():
         source = ROOT / name
         if source.is_file():
@@ -44,7 +49,7 @@ def copy_project(destination: Path) -> None:
         ["git", "add", "-A"],
         ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "copy"],
     ):
-        subprocess.run(command, cwd=destination, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(command, cwd=destination, check=True, capture_output=True)
 
 
 def timed_lines(command: list[str], *, cwd: Path, env: dict, log: Path) -> tuple[list[tuple[float, str]], int]:
@@ -52,8 +57,9 @@ def timed_lines(command: list[str], *, cwd: Path, env: dict, log: Path) -> tuple
     start = time.perf_counter()
     lines = []
     with log.open("w") as sink:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for line in process.stdout:
             stamp = time.perf_counter() - start
             lines.append((stamp, line.rstrip()))
@@ -105,9 +111,22 @@ def main() -> None:
     before = load_average()
     try:
         start = time.perf_counter()
-        planned = subprocess.run([sys.executable, "-m", "layerprobe.cli", "plan", "--json", "plan.json",
-                                  "--calibration", "calibration.json"], cwd=project, env=env, capture_output=True,
-                                 text=True)  # fmt: skip
+        planned = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "layerprobe.cli",
+                "plan",
+                "--json",
+                "plan.json",
+                "--calibration",
+                "calibration.json",
+            ],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         plan_seconds = time.perf_counter() - start
         if planned.returncode:
             raise RuntimeError(f"plan failed:\n{planned.stderr[-3000:]}")
@@ -123,8 +142,10 @@ def main() -> None:
 
     measured = stage_seconds(lines)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; load average {before} before, {after} after")
-    print(f"plan (calibrated now, {plan_seconds:.0f} s): " + "; ".join(
-        line for line in planned.stdout.splitlines() if line.startswith(("study:", "fixed overheads:"))))  # fmt: skip
+    print(
+        f"plan (calibrated now, {plan_seconds:.0f} s): "
+        + "; ".join(line for line in planned.stdout.splitlines() if line.startswith(("study:", "dvc repro")))
+    )
     print("| stage | plan's estimate | measured | measured / estimate |")
     print("|---|---:|---:|---:|")
     for stage, seconds in measured.items():
@@ -135,10 +156,13 @@ def main() -> None:
     total, planned_total = lines[-1][0], estimate["total"]
     print(f"| total (dvc repro) | {planned_total:.1f} s | {total:.1f} s | {total / planned_total:.2f} |")
     train_ratio = measured.get("train", 0.0) / estimate["stages"]["train"]
-    print(f"train stage: measured / estimate {train_ratio:.2f} (target {TARGET[0]}-{TARGET[1]}: "
-          f"{verdict(train_ratio)})")  # fmt: skip
-    print(f"whole run: measured / estimate {total / planned_total:.2f} (target {TARGET[0]}-{TARGET[1]}: "
-          f"{verdict(total / planned_total)})")  # fmt: skip
+    print(
+        f"train stage: measured / estimate {train_ratio:.2f} (target {TARGET[0]}-{TARGET[1]}: {verdict(train_ratio)})"
+    )
+    print(
+        f"whole run: measured / estimate {total / planned_total:.2f} (target {TARGET[0]}-{TARGET[1]}: "
+        f"{verdict(total / planned_total)})"
+    )
 
 
 if __name__ == "__main__":

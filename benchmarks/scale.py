@@ -31,7 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from layerprobe.estimate import makespan
+from layerprobe.plan import makespan
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "bench"

@@ -57,8 +57,8 @@ RESULTS = {
     "layerprobe.registry", "layerprobe.selection", "layerprobe.train", "layerprobe.workflow", *STEPS,
 }  # fmt: skip
 ORCHESTRATION = {
-    "layerprobe.calibration", "layerprobe.cli", "layerprobe.estimate", "layerprobe.locks", "layerprobe.mlflow_model",
-    "layerprobe.mlflow_ui", "layerprobe.model_registry", "layerprobe.mounts", "layerprobe.params", "layerprobe.plan",
+    "layerprobe.cli", "layerprobe.locks", "layerprobe.mlflow_model", "layerprobe.mlflow_ui",
+    "layerprobe.model_registry", "layerprobe.mounts", "layerprobe.params", "layerprobe.plan",
     "layerprobe.plots", "layerprobe.predict", "layerprobe.report", "layerprobe.tracking", "layerprobe.verify",
 }  # fmt: skip
 

@@ -233,23 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
         "list every task with cache sizes and what it costs in time (measured on this machine); checks disk space",
         run_plan,
     )
-    plan.add_argument("--device", choices=["cpu", "cuda"],
-                      help="device to price for (default: the calibration file's, else cpu)")  # fmt: skip
-    plan.add_argument("--calibration", type=Path,
-                      help="measurements (JSON) to read and to add to (default: <paths.results>/plan/calibration-"
-                           "<device>.json); another machine's file prices the study for its device")  # fmt: skip
+    plan.add_argument(
+        "--device", choices=["cpu", "cuda"], help="device to price for (default: the calibration file's, else cpu)"
+    )
+    plan.add_argument(
+        "--calibration",
+        type=Path,
+        help="timings (JSON) to read and to add to (default: <paths.results>/plan/calibration-<device>.json); "
+        "another machine's file prices the study for its device",
+    )
     plan.add_argument("--workers", type=_positive_int, default=1, help="also give the wall time with this many workers")
-    plan.add_argument("--max-batch", type=_positive_int,
-                      help="time probe steps at batches up to this and extrapolate along the batch (default: 256 on "
-                           "cpu, none on cuda)")  # fmt: skip
-    plan.add_argument("--max-grid", type=_positive_int,
-                      help="time grids of up to this many members and extrapolate along the grid size (default: 4 on "
-                           "cpu, none on cuda)")  # fmt: skip
-    plan.add_argument("--images-per-second", type=_positive_float,
-                      help="price extraction from this ViT-B/16@224 rate, scaled by each backbone's FLOPs, instead of "
-                           "measuring the backbones")  # fmt: skip
-    plan.add_argument("--tasks", action="store_true",
-                      help="also give every task's batch size and steps")  # fmt: skip
+    plan.add_argument(
+        "--images-per-second",
+        type=_positive_float,
+        help="price extraction from this ViT-B/16@224 rate, scaled by each backbone's FLOPs, instead of timing a "
+        "forward of each backbone",
+    )
+    plan.add_argument("--tasks", action="store_true", help="also give every cache's and every task's row")
     plan.add_argument("--json", type=Path, help="also write the estimate's figures to this file")
 
     ui = _command(
@@ -519,59 +519,27 @@ def run_predict(args) -> int:
 
 
 def run_plan(args) -> int:
+    import functools
+
     import torch
 
-    from layerprobe.calibration import load_calibration, save_calibration
     from layerprobe.files import write_json
-    from layerprobe.plan import (
-        backbone_shape,
-        default_calibration_path,
-        disk_need,
-        disk_refusal,
-        estimate_json,
-        format_estimate,
-        format_plan,
-        plan_suite,
-        plan_training,
-        price_study,
-    )
+    from layerprobe.plan import disk_need, estimate, estimate_json, format_plan, load_calibration
 
     params = load_params(args.params)
-    path = args.calibration or default_calibration_path(params, args.device or "cpu")
+    path = args.calibration or Path(params.paths.results) / "plan" / f"calibration-{args.device or 'cpu'}.json"
     calibration = load_calibration(path)
     device = torch.device(args.device or calibration.get("device", {}).get("type") or "cpu")
-    if args.calibration is None and args.device is None and device.type != "cpu":
-        path = default_calibration_path(params, device.type)
-    if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    vit_b = backbone_shape(BackboneConfig(model="vit_base_patch16_224")).gflops_per_image
-    gflops_per_second = (args.images_per_second or 1.0) * vit_b
-    caches = plan_suite(params, gflops_per_second=gflops_per_second)  # validates every backbone and dataset
-    training = plan_training(params)
-    max_batch = args.max_batch or (256 if device.type == "cpu" else None)
-    max_grid = args.max_grid or (4 if device.type == "cpu" else None)
-    try:
-        study = price_study(params, caches, training, calibration=calibration, device=device, max_batch=max_batch,
-                            max_grid=max_grid, images_per_second=args.images_per_second,
-                            save=lambda: save_calibration(path, calibration))  # fmt: skip
-    finally:  # what was measured is kept, even when pricing stops half-way
-        if calibration:
-            save_calibration(path, calibration)
-    caches = [dataclasses.replace(c, seconds=study.extraction[(c.backbone, c.dataset)].seconds) for c in caches]
-    basis = (
-        f"extraction scaled by forward FLOPs from {args.images_per_second:g} ViT-B/16 images/s (given)"
-        if args.images_per_second
-        else f"extraction measured on {device.type} (backbone forwards, shard writes, the image data path)"
-    )
-    needed, free, where = disk_need(caches, Path(params.paths.features))
-    print(format_plan(params, caches, needed=needed, free=free, gflops_per_second=gflops_per_second,
-                      extraction_basis=f"{basis}; calibration {path}"))  # fmt: skip
-    print("\n".join(format_estimate(params, study, workers=args.workers, training=training if args.tasks else None)))
+    save = functools.partial(write_json, path, calibration)  # after each timing: a plan stopped half-way keeps them
+    study = estimate(params, calibration, device=device, images_per_second=args.images_per_second, save=save)
+    save()  # with the backbones' shapes, which spare a later plan building them
+    print(format_plan(params, study, workers=args.workers, list_tasks=args.tasks))
+    name = calibration["device"].get("name") or device.type
+    print(f"calibration {path} ({name}): {study.measured} timing(s) measured now, {study.reused} read", flush=True)
     if args.json:
-        write_json(args.json, estimate_json(study))
-    refusal = disk_refusal(needed, free, where, dtype=params.extract.dtype)
+        write_json(args.json, estimate_json(study, workers=args.workers))
+    _, _, refusal = disk_need(study.caches, Path(params.paths.features), dtype=params.extract.dtype)
     if refusal:  # after the plan, so whoever sizes the disk sees which caches need the space
-        sys.stdout.flush()
         raise ValueError(refusal)
     return 0
 

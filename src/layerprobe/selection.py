@@ -185,7 +185,7 @@ def open_selection(
 
     `batch_rows` is the most rows its reader asks for at once, or a function of the rows per split that gives it.
     Raises a one-line MemoryError when even one batch does not fit. `stream` True or False decides instead of the
-    budget (`layerprobe plan` times the streamed reader with it).
+    budget.
     """
     cache_dir = Path(cache_dir)
     provenance, shards, shape, patch_shape = cache._open_cache(cache_dir, list(splits), patches=patches)
