@@ -33,16 +33,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_GRID = {"lrs": [1e-1, 1e-2, 1e-3], "weight_decays": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0],
-              "attn_dropouts": [0.0, 0.1, 0.3]}  # fmt: skip
+PAPER_GRID = {
+    "lrs": [1e-1, 1e-2, 1e-3],
+    "weight_decays": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+    "attn_dropouts": [0.0, 0.1, 0.3],
+}
 # (name, tokens K, width D, heads H): the paper's probe shapes; quick mode shrinks them.
 SHAPES = [("alf on ViT-B/16", 24, 768, 24), ("alf on ViT-L/14", 48, 1024, 48), ("all tokens on ViT-B/16", 197, 768, 8)]
 QUICK_SHAPES = [("alf, tiny", 12, 32, 12), ("all tokens, tiny", 17, 32, 8)]
 
 
 def environment() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
 
 
 def run(command: list[str], *, timeout: float, cwd: Path = ROOT) -> str:
@@ -75,8 +81,9 @@ def grid_step_seconds(tokens: int, width: int, heads: int, *, batch: int, grid: 
 
     features = torch.randn((2 * batch, tokens, width), device=device).half()
     labels = torch.arange(2 * batch, device=device) % 100
-    config = TrainConfig(epochs=1, min_steps=steps + 1, batch_size=batch, min_batches=1, device=str(device),
-                         precision="float32")  # fmt: skip
+    config = TrainConfig(
+        epochs=1, min_steps=steps + 1, batch_size=batch, min_batches=1, device=str(device), precision="float32"
+    )
     marks = []
 
     def on_step(step: int) -> None:
@@ -124,9 +131,11 @@ def probe_steps(device, *, quick: bool) -> str:
     for name, tokens, width, heads in QUICK_SHAPES if quick else SHAPES:
         ours = grid_step_seconds(tokens, width, heads, batch=batch, grid=grid, device=device, steps=steps)
         one = reference_step_seconds(tokens, width, heads, batch=batch, device=device, steps=steps)
-        lines.append(f"{name:24s} ({tokens} x {width}, {heads} heads): grid step {ours * 1e3:9.1f} ms; reference one "
-                     f"member {one * 1e3:8.1f} ms x {len(grid)} = {one * len(grid) * 1e3:9.1f} ms; ratio "
-                     f"{ours / (one * len(grid)):.3f}")  # fmt: skip
+        lines.append(
+            f"{name:24s} ({tokens} x {width}, {heads} heads): grid step {ours * 1e3:9.1f} ms; reference one "
+            f"member {one * 1e3:8.1f} ms x {len(grid)} = {one * len(grid) * 1e3:9.1f} ms; ratio "
+            f"{ours / (one * len(grid)):.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -148,8 +157,17 @@ def two_workers(device, *, quick: bool) -> str:
     Prefect process workers sharing one GPU would run their units)."""
     _, tokens, width, heads = (QUICK_SHAPES if quick else SHAPES)[0]
     grid = {"lrs": [1e-2, 1e-3], "weight_decays": [1e-4], "attn_dropouts": [0.0]} if quick else PAPER_GRID
-    code = WORKER.format(src=str(ROOT / "src"), root=str(ROOT), device=str(device), grid=grid, tokens=tokens,
-                         width=width, heads=heads, batch=32 if quick else 2048, steps=3 if quick else 30)  # fmt: skip
+    code = WORKER.format(
+        src=str(ROOT / "src"),
+        root=str(ROOT),
+        device=str(device),
+        grid=grid,
+        tokens=tokens,
+        width=width,
+        heads=heads,
+        batch=32 if quick else 2048,
+        steps=3 if quick else 30,
+    )
 
     def start() -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", code], env=environment(), stdout=subprocess.PIPE, text=True)
@@ -162,8 +180,7 @@ def two_workers(device, *, quick: bool) -> str:
     for process in processes:
         process.wait()
     both = time.perf_counter() - both
-    return (f"one process alone {alone:.1f} s; two at once {both:.1f} s; throughput of two / one "
-            f"{2 * alone / both:.2f}x")  # fmt: skip
+    return f"one process alone {alone:.1f} s; two at once {both:.1f} s; throughput of two / one {2 * alone / both:.2f}x"
 
 
 def quick_params(folder: Path) -> Path:
@@ -171,8 +188,12 @@ def quick_params(folder: Path) -> Path:
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["suite"] = {"name": "gpu-quick", "backbones": ["vit_tiny_d6"], "datasets": ["shapes"],
-                       "probes": ["linear_last_cls", "alf"]}  # fmt: skip
+    params["suite"] = {
+        "name": "gpu-quick",
+        "backbones": ["vit_tiny_d6"],
+        "datasets": ["shapes"],
+        "probes": ["linear_last_cls", "alf"],
+    }
     params["datasets"]["shapes"]["options"]["num_images"] = 200
     params["train"].update({"min_steps": 20, "lrs": [1e-2], "weight_decays": [1e-4]})
     params["paths"] = {key: str(folder / value) for key, value in params["paths"].items()}
@@ -185,8 +206,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="every section at tiny sizes (a dry run)")
-    parser.add_argument("--results", type=Path, help="the results file to append to (default: benchmarks/RESULTS.md, "
-                                                     "with --quick none)")  # fmt: skip
+    parser.add_argument(
+        "--results", type=Path, help="the results file to append to (default: benchmarks/RESULTS.md, with --quick none)"
+    )
     parser.add_argument("--out", type=Path, help="also write the section, calibration file and plan output here")
     args = parser.parse_args()
 
@@ -200,14 +222,56 @@ def main() -> None:
     begun = time.perf_counter()
     sections = []
     try:
-        extract = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "16", "--num-images", "64",
-                   "--repeats", "1"] if args.quick else ["--model", "vit_base_patch16_224", "--img-size", "224",
-                   "--batch-size", "256", "--num-images", "10000", "--repeats", "1"]  # fmt: skip
-        sections.append(("Extraction vs a bare timm forward (`benchmarks/extract.py`, bfloat16)",
-                         run([sys.executable, "benchmarks/extract.py", *extract, "--device", args.device,
-                              "--precision", "bfloat16"], timeout=90 if args.quick else 120)))  # fmt: skip
-        sections.append(("Probe steps at the paper's shapes: grid at once vs the reference one member at a time",
-                         probe_steps(device, quick=args.quick)))  # fmt: skip
+        extract = (
+            [
+                "--model",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                "32",
+                "--batch-size",
+                "16",
+                "--num-images",
+                "64",
+                "--repeats",
+                "1",
+            ]
+            if args.quick
+            else [
+                "--model",
+                "vit_base_patch16_224",
+                "--img-size",
+                "224",
+                "--batch-size",
+                "256",
+                "--num-images",
+                "10000",
+                "--repeats",
+                "1",
+            ]
+        )
+        sections.append(
+            (
+                "Extraction vs a bare timm forward (`benchmarks/extract.py`, bfloat16)",
+                run(
+                    [
+                        sys.executable,
+                        "benchmarks/extract.py",
+                        *extract,
+                        "--device",
+                        args.device,
+                        "--precision",
+                        "bfloat16",
+                    ],
+                    timeout=90 if args.quick else 120,
+                ),
+            )
+        )
+        sections.append(
+            (
+                "Probe steps at the paper's shapes: grid at once vs the reference one member at a time",
+                probe_steps(device, quick=args.quick),
+            )
+        )
         calibration = work / f"calibration-{args.device}.json"
         params = quick_params(work) if args.quick else ROOT / "params.paper.yaml"
         plan = ["plan", "--params", str(params), "--device", args.device, "--calibration", str(calibration)]

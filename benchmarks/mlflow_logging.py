@@ -42,8 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "e89126f"  # the last commit before batched recording (issue 21)
 BACKBONES, DATASETS = 9, 24  # the paper's main table: 9 backbones x 20 datasets (+ a few more tasks)
 PROBES = ["linear_last_cls", "linear_last_cls_ap", "linear_concat_all", "attentive_last_cls_ap", "alf"]
-TINY = {"model": "vit_tiny_patch16_224", "pretrained": False,
-        "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
+TINY = {
+    "model": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2},
+}
 DATASET = {"source": "count_shapes", "options": {"num_images": 240, "image_size": 32, "seed": 0}, "group": "structured"}
 
 
@@ -57,25 +60,34 @@ def study_params(num_probes: int) -> dict:
         "backbones": {name: TINY for name in [*backbones, "tiny"]},
         "probes": {"alf": {"num_heads": None}},
         "extract": {"batch_size": 64, "shard_size": 100, "device": "cpu"},
-        "train": {"lrs": [1e-2], "weight_decays": [1e-4], "attn_dropouts": [0.0], "epochs": 1, "min_steps": 20,
-                  "batch_size": 64, "seeds": [0], "device": "cpu"},
+        "train": {
+            "lrs": [1e-2],
+            "weight_decays": [1e-4],
+            "attn_dropouts": [0.0],
+            "epochs": 1,
+            "min_steps": 20,
+            "batch_size": 64,
+            "seeds": [0],
+            "device": "cpu",
+        },
         "tracking": {"experiment": "study"},
-    }  # fmt: skip
+    }
 
 
 def train_templates(project: Path) -> None:
     """Prepare, extract, train and evaluate `linear_last_cls` and `alf` on tiny/count: the files every clone copies."""
     from layerprobe.params import load_params
     from layerprobe.plots import draw_evaluation
-    from layerprobe.workflow.evaluate import evaluate_step
-    from layerprobe.workflow.extract import extract_step
-    from layerprobe.workflow.prepare import prepare_step
-    from layerprobe.workflow.train import train_step
+    from layerprobe.steps.evaluate import evaluate_step
+    from layerprobe.steps.extract import extract_step
+    from layerprobe.steps.prepare import prepare_step
+    from layerprobe.steps.train import train_step
 
     params = load_params(project / "params.yaml")
     prepare_step("count", dataset=params.datasets["count"], prepare=params.prepare, paths=params.paths)
-    extract_step("tiny", "count", backbone=params.backbones["tiny"], extract=params.extract, paths=params.paths,
-                 progress=False)  # fmt: skip
+    extract_step(
+        "tiny", "count", backbone=params.backbones["tiny"], extract=params.extract, paths=params.paths, progress=False
+    )
     for probe in ("linear_last_cls", "alf"):
         train_step("tiny", "count", probe, probe=params.probe_config(probe), train=params.train, paths=params.paths)
         evaluation = evaluate_step("tiny", "count", probe, evaluate=params.evaluate, paths=params.paths)
@@ -109,13 +121,19 @@ def clone_study(project: Path, num_probes: int) -> list[tuple[str, str, str]]:
             write_json(features / "manifest.json", manifest)
         features_hash = cache_content_hash(features)
         template = "alf" if "attentive" in probe or probe == "alf" else "linear_last_cls"
-        source_probe, target_probe = (project / paths.probe_dir(*names) for names in
-                                      (("tiny", "count", template), (backbone, dataset, probe)))  # fmt: skip
+        source_probe, target_probe = (
+            project / paths.probe_dir(*names) for names in (("tiny", "count", template), (backbone, dataset, probe))
+        )
         shutil.copytree(source_probe, target_probe)
         seed_dir = target_probe / "seed-0"
         weights = load_file(str(seed_dir / PROBE_WEIGHTS))
-        save_file({k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype) if v.dtype.kind == "f" else v
-                   for k, v in weights.items()}, str(seed_dir / PROBE_WEIGHTS))  # fmt: skip
+        save_file(
+            {
+                k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype) if v.dtype.kind == "f" else v
+                for k, v in weights.items()
+            },
+            str(seed_dir / PROBE_WEIGHTS),
+        )
         trained = read_json(target_probe / "train.json")
         trained["features_hash"] = features_hash
         trained["seeds"][0]["dir"] = str(paths.seed_dir(backbone, dataset, probe, 0))
@@ -126,8 +144,13 @@ def clone_study(project: Path, num_probes: int) -> list[tuple[str, str, str]]:
         evaluation = read_json(target_eval / "metrics.json")
         score, val = rng.uniform(0.2, 0.9), rng.uniform(0.2, 0.9)
         width = rng.uniform(0.02, 0.06)
-        evaluation.update(backbone=backbone, dataset=dataset, probe=probe, val_balanced_accuracy=val,
-                          test={"accuracy": score, "balanced_accuracy": score})  # fmt: skip
+        evaluation.update(
+            backbone=backbone,
+            dataset=dataset,
+            probe=probe,
+            val_balanced_accuracy=val,
+            test={"accuracy": score, "balanced_accuracy": score},
+        )
         evaluation["test_ci"]["balanced_accuracy"] = [score - width, score + width]
         evaluation["fingerprint"] = {**evaluation["fingerprint"], "value": stable_hash([backbone, dataset, probe])}
         write_json(target_eval / "metrics.json", evaluation)
@@ -136,13 +159,15 @@ def clone_study(project: Path, num_probes: int) -> list[tuple[str, str, str]]:
 
 def before_module():
     """`layerprobe.tracking` as it was at commit BEFORE, loaded beside today's package (its imports still exist)."""
-    text = subprocess.run(["git", "show", f"{BEFORE}:src/layerprobe/tracking.py"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout  # fmt: skip
+    text = subprocess.run(
+        ["git", "show", f"{BEFORE}:src/layerprobe/tracking.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     path = Path(tempfile.mkdtemp(prefix="tracking-before-")) / "tracking_before.py"
-    path.write_text(text.replace('Path(__file__).with_name("mlflow_model.py")',
-                                 f'Path({str(ROOT / "src/layerprobe/mlflow_model.py")!r})')  # fmt: skip
-                    .replace("code_paths=[str(Path(__file__).parent)]",
-                             f"code_paths=[{str(ROOT / 'src/layerprobe')!r}]"))  # fmt: skip
+    path.write_text(
+        text.replace(
+            'Path(__file__).with_name("mlflow_model.py")', f"Path({str(ROOT / 'src/layerprobe/mlflow_model.py')!r})"
+        ).replace("code_paths=[str(Path(__file__).parent)]", f"code_paths=[{str(ROOT / 'src/layerprobe')!r}]")
+    )
     spec = importlib.util.spec_from_file_location("tracking_before", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -154,7 +179,7 @@ def log_before(project: Path, tasks: list[tuple[str, str, str]], *, warm_up: lis
     tasks at a time (its TASK_WORKERS). Returns the seconds `tasks` took, after `warm_up` was logged."""
     from layerprobe.files import read_json
     from layerprobe.params import load_params
-    from layerprobe.workflow.evaluate import signature_example
+    from layerprobe.steps.evaluate import signature_example
 
     old = before_module()
     params = load_params(project / "params.yaml")
@@ -166,12 +191,18 @@ def log_before(project: Path, tasks: list[tuple[str, str, str]], *, warm_up: lis
         backbone, dataset, probe = task
         trained = read_json(paths.train_marker(*task))
         old.log_probe_run(
-            experiment_id, parent, read_json(paths.evaluation_marker(*task)), trained=trained,
-            run_params=old.run_params(params, *task), evaluation_dir=paths.evaluation_dir(*task),
-            signature_example=signature_example(probe_dir=paths.seed_dir(*task, trained["seeds"][0]["seed"]),
-                                                features_dir=paths.features_dir(backbone, dataset)),
+            experiment_id,
+            parent,
+            read_json(paths.evaluation_marker(*task)),
+            trained=trained,
+            run_params=old.run_params(params, *task),
+            evaluation_dir=paths.evaluation_dir(*task),
+            signature_example=signature_example(
+                probe_dir=paths.seed_dir(*task, trained["seeds"][0]["seed"]),
+                features_dir=paths.features_dir(backbone, dataset),
+            ),
             registered_name=old.registered_model_name("layerprobe", dataset, backbone),
-        )  # fmt: skip
+        )
 
     for task in warm_up:  # one-time costs (imports, MLflow's first requirements check) paid before the clock starts
         log(task)
@@ -225,17 +256,30 @@ def page_load(project: Path, experiment: str) -> tuple[float, float] | None:
     port = 5000 + int(time.time()) % 1000
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1400,900", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+    ):
         options.add_argument(flag)
     driver = None
-    serving = mlflow_ui.mlflow_server(uri, artifacts_dir=project / "mlruns" / "artifacts", host="127.0.0.1", port=port,
-                                      log=project / "mlflow-server.log")  # fmt: skip
+    serving = mlflow_ui.mlflow_server(
+        uri,
+        artifacts_dir=project / "mlruns" / "artifacts",
+        host="127.0.0.1",
+        port=port,
+        log=project / "mlflow-server.log",
+    )
     try:
         with serving:
             base = f"http://127.0.0.1:{port}"
-            driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver", log_output=subprocess.DEVNULL),
-                                      options=options)  # fmt: skip
+            driver = webdriver.Chrome(
+                service=Service("/usr/bin/chromedriver", log_output=subprocess.DEVNULL), options=options
+            )
             url = mlflow_ui.runs_url(base, mlflow_ui.find_experiment(experiment, uri))
             wait = WebDriverWait(driver, 300, poll_frequency=0.05)
             start = time.perf_counter()
@@ -272,16 +316,21 @@ def main() -> None:
 
     if args.before:
         seconds = log_before(project, tasks[: args.before], warm_up=tasks[-3:])
-        print(f"before ({BEFORE}, {args.before} probes, 2 at a time): {seconds:.1f} s, "
-              f"{seconds / args.before:.3f} s per probe{load()}", flush=True)  # fmt: skip
+        print(
+            f"before ({BEFORE}, {args.before} probes, 2 at a time): {seconds:.1f} s, "
+            f"{seconds / args.before:.3f} s per probe{load()}",
+            flush=True,
+        )
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # `mlflow.set_tracking_uri` exports it: the before store's
     params = load_params(project / "params.yaml")
     if args.before:
         small = dataclasses.replace(params, paths=dataclasses.replace(params.paths, mlruns="mlruns-after-small"))
         record(tracking, small, tasks[-3:])  # the same warm-up, untimed
         seconds, _ = record(tracking, small, tasks[: args.before] + tasks[-3:])  # the warm-up's 3 are referenced
-        print(f"after ({args.before} probes, the same): {seconds:.1f} s, {seconds / args.before:.3f} s per probe"
-              f"{load()}", flush=True)  # fmt: skip
+        print(
+            f"after ({args.before} probes, the same): {seconds:.1f} s, {seconds / args.before:.3f} s per probe{load()}",
+            flush=True,
+        )
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     uri = tracking.resolve_tracking_uri(params.paths.mlruns)
     seconds, first = record(tracking, params, tasks)
@@ -291,13 +340,18 @@ def main() -> None:
     again = tracking.record_evaluations(params, tasks)
     seconds = time.perf_counter() - start
     added = [b - a for a, b in zip(counts, count_store(uri, "study"), strict=True)]
-    print(f"rerun with nothing changed: {seconds:.1f} s; probe runs added {added[0]}, parent runs added {added[1]}, "
-          f"registered versions added {added[2]} (parent {again['parent']}: {again['parent_run_id']} = "
-          f"{first['parent_run_id']}){load()}", flush=True)  # fmt: skip
+    print(
+        f"rerun with nothing changed: {seconds:.1f} s; probe runs added {added[0]}, parent runs added {added[1]}, "
+        f"registered versions added {added[2]} (parent {again['parent']}: {again['parent_run_id']} = "
+        f"{first['parent_run_id']}){load()}",
+        flush=True,
+    )
     loaded = page_load(project, "study")
     if loaded:
-        print(f"page ({counts[0]} probe runs under one parent): runs table shown {loaded[0]:.1f} s after opening "
-              f"the URL; children shown {loaded[1]:.1f} s after expanding the parent{load()}")  # fmt: skip
+        print(
+            f"page ({counts[0]} probe runs under one parent): runs table shown {loaded[0]:.1f} s after opening "
+            f"the URL; children shown {loaded[1]:.1f} s after expanding the parent{load()}"
+        )
     if not args.keep:
         shutil.rmtree(project, ignore_errors=True)
 

@@ -65,8 +65,9 @@ def token_dissimilarity(
         safetensors.torch.save_file(source.state_dict(), str(path))
         tokens = {}
         for rule in ("timm", "dinov2"):
-            model = create_backbone(MODEL, checkpoint=path, model_kwargs={**model_kwargs(depth), "img_size": 224},
-                                    pos_embed_resample=rule)  # fmt: skip
+            model = create_backbone(
+                MODEL, checkpoint=path, model_kwargs={**model_kwargs(depth), "img_size": 224}, pos_embed_resample=rule
+            )
             with torch.inference_mode():
                 tokens[rule] = LayerTokenExtractor(model, tap="norm2")(images)  # [N, L, 2, D]
     cosine = F.cosine_similarity(tokens["timm"], tokens["dinov2"], dim=-1).mean(0)  # [L, 2]

@@ -59,8 +59,10 @@ def main() -> None:
         fast.eval(), slow.eval()
         difference = (fast(x)[0] - slow(x)).abs().max().item()
         fast.train(), slow.train()
-    print(f"config: batch {args.batch}, tokens {args.tokens}, dim {args.dim}, heads {fast.num_heads}, "
-          f"head width {fast.head_dim}, threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"config: batch {args.batch}, tokens {args.tokens}, dim {args.dim}, heads {fast.num_heads}, "
+        f"head width {fast.head_dim}, threads {torch.get_num_threads()}"
+    )
     print(f"max |logit difference| between the forms: {difference:.2e}")
     t_fast = time_step(fast, x, labels, repeats=args.repeats)
     t_slow = time_step(slow, x, labels, repeats=args.repeats)

@@ -69,8 +69,11 @@ def main() -> None:
     for process in spinners:
         process.start()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    print(f"{args.runs} fresh-clone `dvc repro` runs of {head.strip()}, Python {platform.python_version()}, "
-          f"{cpu_name()}{', both cores kept busy' if args.busy else ''}", flush=True)  # fmt: skip
+    print(
+        f"{args.runs} fresh-clone `dvc repro` runs of {head.strip()}, Python {platform.python_version()}, "
+        f"{cpu_name()}{', both cores kept busy' if args.busy else ''}",
+        flush=True,
+    )
     failures = []
     try:
         for number in range(1, args.runs + 1):

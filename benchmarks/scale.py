@@ -62,8 +62,7 @@ def free_port() -> int:
 def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -78,11 +77,17 @@ def start_server(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def start_worker(name: str, env: dict, log: Path) -> subprocess.Popen:
-    worker_env = {**env, **ONE_CORE, "CUDA_VISIBLE_DEVICES": "", "PREFECT_WORKER_QUERY_SECONDS": "1",
-                  "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"}  # fmt: skip
+    worker_env = {
+        **env,
+        **ONE_CORE,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+    }
     command = ["prefect", "worker", "start", "--pool", POOL, "--type", "process", "--name", name, "--limit", "1"]
-    return subprocess.Popen(command, env=worker_env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command, env=worker_env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -159,10 +164,12 @@ def main() -> None:
     server, url = start_server(env, logs / "server.log")
     env["PREFECT_API_URL"] = url
     try:
-        subprocess.run(["prefect", "work-pool", "create", POOL, "--type", "process"], env=env, check=True,
-                       capture_output=True)  # fmt: skip
-        pretrain = subprocess.run([sys.executable, "-m", "flows.pretrain"], cwd=project, env=env, capture_output=True,
-                                  text=True)  # fmt: skip
+        subprocess.run(
+            ["prefect", "work-pool", "create", POOL, "--type", "process"], env=env, check=True, capture_output=True
+        )
+        pretrain = subprocess.run(
+            [sys.executable, "-m", "flows.pretrain"], cwd=project, env=env, capture_output=True, text=True
+        )
         if pretrain.returncode:
             raise RuntimeError(f"pretrain failed:\n{pretrain.stderr[-2000:]}")
         figures = {n: timed_run(project, env, n, logs) for n in args.workers}
@@ -180,14 +187,18 @@ def main() -> None:
     print(f"ratio {many}/{few} workers: run {wall_ratio:.3f} (target <= 0.65: {verdict}), units phase {span_ratio:.3f}")
     wall, span, durations = figures[few]
     floor = (wall - span + span * few / many) / wall
-    print(f"lowest run ratio {many} workers can reach (serial part as measured, units phase {many / few:g}x faster): "
-          f"{floor:.3f}")  # fmt: skip
+    print(
+        f"lowest run ratio {many} workers can reach (serial part as measured, units phase {many / few:g}x faster): "
+        f"{floor:.3f}"
+    )
     if few == 1:  # whole units cannot be split: the busiest worker runs ceil(units / workers) of them
         gap = (span - sum(durations)) / max(1, len(durations) - 1)  # a worker's hand-over from one unit to the next
         best = makespan([d + gap for d in durations], many) - gap
-        print(f"lowest with whole units ({len(durations)} units of {min(durations):.1f}-{max(durations):.1f} s, "
-              f"{gap:.1f} s between units on a worker, the longest first on whichever worker is free): units phase "
-              f"{best:.1f} s, run ratio {(wall - span + best) / wall:.3f}")  # fmt: skip
+        print(
+            f"lowest with whole units ({len(durations)} units of {min(durations):.1f}-{max(durations):.1f} s, "
+            f"{gap:.1f} s between units on a worker, the longest first on whichever worker is free): units phase "
+            f"{best:.1f} s, run ratio {(wall - span + best) / wall:.3f}"
+        )
 
 
 if __name__ == "__main__":

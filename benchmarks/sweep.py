@@ -119,18 +119,22 @@ def main() -> None:
     positions = select_token_positions(layer_names, ["cls", "ap"], layers=spec.layers, tokens=spec.tokens)
     grid = make_grid([1e-1, 1e-2, 1e-3, 1e-4], [1e-4, 1e-2, 1e-1])
     # epochs=1 and min_steps=steps: exactly `steps` steps whatever the batch plan gives per epoch.
-    config = TrainConfig(epochs=1, min_steps=args.steps, batch_size=args.batch, min_batches=1, device="cpu",
-                         precision=args.precision)  # fmt: skip
+    config = TrainConfig(
+        epochs=1, min_steps=args.steps, batch_size=args.batch, min_batches=1, device="cpu", precision=args.precision
+    )
     matmul_dtype = resolve_matmul_dtype(args.precision, torch.device("cpu"))
 
     def run(configs: list) -> tuple[float, int]:
         start = time.perf_counter()
-        trained = train_grid(spec, tokens, labels, positions=positions, num_classes=args.classes, grid=configs,
-                             config=config)  # fmt: skip
+        trained = train_grid(
+            spec, tokens, labels, positions=positions, num_classes=args.classes, grid=configs, config=config
+        )
         return time.perf_counter() - start, trained.steps
 
-    print(f"config: {len(grid)} configs, {args.num_images} images, {len(positions)} tokens, D={args.dim}, "
-          f"batch {args.batch}, threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"config: {len(grid)} configs, {args.num_images} images, {len(positions)} tokens, D={args.dim}, "
+        f"batch {args.batch}, threads {torch.get_num_threads()}"
+    )
     print(f"probe matmuls in {matmul_dtype} (--precision {args.precision})")
     together, steps = run(grid)
     print(f"grid at once:          {together:.1f} s ({steps} steps)")
@@ -148,13 +152,17 @@ def main() -> None:
     head = build_probe(spec, num_tokens=len(positions), dim=args.dim, num_classes=args.classes)
     floor = member_floor_seconds(head, batch=args.batch, num_tokens=len(positions), grid_size=g, dtype=matmul_dtype)
     best = (shared + g * floor) / (g * (shared + floor))
-    print(f"per step: grid {grid_step * 1e3:.1f} ms, lone config {lone_step * 1e3:.1f} ms -> shared part "
-          f"{shared * 1e3:.1f} ms, per member {member * 1e3:.1f} ms")  # fmt: skip
+    print(
+        f"per step: grid {grid_step * 1e3:.1f} ms, lone config {lone_step * 1e3:.1f} ms -> shared part "
+        f"{shared * 1e3:.1f} ms, per member {member * 1e3:.1f} ms"
+    )
     print(
         f"member floor here (its matmuls, alone or batched as the grid does, + clipping + AdamW): {floor * 1e3:.1f} ms"
     )
-    print(f"ratio with every member at the floor and this shared part: {best:.3f}  "
-          f"(member at {floor / member:.0%} of its measured time)")  # fmt: skip
+    print(
+        f"ratio with every member at the floor and this shared part: {best:.3f}  "
+        f"(member at {floor / member:.0%} of its measured time)"
+    )
 
 
 if __name__ == "__main__":

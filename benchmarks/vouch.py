@@ -41,7 +41,7 @@ SHAPE = (12, 2, 768)  # a ViT-B/16's 12 blocks x (cls, ap) x 768
 
 def write_cache(cache: Path, *, shards: int, rows: int):
     """A complete cache of `shards` shards of `rows` rows, dated a minute back; returns its fingerprint."""
-    fingerprint = make_fingerprint("layerprobe.workflow.extract", format="bench/1", params={}, inputs={})
+    fingerprint = make_fingerprint("layerprobe.steps.extract", format="bench/1", params={}, inputs={})
     provenance = {
         "layer_names": [f"block{i}" for i in range(SHAPE[0])],
         "token_names": ["cls", "ap"],

@@ -53,8 +53,9 @@ CONFIGURATIONS = {
 def steps_per_second(settings: dict[str, str], seconds: float) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(settings)
-    result = subprocess.run([sys.executable, "-c", STEP.format(seconds=seconds)], env=env, capture_output=True,
-                            text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", STEP.format(seconds=seconds)], env=env, capture_output=True, text=True, check=True
+    )
     return float(result.stdout.strip())
 
 

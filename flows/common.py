@@ -196,5 +196,18 @@ def select(names: list[str], wanted: list[str] | None, kind: str) -> list[str]:
     return [n for n in names if n in wanted]
 
 
-__all__ = ["FLOW_OPTIONS", "Params", "as_params", "gpu_slot", "load_params", "log_step", "parse_stage_args",
-           "run_stage", "select", "task_options", "task_runner", "unit_lock", "worker_name"]  # fmt: skip
+__all__ = [
+    "FLOW_OPTIONS",
+    "Params",
+    "as_params",
+    "gpu_slot",
+    "load_params",
+    "log_step",
+    "parse_stage_args",
+    "run_stage",
+    "select",
+    "task_options",
+    "task_runner",
+    "unit_lock",
+    "worker_name",
+]

@@ -30,7 +30,7 @@ from layerprobe.config import EvaluateConfig, PathsConfig
 from layerprobe.files import read_json, write_json
 from layerprobe.plots import draw_evaluation
 from layerprobe.report import evaluation_markdown, merge_summaries, metrics_summary
-from layerprobe.workflow.evaluate import evaluate_step
+from layerprobe.steps.evaluate import evaluate_step
 
 
 @task(name="evaluate-probe", task_run_name="evaluate-{backbone_name}-{dataset_name}-{probe_name}")
@@ -40,11 +40,20 @@ def evaluate_task(
     evaluation_dir = paths.evaluation_dir(backbone_name, dataset_name, probe_name)
     with unit_lock(paths, "evaluate", backbone_name, dataset_name, probe_name):
         evaluation = evaluate_step(backbone_name, dataset_name, probe_name, evaluate=evaluate, paths=paths)
-        figures = draw_evaluation(evaluation, evaluation_dir, title=f"{backbone_name} / {dataset_name} / {probe_name}",
-                                  redraw=evaluation["status"] == "computed")  # fmt: skip
+        figures = draw_evaluation(
+            evaluation,
+            evaluation_dir,
+            title=f"{backbone_name} / {dataset_name} / {probe_name}",
+            redraw=evaluation["status"] == "computed",
+        )
     log_step(evaluation, f"evaluation {backbone_name}/{dataset_name}/{probe_name}")
-    return {"backbone": backbone_name, "dataset": dataset_name, "probe": probe_name, "status": evaluation["status"],
-            "figures": figures}  # fmt: skip
+    return {
+        "backbone": backbone_name,
+        "dataset": dataset_name,
+        "probe": probe_name,
+        "status": evaluation["status"],
+        "figures": figures,
+    }
 
 
 @task(name="record-in-mlflow")
@@ -54,8 +63,10 @@ def record_task(params: Params, probes: list[tuple[str, str, str]]) -> dict:
 
     recorded = tracking.record_evaluations(params, probes)
     logged = sum(r["recorded"] == "logged" for r in recorded["results"])
-    print(f"MLflow: {logged} probe runs logged, {len(probes) - logged} unchanged (referenced); parent run "
-          f"{recorded['parent_run_id']} ({recorded['parent']})")  # fmt: skip
+    print(
+        f"MLflow: {logged} probe runs logged, {len(probes) - logged} unchanged (referenced); parent run "
+        f"{recorded['parent_run_id']} ({recorded['parent']})"
+    )
     return recorded
 
 

@@ -23,7 +23,7 @@ from flows.common import (
     unit_lock,
 )
 from layerprobe.config import BackboneConfig, ExtractConfig, PathsConfig
-from layerprobe.workflow.extract import extract_step
+from layerprobe.steps.extract import extract_step
 
 
 @task(name="extract-features", task_run_name="extract-{backbone_name}-{dataset_name}")

@@ -164,8 +164,11 @@ def _run_on_pool(params: Params, units: list[tuple[str, str]]) -> list[dict]:
             # started is left queued or running for a worker to pick up after it has gone.
             cancelled = cancel_unfinished(client, [run_id for run_id in runs if run_id not in finished], logger=logger)
             if cancelled:
-                logger.warning("cancelled %d submitted units that had not finished: %s", len(cancelled),
-                               ", ".join(f"{b}/{d}" for b, d in (runs[i] for i in cancelled)))  # fmt: skip
+                logger.warning(
+                    "cancelled %d submitted units that had not finished: %s",
+                    len(cancelled),
+                    ", ".join(f"{b}/{d}" for b, d in (runs[i] for i in cancelled)),
+                )
             raise
     return [finished[run_id] for run_id in runs]
 
@@ -213,8 +216,11 @@ def cancel_unfinished(client, run_ids: list[UUID], *, logger) -> list[UUID]:
             worker = run.labels.get("prefect.worker.name")
             pool = run.work_pool_name
             through_worker = running and worker and pool and worker in live_workers(client, pool)
-            state = Cancelling(message="layerprobe run stopped") if through_worker else Cancelled(
-                message="layerprobe run stopped before this unit finished")  # fmt: skip
+            state = (
+                Cancelling(message="layerprobe run stopped")
+                if through_worker
+                else Cancelled(message="layerprobe run stopped before this unit finished")
+            )
             client.set_flow_run_state(run_id, state, force=True)
             cancelled.append(run_id)
         except Exception as error:  # noqa: BLE001 - one unit we cannot cancel must not stop cancelling the others

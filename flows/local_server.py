@@ -101,8 +101,17 @@ def _start_server(state: Path) -> str:
         # server on the machine, so two projects' servers starting at once raced on its migration ("no such table:
         # block_data") and then on its write lock ("database is locked").
         env[DATABASE_SETTINGS[0]] = f"sqlite+aiosqlite:///{state / 'prefect.db'}"
-    command = [sys.executable, "-m", "flows.local_server", "--port", str(port), "--state", str(state),
-               "--idle-seconds", str(IDLE_SECONDS)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "flows.local_server",
+        "--port",
+        str(port),
+        "--state",
+        str(state),
+        "--idle-seconds",
+        str(IDLE_SECONDS),
+    ]
     with open(state / "server.log", "ab") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()

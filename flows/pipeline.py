@@ -50,9 +50,12 @@ def pipeline(params: Params | str = "params.yaml", work_pool: str | None = None)
     failed = [o for o in outcomes if o["state"] != "COMPLETED"]
     for outcome in outcomes:
         get_run_logger().info(
-            "unit %s/%s: %s%s", outcome["backbone"], outcome["dataset"], outcome["state"],
+            "unit %s/%s: %s%s",
+            outcome["backbone"],
+            outcome["dataset"],
+            outcome["state"],
             f" ({outcome['error']})" if "error" in outcome else "",
-        )  # fmt: skip
+        )
     if failed:
         listed = "; ".join(f"{o['backbone']}/{o['dataset']}: {o['error']}" for o in failed)
         raise RuntimeError(f"{len(failed)} of {len(outcomes)} units failed (the others are evaluated): {listed}")

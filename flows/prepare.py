@@ -23,7 +23,7 @@ from flows.common import (
     unit_lock,
 )
 from layerprobe.config import DatasetConfig, PathsConfig, PrepareConfig
-from layerprobe.workflow.prepare import prepare_step
+from layerprobe.steps.prepare import prepare_step
 
 
 @task(name="prepare-dataset", task_run_name="prepare-{name}")

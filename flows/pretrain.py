@@ -24,7 +24,7 @@ from flows.common import (
 )
 from layerprobe import tracking
 from layerprobe.config import BackboneConfig, PathsConfig
-from layerprobe.workflow.pretrain import pretrain_checkpoint, pretrain_step
+from layerprobe.steps.pretrain import pretrain_checkpoint, pretrain_step
 
 
 @task(name="pretrain-backbone", task_run_name="pretrain-{backbone_name}")

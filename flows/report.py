@@ -33,8 +33,9 @@ from layerprobe.report import (
 def write_report_task(
     summary: dict, out_dir: Path, probes: list[str], groups: dict, heatmaps: dict, intervals: dict, baselines: dict
 ) -> dict:
-    files = write_report(summary, out_dir, probes=probes, groups=groups, heatmaps=heatmaps, intervals=intervals,
-                         baselines=baselines)  # fmt: skip
+    files = write_report(
+        summary, out_dir, probes=probes, groups=groups, heatmaps=heatmaps, intervals=intervals, baselines=baselines
+    )
     return {name: str(path) for name, path in files.items()}
 
 
@@ -59,8 +60,9 @@ def report_flow(params: Params | str = "params.yaml") -> dict:
                     predictions.setdefault(b, {}).setdefault(d, {})[p] = read_arrays(path)
     intervals = gain_intervals(predictions, baselines=baselines)
     groups = {name: dataset.group for name, dataset in params.datasets.items()}
-    files = write_report_task(summary, params.paths.report_dir, params.suite.probes, groups, heatmaps, intervals,
-                              baselines)  # fmt: skip
+    files = write_report_task(
+        summary, params.paths.report_dir, params.suite.probes, groups, heatmaps, intervals, baselines
+    )
     markdown = Path(files["markdown"]).read_text()
     create_markdown_artifact(key="layerprobe-report", markdown=markdown, description=f"{params.suite.name} results")
     run_file = params.paths.pipeline_run_file

@@ -23,7 +23,7 @@ from flows.common import (
     unit_lock,
 )
 from layerprobe.config import PathsConfig, ProbeConfig, TrainConfig
-from layerprobe.workflow.train import train_step
+from layerprobe.steps.train import train_step
 
 
 @task(name="train-probe", task_run_name="train-{backbone_name}-{dataset_name}-{probe_name}")

@@ -51,8 +51,11 @@ def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", d
     if backbone not in params.backbones or dataset not in params.datasets:
         from layerprobe.registry import unknown_name_error
 
-        bad, kind, known = (backbone, "backbone", params.backbones) if backbone not in params.backbones else (
-            dataset, "dataset", params.datasets)  # fmt: skip
+        bad, kind, known = (
+            (backbone, "backbone", params.backbones)
+            if backbone not in params.backbones
+            else (dataset, "dataset", params.datasets)
+        )
         raise unknown_name_error(kind, bad, list(known))
     check_patch_tokens(params)  # before the backbone pass, not after it
     options = task_options(params)
@@ -73,12 +76,14 @@ def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", d
         trained = {
             p: train.submit(
                 backbone, dataset, p, params.probe_config(p), params.train, params.paths, params.flow.gpu_concurrency
-            )  # fmt: skip
+            )
             for p in params.suite.probes
         }
         # Each probe is scored here, on this worker, as soon as it is trained: the head node only records the scores.
-        scored = {p: score.submit(backbone, dataset, p, params.evaluate, params.paths, wait_for=[trained[p]])
-                  for p in params.suite.probes}  # fmt: skip
+        scored = {
+            p: score.submit(backbone, dataset, p, params.evaluate, params.paths, wait_for=[trained[p]])
+            for p in params.suite.probes
+        }
         probes = {p: future.result()["status"] for p, future in trained.items()}
         evaluations = {p: future.result()["status"] for p, future in scored.items()}
         finished = _now()
@@ -94,7 +99,7 @@ def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", d
             "extract": features["status"],
             "train": probes,
             "evaluate": evaluations,
-        },  # fmt: skip
+        },
     }
 
 
@@ -106,8 +111,10 @@ def check_patch_tokens(params: Params) -> None:
         return
     for name in params.suite.probes:
         if get_probe_spec(name, **params.probe_config(name).overrides()).reads_patches:
-            raise ValueError(f"probe {name!r} reads the final layer's patch tokens, which extraction does not cache: "
-                             "set `extract.final_patch_tokens: true` in params")  # fmt: skip
+            raise ValueError(
+                f"probe {name!r} reads the final layer's patch tokens, which extraction does not cache: "
+                "set `extract.final_patch_tokens: true` in params"
+            )
 
 
 if __name__ == "__main__":

@@ -155,8 +155,9 @@ def pool_and_project(
             f"value_weight {tuple(value_weight.shape)} do not fit [J, B, K], [B, K, D], [J, E, D]"
         )
     if value_weight.shape[2] != tokens.shape[2]:
-        raise ValueError(f"pool_and_project: value_weight width {value_weight.shape[2]} != token width "
-                         f"{tokens.shape[2]}")  # fmt: skip
+        raise ValueError(
+            f"pool_and_project: value_weight width {value_weight.shape[2]} != token width {tokens.shape[2]}"
+        )
     if num_members < 1 or num_pools % num_members:
         raise ValueError(f"pool_and_project: {num_pools} pools do not split into {num_members} members")
     # Pooled blocks serve only the value maps' gradient: keep them when that can be asked for (never when predicting).

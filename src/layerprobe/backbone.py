@@ -100,8 +100,9 @@ def _create_model(
     # load them with timm's own loader (hub, url or file, classifier handling) through a filter that resamples first.
     model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
     if not isinstance(model, timm.models.VisionTransformer):
-        raise ValueError(f"pos_embed_resample 'dinov2' needs a timm VisionTransformer; {model_name!r} is "
-                         f"{type(model).__name__}")  # fmt: skip
+        raise ValueError(
+            f"pos_embed_resample 'dinov2' needs a timm VisionTransformer; {model_name!r} is {type(model).__name__}"
+        )
     timm.models.load_pretrained(
         model, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3), filter_fn=_dinov2_checkpoint_filter
     )

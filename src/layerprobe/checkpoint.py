@@ -68,8 +68,11 @@ def save_probe(directory: str | Path, probe: nn.Module, config: dict) -> Path:
 def reading_arguments(config: dict) -> dict[str, Any]:
     """How a saved probe reads a feature cache, as `train.predict` takes it: its slots, the width it gathers at and
     how it normalises them (probes saved before `normalize` was recorded normalised each token)."""
-    return {"positions": [tuple(p) for p in config["positions"]], "width": config.get("width"),
-            "normalize": config.get("normalize", "token")}  # fmt: skip
+    return {
+        "positions": [tuple(p) for p in config["positions"]],
+        "width": config.get("width"),
+        "normalize": config.get("normalize", "token"),
+    }
 
 
 def load_probe(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -102,11 +105,14 @@ def load_probe(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match {config_path}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")  # fmt: skip
+        raise ValueError(
+            f"{weights_path} does not match {config_path}: missing keys {missing}, unexpected keys {unexpected}"
+        )
     for name, value in expected.items():
         if tuple(tensors[name].shape) != tuple(value.shape):
-            raise ValueError(f"{weights_path}: key {name!r} has shape {tuple(tensors[name].shape)}, "
-                             f"but {config_path} describes {tuple(value.shape)}")  # fmt: skip
+            raise ValueError(
+                f"{weights_path}: key {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"but {config_path} describes {tuple(value.shape)}"
+            )
     probe.load_state_dict(tensors)
     return probe.to(device).eval(), config

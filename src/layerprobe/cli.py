@@ -49,8 +49,12 @@ TRACEBACK_ENV = "LAYERPROBE_TRACEBACK"  # set to 1 (as --traceback does) to see 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a bad value is one line from argparse, before anything runs
-    return guarded(f"layerprobe {args.command}", lambda: args.run(args), compute=args.command in TENSOR_COMMANDS,
-                   show_traceback=args.traceback)  # fmt: skip
+    return guarded(
+        f"layerprobe {args.command}",
+        lambda: args.run(args),
+        compute=args.command in TENSOR_COMMANDS,
+        show_traceback=args.traceback,
+    )
 
 
 def guarded(name: str, call, *, compute: bool, show_traceback: bool) -> int:
@@ -188,8 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a params file, the prepared dataset go beside it"
     )
     extract.add_argument("--out", type=Path, help=out_help)
-    extract.add_argument("--final-patch-tokens", action="store_true", default=None,
-                         help="also cache the final layer's patch tokens (for attentive_last_all_tokens)")  # fmt: skip
+    extract.add_argument(
+        "--final-patch-tokens",
+        action="store_true",
+        default=None,
+        help="also cache the final layer's patch tokens (for attentive_last_all_tokens)",
+    )
     extract.add_argument("--no-progress", action="store_true")
 
     train = _command(
@@ -368,7 +376,7 @@ def _overrides(config, **values):
 
 
 def run_pretrain(args) -> int:
-    from layerprobe.workflow.pretrain import pretrain_checkpoint, pretrain_step
+    from layerprobe.steps.pretrain import pretrain_checkpoint, pretrain_step
 
     params = load_params(args.params)
     if args.backbone not in params.backbones:
@@ -391,7 +399,7 @@ def run_prepare(args) -> int:
 
 def _prepare(args, params: Params | None, paths: PathsConfig) -> dict:
     """The prepare step under its dataset's lock, as the flows run it."""
-    from layerprobe.workflow.prepare import prepare_step
+    from layerprobe.steps.prepare import prepare_step
 
     dataset, prepare = _resolve_dataset(args, params), _section(params, "prepare", PrepareConfig())
     with _unit_lock(args, paths, "prepare", args.dataset):
@@ -410,7 +418,7 @@ def _unit_lock(args, paths: PathsConfig, step: str, *names: str, out: Path | Non
 
 
 def run_extract(args) -> int:
-    from layerprobe.workflow.extract import extract_step
+    from layerprobe.steps.extract import extract_step
 
     params = _params(args)
     backbone = _resolve_backbone(args, params)  # a wrong model name fails before any data is prepared
@@ -424,9 +432,12 @@ def run_extract(args) -> int:
             paths = dataclasses.replace(paths, data=str(args.out.parent / f".{args.out.name}.prepared"))
     extract = _overrides(  # validated with the params' values, before any data is prepared
         _section(params, "extract", ExtractConfig()),
-        tap=args.tap, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        tap=args.tap,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
         final_patch_tokens=args.final_patch_tokens,
-    )  # fmt: skip
+    )
     _prepare(args, params, paths)  # reused when its fingerprint (source, options, files' contents) matches
     with _unit_lock(args, paths, "extract", args.backbone, args.dataset, out=args.out):
         summary = extract_step(
@@ -443,14 +454,17 @@ def run_extract(args) -> int:
 
 
 def run_train(args) -> int:
-    from layerprobe.workflow.train import train_step
+    from layerprobe.steps.train import train_step
 
     params = _params(args)
     _check_probe(args.probe)
     train = _overrides(
         _section(params, "train", TrainConfig()),
-        lrs=args.lr, weight_decays=args.weight_decay, min_steps=args.min_steps, device=args.device,
-    )  # fmt: skip
+        lrs=args.lr,
+        weight_decays=args.weight_decay,
+        min_steps=args.min_steps,
+        device=args.device,
+    )
     paths = _paths(params)
     with _unit_lock(args, paths, "train", args.backbone, args.dataset, args.probe):
         summary = train_step(
@@ -475,7 +489,7 @@ def _check_probe(name: str) -> None:
 
 def run_evaluate(args) -> int:
     from layerprobe.plots import draw_evaluation
-    from layerprobe.workflow.evaluate import evaluate_step
+    from layerprobe.steps.evaluate import evaluate_step
 
     params = _params(args)
     _check_probe(args.probe)
@@ -488,9 +502,12 @@ def run_evaluate(args) -> int:
             evaluate=_section(params, "evaluate", EvaluateConfig()),
             paths=paths,
         )
-        figures = draw_evaluation(result, paths.evaluation_dir(args.backbone, args.dataset, args.probe),
-                                  title=f"{args.backbone} / {args.dataset} / {args.probe}",
-                                  redraw=result["status"] == "computed")  # fmt: skip
+        figures = draw_evaluation(
+            result,
+            paths.evaluation_dir(args.backbone, args.dataset, args.probe),
+            title=f"{args.backbone} / {args.dataset} / {args.probe}",
+            redraw=result["status"] == "computed",
+        )
     result["outputs"] = {**result["outputs"], **figures}
     shown = ("probe", "backbone", "dataset", "test", "test_ci", "val_balanced_accuracy", "outputs", "status")
     print(json.dumps({k: result[k] for k in shown}, indent=2))

@@ -55,8 +55,9 @@ def reached_sources(module: str) -> dict[str, str]:
     modules = {name: path for name, path in closure_modules(module).items() if name not in KEYING_MODULES}
     blocks = {name: module_blocks(path) for name, path in modules.items()}
     kept = {name: [b.name is None or b.decorated or name == module for b in found] for name, found in blocks.items()}
-    mentioned = {word for name, found in blocks.items() for b, k in zip(found, kept[name], strict=True) if k
-                 for word in b.names}  # fmt: skip
+    mentioned = {
+        word for name, found in blocks.items() for b, k in zip(found, kept[name], strict=True) if k for word in b.names
+    }
     grew = True
     while grew:
         grew = False
@@ -183,12 +184,14 @@ def _module_blocks(text: str) -> tuple[Block, ...]:
         header = next(i for i, line in enumerate(group) if [w for k, w in line if k not in _STRUCTURE][:1] != ["@"])
         opening = [w for k, w in group[header] if k not in _STRUCTURE and w != "async"]
         name = opening[1] if opening[:1] in (["def"], ["class"]) else None
-        blocks.append(Block(
-            name=name,
-            decorated=header > 0,
-            tokens=tuple(_STRUCTURE.get(kind, word) for line in group for kind, word in line),
-            names=frozenset(w for line in group for kind, w in line if kind == tokenize.NAME) - {name},
-        ))  # fmt: skip
+        blocks.append(
+            Block(
+                name=name,
+                decorated=header > 0,
+                tokens=tuple(_STRUCTURE.get(kind, word) for line in group for kind, word in line),
+                names=frozenset(w for line in group for kind, w in line if kind == tokenize.NAME) - {name},
+            )
+        )
     return tuple(blocks)
 
 
@@ -226,8 +229,12 @@ def imported_modules(text: str, name: str, *, is_package: bool) -> Iterator[str]
                 yield from (f"{base}.{alias[0]}" for alias in _split(names, ",") if alias and alias[0] != "*")
 
 
-_STRUCTURE = {tokenize.INDENT: "<indent>", tokenize.DEDENT: "<dedent>", tokenize.NEWLINE: "<newline>",
-              tokenize.ENDMARKER: "<end>"}  # fmt: skip
+_STRUCTURE = {
+    tokenize.INDENT: "<indent>",
+    tokenize.DEDENT: "<dedent>",
+    tokenize.NEWLINE: "<newline>",
+    tokenize.ENDMARKER: "<end>",
+}
 _FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python 3.12+ splits f-strings into several tokens
 _FSTRING_END = getattr(tokenize, "FSTRING_END", None)
 

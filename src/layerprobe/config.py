@@ -215,11 +215,14 @@ class BackboneConfig:
         if self.pretrain is None:
             return
         if not self.checkpoint or self.pretrained:
-            raise ParamsError("a backbone with `pretrain` needs `checkpoint` (where the stage saves its weights) "
-                              "and `pretrained: false`")  # fmt: skip
+            raise ParamsError(
+                "a backbone with `pretrain` needs `checkpoint` (where the stage saves its weights) "
+                "and `pretrained: false`"
+            )
         if self.model_kwargs.get("num_classes") != 0:
-            raise ParamsError("a backbone with `pretrain` needs model_kwargs.num_classes: 0 (its checkpoint holds "
-                              "the encoder only)")  # fmt: skip
+            raise ParamsError(
+                "a backbone with `pretrain` needs model_kwargs.num_classes: 0 (its checkpoint holds the encoder only)"
+            )
 
     def preprocessing(self) -> dict[str, Any]:
         """The eval-transform overrides, as `layerprobe.backbone.create_eval_transform` takes them (None: model's)."""
@@ -263,8 +266,13 @@ class ExtractConfig:
 
     def fingerprint_params(self) -> dict[str, Any]:
         """What decides the cached values and their layout; batch size, workers and device only change speed."""
-        return {"tap": self.tap, "dtype": self.dtype, "precision": self.precision, "shard_size": self.shard_size,
-                "final_patch_tokens": self.final_patch_tokens}  # fmt: skip
+        return {
+            "tap": self.tap,
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "shard_size": self.shard_size,
+            "final_patch_tokens": self.final_patch_tokens,
+        }
 
 
 @dataclass(frozen=True)

@@ -161,8 +161,10 @@ def read_manifest(cache_dir: Path) -> dict:
     if missing:  # an edited or foreign file: one line naming it, not a KeyError wherever the key is first read
         raise ValueError(f"{path} has no {missing[0]!r}: it is not a whole manifest (re-run extract)")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"feature cache {cache_dir} is in format {manifest.get('format')!r}, this code reads "
-                         f"{FORMAT!r}: re-run extract")  # fmt: skip
+        raise ValueError(
+            f"feature cache {cache_dir} is in format {manifest.get('format')!r}, this code reads "
+            f"{FORMAT!r}: re-run extract"
+        )
     return manifest
 
 
@@ -367,8 +369,14 @@ def read_selection(
             start += count
     if features is None:
         raise ValueError(f"feature cache {cache_dir} has no rows in splits {list(splits)}")
-    return Selection(features=features, labels=labels, counts=counts, layer_names=list(provenance["layer_names"]),
-                     token_names=list(provenance["token_names"]), metadata=provenance)  # fmt: skip
+    return Selection(
+        features=features,
+        labels=labels,
+        counts=counts,
+        layer_names=list(provenance["layer_names"]),
+        token_names=list(provenance["token_names"]),
+        metadata=provenance,
+    )
 
 
 def available_host_memory() -> int | None:
@@ -425,8 +433,9 @@ def _open_cache(
         read.append(entry["file"])
         if patches:
             if "patches" not in entry:
-                raise ValueError(f"feature cache {cache_dir}: the manifest lists no patch tokens for {entry['file']}; "
-                                 "re-run extract")  # fmt: skip
+                raise ValueError(
+                    f"feature cache {cache_dir}: the manifest lists no patch tokens for {entry['file']}; re-run extract"
+                )
             read.append(entry["patches"]["file"])
     _vouched(cache_dir, manifest, read)
     shards = []
@@ -437,8 +446,10 @@ def _open_cache(
         if patches:
             patch_batch, _, patch_shape = open_shard(cache_dir / entry["patches"]["file"])
             if not np.array_equal(patch_batch.column("index").to_numpy(), batch.column("index").to_numpy()):
-                raise ValueError(f"feature cache {cache_dir}: {entry['patches']['file']} does not hold the rows of "
-                                 f"{entry['file']}; re-run extract")  # fmt: skip
+                raise ValueError(
+                    f"feature cache {cache_dir}: {entry['patches']['file']} does not hold the rows of "
+                    f"{entry['file']}; re-run extract"
+                )
         shards.append((entry, batch, patch_batch))
     return provenance, shards, shape, patch_shape
 

@@ -58,8 +58,9 @@ class Fingerprint:
 
 def make_fingerprint(step_module: str, *, format: str, params: Any, inputs: Any) -> Fingerprint:
     """The fingerprint of an output in `format` computed by `step_module` from `params` and `inputs` (JSON-able)."""
-    return Fingerprint(format=format, code=code_fingerprint(step_module), params=stable_hash(params),
-                       inputs=stable_hash(inputs))  # fmt: skip
+    return Fingerprint(
+        format=format, code=code_fingerprint(step_module), params=stable_hash(params), inputs=stable_hash(inputs)
+    )
 
 
 def staleness(marker: Path, fingerprint: Fingerprint) -> str | None:

@@ -90,8 +90,15 @@ def _write_holder(handle) -> None:
     """Record who holds the lock, for whoever waits on it (the lock itself is the kernel's, not this text)."""
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))  # fmt: skip
+    handle.write(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+    )
     handle.flush()
 
 

@@ -185,8 +185,9 @@ def _balanced_accuracies(
         for row in predictions:  # one seed at a time: memory stays [R, N]
             correct = (row == truth)[indices].ravel()
             hits = np.bincount(bins, weights=correct, minlength=num_resamples * num_classes)
-            recall = np.divide(hits.reshape(num_resamples, num_classes), support, out=np.zeros(support.shape),
-                               where=present)  # fmt: skip
+            recall = np.divide(
+                hits.reshape(num_resamples, num_classes), support, out=np.zeros(support.shape), where=present
+            )
             total += recall.sum(axis=1) / present.sum(axis=1)
         scores.append(total / len(predictions))
     return scores

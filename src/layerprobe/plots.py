@@ -60,8 +60,15 @@ def plot_patch_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", d
     if rows * cols <= 64:  # beyond that the numbers are unreadable
         top = weights.max()
         for (r, c), value in np.ndenumerate(weights):
-            ax.text(c, r, f"{value:.1f}", ha="center", va="center", fontsize=7,
-                    color="black" if value > 0.6 * top else "white")  # fmt: skip
+            ax.text(
+                c,
+                r,
+                f"{value:.1f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if value > 0.6 * top else "white",
+            )
     fig.colorbar(image, ax=ax, label="attention (%)", fraction=0.05, pad=0.02)
     return _save(fig, path, dpi)
 
@@ -101,8 +108,15 @@ def plot_attention_matrix(heatmaps: Mapping[str, Mapping], path: str | Path, *, 
         ax.set_title(label, fontsize=9)
         for (r, c), value in np.ndenumerate(values):
             if np.isfinite(value):
-                ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=7,
-                        color="black" if value > 0.6 * top else "white")  # fmt: skip
+                ax.text(
+                    c,
+                    r,
+                    f"{value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if value > 0.6 * top else "white",
+                )
     fig.colorbar(image, ax=axes, label="%", fraction=0.03, pad=0.01)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path, dpi)
@@ -168,8 +182,15 @@ def plot_confusion_matrix(
     ax.set_title(title or "confusion (row-normalised)")
     if len(class_names) <= CONFUSION_COUNTED:  # beyond that the numbers are unreadable anyway
         for (i, j), value in np.ndenumerate(counts):
-            ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=7,
-                    color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{int(value)}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
     scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0.0, 1.0), cmap=colours)
     fig.colorbar(scale, ax=ax, fraction=0.05, pad=0.02)
     return _save(fig, path, dpi)

@@ -18,7 +18,7 @@ from layerprobe.checkpoint import load_probe, reading_arguments
 from layerprobe.config import PROBE_CONFIG, BackboneConfig
 from layerprobe.data.catalogue import ImageFileError, decode_image, open_image
 from layerprobe.train import predict
-from layerprobe.workflow.extract import weights_identity
+from layerprobe.steps.extract import weights_identity
 
 
 def load_image_file(path: Path, *, max_pixels: int | None = None) -> Image.Image:
@@ -69,8 +69,11 @@ def check_weights(provenance: dict, probe_dir: Path) -> None:
     recorded = provenance.get("weights")
     if recorded is None:  # probes saved before weights were recorded
         return
-    backbone = BackboneConfig(model=provenance["model"], pretrained=bool(provenance.get("pretrained")),
-                              checkpoint=provenance.get("checkpoint"))  # fmt: skip
+    backbone = BackboneConfig(
+        model=provenance["model"],
+        pretrained=bool(provenance.get("pretrained")),
+        checkpoint=provenance.get("checkpoint"),
+    )
     current = weights_identity(backbone)
     if current != recorded:
         raise ValueError(
@@ -121,8 +124,9 @@ def iter_predictions(
         pixels = torch.stack([transform(load_image_file(p, max_pixels=max_pixels)) for p in batch]).to(device)
         tokens, patches = extractor.forward_all(pixels)  # [b, L, T, D], [b, P, D_final] or None
         patches = None if patches is None else patches.cpu()
-        labels, logits, _ = predict(probe, tokens.cpu(), batch_size=batch_size, patches=patches,
-                                    **reading_arguments(config))  # fmt: skip
+        labels, logits, _ = predict(
+            probe, tokens.cpu(), batch_size=batch_size, patches=patches, **reading_arguments(config)
+        )
         probabilities = torch.as_tensor(logits).float().softmax(-1)
         for i, (path, label) in enumerate(zip(batch, labels, strict=True)):
             yield {

@@ -73,8 +73,10 @@ class ProbeSpec:
         if not self.tokens or len(set(self.tokens)) != len(self.tokens):
             raise ValueError(f"probe {self.name!r}: tokens {self.tokens} must be a non-empty subset of {PROBE_TOKENS}")
         if self.reads_patches and self.layers not in ("last", (-1,)):
-            raise ValueError(f"probe {self.name!r}: patch tokens are cached for the final layer only; "
-                             f"set layers: last (got {self.layers!r})")  # fmt: skip
+            raise ValueError(
+                f"probe {self.name!r}: patch tokens are cached for the final layer only; "
+                f"set layers: last (got {self.layers!r})"
+            )
         if self.head not in HEAD_CHOICES:
             raise unknown_name_error("probe head", self.head, list(HEAD_CHOICES))
         if self.num_heads is not None and self.num_heads < 1:
@@ -148,8 +150,7 @@ def _alf() -> ProbeSpec:
 @register_probe("attentive_last_all_tokens")
 def _attentive_last_all_tokens() -> ProbeSpec:
     # The paper's "all tokens, last layer" baseline: 8 heads in its main setting (not heads = tokens).
-    return ProbeSpec("attentive_last_all_tokens", layers="last", tokens=("cls", PATCHES), head="attentive",
-                     num_heads=8)  # fmt: skip
+    return ProbeSpec("attentive_last_all_tokens", layers="last", tokens=("cls", PATCHES), head="attentive", num_heads=8)
 
 
 # ---------------------------------------------------------------- token selection
@@ -207,11 +208,15 @@ def select_token_positions(
     for token in tokens:
         if token == PATCHES:
             if layer_indices != [len(layer_names) - 1]:
-                raise ValueError(f"patch tokens are cached for the final layer only, but the probe reads layers "
-                                 f"{[layer_names[i] for i in layer_indices]}; set layers: last")  # fmt: skip
+                raise ValueError(
+                    f"patch tokens are cached for the final layer only, but the probe reads layers "
+                    f"{[layer_names[i] for i in layer_indices]}; set layers: last"
+                )
             if num_patches < 1:
-                raise ValueError("the probe reads the final layer's patch tokens, which this feature cache does "
-                                 "not hold: set `extract.final_patch_tokens: true` and re-run extract")  # fmt: skip
+                raise ValueError(
+                    "the probe reads the final layer's patch tokens, which this feature cache does "
+                    "not hold: set `extract.final_patch_tokens: true` and re-run extract"
+                )
             token_indices.extend(range(num_cached, num_cached + num_patches))
         elif token not in token_names:
             raise unknown_name_error("token", token, list(token_names))
@@ -226,8 +231,9 @@ def token_labels(
     """Readable names of the selected slots, e.g. ["block1/cls", "block1/ap", ..., "final/ap"]; patch p of the final
     layer is "final/patch<p>"."""
     num_cached = len(token_names)
-    return [f"{layer_names[li]}/{token_names[ti] if ti < num_cached else f'patch{ti - num_cached}'}"
-            for li, ti in positions]  # fmt: skip
+    return [
+        f"{layer_names[li]}/{token_names[ti] if ti < num_cached else f'patch{ti - num_cached}'}" for li, ti in positions
+    ]
 
 
 def reads_patches(positions: Sequence[Sequence[int]], num_cached_tokens: int) -> bool:
@@ -260,8 +266,10 @@ def reading_widths(
         return max(widths), None
     if spec.head != "linear":
         mixed = sorted(set(widths))
-        raise ValueError(f"probes.{spec.name}.pad_final: false keeps each token at its own width, but an attentive "
-                         f"head reads one width and this selection mixes {mixed}; set true or null")  # fmt: skip
+        raise ValueError(
+            f"probes.{spec.name}.pad_final: false keeps each token at its own width, but an attentive "
+            f"head reads one width and this selection mixes {mixed}; set true or null"
+        )
     return max(widths), widths
 
 
@@ -330,8 +338,10 @@ def gather_raw(
     if patches.dim() != 3 or patches.shape[0] != tokens.shape[0]:
         raise ValueError(f"patches must be [N={tokens.shape[0]}, P, D], got shape {tuple(patches.shape)}")
     if max(p for _, _, p in from_patches) >= patches.shape[1]:
-        raise ValueError(f"positions select patch {max(p for _, _, p in from_patches)}, but only "
-                         f"{patches.shape[1]} patch tokens are cached")  # fmt: skip
+        raise ValueError(
+            f"positions select patch {max(p for _, _, p in from_patches)}, but only "
+            f"{patches.shape[1]} patch tokens are cached"
+        )
     count = tokens.shape[0] if rows is None else len(rows)
     patch_width = min(width, patches.shape[2])
     make = tokens.new_zeros if patch_width < width else tokens.new_empty  # a narrower final layer is zero-padded
@@ -410,8 +420,10 @@ class StackedLinearHead(nn.Module):
     ) -> None:
         super().__init__()
         if token_widths is not None and sum(token_widths) != in_features:
-            raise ValueError(f"linear head: token widths {list(token_widths)} sum to {sum(token_widths)}, "
-                             f"not in_features {in_features}")  # fmt: skip
+            raise ValueError(
+                f"linear head: token widths {list(token_widths)} sum to {sum(token_widths)}, "
+                f"not in_features {in_features}"
+            )
         self.grid_size, self.in_features, self.num_classes = grid_size, in_features, num_classes
         self.token_widths = None if token_widths is None else [int(w) for w in token_widths]
         self.weight = nn.Parameter(torch.empty(grid_size, num_classes, in_features))
@@ -432,8 +444,12 @@ class StackedLinearHead(nn.Module):
 
     def describe(self) -> dict:
         """Constructor arguments, for checkpoints."""
-        description = {"kind": "linear", "grid_size": self.grid_size, "in_features": self.in_features,
-                       "num_classes": self.num_classes}  # fmt: skip
+        description = {
+            "kind": "linear",
+            "grid_size": self.grid_size,
+            "in_features": self.in_features,
+            "num_classes": self.num_classes,
+        }
         if self.token_widths is not None:  # only when set: probes saved before it describe themselves unchanged
             description["token_widths"] = self.token_widths
         return description
@@ -526,8 +542,14 @@ class StackedAttentiveHead(nn.Module):
 
     def describe(self) -> dict:
         """Constructor arguments, for checkpoints."""
-        return {"kind": "attentive", "grid_size": self.grid_size, "dim": self.dim, "num_heads": self.num_heads,
-                "num_classes": self.num_classes, "attn_dropout": self.attn_dropout.tolist()}  # fmt: skip
+        return {
+            "kind": "attentive",
+            "grid_size": self.grid_size,
+            "dim": self.dim,
+            "num_heads": self.num_heads,
+            "num_classes": self.num_classes,
+            "attn_dropout": self.attn_dropout.tolist(),
+        }
 
     def _query_keys(self) -> torch.Tensor:
         """Per member and head, the query folded through W_k and LN_k's scale: `[G, H, D]`."""
@@ -744,13 +766,20 @@ def build_probe(
         raise ValueError(f"grid_size must be >= 1, got {grid_size}")
     if spec.head == "linear":
         in_features = num_tokens * dim if token_widths is None else sum(token_widths)
-        head: nn.Module = _HEADS.create("linear", grid_size=grid_size, in_features=in_features,
-                                        num_classes=num_classes, token_widths=token_widths)  # fmt: skip
+        head: nn.Module = _HEADS.create(
+            "linear", grid_size=grid_size, in_features=in_features, num_classes=num_classes, token_widths=token_widths
+        )
     else:
         num_heads = spec.num_heads or num_tokens  # the reference's launcher: heads = number of input tokens
         dropouts = [0.0] * grid_size if attn_dropouts is None else list(attn_dropouts)
-        head = _HEADS.create("attentive", grid_size=grid_size, dim=dim, num_heads=num_heads,
-                             num_classes=num_classes, attn_dropout=dropouts)  # fmt: skip
+        head = _HEADS.create(
+            "attentive",
+            grid_size=grid_size,
+            dim=dim,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            attn_dropout=dropouts,
+        )
     head.reset_parameters(seed=seed)
     return head
 

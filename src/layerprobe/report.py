@@ -130,9 +130,12 @@ def gain_intervals(
                     "(their labels differ); re-run evaluate"
                 )
             gain, task_draws = paired_bootstrap_draws(
-                ours["labels"], ours["predictions"], theirs["predictions"], int(ours["num_classes"]),
+                ours["labels"],
+                ours["predictions"],
+                theirs["predictions"],
+                int(ours["num_classes"]),
                 seed=zlib.crc32(f"{backbone}/{dataset}".encode()),
-            )  # fmt: skip
+            )
             low, high = percentile_interval(task_draws)
             intervals.setdefault(backbone, {})[dataset] = {"gain": gain, "low": low, "high": high}
             draws.append(task_draws)
@@ -269,10 +272,14 @@ def format_markdown(
         for r in table:
             best = max((r[p] for p in probes if r[p] is not None), default=None)
             cells = [
-                _cell(r[p], bold=r[p] is not None and r[p] == best, std=r.get(f"{p}_std"),
-                      interval=(r.get(f"{p}_ci_low"), r.get(f"{p}_ci_high")))
+                _cell(
+                    r[p],
+                    bold=r[p] is not None and r[p] == best,
+                    std=r.get(f"{p}_std"),
+                    interval=(r.get(f"{p}_ci_low"), r.get(f"{p}_ci_high")),
+                )
                 for p in probes
-            ]  # fmt: skip
+            ]
             parts.append(f"| {r['dataset']} | {r['group']} | " + " | ".join(cells) + f" | {_gain_cell(r)} |")
         by_dataset = (heatmaps or {}).get(backbone, {})
         if by_dataset:
@@ -345,11 +352,16 @@ def gains_series(rows: list[dict]) -> list[dict]:
     """`[{task, gain, baseline, gain_ci_low, gain_ci_high}]` (pp; None where no interval) for `dvc plots`: a bar
     per backbone/dataset."""
     return [
-        {"task": f"{r['backbone']}/{r['dataset']}", "gain": r["gain"], "baseline": r["baseline"],
-         "gain_ci_low": r.get("gain_ci_low"), "gain_ci_high": r.get("gain_ci_high")}
+        {
+            "task": f"{r['backbone']}/{r['dataset']}",
+            "gain": r["gain"],
+            "baseline": r["baseline"],
+            "gain_ci_low": r.get("gain_ci_low"),
+            "gain_ci_high": r.get("gain_ci_high"),
+        }
         for r in rows
         if r["gain"] is not None
-    ]  # fmt: skip
+    ]
 
 
 def attention_rows(heatmaps: dict[str, dict[str, dict]]) -> list[dict]:
@@ -360,8 +372,9 @@ def attention_rows(heatmaps: dict[str, dict[str, dict]]) -> list[dict]:
             for layer, weights, mean in zip(heatmap["layers"], heatmap["weights"], heatmap["layer_means"], strict=True):
                 for token, weight in zip([*heatmap["tokens"], "layer"], [*weights, mean], strict=True):
                     if weight is not None:
-                        rows.append({"backbone": backbone, "dataset": dataset, "layer": layer, "token": token,
-                                     "share": weight})  # fmt: skip
+                        rows.append(
+                            {"backbone": backbone, "dataset": dataset, "layer": layer, "token": token, "share": weight}
+                        )
     return rows
 
 
@@ -395,16 +408,23 @@ def write_report(
     if series:
         bounds = {s["task"]: (s["gain_ci_low"], s["gain_ci_high"]) for s in series if s["gain_ci_low"] is not None}
         baseline = " / ".join(dict.fromkeys(s["baseline"] for s in series))  # each baseline in use, once
-        plot_gains({s["task"]: s["gain"] for s in series}, files["gains_png"], probe=HEADLINE, baseline=baseline,
-                   intervals=bounds, level=LEVEL)  # fmt: skip
+        plot_gains(
+            {s["task"]: s["gain"] for s in series},
+            files["gains_png"],
+            probe=HEADLINE,
+            baseline=baseline,
+            intervals=bounds,
+            level=LEVEL,
+        )
     else:
         del files["gains_png"]  # no task has both probes: nothing to compare
     write_bytes_atomic(files["attention_json"], (json.dumps(attention_rows(heatmaps), indent=1) + "\n").encode())
     for backbone, by_dataset in heatmaps.items():
         labels = {f"{d} ({groups[d]})" if groups.get(d) else d: heatmap for d, heatmap in by_dataset.items()}
         files[f"attention/{backbone}"] = plot_attention_matrix(
-            labels, staging / REPORT_FILES["attention"] / f"{backbone}.png",
+            labels,
+            staging / REPORT_FILES["attention"] / f"{backbone}.png",
             title=f"{backbone}: where {HEADLINE} attends, per dataset (test images, mean over heads)",
-        )  # fmt: skip
+        )
     swap_in(staging, out_dir)
     return {key: out_dir / Path(path).relative_to(staging) for key, path in files.items()}

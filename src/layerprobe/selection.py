@@ -36,8 +36,18 @@ PREDICT_ROWS = 4096  # `train.predict_selected`'s batch: the validation pass rea
 # Bytes per selected value while a batch is in use: the cache's copy, its float32 copy, the normalised tokens and the
 # jittered ones (train.train_selected; predict_selected holds one float32 copy fewer).
 WORKING_BYTES_PER_VALUE = 14
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -45,8 +55,9 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else ""
     if not match or unit not in _UNITS:
-        raise ValueError(f"{MEMORY_BUDGET_ENV}={text!r} is not a size: give bytes or a number with a unit "
-                         f"(512MB, 8GB, 1.5GiB)")  # fmt: skip
+        raise ValueError(
+            f"{MEMORY_BUDGET_ENV}={text!r} is not a size: give bytes or a number with a unit (512MB, 8GB, 1.5GiB)"
+        )
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -192,8 +203,7 @@ def open_selection(
     masks = {name: [cache._split_mask(batch, [name]) for _, batch, _ in shards] for name in splits}
     counts = {name: int(sum(mask.sum() for mask in masks[name])) for name in splits}
     total = sum(counts.values())
-    first = next(((b, p, int(np.argmax(m))) for (_, b, p), m in zip(shards, _any(masks), strict=True) if m.any()),
-                 None)  # fmt: skip
+    first = next(((b, p, int(np.argmax(m))) for (_, b, p), m in zip(shards, _any(masks), strict=True) if m.any()), None)
     if first is None:
         raise ValueError(f"feature cache {cache_dir} has no rows in splits {list(splits)}")
     cache_dtype = cache._torch_dtype(provenance)
@@ -234,9 +244,14 @@ def open_selection(
         selected_shape=selected.shape[1:],
         dtype=selected.dtype,
     )
-    return cache.Selection(features=streamed, labels=torch.from_numpy(np.concatenate(labels).astype(np.int64)),
-                           counts=counts, layer_names=list(provenance["layer_names"]),
-                           token_names=list(provenance["token_names"]), metadata=provenance)  # fmt: skip
+    return cache.Selection(
+        features=streamed,
+        labels=torch.from_numpy(np.concatenate(labels).astype(np.int64)),
+        counts=counts,
+        layer_names=list(provenance["layer_names"]),
+        token_names=list(provenance["token_names"]),
+        metadata=provenance,
+    )
 
 
 def _any(masks: dict[str, list[np.ndarray]]) -> list[np.ndarray]:

@@ -66,8 +66,9 @@ def make_grid(
     """Every (lr, weight decay, attention dropout) combination, lr-major."""
     grid = [HParams(lr, wd, p) for lr, wd, p in itertools.product(lrs, weight_decays, attn_dropouts)]
     if not grid:
-        raise ValueError(f"empty grid: lrs={list(lrs)}, weight_decays={list(weight_decays)}, "
-                         f"attn_dropouts={list(attn_dropouts)}")  # fmt: skip
+        raise ValueError(
+            f"empty grid: lrs={list(lrs)}, weight_decays={list(weight_decays)}, attn_dropouts={list(attn_dropouts)}"
+        )
     return grid
 
 
@@ -272,8 +273,20 @@ def train_selected(
     device = resolve_device(config.device)
     num_images, num_tokens, dim = features.shape
     dropouts = [h.attn_dropout for h in grid]
-    probe = build_probe(spec, num_tokens=num_tokens, dim=dim, num_classes=num_classes, grid_size=len(grid),
-                        attn_dropouts=dropouts, seed=seed, token_widths=token_widths).to(device).train()  # fmt: skip
+    probe = (
+        build_probe(
+            spec,
+            num_tokens=num_tokens,
+            dim=dim,
+            num_classes=num_classes,
+            grid_size=len(grid),
+            attn_dropouts=dropouts,
+            seed=seed,
+            token_widths=token_widths,
+        )
+        .to(device)
+        .train()
+    )
     set_matmul_dtype(probe, resolve_matmul_dtype(config.precision, device))
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
@@ -306,8 +319,9 @@ def train_selected(
                 dropout_noise = torch.rand(b, probe.num_heads, num_tokens, generator=dropout_gen, device=device)
             logits = probe(x, dropout_noise=dropout_noise)  # [G, b, C]
             y = labels[rows]
-            per_image = F.cross_entropy(logits.permute(1, 2, 0), y[:, None].expand(-1, len(grid)),
-                                        weight=weights, reduction="none")  # fmt: skip
+            per_image = F.cross_entropy(
+                logits.permute(1, 2, 0), y[:, None].expand(-1, len(grid)), weight=weights, reduction="none"
+            )
             member_loss = per_image.sum(0) / weights[y].sum()  # each member's weighted mean, as CrossEntropyLoss
             lr = cosine_lr(base_lr, step, total_steps, config.min_lr)
             optimizer.zero_grad()
@@ -356,8 +370,9 @@ def train_grid(
         The stacked probe (G = len(grid), eval mode) and the loss/lr history.
     """
     features = gather_raw(tokens, positions, patches=patches, width=width)
-    return train_selected(spec, features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed,
-                          token_widths=token_widths)  # fmt: skip
+    return train_selected(
+        spec, features, labels, num_classes=num_classes, grid=grid, config=config, seed=seed, token_widths=token_widths
+    )
 
 
 @torch.no_grad()
@@ -455,9 +470,17 @@ def sweep_probe(
     train_features = gather_raw(tokens, positions, patches=patches, width=width)
     val_features = gather_raw(val_tokens, positions, patches=val_patches, width=width)
     features = torch.cat([train_features, val_features.to(train_features.dtype)])
-    return sweep_selected(spec, features, torch.cat([labels, val_labels]), num_train=len(train_features),
-                          num_classes=num_classes, grid=grid, config=config, seed=seed,
-                          token_widths=token_widths)  # fmt: skip
+    return sweep_selected(
+        spec,
+        features,
+        torch.cat([labels, val_labels]),
+        num_train=len(train_features),
+        num_classes=num_classes,
+        grid=grid,
+        config=config,
+        seed=seed,
+        token_widths=token_widths,
+    )
 
 
 def sweep_selected(
@@ -480,8 +503,17 @@ def sweep_selected(
     if not 0 < num_train < len(features):
         raise ValueError(f"num_train must leave rows for both splits, got {num_train} of {len(features)}")
     train_features, val_features, val_labels = features[:num_train], features[num_train:], labels[num_train:]
-    trained = train_selected(spec, train_features, labels[:num_train], num_classes=num_classes, grid=grid,
-                             config=config, seed=seed, token_widths=token_widths, plan_size=len(features))  # fmt: skip
+    trained = train_selected(
+        spec,
+        train_features,
+        labels[:num_train],
+        num_classes=num_classes,
+        grid=grid,
+        config=config,
+        seed=seed,
+        token_widths=token_widths,
+        plan_size=len(features),
+    )
     predictions, _, _ = predict_selected(
         trained.probe,
         val_features,
@@ -494,13 +526,28 @@ def sweep_selected(
     val_scores = []
     for hparams, member_predictions in zip(grid, predictions, strict=True):
         guess = member_predictions.numpy()
-        val_scores.append({"name": hparams.name, "lr": hparams.lr, "weight_decay": hparams.weight_decay,
-                           "attn_dropout": hparams.attn_dropout,
-                           "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
-                           "accuracy": float((guess == truth).mean())})  # fmt: skip
+        val_scores.append(
+            {
+                "name": hparams.name,
+                "lr": hparams.lr,
+                "weight_decay": hparams.weight_decay,
+                "attn_dropout": hparams.attn_dropout,
+                "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
+                "accuracy": float((guess == truth).mean()),
+            }
+        )
     best_index = max(range(len(grid)), key=lambda i: (val_scores[i]["balanced_accuracy"], -i))
     best = grid[best_index]
-    refit = train_selected(spec, features, labels, num_classes=num_classes, grid=[best], config=config, seed=seed,
-                           token_widths=token_widths)  # fmt: skip
-    return SweepResult(best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe,
-                       history=refit.history)  # fmt: skip
+    refit = train_selected(
+        spec,
+        features,
+        labels,
+        num_classes=num_classes,
+        grid=[best],
+        config=config,
+        seed=seed,
+        token_widths=token_widths,
+    )
+    return SweepResult(
+        best=best, best_index=best_index, val_scores=val_scores, probe=refit.probe, history=refit.history
+    )

@@ -132,8 +132,10 @@ def resolve_max_pixels(value: int | None, *, source: str) -> int:
     if value is None:
         return PIL_MAX_IMAGE_PIXELS
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"source {source!r}: max_image_pixels must be a positive integer or null (PIL's default "
-                         f"{PIL_MAX_IMAGE_PIXELS:,}), got {value!r}")  # fmt: skip
+        raise ValueError(
+            f"source {source!r}: max_image_pixels must be a positive integer or null (PIL's default "
+            f"{PIL_MAX_IMAGE_PIXELS:,}), got {value!r}"
+        )
     return value
 
 

@@ -58,8 +58,14 @@ def _write_tar(dataset: ImageDataset, path: Path) -> str:
                 # mtime, owner and mode fixed: the bytes depend on the pixels only.
                 info = tarfile.TarInfo(member)
                 info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-                    len(data), 0, 0o644, 0, 0, "", ""
-                )  # fmt: skip
+                    len(data),
+                    0,
+                    0o644,
+                    0,
+                    0,
+                    "",
+                    "",
+                )
                 tar.addfile(info, io.BytesIO(data))
     data = buffer.getvalue()
     write_bytes_atomic(path, data)
@@ -71,8 +77,13 @@ def _version(
 ) -> str:
     """Short content hash of the prepared dataset: its splits, classes and source, and its pixels (the tar's sha256
     for materialised sources, the fingerprint of the source's files otherwise)."""
-    content = {"splits": splits, "class_names": class_names, "description": description, "images": images,
-               "inputs": inputs}  # fmt: skip
+    content = {
+        "splits": splits,
+        "class_names": class_names,
+        "description": description,
+        "images": images,
+        "inputs": inputs,
+    }
     return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:12]
 
 
@@ -160,8 +171,10 @@ def open_prepared(out_dir: Path) -> PreparedDataset:
     if missing:
         raise ValueError(f"{str(marker)!r} is corrupt (missing {', '.join(missing)}); re-run the prepare stage")
     if payload.get("format") != FORMATS["prepared"]:
-        raise ValueError(f"{str(marker)!r} is in format {payload.get('format')!r}, this code reads "
-                         f"{FORMATS['prepared']!r}; re-run the prepare stage")  # fmt: skip
+        raise ValueError(
+            f"{str(marker)!r} is in format {payload.get('format')!r}, this code reads "
+            f"{FORMATS['prepared']!r}; re-run the prepare stage"
+        )
     class_names = list(payload["class_names"])
     if payload["materialised"]:
         tar_path = out_dir / IMAGES_TAR

@@ -201,11 +201,34 @@ def imagefolder(*, root: str, max_image_pixels: int | None = None) -> ImageFolde
 # ---------------------------------------------------------------------------------------------------- torchvision
 # torchvision datasets whose samples are not (image, class index) pairs, or that are better served by another source.
 _NOT_CLASSIFICATION = {
-    "VisionDataset", "DatasetFolder", "ImageFolder", "LSUNClass", "CocoCaptions", "CocoDetection", "PhotoTour", "SBU",
-    "Flickr8k", "Flickr30k", "VOCSegmentation", "VOCDetection", "Cityscapes", "SBDataset", "Kinetics", "HMDB51",
-    "UCF101", "Kitti", "WIDERFace", "CelebA", "LFWPairs", "MovingMNIST", "KittiFlow", "Sintel", "FlyingChairs",
-    "FlyingThings3D", "HD1K",
-}  # fmt: skip
+    "VisionDataset",
+    "DatasetFolder",
+    "ImageFolder",
+    "LSUNClass",
+    "CocoCaptions",
+    "CocoDetection",
+    "PhotoTour",
+    "SBU",
+    "Flickr8k",
+    "Flickr30k",
+    "VOCSegmentation",
+    "VOCDetection",
+    "Cityscapes",
+    "SBDataset",
+    "Kinetics",
+    "HMDB51",
+    "UCF101",
+    "Kitti",
+    "WIDERFace",
+    "CelebA",
+    "LFWPairs",
+    "MovingMNIST",
+    "KittiFlow",
+    "Sintel",
+    "FlyingChairs",
+    "FlyingThings3D",
+    "HD1K",
+}
 
 
 # Split spellings tried in order for datasets with a `split` argument: the CLIP benchmark trains on "trainval" where
@@ -427,14 +450,20 @@ def index_tar(path: Path, tar_index: int, *, max_pixels: int) -> tuple[list[TarM
                     order.append(key)
                 if ext in WDS_IMAGE_EXTENSIONS:
                     if member.size > max_image_bytes(max_pixels):
-                        problem(key, f"{member.name} is {member.size:,} bytes, more than an image under the cap of "
-                                     f"{max_pixels:,} pixels can be")  # fmt: skip
+                        problem(
+                            key,
+                            f"{member.name} is {member.size:,} bytes, more than an image under the cap of "
+                            f"{max_pixels:,} pixels can be",
+                        )
                     images[key] = member
                 elif ext == "cls":
                     labels[key] = -1  # a placeholder until it is read: the sample counts as labelled
                     if member.size > MAX_LABEL_BYTES:
-                        problem(key, f"{member.name} is {member.size:,} bytes, not a class index (at most "
-                                     f"{MAX_LABEL_BYTES} bytes)")  # fmt: skip
+                        problem(
+                            key,
+                            f"{member.name} is {member.size:,} bytes, not a class index (at most "
+                            f"{MAX_LABEL_BYTES} bytes)",
+                        )
                         continue
                     raw = tar.extractfile(member).read()
                     try:

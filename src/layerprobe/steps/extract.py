@@ -64,9 +64,12 @@ def extract_step(
 
         prepared = open_prepared(paths.prepared_dir(dataset_name))  # fails on a broken dataset before the model
         network = create_backbone(
-            backbone.model, pretrained=backbone.pretrained, checkpoint=backbone.checkpoint,
-            model_kwargs=backbone.model_kwargs, pos_embed_resample=backbone.pos_embed_resample,
-        )  # fmt: skip
+            backbone.model,
+            pretrained=backbone.pretrained,
+            checkpoint=backbone.checkpoint,
+            model_kwargs=backbone.model_kwargs,
+            pos_embed_resample=backbone.pos_embed_resample,
+        )
         extractor = LayerTokenExtractor(
             network,
             tap=extract.tap,

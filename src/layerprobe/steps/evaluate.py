@@ -31,8 +31,9 @@ def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
         }
         for entry in trained["seeds"]
     ]
-    return make_fingerprint(__name__, format=FORMATS["evaluation"], params={},
-                            inputs={"probes": probes, "features": features_hash})  # fmt: skip
+    return make_fingerprint(
+        __name__, format=FORMATS["evaluation"], params={}, inputs={"probes": probes, "features": features_hash}
+    )
 
 
 def evaluate_step(
@@ -83,15 +84,17 @@ def evaluate_step(
     test = open_selection(
         features_dir,
         splits=["test"],
-        select=lambda tokens, patches: gather_raw(tokens, reading["positions"], patches=patches,
-                                                  width=reading["width"]),
+        select=lambda tokens, patches: gather_raw(
+            tokens, reading["positions"], patches=patches, width=reading["width"]
+        ),
         patches=any(c.get("patch_tokens") for _, c in probes),
         batch_rows=evaluate.batch_size,
-    )  # fmt: skip
+    )
     per_seed, seed_predictions, first = [], [], None
     for entry, (probe, config) in zip(trained["seeds"], probes, strict=True):
-        predictions, _, attention = predict_selected(probe, test.features, batch_size=evaluate.batch_size,
-                                                     normalize=reading["normalize"])  # fmt: skip
+        predictions, _, attention = predict_selected(
+            probe, test.features, batch_size=evaluate.batch_size, normalize=reading["normalize"]
+        )
         predictions, attention = predictions[0], None if attention is None else attention[0]  # [G = 1, ...]
         metrics = classification_metrics(test.labels.numpy(), predictions.numpy(), config["num_classes"])
         per_seed.append({"seed": entry["seed"], "val_balanced_accuracy": entry["val_balanced_accuracy"], **metrics})
@@ -118,8 +121,9 @@ def evaluate_step(
     if attention is not None:
         if config.get("patch_tokens"):  # one layer, hundreds of tokens: where on the image the probe looks
             heatmap_kind = "patches"
-            heatmap = patch_attention_heatmap(attention, config["token_labels"],
-                                              grid=config["provenance"].get("patch_grid"))  # fmt: skip
+            heatmap = patch_attention_heatmap(
+                attention, config["token_labels"], grid=config["provenance"].get("patch_grid")
+            )
         else:
             heatmap_kind = "layers"
             heatmap = layer_attention_heatmap(attention, config["token_labels"])

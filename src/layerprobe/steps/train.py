@@ -24,8 +24,11 @@ from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, 
 def train_fingerprint(probe_name: str, probe: ProbeConfig, train: TrainConfig, *, features_hash: str) -> Fingerprint:
     """The probe and its overrides, the recipe with its resolved precision, and the feature cache's content."""
     precision = dtype_name(resolve_matmul_dtype(train.precision, resolve_device(train.device)))
-    params = {"probe": probe_name, "overrides": probe.overrides(), "train": train.fingerprint_params(
-        matmul_precision=precision)}  # fmt: skip
+    params = {
+        "probe": probe_name,
+        "overrides": probe.overrides(),
+        "train": train.fingerprint_params(matmul_precision=precision),
+    }
     return make_fingerprint(__name__, format=FORMATS["probes"], params=params, inputs={"features": features_hash})
 
 
@@ -67,8 +70,9 @@ def train_step(
     layer_names, token_names = metadata["layer_names"], metadata["token_names"]
     # Patch tokens are read only for a probe that needs them (a cache without them fails here, in one line).
     num_patches = num_patch_tokens(features_dir) if spec.reads_patches else 0
-    positions = select_token_positions(layer_names, token_names, layers=spec.layers, tokens=spec.tokens,
-                                       num_patches=num_patches)  # fmt: skip
+    positions = select_token_positions(
+        layer_names, token_names, layers=spec.layers, tokens=spec.tokens, num_patches=num_patches
+    )
     width, token_widths = reading_widths(spec, metadata.get("layer_widths"), positions)
     # Train and val rows in one tensor, read shard by shard: the cache itself is never held in memory whole, and the
     # sweep, its validation and the refit all use views of this one selection, for every seed. A selection that does
