@@ -22,10 +22,13 @@ from pathlib import Path
 
 import pytest
 from conftest import run, tiny_params, write_params
+from prefect.client.schemas.sorting import FlowRunSort
 
 pytestmark = pytest.mark.slow
 
 POOL = "test-gpus"
+# The newest flow runs first: the session's server also holds every earlier test's (its default order is by id).
+NEWEST = FlowRunSort.EXPECTED_START_TIME_DESC
 # Two backbones on one dataset: their units prepare it at the same time on two workers (the prepare lock decides).
 BACKBONES, DATASETS = ["tiny_vit", "tiny_vit_b"], ["count"]
 
@@ -81,7 +84,7 @@ def running_units(worker: str) -> list[str]:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(limit=50)
+        runs = client.read_flow_runs(limit=50, sort=NEWEST)
     return [r.name for r in runs if r.labels.get("prefect.worker.name") == worker and r.state and r.state.is_running()]
 
 
@@ -90,7 +93,7 @@ def unfinished_units() -> list[str]:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(limit=200)
+        runs = client.read_flow_runs(limit=200, sort=NEWEST)
     return [f"{r.name}: {r.state.name}" for r in runs if r.name.startswith("unit-") and r.state and
             not r.state.is_final()]  # fmt: skip
 
