@@ -17,9 +17,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as layerprobe sets it, for test files that import torch first
 
+import fcntl  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -162,15 +164,42 @@ def repo_env(repo: Path, prefect_home: Path) -> dict:
     return env
 
 
+def session_repo_env(repo: Path, prefect_home: Path) -> dict:
+    """`repo_env`, its stages on the test session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**repo_env(repo, prefect_home), "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 @pytest.fixture
 def dvc_repo(tmp_path, migrated_mlflow_db, prefect_harness) -> tuple[Path, dict]:
     """A git + DVC repository holding this project's pipeline, code and a tiny params.yaml; its stages use the test
     session's Prefect server."""
-    from prefect.settings import PREFECT_API_URL
-
     repo = tmp_path / "repo"
-    env = {**repo_env(repo, tmp_path / "prefect"), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = session_repo_env(repo, tmp_path / "prefect")
     return make_dvc_repo(repo, migrated_mlflow_db, env), env
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `build(folder)` makes, built once per test session by whichever pytest-xdist worker asks first (the
+    others wait for it): tests copy it (`copy_project`) and never change it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above every worker's own
+    folder, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            build(folder)
+            done.touch()
+    return folder
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy with every file's modification time kept (new paths and inodes), as `cp -a` or `rsync -t` make."""
+    shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+    return target
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import tiny_params, write_params
 from PIL import Image
 
@@ -17,6 +18,7 @@ from layerprobe.features import read_features
 from layerprobe.files import read_arrays
 from layerprobe.metrics import classification_metrics
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'
 
 
@@ -45,7 +47,9 @@ def test_unknown_dataset_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = main(["extract", "--backbone", "vit_tiny_patch16_224", "--dataset", "digitz", "--no-progress"])
     assert code == 2
-    assert "digitz" in capsys.readouterr().err
+    line = _one_error_line(capsys, "extract")
+    assert "unknown dataset 'digitz'. Did you mean 'digits'?" in line
+    assert not (tmp_path / "features").exists() and not (tmp_path / "data").exists()
 
 
 def test_extract_train_evaluate_predict_from_the_command_line(tmp_path, monkeypatch, capsys):
@@ -136,18 +140,25 @@ def test_an_unknown_model_in_a_pretrain_recipe_is_one_line_before_any_image_is_m
 
 
 def test_list_probes_and_sources(capsys):
+    from layerprobe.probes import get_probe_spec
+
     assert main(["list", "probes"]) == 0
-    assert "alf" in capsys.readouterr().out.split()
+    probes = capsys.readouterr().out.splitlines()
+    paper = yaml.safe_load((ROOT / "params.paper.yaml").read_text())["suite"]["probes"]
+    assert set(paper) <= set(probes) and len(set(probes)) == len(probes)  # every probe of the paper's study, once
+    assert all(get_probe_spec(name).name == name for name in probes)  # each line one probe, by its name
     assert main(["list", "sources"]) == 0
-    sources = capsys.readouterr().out.split()
-    assert {"digits", "imagefolder", "torchvision", "wds", "count_shapes"} <= set(sources)
+    sources = capsys.readouterr().out.splitlines()
+    assert {"digits", "imagefolder", "torchvision", "wds", "count_shapes", "shapes", "texture"} <= set(sources)
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "params.paper.yaml"])
 def test_list_names_from_params_files(path, monkeypatch, capsys):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    assert main(["list", "backbones", "--params", path]) == 0
-    assert len(capsys.readouterr().out.split()) >= 2
+    monkeypatch.chdir(ROOT)
+    data = yaml.safe_load((ROOT / path).read_text())
+    for what in ("backbones", "datasets"):
+        assert main(["list", what, "--params", path]) == 0
+        assert capsys.readouterr().out.splitlines() == list(data[what]), what  # every name, in the file's order
 
 
 def _image_folder(root: Path, classes: list[str], *, seed: int, per_class: int = 4) -> Path:
@@ -227,3 +238,41 @@ def test_pool_and_schedule_without_a_prefect_server_are_one_line_errors(tmp_path
         assert result.returncode != 0 and len(lines) == 1 and needle in lines[0], result.stderr[-1500:]
         assert "PREFECT_API_URL" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flows", "params.yaml"]  # nothing computed or written
+
+
+def _colour_images(root: Path, count: int, *, seed: int, mode: str = "RGB") -> dict[str, list[Path]]:
+    """Images whose class is their colour (a plain red, green or blue with pixel noise), one folder per class."""
+    rng = np.random.default_rng(seed)
+    made: dict[str, list[Path]] = {}
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            path = root / name / f"{seed}-{i}.png"
+            Image.fromarray(pixels).convert(mode).save(path)
+            made.setdefault(name, []).append(path)
+    return made
+
+
+COLOURS = {"blue": (30, 40, 200), "green": (30, 190, 40), "red": (210, 30, 30)}
+
+
+def test_predict_names_the_colour_a_trained_probe_learned_on_held_out_images(tmp_path, monkeypatch, capsys):
+    """A planted signal: trained on images whose class is their colour, the probe must name the colour of new ones."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "colours"
+    _colour_images(root, 12, seed=0)
+    common = ["--backbone", "vit_tiny_patch16_224", "--dataset", "imagefolder"]
+    assert main(["extract", *common, "--option", f"root={root}", "--model-kwargs", TINY, "--no-progress"]) == 0
+    assert main(["train", *common, "--probe", "alf", "--lr", "0.01", "--weight-decay", "0.0001",
+                 "--min-steps", "60"]) == 0  # fmt: skip
+    capsys.readouterr()
+    new = _colour_images(tmp_path / "new", 2, seed=1)  # new noise: images the probe never saw
+    rgba = _colour_images(tmp_path / "rgba", 1, seed=2, mode="RGBA")  # converted to RGB as the training images were
+    known = {str(path): name for made in (new, rgba) for name, paths in made.items() for path in paths}
+    images = list(known)
+    probe = tmp_path / "probes/vit_tiny_patch16_224/imagefolder/alf/seed-0"
+    assert main(["predict", "--probe", str(probe), "--images", *images]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(path, label) for path, label, _ in rows] == [(path, known[path]) for path in images]
+    assert all(1 / 3 < float(probability) <= 1 for *_, probability in rows)

@@ -1,9 +1,9 @@
 """A study touched, moved, edited or cloned elsewhere keeps its caches: only what a change decides is recomputed.
 
 A tiny suite in a temporary git + DVC repository, on an image folder and a webdataset under datasets/, is run once
-with `dvc repro`; then
-  (a) every dataset file is touched in place to a new modification time, and the prepare and extract steps run
-      (`layerprobe extract`): both reuse, and no cache file changes;
+with `dvc repro` per test session (`built`); each test takes a copy of it:
+  (a) copied with its times kept, then every dataset file touched in place to a new modification time: each time
+      the prepare and extract steps run (`layerprobe extract`), both reuse, and no cache file changes;
 and, each time with the suite extended by one new dataset:
   (b) the project is copied to another path (`cp -r`: new times and inodes; its datasets touched later still) and
       every orchestration module of the copy gets a real edit (a new function, a changed log line), then
@@ -11,7 +11,7 @@ and, each time with the suite extended by one new dataset:
   (c) a fresh `git clone` + `dvc push` to a local remote + `dvc pull` + the datasets copied over, then
       `layerprobe run` in the clone.
 Each time, every earlier prepared dataset, feature shard, manifest and probe file keeps its bytes and its mtime, and
-the new dataset's units are computed. Slow: about 3 minutes.
+the new dataset's units are computed. Slow: about a minute to build, then one to two minutes per test.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run, tiny_params, write_params
+from conftest import built_once, copy_project, make_dvc_repo, run, session_repo_env, tiny_params, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -122,10 +122,6 @@ def assert_kept(before: dict, after: dict, new_dataset: str) -> None:
     assert all(f"/{new_dataset}/" in f"/{path}" for path in added), [p for p in added if new_dataset not in p]
 
 
-def env_for(repo: Path, env: dict) -> dict:
-    return {**env, "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo}"}
-
-
 def edit(path: Path, old: str | None, new: str | None) -> None:
     text = path.read_text()
     if old is None:
@@ -135,30 +131,55 @@ def edit(path: Path, old: str | None, new: str | None) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-def test_touched_moved_edited_or_cloned_projects_recompute_only_the_new_datasets_units(dvc_repo, tmp_path):
-    repo, env = dvc_repo
-    write_image_folder(repo / "datasets/folder")
-    write_webdataset(repo / "datasets/shards")
-    write_params(repo, params_for(["folder", "shards"]))
-    run(["dvc", "repro"], repo, env)
-    first = snapshot(repo)
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, migrated_mlflow_db, prefect_harness) -> Path:
+    """The tiny study on an image folder and a webdataset, run once with `dvc repro`."""
+
+    def build(repo: Path) -> None:
+        env = session_repo_env(repo, repo.parent / f"{repo.name}-prefect")
+        make_dvc_repo(repo, migrated_mlflow_db, env)
+        write_image_folder(repo / "datasets/folder")
+        write_webdataset(repo / "datasets/shards")
+        write_params(repo, params_for(["folder", "shards"]))
+        run(["dvc", "repro"], repo, env)
+
+    return built_once(tmp_path_factory, "moves-built", build)
+
+
+@pytest.fixture
+def project(built, tmp_path) -> tuple[Path, dict]:
+    """A copy of the built study (its times kept) and the environment its stages run in."""
+    repo = copy_project(built, tmp_path / "repo")
+    return repo, session_repo_env(repo, tmp_path / "prefect")
+
+
+def test_a_copied_then_touched_project_reuses_every_prepared_dataset_and_feature_cache(built, project):
+    repo, env = project
+    first = snapshot(built)
     assert any(path.startswith("features/tiny_vit/shards/shard-") for path in first)
+    assert snapshot(repo) == first  # the copy kept every time
 
-    # (a) Every dataset file touched in place (new mtimes; same bytes, paths and inodes): the steps that key on the
-    # files read them again once, find them equal and reuse everything (the CLI runs them as the stages do).
-    later = time.time() + 5
-    for path in (repo / "datasets").rglob("*"):
-        os.utime(path, (later, later))
-    for dataset in ("folder", "shards"):
-        extracted = run([sys.executable, "-m", "layerprobe.cli", "extract", "--backbone", "tiny_vit", "--dataset",
-                         dataset, "--no-progress"], repo, env)  # fmt: skip
-        assert json.loads(extracted.stdout)["status"] == "reused", extracted.stdout
-    assert snapshot(repo) == first
+    # Copied (new paths and inodes, times kept), then every dataset file touched in place (new mtimes; same bytes,
+    # paths and inodes): each time, the steps that key on the files read them again once, find them equal and reuse
+    # everything (the CLI runs them as the stages do).
+    for touch in (False, True):
+        if touch:
+            later = time.time() + 5
+            for path in (repo / "datasets").rglob("*"):
+                os.utime(path, (later, later))
+        for dataset in ("folder", "shards"):
+            extracted = run([sys.executable, "-m", "layerprobe.cli", "extract", "--backbone", "tiny_vit", "--dataset",
+                             dataset, "--no-progress"], repo, env)  # fmt: skip
+            assert json.loads(extracted.stdout)["status"] == "reused", extracted.stdout
+        assert snapshot(repo) == first
 
-    # (b) Copied elsewhere with `cp -r` (new paths, times and inodes), every orchestration module edited.
+
+def test_a_project_moved_with_cp_and_its_orchestration_code_edited_computes_only_a_new_dataset(built, tmp_path):
+    # Copied elsewhere with `cp -r` (new paths, times and inodes), every orchestration module edited.
+    first = snapshot(built)
     moved = tmp_path / "elsewhere" / "project"
     moved.parent.mkdir()
-    subprocess.run(["cp", "-r", str(repo), str(moved)], check=True)
+    subprocess.run(["cp", "-r", str(built), str(moved)], check=True)
     later = time.time() + 5  # later than any time the first run recorded, whatever the filesystem's resolution
     for path in (moved / "datasets").rglob("*"):
         os.utime(path, (later, later))
@@ -167,10 +188,14 @@ def test_touched_moved_edited_or_cloned_projects_recompute_only_the_new_datasets
     write_params(moved, params_for(["folder", "shards", "extra_a"]))
     before_move = snapshot(moved)
     assert {p: s[0] for p, s in before_move.items()} == {p: s[0] for p, s in first.items()}
-    run(["dvc", "repro"], moved, env_for(moved, env))
+    run(["dvc", "repro"], moved, session_repo_env(moved, tmp_path / "prefect"))
     assert_kept(before_move, snapshot(moved), "extra_a")
 
-    # (c) A fresh clone on "another machine": dvc push, git clone, the datasets copied, dvc pull, then `layerprobe run`.
+
+def test_a_fresh_clone_pulled_from_a_dvc_remote_computes_only_a_new_dataset(built, project, tmp_path):
+    # A fresh clone on "another machine": dvc push, git clone, the datasets copied, dvc pull, then `layerprobe run`.
+    repo, env = project
+    first = snapshot(built)
     remote = tmp_path / "dvc-remote"
     run(["dvc", "remote", "add", "-d", "local", str(remote)], repo, env)
     run(["git", "add", "-A"], repo, env)
@@ -181,7 +206,7 @@ def test_touched_moved_edited_or_cloned_projects_recompute_only_the_new_datasets
     shutil.copytree(repo / "datasets", clone / "datasets", dirs_exist_ok=True)
     (clone / "mlruns").mkdir(exist_ok=True)
     shutil.copy(repo / "mlruns" / "mlflow.db", clone / "mlruns" / "mlflow.db")  # a migrated store (saves the migration)
-    clone_env = env_for(clone, env)
+    clone_env = session_repo_env(clone, tmp_path / "prefect")
     run(["dvc", "pull", "-q"], clone, clone_env)
     pulled = snapshot(clone)
     assert {p: s[0] for p, s in pulled.items()} == {p: s[0] for p, s in first.items()}

@@ -33,8 +33,8 @@ from layerprobe.locks import LockUnavailableError, file_lock, unit_lock
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def project_params(num_images: int = 240, min_steps: int = 40) -> dict:
-    params = tiny_params(min_steps=min_steps)
+def project_params(num_images: int = 240) -> dict:
+    params = tiny_params()
     params["datasets"]["count"]["options"]["num_images"] = num_images
     return params
 
@@ -49,14 +49,24 @@ def cli(command: list[str], cwd: Path, *, pause: tuple[str, Path] | None = None)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def run_twice_at_once(command: list[str], cwd: Path) -> list[tuple[dict, str]]:
-    """The same command in two processes started together; both must exit 0."""
-    processes = [cli(command, cwd) for _ in range(2)]
+def run_second_while_first_holds(command: list[str], cwd: Path, point: str) -> list[tuple[dict, str]]:
+    """The same command in two processes: the first stops at pause point `point`, inside the unit's lock; the second
+    starts then, and once it says it waits, the first goes on. Both must exit 0; returns (summary, stderr) of each."""
+    flag = cwd / "first-paused"
+    first = cli(command, cwd, pause=(point, flag))
+    wait_for_pause(flag, first)
+    second, said = cli(command, cwd), ""
+    while "waiting for pid" not in said:
+        line = second.stderr.readline()
+        assert line, f"the second run did not wait for the first: {said}{second.communicate()[1][-2000:]}"
+        said += line
+    assert f"waiting for pid {first.pid} " in said, said  # on the first run, named
+    flag.unlink()
     results = []
-    for process in processes:
+    for process, before in ((first, ""), (second, said)):
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
-        results.append((json.loads(out), err))
+        results.append((json.loads(out), before + err))
     return results
 
 
@@ -66,11 +76,11 @@ def temporaries(root: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_two_runs_of_one_unit_at_once_compute_once_and_the_second_waits_and_reuses(tmp_path):
-    write_params(tmp_path, project_params(num_images=3000, min_steps=400))
+    write_params(tmp_path, project_params(num_images=240))  # 3 shards: the first run stops after one
     unit = ["--backbone", "tiny_vit", "--dataset", "count"]
-    extracted = run_twice_at_once(["extract", *unit, "--no-progress"], tmp_path)
-    assert sorted(summary["status"] for summary, _ in extracted) == ["computed", "reused"]
-    ((_, waiter_err),) = [(s, err) for s, err in extracted if s["status"] == "reused"]
+    extracted = run_second_while_first_holds(["extract", *unit, "--no-progress"], tmp_path, "extract-shard-1")
+    assert [summary["status"] for summary, _ in extracted] == ["computed", "reused"]
+    waiter_err = extracted[1][1]
     assert "extract tiny_vit/count: waiting for pid" in waiter_err, waiter_err[-2000:]
     manifest = json.loads((tmp_path / "features/tiny_vit/count/manifest.json").read_text())
     for entry in manifest["shards"]:  # whole: every shard is the one its manifest hashed
@@ -79,9 +89,9 @@ def test_two_runs_of_one_unit_at_once_compute_once_and_the_second_waits_and_reus
             == (entry["sha256"])
         )
 
-    trained = run_twice_at_once(["train", *unit, "--probe", "alf"], tmp_path)
-    assert sorted(summary["status"] for summary, _ in trained) == ["computed", "reused"]
-    ((_, waiter_err),) = [(s, err) for s, err in trained if s["status"] == "reused"]
+    trained = run_second_while_first_holds(["train", *unit, "--probe", "alf"], tmp_path, "train-swap-alf")
+    assert [summary["status"] for summary, _ in trained] == ["computed", "reused"]
+    waiter_err = trained[1][1]
     assert "train tiny_vit/count/alf: waiting for pid" in waiter_err, waiter_err[-2000:]
     assert not temporaries(tmp_path)
 
@@ -303,46 +313,42 @@ def test_readers_share_and_a_writer_waits_for_them(tmp_path):
     paths = PathsConfig(
         features=str(tmp_path / "features"), data=str(tmp_path / "data"), probes=str(tmp_path / "probes")
     )
-    said: list[str] = []
     with unit_lock(paths, "train", "b", "d", "alf"), unit_lock(paths, "train", "b", "d", "linear"):
         pass  # two probes of one cache train at once: both read it
-    reading, release = threading.Event(), threading.Event()
+    said, order = held_while(lambda: unit_lock(paths, "train", "b", "d", "alf"),
+                             lambda log: unit_lock(paths, "extract", "b", "d", log=log))  # fmt: skip
+    assert order == ["holder out", "next in"]  # the cache's writer waited for its reader
+    assert said[0].startswith(f"extract b/d: waiting for pid {os.getpid()} on ")
 
-    def reader() -> None:
-        with unit_lock(paths, "train", "b", "d", "alf"):
-            reading.set()
-            release.wait(10)
 
-    holder = threading.Thread(target=reader)
-    holder.start()
-    reading.wait(10)
-    threading.Timer(0.5, release.set).start()
-    start = time.monotonic()
-    with unit_lock(paths, "extract", "b", "d", log=said.append):  # the cache's writer waits for its reader
-        waited = time.monotonic() - start
-    holder.join()
-    assert waited >= 0.4 and said[0].startswith(f"extract b/d: waiting for pid {os.getpid()} on ")
+def held_while(hold, take) -> tuple[list[str], list[str]]:
+    """A thread holds the lock `hold()` until the lock `take(log)` says it waits (its `log`), then lets go; returns
+    what `take` said and the order of the holder's release and the next holder's entry. No timer: a lock that did not
+    wait never says so, and enters first."""
+    said, order, held, release = [], [], threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with hold():
+            held.set()
+            release.wait(30)
+            order.append("holder out")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(30)
+    with take(lambda line: (said.append(line), release.set())):
+        order.append("next in")
+    release.set()
+    thread.join()
+    return said, order
 
 
 def test_a_held_unit_lock_makes_the_next_writer_wait_and_say_on_whom(tmp_path):
     paths = PathsConfig(features=str(tmp_path / "features"), data=str(tmp_path / "data"))
-    said: list[str] = []
-    held, release = threading.Event(), threading.Event()
-
-    def first() -> None:
-        with unit_lock(paths, "extract", "b", "d"):
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=first)
-    holder.start()
-    held.wait(10)
-    threading.Timer(0.5, release.set).start()
-    start = time.monotonic()
-    with unit_lock(paths, "extract", "b", "d", log=said.append):
-        waited = time.monotonic() - start
-    holder.join()
-    assert waited >= 0.4 and said and said[0].startswith(f"extract b/d: waiting for pid {os.getpid()} on ")
+    said, order = held_while(lambda: unit_lock(paths, "extract", "b", "d"),
+                             lambda log: unit_lock(paths, "extract", "b", "d", log=log))  # fmt: skip
+    assert order == ["holder out", "next in"]
+    assert said and said[0].startswith(f"extract b/d: waiting for pid {os.getpid()} on ")
 
 
 def test_temporaries_are_unique_per_writer_and_left_ones_are_removed_by_the_next_writer_of_their_staging(tmp_path):

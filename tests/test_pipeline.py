@@ -62,7 +62,7 @@ def write_image_folder(root: Path, num_images: int) -> None:
 
 def staleness_params() -> dict:
     """The tiny suite on an image folder under datasets/ and a backbone loading a checkpoint under checkpoints/."""
-    params = tiny_params(min_steps=600)  # alf trains for seconds: long enough to kill `dvc repro` in the middle
+    params = tiny_params()  # the kill below waits at a pause point, not on a training long enough to race
     params["suite"]["datasets"] = ["shapes"]
     params["datasets"] = {"shapes": {"source": "imagefolder", "options": {"root": "datasets/shapes"}}}
     params["backbones"]["tiny_vit"] = {**TINY_BACKBONE, "checkpoint": "checkpoints/tiny.safetensors"}

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import pytest
 from conftest import run, tiny_params, write_params
+from prefect.client.schemas.sorting import FlowRunSort
 
 pytestmark = pytest.mark.slow
 
 POOL = "test-gpus"
+# The newest flow runs first: the session's server also holds every earlier test's (its default order is by id).
+NEWEST = FlowRunSort.EXPECTED_START_TIME_DESC
 # Two backbones on one dataset: their units prepare it at the same time on two workers (the prepare lock decides).
 BACKBONES, DATASETS = ["tiny_vit", "tiny_vit_b"], ["count"]
 
@@ -50,14 +53,30 @@ def start_worker(name: str, env: dict) -> subprocess.Popen:
                             start_new_session=True)  # fmt: skip
 
 
-def stop(process: subprocess.Popen, name: str) -> None:
-    """Kill a worker and the unit it runs at once, as a lost machine: nobody is left to report the unit's end."""
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        with contextlib.suppress(OSError):
-            if f"PREFECT__WORKER_NAME={name}".encode() in environ.read_bytes().split(b"\0"):
-                os.kill(int(environ.parent.name), signal.SIGKILL)
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its units, and theirs), from each process's parent in /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill a worker this test started and the unit it runs at once, as a lost machine: nobody is left to report the
+    unit's end. Only that worker's own processes: a unit runs in a session of its own, so it is found as a child."""
     if process.poll() is None:
+        doomed = descendants(process.pid)
         os.killpg(process.pid, signal.SIGKILL)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     process.wait()
 
 
@@ -65,7 +84,7 @@ def running_units(worker: str) -> list[str]:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(limit=50)
+        runs = client.read_flow_runs(limit=50, sort=NEWEST)
     return [r.name for r in runs if r.labels.get("prefect.worker.name") == worker and r.state and r.state.is_running()]
 
 
@@ -74,7 +93,7 @@ def unfinished_units() -> list[str]:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(limit=200)
+        runs = client.read_flow_runs(limit=200, sort=NEWEST)
     return [f"{r.name}: {r.state.name}" for r in runs if r.name.startswith("unit-") and r.state and
             not r.state.is_final()]  # fmt: skip
 
@@ -115,7 +134,7 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
             names = [n for n in running_units("gpu1") if not n.endswith("-broken")]
             lost = names[0].removeprefix("unit-").replace("-", "/") if names else None
             time.sleep(0.2)
-        stop(workers["gpu1"], "gpu1")
+        stop(workers["gpu1"])
         out, err = first.communicate(timeout=600)
         assert first.returncode == 1, out[-2000:] + err[-2000:]
         error = err.strip().splitlines()[-1]
@@ -169,5 +188,5 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         assert "up to date" in run(["dvc", "status"], repo, env).stdout
         assert "Running stage" not in run(["dvc", "repro"], repo, env).stdout
     finally:
-        for name, process in workers.items():
-            stop(process, name)
+        for process in workers.values():
+            stop(process)
