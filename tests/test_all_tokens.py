@@ -103,8 +103,11 @@ def test_cached_patch_tokens_are_timms_final_patch_tokens(tmp_path, tap):
     assert torch.allclose(features.tokens[:, -1, 1].float(), final[:, 3:].mean(1), **F16)
     manifest = read_manifest(cache)
     assert manifest["provenance"]["final_patch_tokens"] and manifest["provenance"]["patch_grid"] == [4, 4]
-    assert [s["patches"]["file"] for s in manifest["shards"]] == ["patches-00000.arrow", "patches-00001.arrow",
-                                                                  "patches-00002.arrow"]  # fmt: skip
+    assert [s["patches"]["file"] for s in manifest["shards"]] == [
+        "patches-00000.arrow",
+        "patches-00001.arrow",
+        "patches-00002.arrow",
+    ]
     test = read_features(cache, split="test", patches=True)
     assert torch.equal(test.patches, features.patches[np.isin(features.indices, SPLITS["test"])])
 
@@ -196,8 +199,12 @@ def test_suite_with_the_probe_but_without_the_option_fails_before_extraction():
 
     paper = load_params(ROOT / "params.paper.yaml")
     assert paper.extract.final_patch_tokens and "attentive_last_all_tokens" in paper.suite.probes
-    assert get_probe_spec("attentive_last_all_tokens", **paper.probe_config("attentive_last_all_tokens").overrides()
-                          ).num_heads == 8  # fmt: skip
+    assert (
+        get_probe_spec(
+            "attentive_last_all_tokens", **paper.probe_config("attentive_last_all_tokens").overrides()
+        ).num_heads
+        == 8
+    )
     check_patch_tokens(paper)
     off = dataclasses.replace(paper, extract=dataclasses.replace(paper.extract, final_patch_tokens=False))
     with pytest.raises(ValueError, match="'attentive_last_all_tokens' .* set `extract.final_patch_tokens: true`"):
@@ -235,8 +242,16 @@ def test_attentive_all_tokens_finds_a_label_that_only_one_patch_carries(tmp_path
     for name in ("attentive_last_all_tokens", "linear_last_cls"):
         spec = get_probe_spec(name)
         positions = select_token_positions(layers, names, layers=spec.layers, tokens=spec.tokens, num_patches=16)
-        trained = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=[HParams(1e-2, 1e-4)],
-                             config=FAST, patches=patches if spec.reads_patches else None)  # fmt: skip
+        trained = train_grid(
+            spec,
+            tokens,
+            labels,
+            positions=positions,
+            num_classes=3,
+            grid=[HParams(1e-2, 1e-4)],
+            config=FAST,
+            patches=patches if spec.reads_patches else None,
+        )
         guess, logits, attention = predict(trained.probe, test_tokens, positions=positions, patches=test_patches)
         scores[name] = classification_metrics(test_labels, guess, 3)["accuracy"]
         if name == "attentive_last_all_tokens":
@@ -257,11 +272,13 @@ def test_attentive_all_tokens_finds_a_label_that_only_one_patch_carries(tmp_path
     # the per-layer heatmap still reads these labels (one layer, many tokens) without failing
     assert layer_attention_heatmap(attention, labels_of_slots)["layers"] == ["final"]
 
-    save_probe(tmp_path / "probe", probe, {"positions": [list(p) for p in positions], "patch_tokens": True,
-                                           "width": None})  # fmt: skip
+    save_probe(
+        tmp_path / "probe", probe, {"positions": [list(p) for p in positions], "patch_tokens": True, "width": None}
+    )
     loaded, config = load_probe(tmp_path / "probe")
-    again, again_logits, again_attention = predict(loaded, test_tokens, positions=[tuple(p) for p in
-                                                   config["positions"]], patches=test_patches)  # fmt: skip
+    again, again_logits, again_attention = predict(
+        loaded, test_tokens, positions=[tuple(p) for p in config["positions"]], patches=test_patches
+    )
     assert torch.equal(again_logits, logits) and torch.equal(again_attention, attention)
 
 
@@ -301,16 +318,27 @@ def test_the_all_tokens_probe_normalised_across_tokens_trains_and_predicts_as_th
     positions = select_token_positions(layers, names, layers=spec.layers, tokens=spec.tokens, num_patches=16)
     config = dataclasses.replace(FAST, min_steps=4, jitter_prob=0.0)
     with record_head_inputs() as seen:
-        trained = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=[HParams(1e-2, 1e-4)],
-                             config=config, patches=patches)  # fmt: skip
+        trained = train_grid(
+            spec,
+            tokens,
+            labels,
+            positions=positions,
+            num_classes=3,
+            grid=[HParams(1e-2, 1e-4)],
+            config=config,
+            patches=patches,
+        )
     # The reference's all-tokens features [N, T, D] after F.normalize(x, dim=1): every feature has norm 1 over the
     # T = 17 tokens (CLS + 16 patches) of its image.
     assert seen and all(torch.allclose(x.norm(dim=1), torch.ones(x.shape[0], 32), atol=1e-5) for x in seen)
     gathered = gather_tokens(tokens, positions, patches=patches)  # [N, 17, 32]
     reference = gathered / gathered.pow(2).sum(dim=1, keepdim=True).sqrt()
     expected = trained.probe(reference)[0]  # eval mode
-    save_probe(tmp_path / "probe", trained.probe, {"positions": [list(p) for p in positions], "width": None,
-                                                   "normalize": spec.normalize})  # fmt: skip
+    save_probe(
+        tmp_path / "probe",
+        trained.probe,
+        {"positions": [list(p) for p in positions], "width": None, "normalize": spec.normalize},
+    )
     loaded, config_saved = load_probe(tmp_path / "probe")
     _, logits, _ = predict(loaded, tokens, patches=patches, **reading_arguments(config_saved))
     assert torch.allclose(logits, expected, atol=1e-5)  # evaluation reads the tokens as training did
@@ -336,8 +364,16 @@ def test_clip_final_layer_probes_read_the_projection_width_and_jitter_no_padding
 
     config = dataclasses.replace(FAST, min_steps=6, jitter_prob=1.0)
     with record_head_inputs() as seen:
-        trained = train_grid(spec, features.tokens, features.labels, positions=positions, num_classes=3,
-                             grid=[HParams(1e-2, 1e-4)], config=config, width=width)  # fmt: skip
+        trained = train_grid(
+            spec,
+            features.tokens,
+            features.labels,
+            positions=positions,
+            num_classes=3,
+            grid=[HParams(1e-2, 1e-4)],
+            config=config,
+            width=width,
+        )
     assert trained.probe.in_features == PROJECTION  # 24 inputs, none always zero
     assert seen and all(x.shape[-1] == PROJECTION for x in seen)
     unjittered = torch.nn.functional.normalize(features.tokens[:, -1, 0, :PROJECTION].float(), dim=-1)
@@ -380,14 +416,24 @@ def test_the_paper_preset_gives_each_clip_probe_the_references_width(clip_cache,
     assert name in paper.suite.probes or name == "linear_last_ap"  # MAE's baseline, outside the nine's suite
     features = read_features(clip_cache, patches=True)
     spec = get_probe_spec(name, **paper.probe_config(name).overrides())
-    positions = select_token_positions(features.layer_names, features.token_names, layers=spec.layers,
-                                       tokens=spec.tokens, num_patches=16)  # fmt: skip
+    positions = select_token_positions(
+        features.layer_names, features.token_names, layers=spec.layers, tokens=spec.tokens, num_patches=16
+    )
     width, token_widths = reading_widths(spec, features.metadata["layer_widths"], positions)
     config = dataclasses.replace(FAST, min_steps=3, jitter_prob=1.0)
     with record_head_inputs() as seen:
-        trained = train_grid(spec, features.tokens, features.labels, positions=positions, num_classes=3,
-                             grid=[HParams(1e-2, 1e-4)], config=config, patches=features.patches, width=width,
-                             token_widths=token_widths)  # fmt: skip
+        trained = train_grid(
+            spec,
+            features.tokens,
+            features.labels,
+            positions=positions,
+            num_classes=3,
+            grid=[HParams(1e-2, 1e-4)],
+            config=config,
+            patches=features.patches,
+            width=width,
+            token_widths=token_widths,
+        )
     attribute, reference = REFERENCE_INPUTS[name]
     assert getattr(trained.probe, attribute) == reference
     final = [k for k, (layer, _) in enumerate(positions) if layer == len(features.layer_names) - 1]
@@ -410,8 +456,9 @@ def test_on_clip_the_default_reads_opposite_to_the_reference_and_an_attentive_he
 
     def read(name: str, **overrides):
         spec = get_probe_spec(name, **overrides)
-        positions = select_token_positions(features.layer_names, features.token_names, layers=spec.layers,
-                                           tokens=spec.tokens)  # fmt: skip
+        positions = select_token_positions(
+            features.layer_names, features.token_names, layers=spec.layers, tokens=spec.tokens
+        )
         return reading_widths(spec, widths, positions)
 
     assert read("attentive_last_cls_ap") == (PROJECTION, None)  # ours: the final tokens at their own width
@@ -427,13 +474,17 @@ def test_on_clip_the_default_reads_opposite_to_the_reference_and_an_attentive_he
 
 
 def test_a_tiny_suite_with_the_all_tokens_probe_runs_end_to_end(tmp_path):
-    from layerprobe.workflow.evaluate import evaluate_step, signature_example
-    from layerprobe.workflow.extract import extract_step
-    from layerprobe.workflow.prepare import prepare_step
-    from layerprobe.workflow.train import train_step
+    from layerprobe.steps.evaluate import evaluate_step, signature_example
+    from layerprobe.steps.extract import extract_step
+    from layerprobe.steps.prepare import prepare_step
+    from layerprobe.steps.train import train_step
 
-    paths = PathsConfig(data=str(tmp_path / "data"), features=str(tmp_path / "features"),
-                        probes=str(tmp_path / "probes"), results=str(tmp_path / "results"))  # fmt: skip
+    paths = PathsConfig(
+        data=str(tmp_path / "data"),
+        features=str(tmp_path / "features"),
+        probes=str(tmp_path / "probes"),
+        results=str(tmp_path / "results"),
+    )
     dataset = DatasetConfig(source="count_shapes", options={"num_images": 90, "image_size": 32, "seed": 0})
     prepare_step("count", dataset=dataset, prepare=PrepareConfig(), paths=paths)
     backbone = BackboneConfig(model=CLIP, model_kwargs={**TINY, "num_classes": PROJECTION}, final_projection=True)
@@ -470,13 +521,17 @@ def test_a_tiny_suite_with_the_all_tokens_probe_runs_end_to_end(tmp_path):
     import mlflow
 
     example, predictions = signature_example(
-        probe_dir=paths.seed_dir("clip", "count", "attentive_last_all_tokens", 0), features_dir=paths.features_dir(
-            "clip", "count"))  # fmt: skip
+        probe_dir=paths.seed_dir("clip", "count", "attentive_last_all_tokens", 0),
+        features_dir=paths.features_dir("clip", "count"),
+    )
     assert set(example) == {"tokens", "patches"} and example["patches"].shape == (2, 16, PROJECTION)
     model_dir = tmp_path / "pyfunc"
-    mlflow.pyfunc.save_model(str(model_dir), python_model=str(ROOT / "src/layerprobe/mlflow_model.py"),
-                             artifacts={"probe": str(paths.seed_dir("clip", "count", "attentive_last_all_tokens", 0))},
-                             signature=mlflow.models.infer_signature(example, predictions),
-                             pip_requirements=["torch"])  # stated: inferring them runs a subprocess  # fmt: skip
+    mlflow.pyfunc.save_model(
+        str(model_dir),
+        python_model=str(ROOT / "src/layerprobe/mlflow_model.py"),
+        artifacts={"probe": str(paths.seed_dir("clip", "count", "attentive_last_all_tokens", 0))},
+        signature=mlflow.models.infer_signature(example, predictions),
+        pip_requirements=["torch"],
+    )  # stated: inferring them runs a subprocess
     loaded = mlflow.pyfunc.load_model(str(model_dir))
     assert np.array_equal(loaded.predict(example), predictions)

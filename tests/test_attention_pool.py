@@ -26,8 +26,9 @@ def inputs(dtype: torch.dtype, *, rows: int = 7, tokens: int = 5, pools: int = 6
 @pytest.mark.parametrize("members", [1, 2, 3])
 def test_gradients_pass_gradcheck(members):
     weights, tokens, value_weight = inputs(torch.float64)
-    assert torch.autograd.gradcheck(lambda w, t, v: pool_and_project(w, t, v, num_members=members),
-                                    (weights, tokens, value_weight))  # fmt: skip
+    assert torch.autograd.gradcheck(
+        lambda w, t, v: pool_and_project(w, t, v, num_members=members), (weights, tokens, value_weight)
+    )
 
 
 @pytest.mark.parametrize("members", [1, 2, 6])

@@ -152,8 +152,9 @@ def test_each_paper_backbone_preprocesses_as_the_reference_ran_it(name):
     preprocessing = backbone.preprocessing()
     assert None not in preprocessing.values(), f"{name}: set every preprocessing key, not timm's default"
     # The production path (eval_data_config + transform_from_data_config), from the registry's config: no model built.
-    config = eval_data_config(timm.models.get_pretrained_cfg(backbone.model),
-                              img_size=backbone.model_kwargs.get("img_size"), **preprocessing)  # fmt: skip
+    config = eval_data_config(
+        timm.models.get_pretrained_cfg(backbone.model), img_size=backbone.model_kwargs.get("img_size"), **preprocessing
+    )
     resize, crop, _, normalize = transform_from_data_config(config).transforms
     size, interpolation, mean, std = REFERENCE_PREPROCESSING[backbone.family]
     assert isinstance(resize, transforms.Resize) and resize.size == size  # short side
@@ -172,8 +173,9 @@ def test_each_paper_backbone_preprocesses_as_the_reference_ran_it(name):
 def test_data_config_from_the_registry_equals_the_built_models(model_name, kwargs):
     preprocessing = {"crop_pct": 0.875, "interpolation": "bilinear", "mean": None, "std": [0.2, 0.3, 0.4]}
     built = model_data_config(create_backbone(model_name, model_kwargs=kwargs), **preprocessing)
-    registry = eval_data_config(timm.models.get_pretrained_cfg(model_name), img_size=kwargs["img_size"],
-                                **preprocessing)  # fmt: skip
+    registry = eval_data_config(
+        timm.models.get_pretrained_cfg(model_name), img_size=kwargs["img_size"], **preprocessing
+    )
     assert built == registry
     assert built["input_size"] == (3, kwargs["img_size"], kwargs["img_size"])  # not DINOv2's registered 518
     assert built["std"] == (0.2, 0.3, 0.4) and built["interpolation"] == "bilinear"
@@ -183,8 +185,9 @@ def test_overrides_reach_the_transform_and_its_description():
     model = create_backbone(NAME, model_kwargs=TINY)
     own = describe_transform(model)
     assert own["interpolation"] == "bicubic" and own["mean"] == [0.5, 0.5, 0.5]  # the model's own pretrained_cfg
-    description = describe_transform(model, crop_pct=0.5, interpolation="nearest", mean=[0.0, 0.0, 0.0],
-                                     std=[1.0, 1.0, 1.0])  # fmt: skip
+    description = describe_transform(
+        model, crop_pct=0.5, interpolation="nearest", mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]
+    )
     assert description["interpolation"] == "nearest" and description["crop_pct"] == 0.5
     resize = create_eval_transform(model, crop_pct=0.5, interpolation="nearest").transforms[0]
     assert resize.size == 64 and resize.interpolation == transforms.InterpolationMode.NEAREST  # floor(32 / 0.5)
@@ -228,9 +231,17 @@ def test_dinov2_resampling_equals_dinov2s_formula_and_differs_from_timms(dinov2_
     timms = create_backbone(DINOV2, checkpoint=path, model_kwargs=kwargs).pos_embed
     assert ours.shape == timms.shape == (1, 1 + 16 * 16, 48)
     torch.testing.assert_close(ours, dinov2_formula(table, 16), rtol=0, atol=0)
-    timm_formula = torch.cat([table[:, :1], F.interpolate(table[:, 1:].reshape(1, 37, 37, 48).permute(0, 3, 1, 2),
-                             size=(16, 16), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 256, 48)],
-                             dim=1)  # fmt: skip
+    timm_formula = torch.cat(
+        [
+            table[:, :1],
+            F.interpolate(
+                table[:, 1:].reshape(1, 37, 37, 48).permute(0, 3, 1, 2), size=(16, 16), mode="bicubic", antialias=True
+            )
+            .permute(0, 2, 3, 1)
+            .reshape(1, 256, 48),
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(timms, timm_formula)
     assert torch.equal(ours[:, 0], timms[:, 0])  # the class position is never resampled
     assert (ours - timms).abs().max() > 0.05 * table.std()
@@ -241,8 +252,9 @@ def test_dinov2_resampling_keeps_a_fitting_table_and_every_other_weight(dinov2_c
     kwargs = dict(img_size=518, **DINOV2_SMALL)
     native = create_backbone(DINOV2, checkpoint=path, model_kwargs=kwargs, pos_embed_resample="dinov2")
     assert torch.equal(native.pos_embed, table)
-    small = create_backbone(DINOV2, checkpoint=path, model_kwargs=dict(kwargs, img_size=224),
-                            pos_embed_resample="dinov2")  # fmt: skip
+    small = create_backbone(
+        DINOV2, checkpoint=path, model_kwargs=dict(kwargs, img_size=224), pos_embed_resample="dinov2"
+    )
     for (key, value), other in zip(small.state_dict().items(), native.state_dict().values(), strict=True):
         assert key == "pos_embed" or torch.equal(value, other), key
     with pytest.raises(ValueError, match="pos_embed_resample"):

@@ -14,8 +14,9 @@ from layerprobe.train import HParams
 
 
 def trained_like(name: str) -> torch.nn.Module:
-    head = build_probe(get_probe_spec(name), num_tokens=4, dim=8, num_classes=3, grid_size=2,
-                       attn_dropouts=[0.0, 0.1], seed=3)  # fmt: skip
+    head = build_probe(
+        get_probe_spec(name), num_tokens=4, dim=8, num_classes=3, grid_size=2, attn_dropouts=[0.0, 0.1], seed=3
+    )
     with torch.no_grad():
         for value in head.state_dict().values():
             if value.is_floating_point():
@@ -26,8 +27,13 @@ def trained_like(name: str) -> torch.nn.Module:
 @pytest.mark.parametrize("name", ["alf", "linear_concat_all"])
 def test_saved_probe_predicts_the_same_after_loading(tmp_path, name):
     probe = trained_like(name)
-    config = {"spec": get_probe_spec(name), "hparams": HParams(1e-3, 1e-2, 0.1), "positions": [(1, 0), (1, 1)],
-              "class_names": ["a", "b", "c"], "features": {"backbone": "vit_tiny", "tap": "norm2"}}  # fmt: skip
+    config = {
+        "spec": get_probe_spec(name),
+        "hparams": HParams(1e-3, 1e-2, 0.1),
+        "positions": [(1, 0), (1, 1)],
+        "class_names": ["a", "b", "c"],
+        "features": {"backbone": "vit_tiny", "tap": "norm2"},
+    }
     save_probe(tmp_path / "probe", probe, config)
     loaded, saved = load_probe(tmp_path / "probe")
     x = normalize_tokens(torch.randn(10, 4, 8))

@@ -28,8 +28,9 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "--params" in capsys.readouterr().out
-    help_text = subprocess.run([sys.executable, "-m", "layerprobe.cli", "--help"], capture_output=True, text=True,
-                               timeout=120)  # fmt: skip
+    help_text = subprocess.run(
+        [sys.executable, "-m", "layerprobe.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert help_text.returncode == 0 and "layerprobe run" in help_text.stdout
 
 
@@ -115,8 +116,19 @@ def test_hostile_images_are_one_bad_file_line_and_nothing_is_prepared(tmp_path, 
 
 def test_a_model_kwargs_typo_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["extract", "--backbone", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "dpeth": 2}',
-            "--dataset", "count_shapes", "--option", "num_images=20", "--option", "image_size=16"]  # fmt: skip
+    argv = [
+        "extract",
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        '{"img_size": 32, "dpeth": 2}',
+        "--dataset",
+        "count_shapes",
+        "--option",
+        "num_images=20",
+        "--option",
+        "image_size=16",
+    ]
     assert main(argv) == 2
     line = _one_error_line(capsys, "extract")
     assert "model_kwargs key of 'vit_tiny_patch16_224' (VisionTransformer) 'dpeth'. Did you mean 'depth'?" in line
@@ -176,8 +188,20 @@ def test_another_image_folder_or_a_new_file_re_prepares_and_re_extracts(tmp_path
     second = _image_folder(tmp_path / "B", ["bird", "fish", "frog"], seed=1)
 
     def extract(root: Path) -> dict:
-        argv = ["extract", "--backbone", "vit_tiny_patch16_224", "--dataset", "imagefolder", "--option",
-                f"root={root}", "--model-kwargs", TINY, "--no-progress", "--device", "cpu"]  # fmt: skip
+        argv = [
+            "extract",
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--dataset",
+            "imagefolder",
+            "--option",
+            f"root={root}",
+            "--model-kwargs",
+            TINY,
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
         assert main(argv) == 0
         return json.loads(capsys.readouterr().out)
 
@@ -205,8 +229,20 @@ def test_a_replaced_image_behind_a_symlinked_class_folder_re_extracts(tmp_path, 
     (root / "dog").symlink_to(shared / "dog", target_is_directory=True)  # a class folder that is a link
 
     def extract() -> dict:
-        argv = ["extract", "--backbone", "vit_tiny_patch16_224", "--dataset", "imagefolder", "--option",
-                f"root={root}", "--model-kwargs", TINY, "--no-progress", "--device", "cpu"]  # fmt: skip
+        argv = [
+            "extract",
+            "--backbone",
+            "vit_tiny_patch16_224",
+            "--dataset",
+            "imagefolder",
+            "--option",
+            f"root={root}",
+            "--model-kwargs",
+            TINY,
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
         assert main(argv) == 0
         return json.loads(capsys.readouterr().out)
 
@@ -264,8 +300,9 @@ def test_predict_names_the_colour_a_trained_probe_learned_on_held_out_images(tmp
     _colour_images(root, 12, seed=0)
     common = ["--backbone", "vit_tiny_patch16_224", "--dataset", "imagefolder"]
     assert main(["extract", *common, "--option", f"root={root}", "--model-kwargs", TINY, "--no-progress"]) == 0
-    assert main(["train", *common, "--probe", "alf", "--lr", "0.01", "--weight-decay", "0.0001",
-                 "--min-steps", "60"]) == 0  # fmt: skip
+    assert (
+        main(["train", *common, "--probe", "alf", "--lr", "0.01", "--weight-decay", "0.0001", "--min-steps", "60"]) == 0
+    )
     capsys.readouterr()
     new = _colour_images(tmp_path / "new", 2, seed=1)  # new noise: images the probe never saw
     rgba = _colour_images(tmp_path / "rgba", 1, seed=2, mode="RGBA")  # converted to RGB as the training images were

@@ -120,8 +120,12 @@ def test_backbone_preprocessing_values_are_checked(tmp_path):
             load_params(write(tmp_path, data))
     data["backbones"]["b"] = {"model": "vit_tiny_patch16_224", "interpolation": "bilinear", "mean": [0, 0.5, 1]}
     backbone = load_params(write(tmp_path, data)).backbones["b"]
-    assert backbone.preprocessing() == {"crop_pct": None, "interpolation": "bilinear", "mean": [0.0, 0.5, 1.0],
-                                        "std": None}  # fmt: skip
+    assert backbone.preprocessing() == {
+        "crop_pct": None,
+        "interpolation": "bilinear",
+        "mean": [0.0, 0.5, 1.0],
+        "std": None,
+    }
     assert backbone.pos_embed_resample == "timm"
 
 

@@ -307,8 +307,12 @@ def test_hostile_images_are_one_bad_file_report_checked_in_bounded_memory_and_no
     photo.save(root / "dog" / "photo.jpg", quality=90)
     del photo
     out = tmp_path / "prepared"
-    run = subprocess.run([sys.executable, "-c", _CHECK_IN_A_FRESH_PROCESS, str(root), str(out)], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _CHECK_IN_A_FRESH_PROCESS, str(root), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "Warning" not in run.stderr, run.stderr  # PIL's DecompressionBombWarning is not printed either
     result = json.loads(run.stdout)
@@ -494,13 +498,20 @@ def test_wds_errors_name_the_root_or_the_key_and_tar(tmp_path):
 def test_wds_oversized_members_join_one_report_and_bombs_fail_before_decoding(tmp_path):
     root = tmp_path / "wds"
     image = _png_bytes(Image.fromarray(_rgb(0)))
-    _write_tar(root / "train" / "0.tar", [
-        ("a.png", image), ("a.cls", b"0"),
-        ("huge.png", image), ("huge.cls", b"0" * 10_000_000),  # a "label" of 10 MB is not read
-        ("bin.png", image), ("bin.cls", b"\xff\xfe"),
-    ])  # fmt: skip
-    _write_tar(root / "test" / "0.tar", [("big.png", b"\0" * (8 * 100 + 2**20 + 1)), ("big.cls", b"0"),
-                                         ("lonely.jpg", image)])  # fmt: skip
+    _write_tar(
+        root / "train" / "0.tar",
+        [
+            ("a.png", image),
+            ("a.cls", b"0"),
+            ("huge.png", image),
+            ("huge.cls", b"0" * 10_000_000),  # a "label" of 10 MB is not read
+            ("bin.png", image),
+            ("bin.cls", b"\xff\xfe"),
+        ],
+    )
+    _write_tar(
+        root / "test" / "0.tar", [("big.png", b"\0" * (8 * 100 + 2**20 + 1)), ("big.cls", b"0"), ("lonely.jpg", image)]
+    )
     with pytest.raises(ValueError) as excinfo:
         create_dataset("wds", root=str(root), max_image_pixels=100)
     message = _one_line(excinfo)

@@ -19,11 +19,11 @@ import pytest
 from layerprobe.files import read_json
 from layerprobe.params import load_params
 from layerprobe.report import layer_reading, metrics_summary, write_report
-from layerprobe.workflow.evaluate import evaluate_step
-from layerprobe.workflow.extract import extract_step
-from layerprobe.workflow.prepare import prepare_step
-from layerprobe.workflow.pretrain import pretrain_step
-from layerprobe.workflow.train import train_step
+from layerprobe.steps.evaluate import evaluate_step
+from layerprobe.steps.extract import extract_step
+from layerprobe.steps.prepare import prepare_step
+from layerprobe.steps.pretrain import pretrain_step
+from layerprobe.steps.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "vit_shapes_d6"
@@ -41,7 +41,7 @@ def scaled_down_default(root: Path):
         **{
             key: str(root / getattr(params.paths, key))
             for key in ("checkpoints", "data", "features", "probes", "results")
-        },  # fmt: skip
+        },
     )
     backbone = params.backbones[BACKBONE]
     pretrain = dataclasses.replace(
@@ -83,6 +83,11 @@ def test_far_tasks_read_intermediate_layers_and_gain_near_tasks_do_not(tmp_path)
 
     # The report says the same: its reading table and one attention matrix for the backbone.
     groups = {name: config.group for name, config in datasets.items()}
-    files = write_report(metrics_summary([{**e, "version": "1"} for e in evaluations]), tmp_path / "report",
-                         probes=PROBES, groups=groups, heatmaps={BACKBONE: heatmaps})  # fmt: skip
+    files = write_report(
+        metrics_summary([{**e, "version": "1"} for e in evaluations]),
+        tmp_path / "report",
+        probes=PROBES,
+        groups=groups,
+        heatmaps={BACKBONE: heatmaps},
+    )
     assert f"attention/{BACKBONE}" in files and "Where alf reads" in files["markdown"].read_text()

@@ -38,29 +38,57 @@ from layerprobe.config import (
 from layerprobe.file_hashes import input_listing
 from layerprobe.files import write_json
 from layerprobe.fingerprint import listed_files, make_fingerprint, staleness
-from layerprobe.workflow.extract import extract_fingerprint
-from layerprobe.workflow.prepare import prepare_fingerprint
-from layerprobe.workflow.pretrain import pretrain_fingerprint
-from layerprobe.workflow.train import train_fingerprint
+from layerprobe.steps.extract import extract_fingerprint
+from layerprobe.steps.prepare import prepare_fingerprint
+from layerprobe.steps.pretrain import pretrain_fingerprint
+from layerprobe.steps.train import train_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "layerprobe"
-STEPS = [f"layerprobe.workflow.{step}" for step in ("pretrain", "prepare", "extract", "train", "evaluate")]
+STEPS = [f"layerprobe.steps.{step}" for step in ("pretrain", "prepare", "extract", "train", "evaluate")]
 # Every module of ours is one of three kinds. Results modules decide numbers (or the on-disk format) and make up the
 # steps' code keys; keying modules compute the keys (in every closure, in no key); orchestration modules only move,
 # record or show results and must stay out of every step's closure. A new module must be put in one of them.
 RESULTS = {
-    "layerprobe", "layerprobe.attention_pool", "layerprobe.backbone", "layerprobe.checkpoint", "layerprobe.config",
-    "layerprobe.data", "layerprobe.data.catalogue", "layerprobe.data.generated", "layerprobe.data.prepared",
-    "layerprobe.data.sources", "layerprobe.data.splits", "layerprobe.device", "layerprobe.extract",
-    "layerprobe.features", "layerprobe.files", "layerprobe.metrics", "layerprobe.pretrain", "layerprobe.probes",
-    "layerprobe.registry", "layerprobe.selection", "layerprobe.train", "layerprobe.workflow", *STEPS,
-}  # fmt: skip
+    "layerprobe",
+    "layerprobe.attention_pool",
+    "layerprobe.backbone",
+    "layerprobe.checkpoint",
+    "layerprobe.config",
+    "layerprobe.data",
+    "layerprobe.data.catalogue",
+    "layerprobe.data.generated",
+    "layerprobe.data.prepared",
+    "layerprobe.data.sources",
+    "layerprobe.data.splits",
+    "layerprobe.device",
+    "layerprobe.extract",
+    "layerprobe.features",
+    "layerprobe.files",
+    "layerprobe.metrics",
+    "layerprobe.pretrain",
+    "layerprobe.probes",
+    "layerprobe.registry",
+    "layerprobe.selection",
+    "layerprobe.train",
+    "layerprobe.steps",
+    *STEPS,
+}
 ORCHESTRATION = {
-    "layerprobe.cli", "layerprobe.locks", "layerprobe.mlflow_model", "layerprobe.mlflow_ui",
-    "layerprobe.model_registry", "layerprobe.mounts", "layerprobe.params", "layerprobe.plan",
-    "layerprobe.plots", "layerprobe.predict", "layerprobe.report", "layerprobe.tracking", "layerprobe.verify",
-}  # fmt: skip
+    "layerprobe.cli",
+    "layerprobe.locks",
+    "layerprobe.mlflow_model",
+    "layerprobe.mlflow_ui",
+    "layerprobe.model_registry",
+    "layerprobe.mounts",
+    "layerprobe.params",
+    "layerprobe.plan",
+    "layerprobe.plots",
+    "layerprobe.predict",
+    "layerprobe.report",
+    "layerprobe.tracking",
+    "layerprobe.verify",
+}
 
 
 def all_modules() -> set[str]:
@@ -84,10 +112,10 @@ def test_import_closure_follows_lazy_imports_and_stays_within_the_step():
     def names(module: str) -> set[str]:
         return {str(p.relative_to(SRC)) for p in import_closure(module) if p.is_relative_to(SRC)}
 
-    extract = names("layerprobe.workflow.extract")
+    extract = names("layerprobe.steps.extract")
     assert {"backbone.py", "extract.py", "features.py", "data/sources.py", "__init__.py"} <= extract  # lazy imports
     assert "train.py" not in extract and "probes.py" not in extract  # training code never invalidates features
-    train = names("layerprobe.workflow.train")
+    train = names("layerprobe.steps.train")
     assert {"train.py", "probes.py", "attention_pool.py", "checkpoint.py"} <= train
     assert "backbone.py" not in train and "extract.py" not in train
 
@@ -228,21 +256,36 @@ EDITS = [
     ("src/layerprobe/params.py", None, None, set()),
     ("src/layerprobe/fingerprint.py", None, None, set()),  # keying: in every closure, in no key
     ("src/layerprobe/file_hashes.py", "RACY_SECONDS = 2.0", "RACY_SECONDS = 3.0", set()),
-    ("src/layerprobe/backbone.py", "return transform_from_data_config(model_data_config(model, **preprocessing))",
-     "return transform_from_data_config(model_data_config(model, **{**preprocessing, 'crop_pct': 0.5}))",
-     {"layerprobe.workflow.pretrain", "layerprobe.workflow.extract"}),
-    ("src/layerprobe/extract.py", "cls = tokens[:, 0].float()", "cls = 2.0 * tokens[:, 0].float()",
-     {"layerprobe.workflow.extract"}),
-    ("src/layerprobe/probes.py", "NORM_EPS = 1e-5", "NORM_EPS = 1e-6",
-     {"layerprobe.workflow.train", "layerprobe.workflow.evaluate"}),
+    (
+        "src/layerprobe/backbone.py",
+        "return transform_from_data_config(model_data_config(model, **preprocessing))",
+        "return transform_from_data_config(model_data_config(model, **{**preprocessing, 'crop_pct': 0.5}))",
+        {"layerprobe.steps.pretrain", "layerprobe.steps.extract"},
+    ),
+    (
+        "src/layerprobe/extract.py",
+        "cls = tokens[:, 0].float()",
+        "cls = 2.0 * tokens[:, 0].float()",
+        {"layerprobe.steps.extract"},
+    ),
+    (
+        "src/layerprobe/probes.py",
+        "NORM_EPS = 1e-5",
+        "NORM_EPS = 1e-6",
+        {"layerprobe.steps.train", "layerprobe.steps.evaluate"},
+    ),
     # the issue's measured cases: an unused function appended to the modules every step imports recomputed it all
     ("src/layerprobe/files.py", None, None, set()),
     ("src/layerprobe/config.py", None, None, set()),
     ("src/layerprobe/probes.py", None, None, set()),
     # evaluation never runs the schedule: its key stays (the retrained probes' bytes are its inputs)
-    ("src/layerprobe/train.py", "return min_lr + 0.5 * (1 + math.cos", "return 0.5 * min_lr + 0.25 * (1 + math.cos",
-     {"layerprobe.workflow.train"}),
-]  # fmt: skip
+    (
+        "src/layerprobe/train.py",
+        "return min_lr + 0.5 * (1 + math.cos",
+        "return 0.5 * min_lr + 0.25 * (1 + math.cos",
+        {"layerprobe.steps.train"},
+    ),
+]
 
 
 def test_orchestration_edits_keep_every_steps_code_key_and_results_edits_change_the_steps_they_decide(
@@ -277,15 +320,16 @@ def test_a_key_holds_what_the_step_can_reach_and_nothing_else(tmp_path, monkeypa
         "SCALE = 2\n\n\ndef used(x):\n    return inner(x) * SCALE\n\n\ndef inner(x):\n    return x + 1\n\n\n"
         "def unused(x):\n    return used(x)\n\n\n@register\ndef registered():\n    return 3\n"
     )
-    (package / "workflow" / "step.py").write_text("from layerprobe.helpers import used\n\n\ndef step(x):\n"
-                                                  "    return used(x)\n")  # fmt: skip
+    (package / "workflow" / "step.py").write_text(
+        "from layerprobe.helpers import used\n\n\ndef step(x):\n    return used(x)\n"
+    )
     helpers = package / "helpers.py"
 
     def key_after(old: str, new: str) -> str:
         text = helpers.read_text()
         helpers.write_text(text.replace(old, new) if old else text + new)
         try:
-            return _step_keys(tmp_path, monkeypatch, steps=["layerprobe.workflow.step"])["layerprobe.workflow.step"]
+            return _step_keys(tmp_path, monkeypatch, steps=["layerprobe.steps.step"])["layerprobe.steps.step"]
         finally:
             helpers.write_text(text)
 
@@ -302,24 +346,41 @@ def test_a_key_holds_what_the_step_can_reach_and_nothing_else(tmp_path, monkeypa
 
 def test_staleness_names_the_part_that_changed(tmp_path):
     marker = tmp_path / "marker.json"
-    first = make_fingerprint("layerprobe.workflow.train", format="f/1", params={"lr": 1}, inputs={"features": "a"})
+    first = make_fingerprint("layerprobe.steps.train", format="f/1", params={"lr": 1}, inputs={"features": "a"})
     assert staleness(marker, first) == "not computed yet"
     write_json(marker, {"fingerprint": first.as_dict()})
     assert staleness(marker, first) is None
-    assert staleness(marker, make_fingerprint("layerprobe.workflow.train", format="f/1", params={"lr": 2},
-                                              inputs={"features": "a"})) == "params changed"  # fmt: skip
-    assert staleness(marker, make_fingerprint("layerprobe.workflow.train", format="f/1", params={"lr": 1},
-                                              inputs={"features": "b"})) == "inputs changed"  # fmt: skip
-    assert staleness(marker, make_fingerprint("layerprobe.workflow.extract", format="f/1", params={"lr": 1},
-                                              inputs={"features": "a"})) == "code changed"  # fmt: skip
-    assert staleness(marker, make_fingerprint("layerprobe.workflow.train", format="f/2", params={"lr": 1},
-                                              inputs={"features": "a"})) == "format changed"  # fmt: skip
+    assert (
+        staleness(
+            marker, make_fingerprint("layerprobe.steps.train", format="f/1", params={"lr": 2}, inputs={"features": "a"})
+        )
+        == "params changed"
+    )
+    assert (
+        staleness(
+            marker, make_fingerprint("layerprobe.steps.train", format="f/1", params={"lr": 1}, inputs={"features": "b"})
+        )
+        == "inputs changed"
+    )
+    assert (
+        staleness(
+            marker,
+            make_fingerprint("layerprobe.steps.extract", format="f/1", params={"lr": 1}, inputs={"features": "a"}),
+        )
+        == "code changed"
+    )
+    assert (
+        staleness(
+            marker, make_fingerprint("layerprobe.steps.train", format="f/2", params={"lr": 1}, inputs={"features": "a"})
+        )
+        == "format changed"
+    )
     write_json(marker, {"no": "fingerprint"})
     assert staleness(marker, first) == "marker.json records no fingerprint"
 
 
 def test_staleness_vouches_for_every_listed_file_by_its_sha256_at_the_cost_of_a_stat(tmp_path, monkeypatch):
-    fingerprint = make_fingerprint("layerprobe.workflow.train", format="f/1", params={}, inputs={})
+    fingerprint = make_fingerprint("layerprobe.steps.train", format="f/1", params={}, inputs={})
     output = tmp_path / "out.bin"
     output.write_bytes(b"the output")
     _settle(output)
@@ -479,14 +540,20 @@ def test_preprocessing_pos_embed_and_jitter_val_make_their_caches_stale(tmp_path
     backbone = BackboneConfig(model="vit_small_patch14_dinov2", model_kwargs={"img_size": 224}, crop_pct=0.875)
     marker = tmp_path / "manifest.json"
     write_json(marker, {"fingerprint": extract_fingerprint(backbone, ExtractConfig(), dataset_version="v1").as_dict()})
-    for change in ({"interpolation": "bilinear"}, {"mean": [0.4, 0.4, 0.4]}, {"std": [0.2, 0.2, 0.2]},
-                   {"crop_pct": 1.0}, {"pos_embed_resample": "dinov2"}):  # fmt: skip
+    for change in (
+        {"interpolation": "bilinear"},
+        {"mean": [0.4, 0.4, 0.4]},
+        {"std": [0.2, 0.2, 0.2]},
+        {"crop_pct": 1.0},
+        {"pos_embed_resample": "dinov2"},
+    ):
         changed = extract_fingerprint(dataclasses.replace(backbone, **change), ExtractConfig(), dataset_version="v1")
         assert staleness(marker, changed) == "params changed", change
     assert staleness(marker, extract_fingerprint(backbone, ExtractConfig(), dataset_version="v1")) is None
 
-    pretrained = dataclasses.replace(backbone, checkpoint="c.safetensors", model_kwargs={"num_classes": 0},
-                                     pretrain=PretrainConfig())  # fmt: skip
+    pretrained = dataclasses.replace(
+        backbone, checkpoint="c.safetensors", model_kwargs={"num_classes": 0}, pretrain=PretrainConfig()
+    )
     assert pretrain_fingerprint(pretrained) != pretrain_fingerprint(
         dataclasses.replace(pretrained, interpolation="nearest")
     )

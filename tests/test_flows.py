@@ -124,8 +124,12 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     assert alf.data.params["tap"] == "norm2"
     assert len(client.get_metric_history(alf.info.run_id, "train/loss")) > 1
     artifacts = {a.path for a in client.list_artifacts(alf.info.run_id, "evaluation")}
-    assert {"evaluation/heatmap.png", "evaluation/heatmap.json", "evaluation/confusion.png",
-            "evaluation/predictions.npz"} <= artifacts  # fmt: skip
+    assert {
+        "evaluation/heatmap.png",
+        "evaluation/heatmap.json",
+        "evaluation/confusion.png",
+        "evaluation/predictions.npz",
+    } <= artifacts
 
     # Each probe run names its input: the feature cache, by content hash, with its splits and shape.
     features_hash = json.loads(Path("probes/tiny_vit/count/alf/train.json").read_text())["features_hash"]
@@ -133,7 +137,10 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     assert (dataset.name, dataset.digest) == ("tiny_vit/count features", features_hash[:16])
     profile = json.loads(dataset.profile)
     assert sum(profile["splits"].values()) == profile["num_rows"] == 240 and set(profile["splits"]) == {
-        "train", "val", "test"}  # fmt: skip
+        "train",
+        "val",
+        "test",
+    }
     assert profile["shape"] == [240, 4, 2, 32]  # 3 blocks + final, cls/ap, width 32
     other = next(r for r in children if r.data.tags["probe"] == "linear_last_cls")
     assert [i.dataset.digest for i in other.inputs.dataset_inputs] == [dataset.digest]
@@ -145,8 +152,9 @@ def test_evaluate_records_runs_metrics_heatmaps_and_champion(trained_project):
     version = versions["alf"]
     score = alf.data.metrics["test/balanced_accuracy"]
     val = alf.data.metrics["val/balanced_accuracy"]
-    assert version.description == (f"alf on tiny_vit / count: val {100 * val:.1f}, test {100 * score:.1f} "
-                                   f"[{100 * low:.1f}, {100 * high:.1f}]")  # fmt: skip
+    assert version.description == (
+        f"alf on tiny_vit / count: val {100 * val:.1f}, test {100 * score:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    )
     assert version.tags["test_balanced_accuracy"] == f"{score:.4f}" and version.tags["seeds"] == "0"
     assert version.tags["features.content_hash"] == features_hash and version.run_id == alf.info.run_id
     registered = client.get_registered_model(name)
@@ -287,9 +295,17 @@ def test_gpu_tasks_hold_a_slot_that_a_killed_holder_frees(project_dir):
     assert overlaps == [0, 0, 0]  # never two holders at once
 
     # A process killed while it holds the slot (a cancelled unit) frees it: the next holder does not wait forever.
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom layerprobe.locks import host_slot\n"
-                               "with host_slot('layerprobe-test-gpu', 1):\n    print('held', flush=True)\n"
-                               "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom layerprobe.locks import host_slot\n"
+            "with host_slot('layerprobe-test-gpu', 1):\n    print('held', flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     holder.kill()
     holder.wait()

@@ -74,8 +74,7 @@ def test_intervals_cover_the_true_balanced_accuracy_about_95_percent_of_the_time
     hits = 0
     for draw in range(200):
         truth = rng.integers(0, 3, 300)
-        low, high = bootstrap_balanced_accuracy(truth, right_with_rate(truth, 0.8, 3, rng), 3, resamples=400,
-                                                seed=draw)  # fmt: skip
+        low, high = bootstrap_balanced_accuracy(truth, right_with_rate(truth, 0.8, 3, rng), 3, resamples=400, seed=draw)
         hits += low <= 0.8 <= high
     assert 0.89 <= hits / 200 <= 0.99
 

@@ -38,15 +38,22 @@ def test_stage_processes_share_one_server_that_stops_when_idle(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "LAYERPROBE_SERVER_IDLE_SECONDS": "2"}
     env.pop("PREFECT_API_URL", None)
     release = tmp_path / "release"
-    holder = subprocess.Popen([sys.executable, "-c", ATTACH, str(release)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ATTACH, str(release)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = holder.stdout.readline()
         while line and not line.rstrip().endswith(" 42"):  # a flow really ran against it (after the start notice)
             line = holder.stdout.readline()
         first_url = line.split()[0]
-        second = subprocess.run([sys.executable, "-c", ATTACH], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
+        second = subprocess.run(
+            [sys.executable, "-c", ATTACH], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert second.returncode == 0, second.stderr[-3000:]
         assert f"{first_url} 42" in second.stdout.splitlines()  # the next process used the same server, silently
         assert "Prefect API: local server" not in second.stdout
@@ -75,7 +82,7 @@ def test_two_projects_on_one_machine_run_at_once_each_on_its_own_server(tmp_path
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for repo in repos
     ]
     for process in processes:

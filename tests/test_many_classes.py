@@ -30,8 +30,8 @@ import numpy as np
 from layerprobe.config import EvaluateConfig, PathsConfig, ProbeConfig, TrainConfig
 from layerprobe.features import shard_name, write_manifest, write_shard
 from layerprobe.plots import draw_evaluation
-from layerprobe.workflow.evaluate import evaluate_step
-from layerprobe.workflow.train import train_step
+from layerprobe.steps.evaluate import evaluate_step
+from layerprobe.steps.train import train_step
 
 root, num_classes, num_images = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 paths = PathsConfig(features=str(root / "features"), probes=str(root / "probes"), results=str(root / "results"))

@@ -54,8 +54,9 @@ def test_plots_write_pngs_of_the_expected_size(tmp_path):
     assert image.shape[:2] == (round(height * DPI), round(width * DPI))
     assert image.std() > 0.05  # not blank
     cm_path = plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png")
-    gains_path = plot_gains({"svhn": 27.3, "stl10": 0.04, "x": -1.0}, tmp_path / "gains.png", probe="alf",
-                            baseline="linear_last_cls")  # fmt: skip
+    gains_path = plot_gains(
+        {"svhn": 27.3, "stl10": 0.04, "x": -1.0}, tmp_path / "gains.png", probe="alf", baseline="linear_last_cls"
+    )
     assert cm_path.stat().st_size > 1000 and gains_path.stat().st_size > 1000
 
 

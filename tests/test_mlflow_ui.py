@@ -112,8 +112,9 @@ def ui_url(tracking_store, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("layerprobe-ui") / "ui.log"
     command = [sys.executable, "-m", "layerprobe.cli", "ui", "--no-browser", "--port", str(_free_port())]
     with open(log_path, "wb") as log:
-        ui = subprocess.Popen(command, cwd=tracking_store, env=env, stdout=subprocess.PIPE, stderr=log,
-                              start_new_session=True)  # fmt: skip
+        ui = subprocess.Popen(
+            command, cwd=tracking_store, env=env, stdout=subprocess.PIPE, stderr=log, start_new_session=True
+        )
     try:
         url = ui.stdout.readline().decode().strip()  # printed once the server answers
         if not url.startswith("http"):
@@ -236,8 +237,10 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
     # The probes of the first task, wherever they were logged (a rerun references unchanged probes' earlier runs).
     newest = {"max_results": 1, "order_by": ["attributes.start_time DESC"]}
     task = f"tags.backbone = '{backbone}' and tags.dataset = '{dataset}'"
-    children = {p: client.search_runs([experiment.experiment_id], f"tags.probe = '{p}' and {task}", **newest)[0]
-                for p in ("linear_last_cls", "alf")}  # fmt: skip
+    children = {
+        p: client.search_runs([experiment.experiment_id], f"tags.probe = '{p}' and {task}", **newest)[0]
+        for p in ("linear_last_cls", "alf")
+    }
     parent = client.get_run(children["alf"].data.tags["mlflow.parentRunId"])
     alf = children["alf"]
     heatmap = Path(client.download_artifacts(alf.info.run_id, HEATMAP, str(tmp_path))).read_bytes()
@@ -328,8 +331,9 @@ def test_layerprobe_ui_lands_on_the_runs_and_the_registry_and_runs_describe_them
     marked = {number: bool(alias.search(row_text(driver, number))) for number in versions}
     assert marked == {number: number == champion for number in versions}, f"@{ALIAS} should mark {champion} only"
     _close_assistant(driver)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})",
-                          _links(driver, f"/models/{model}/versions/{champion}")[0])  # fmt: skip
+    driver.execute_script(
+        "arguments[0].scrollIntoView({block: 'end'})", _links(driver, f"/models/{model}/versions/{champion}")[0]
+    )
     _screenshot(driver, "mlflow-registry.png")
 
     # e. A probe run's page names its input dataset: the feature cache, by name and content-hash digest, and says in

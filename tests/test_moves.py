@@ -168,8 +168,21 @@ def test_a_copied_then_touched_project_reuses_every_prepared_dataset_and_feature
             for path in (repo / "datasets").rglob("*"):
                 os.utime(path, (later, later))
         for dataset in ("folder", "shards"):
-            extracted = run([sys.executable, "-m", "layerprobe.cli", "extract", "--backbone", "tiny_vit", "--dataset",
-                             dataset, "--no-progress"], repo, env)  # fmt: skip
+            extracted = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "layerprobe.cli",
+                    "extract",
+                    "--backbone",
+                    "tiny_vit",
+                    "--dataset",
+                    dataset,
+                    "--no-progress",
+                ],
+                repo,
+                env,
+            )
             assert json.loads(extracted.stdout)["status"] == "reused", extracted.stdout
         assert snapshot(repo) == first
 

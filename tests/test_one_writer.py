@@ -45,8 +45,14 @@ def cli(command: list[str], cwd: Path, *, pause: tuple[str, Path] | None = None)
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     if pause:
         env[PAUSE_ENV] = f"{pause[0]}:{pause[1]}"
-    return subprocess.Popen([sys.executable, "-m", "layerprobe.cli", *command], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "layerprobe.cli", *command],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def run_second_while_first_holds(command: list[str], cwd: Path, point: str) -> list[tuple[dict, str]]:
@@ -275,7 +281,7 @@ def test_a_pretrain_aimed_outside_checkpoints_pretrained_is_refused_and_the_file
 
 
 def test_evaluate_while_its_probe_retrains_waits_and_scores_the_weights_it_then_reads(tmp_path, monkeypatch):
-    from layerprobe.workflow.evaluate import evaluate_fingerprint
+    from layerprobe.steps.evaluate import evaluate_fingerprint
 
     write_params(tmp_path, project_params(num_images=240))
     unit = ["--backbone", "tiny_vit", "--dataset", "count"]
@@ -315,8 +321,9 @@ def test_readers_share_and_a_writer_waits_for_them(tmp_path):
     )
     with unit_lock(paths, "train", "b", "d", "alf"), unit_lock(paths, "train", "b", "d", "linear"):
         pass  # two probes of one cache train at once: both read it
-    said, order = held_while(lambda: unit_lock(paths, "train", "b", "d", "alf"),
-                             lambda log: unit_lock(paths, "extract", "b", "d", log=log))  # fmt: skip
+    said, order = held_while(
+        lambda: unit_lock(paths, "train", "b", "d", "alf"), lambda log: unit_lock(paths, "extract", "b", "d", log=log)
+    )
     assert order == ["holder out", "next in"]  # the cache's writer waited for its reader
     assert said[0].startswith(f"extract b/d: waiting for pid {os.getpid()} on ")
 
@@ -345,8 +352,9 @@ def held_while(hold, take) -> tuple[list[str], list[str]]:
 
 def test_a_held_unit_lock_makes_the_next_writer_wait_and_say_on_whom(tmp_path):
     paths = PathsConfig(features=str(tmp_path / "features"), data=str(tmp_path / "data"))
-    said, order = held_while(lambda: unit_lock(paths, "extract", "b", "d"),
-                             lambda log: unit_lock(paths, "extract", "b", "d", log=log))  # fmt: skip
+    said, order = held_while(
+        lambda: unit_lock(paths, "extract", "b", "d"), lambda log: unit_lock(paths, "extract", "b", "d", log=log)
+    )
     assert order == ["holder out", "next in"]
     assert said and said[0].startswith(f"extract b/d: waiting for pid {os.getpid()} on ")
 

@@ -119,8 +119,14 @@ def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(d
     old_code = json.loads(other_marker.read_text())["fingerprint"]["code"]
     old_probe = probe.read_bytes()
     flag = repo.parent / "alf-trained.flag"
-    killed = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env={**env, PAUSE_ENV: f"train-swap-alf:{flag}"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    killed = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=repo,
+        env={**env, PAUSE_ENV: f"train-swap-alf:{flag}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (flag.is_file() and json.loads(other_marker.read_text())["fingerprint"]["code"] != old_code):
         assert killed.poll() is None and time.monotonic() < deadline, "the linear probe was never retrained"
@@ -134,8 +140,22 @@ def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(d
     assert stages_run(run(["dvc", "repro", "train"], repo, env)) == ["train"]
     assert other_probe.stat().st_mtime_ns == kept  # finished work was not redone
     assert probe.read_bytes() != before
-    cli = run([sys.executable, "-m", "layerprobe.cli", "train", "--backbone", "tiny_vit", "--dataset", "shapes",
-               "--probe", "alf"], repo, env)  # fmt: skip
+    cli = run(
+        [
+            sys.executable,
+            "-m",
+            "layerprobe.cli",
+            "train",
+            "--backbone",
+            "tiny_vit",
+            "--dataset",
+            "shapes",
+            "--probe",
+            "alf",
+        ],
+        repo,
+        env,
+    )
     assert json.loads(cli.stdout)["status"] == "reused"  # the command line makes the same decision
 
     # A change in extraction code: the features are extracted again.
@@ -171,9 +191,11 @@ def test_reruns_that_change_no_evaluation_add_no_probe_runs_and_no_registered_ve
     def recorded() -> dict:
         runs = client.search_runs([experiment_id])
         models = [m.name for m in client.search_registered_models()]
-        return {"probe runs": sum(r.data.tags.get("layerprobe.kind") == "probe" for r in runs),
-                "parent runs": sum(r.data.tags.get("layerprobe.kind") == "evaluation" for r in runs),
-                **{m: len(client.search_model_versions(f"name = '{m}'")) for m in models}}  # fmt: skip
+        return {
+            "probe runs": sum(r.data.tags.get("layerprobe.kind") == "probe" for r in runs),
+            "parent runs": sum(r.data.tags.get("layerprobe.kind") == "evaluation" for r in runs),
+            **{m: len(client.search_model_versions(f"name = '{m}'")) for m in models},
+        }
 
     first = recorded()
     assert first == {"probe runs": 2, "parent runs": 1, "layerprobe-count-tiny-vit": 2}

@@ -21,7 +21,7 @@ from layerprobe.extract import LayerTokenExtractor
 from layerprobe.files import sha256_file
 from layerprobe.predict import iter_predictions, predict_images
 from layerprobe.probes import build_probe, extract_member, get_probe_spec, select_token_positions
-from layerprobe.workflow.extract import weights_identity
+from layerprobe.steps.extract import weights_identity
 
 MODEL = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -41,11 +41,18 @@ def _probe(tmp_path: Path, **provenance_overrides) -> tuple[Path, Path]:
     backbone = BackboneConfig(model=MODEL, checkpoint=str(checkpoint), model_kwargs=TINY)
     extractor = LayerTokenExtractor(create_backbone(MODEL, checkpoint=checkpoint, model_kwargs=TINY))
     spec = get_probe_spec("linear_last_cls")
-    positions = select_token_positions(extractor.layer_names, extractor.token_names, layers=spec.layers,
-                                       tokens=spec.tokens)  # fmt: skip
+    positions = select_token_positions(
+        extractor.layer_names, extractor.token_names, layers=spec.layers, tokens=spec.tokens
+    )
     head = build_probe(spec, num_tokens=len(positions), dim=extractor.dim, num_classes=3)
-    provenance = {"model": MODEL, "checkpoint": str(checkpoint), "weights": weights_identity(backbone),
-                  "model_kwargs": TINY, "tap": "norm2", "layer_names": extractor.layer_names}  # fmt: skip
+    provenance = {
+        "model": MODEL,
+        "checkpoint": str(checkpoint),
+        "weights": weights_identity(backbone),
+        "model_kwargs": TINY,
+        "tap": "norm2",
+        "layer_names": extractor.layer_names,
+    }
     provenance.update(provenance_overrides)
     config = {"class_names": ["a", "b", "c"], "positions": [list(p) for p in positions], "provenance": provenance}
     return save_probe(tmp_path / "probe", extract_member(head, 0), config), checkpoint

@@ -110,8 +110,9 @@ def test_linear_last_ap_reads_the_final_layers_average_pooled_token():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_reassociated_alf_matches_the_straightforward_form(training):
-    head = build_probe(get_probe_spec("alf"), num_tokens=8, dim=24, num_classes=5, grid_size=3,
-                       attn_dropouts=[0.0, 0.1, 0.3], seed=1)  # fmt: skip
+    head = build_probe(
+        get_probe_spec("alf"), num_tokens=8, dim=24, num_classes=5, grid_size=3, attn_dropouts=[0.0, 0.1, 0.3], seed=1
+    )
     randomise_(head)
     head.train(training)
     x = normalize_tokens(torch.randn(32, 8, 24))

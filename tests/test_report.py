@@ -31,8 +31,13 @@ PROBES = ["linear_last_cls", "alf"]
 
 
 def probe_metrics(value: float, low: float, high: float, std: float = 0.0, seeds: int = 1) -> dict:
-    return {"test_balanced_accuracy": value, "test_balanced_accuracy_ci_low": low,
-            "test_balanced_accuracy_ci_high": high, "test_balanced_accuracy_std": std, "num_seeds": seeds}  # fmt: skip
+    return {
+        "test_balanced_accuracy": value,
+        "test_balanced_accuracy_ci_low": low,
+        "test_balanced_accuracy_ci_high": high,
+        "test_balanced_accuracy_std": std,
+        "num_seeds": seeds,
+    }
 
 
 SUMMARY = {
@@ -80,17 +85,29 @@ def test_markdown_and_csv_render_every_probe_the_mean_and_the_intervals():
     assert header == csv_columns(PROBES)
     assert header[:7] == ["backbone", "dataset", "group", "linear_last_cls", "alf", "gain", "baseline"]  # the table's
     assert header[7:] == [
-        "linear_last_cls_ci_low", "linear_last_cls_ci_high", "alf_ci_low", "alf_ci_high", "gain_ci_low",
-        "gain_ci_high", "linear_last_cls_std", "alf_std",
-    ]  # fmt: skip
+        "linear_last_cls_ci_low",
+        "linear_last_cls_ci_high",
+        "alf_ci_low",
+        "alf_ci_high",
+        "gain_ci_low",
+        "gain_ci_high",
+        "linear_last_cls_std",
+        "alf_std",
+    ]
     assert csv_text.splitlines()[1] == (
         "vit,digits,,50.0000,75.0000,25.0000,linear_last_cls,46.0000,54.0000,71.0000,79.0000,18.1000,32.0000,,"
     )
 
 
 def test_several_seeds_show_their_std():
-    summary = {"vit": {"d": {"linear_last_cls": probe_metrics(0.5, 0.45, 0.55, std=0.012, seeds=3),
-                             "alf": probe_metrics(0.6, 0.55, 0.65, std=0.034, seeds=3)}}}  # fmt: skip
+    summary = {
+        "vit": {
+            "d": {
+                "linear_last_cls": probe_metrics(0.5, 0.45, 0.55, std=0.012, seeds=3),
+                "alf": probe_metrics(0.6, 0.55, 0.65, std=0.034, seeds=3),
+            }
+        }
+    }
     rows = results_rows(summary, probes=PROBES)
     assert rows[0]["alf_std"] == pytest.approx(3.4)
     markdown = format_markdown(rows, PROBES)
@@ -107,9 +124,13 @@ def test_missing_probe_leaves_no_gain():
 
 def predictions_file(tmp_path, name: str, labels: np.ndarray, predictions: np.ndarray) -> dict:
     """Round trip through the evaluate step's file format."""
-    path = write_arrays(tmp_path / f"{name}.npz", labels=labels.astype(np.uint8),
-                        predictions=np.atleast_2d(predictions).astype(np.uint8), seeds=np.arange(1),
-                        num_classes=np.int64(3))  # fmt: skip
+    path = write_arrays(
+        tmp_path / f"{name}.npz",
+        labels=labels.astype(np.uint8),
+        predictions=np.atleast_2d(predictions).astype(np.uint8),
+        seeds=np.arange(1),
+        num_classes=np.int64(3),
+    )
     return read_arrays(path)
 
 
@@ -120,14 +141,17 @@ def test_gain_intervals_pair_the_two_probes_on_each_task_and_average_tasks_for_t
         labels = rng.integers(0, 3, n)
         alf = np.where(rng.random(n) < 0.8, labels, (labels + 1) % 3)
         linear = np.where(rng.random(n) < 0.6, labels, (labels + 2) % 3)
-        tasks[dataset] = {"alf": predictions_file(tmp_path, f"{dataset}-alf", labels, alf),
-                          "linear_last_cls": predictions_file(tmp_path, f"{dataset}-lin", labels, linear)}  # fmt: skip
+        tasks[dataset] = {
+            "alf": predictions_file(tmp_path, f"{dataset}-alf", labels, alf),
+            "linear_last_cls": predictions_file(tmp_path, f"{dataset}-lin", labels, linear),
+        }
     same = {"alf": tasks["digits"]["alf"], "linear_last_cls": tasks["digits"]["alf"]}
     intervals = gain_intervals({"vit": tasks, "dino": {"same": same, "alone": {"alf": same["alf"]}}})
 
     digits = tasks["digits"]
-    gain, low, high = paired_bootstrap_gain(digits["alf"]["labels"], digits["alf"]["predictions"],
-                                            digits["linear_last_cls"]["predictions"], 3)  # fmt: skip
+    gain, low, high = paired_bootstrap_gain(
+        digits["alf"]["labels"], digits["alf"]["predictions"], digits["linear_last_cls"]["predictions"], 3
+    )
     assert intervals["vit"]["digits"]["gain"] == pytest.approx(gain)
     assert 0 < intervals["vit"]["digits"]["low"] < gain < intervals["vit"]["digits"]["high"]
     assert intervals["vit"]["digits"]["high"] - intervals["vit"]["digits"]["low"] == pytest.approx(high - low, rel=0.15)
@@ -136,8 +160,10 @@ def test_gain_intervals_pair_the_two_probes_on_each_task_and_average_tasks_for_t
     widths = [intervals["vit"][d]["high"] - intervals["vit"][d]["low"] for d in ("digits", "texture")]
     # independent tasks: the mean's width is sqrt(w1^2 + w2^2) / 2, narrower than either task's
     assert mean["high"] - mean["low"] == pytest.approx(np.hypot(*widths) / 2, rel=0.15)
-    assert intervals["dino"] == {"same": {"gain": 0.0, "low": 0.0, "high": 0.0}, MEAN: {"gain": 0.0, "low": 0.0,
-                                                                                       "high": 0.0}}  # fmt: skip
+    assert intervals["dino"] == {
+        "same": {"gain": 0.0, "low": 0.0, "high": 0.0},
+        MEAN: {"gain": 0.0, "low": 0.0, "high": 0.0},
+    }
     assert gain_intervals({"vit": tasks}) == {"vit": intervals["vit"]}  # seeded by task: reruns agree
     metrics = gain_metrics(intervals)
     assert metrics["test/balanced_accuracy_gain/vit/digits"] == pytest.approx(gain)
@@ -157,15 +183,24 @@ def test_write_report_writes_tables_gains_with_intervals_and_one_attention_matri
         "layer_means": [0.15, 0.35],
     }
     heatmaps = {"vit": {"digits": heatmap, "texture": heatmap}, "dino": {"digits": heatmap}}
-    files = write_report(SUMMARY, tmp_path / "report", probes=PROBES, groups={"digits": "natural"}, heatmaps=heatmaps,
-                         intervals=INTERVALS)  # fmt: skip
+    files = write_report(
+        SUMMARY,
+        tmp_path / "report",
+        probes=PROBES,
+        groups={"digits": "natural"},
+        heatmaps=heatmaps,
+        intervals=INTERVALS,
+    )
     for path in files.values():
         assert path.is_file() and path.stat().st_size > 0
     assert {"attention/vit", "attention/dino"} <= set(files)
     assert json.loads(files["gains"].read_text())[0] == {
-        "task": "vit/digits", "gain": pytest.approx(25.0), "baseline": "linear_last_cls",
-        "gain_ci_low": pytest.approx(18.1), "gain_ci_high": pytest.approx(32.0),
-    }  # fmt: skip
+        "task": "vit/digits",
+        "gain": pytest.approx(25.0),
+        "baseline": "linear_last_cls",
+        "gain_ci_low": pytest.approx(18.1),
+        "gain_ci_high": pytest.approx(32.0),
+    }
     markdown = files["markdown"].read_text()
     assert "| digits | natural | +25.00 [18.1, 32.0] |" in markdown  # the reading table carries the interval too
     assert matplotlib.image.imread(files["gains_png"]).std() > 0.05
@@ -175,21 +210,32 @@ def test_write_report_writes_tables_gains_with_intervals_and_one_attention_matri
 
 
 def test_metrics_summary_carries_interval_std_and_seed_count():
-    evaluation = {"backbone": "vit", "dataset": "d", "probe": "alf", "test": {"balanced_accuracy": 0.7,
-                  "accuracy": 0.72}, "test_std": {"balanced_accuracy": 0.01, "accuracy": 0.02},
-                  "test_ci": {"balanced_accuracy": [0.65, 0.75]}, "val_balanced_accuracy": 0.69,
-                  "num_seeds": 2}  # fmt: skip
+    evaluation = {
+        "backbone": "vit",
+        "dataset": "d",
+        "probe": "alf",
+        "test": {"balanced_accuracy": 0.7, "accuracy": 0.72},
+        "test_std": {"balanced_accuracy": 0.01, "accuracy": 0.02},
+        "test_ci": {"balanced_accuracy": [0.65, 0.75]},
+        "val_balanced_accuracy": 0.69,
+        "num_seeds": 2,
+    }
     assert metrics_summary([evaluation])["vit"]["d"]["alf"] == {
-        **probe_metrics(0.7, 0.65, 0.75, std=0.01, seeds=2), "test_accuracy": 0.72, "val_balanced_accuracy": 0.69,
-    }  # fmt: skip
+        **probe_metrics(0.7, 0.65, 0.75, std=0.01, seeds=2),
+        "test_accuracy": 0.72,
+        "val_balanced_accuracy": 0.69,
+    }
 
 
 def test_mae_gains_are_measured_against_the_final_ap_token_and_the_gain_column_names_it(tmp_path):
     paper = load_params(Path(__file__).resolve().parents[1] / "params.paper.yaml")
     baselines = {name: baseline_probe(paper.backbones[name].family) for name in ("mae_b16", "vit_b16", "clip_b16")}
     assert baselines == {"mae_b16": "linear_last_ap", "vit_b16": "linear_last_cls", "clip_b16": "linear_last_cls"}
-    by_probe = {"linear_last_cls": probe_metrics(0.20, 0.15, 0.25), "linear_last_ap": probe_metrics(0.60, 0.55, 0.65),
-                "alf": probe_metrics(0.70, 0.65, 0.75)}  # fmt: skip
+    by_probe = {
+        "linear_last_cls": probe_metrics(0.20, 0.15, 0.25),
+        "linear_last_ap": probe_metrics(0.60, 0.55, 0.65),
+        "alf": probe_metrics(0.70, 0.65, 0.75),
+    }
     summary = {"mae_b16": {"digits": by_probe}, "vit_b16": {"digits": by_probe}}
     rows = results_rows(summary, probes=PROBES, baselines=baselines)  # linear_last_ap need not be a column
     # The paper's appendix: for MAE, gain = acc(alf) - acc(linear_last_ap); for the others acc(alf) - acc(CLS probe).
@@ -204,8 +250,10 @@ def test_mae_gains_are_measured_against_the_final_ap_token_and_the_gain_column_n
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 600)
-    guesses = {p: np.where(rng.random(600) < share, labels, (labels + 1) % 3)
-               for p, share in (("alf", 0.8), ("linear_last_ap", 0.7), ("linear_last_cls", 0.4))}  # fmt: skip
+    guesses = {
+        p: np.where(rng.random(600) < share, labels, (labels + 1) % 3)
+        for p, share in (("alf", 0.8), ("linear_last_ap", 0.7), ("linear_last_cls", 0.4))
+    }
     task = {p: predictions_file(tmp_path, p, labels, guess) for p, guess in guesses.items()}
     intervals = gain_intervals({"mae_b16": {"digits": task}}, baselines=baselines)
     gain, _, _ = paired_bootstrap_gain(labels, task["alf"]["predictions"], task["linear_last_ap"]["predictions"], 3)

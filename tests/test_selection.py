@@ -22,19 +22,43 @@ from layerprobe.selection import MEMORY_BUDGET_ENV, StreamedSelection, open_sele
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
-FAST = TrainConfig(lrs=[1e-2], weight_decays=[1e-4], attn_dropouts=[0.0, 0.1], epochs=1, min_steps=12, batch_size=32,
-                   device="cpu", precision="float32", jitter_val=True)  # fmt: skip
+FAST = TrainConfig(
+    lrs=[1e-2],
+    weight_decays=[1e-4],
+    attn_dropouts=[0.0, 0.1],
+    epochs=1,
+    min_steps=12,
+    batch_size=32,
+    device="cpu",
+    precision="float32",
+    jitter_val=True,
+)
 
 
-def write_cache(cache_dir: Path, *, num_images: int, patches: int = 16, dim: int = 32, shard_size: int = 50,
-                val_every: int = 5, test_every: int = 7, seed: int = 0) -> Path:  # fmt: skip
+def write_cache(
+    cache_dir: Path,
+    *,
+    num_images: int,
+    patches: int = 16,
+    dim: int = 32,
+    shard_size: int = 50,
+    val_every: int = 5,
+    test_every: int = 7,
+    seed: int = 0,
+) -> Path:
     """A complete cache of random float16 tokens (block0 + final, cls/ap) and final patch tokens; the label is planted
     in patch 3. Row i is val when i % val_every == 1, test when i % test_every == 2, train otherwise."""
     rng = np.random.default_rng(seed)
     directions = rng.standard_normal((len(CLASSES), dim))
     cache_dir.mkdir(parents=True, exist_ok=True)
-    provenance = {"layer_names": ["block0", "final"], "token_names": ["cls", "ap"], "dtype": "float16",
-                  "class_names": CLASSES, "final_patch_tokens": True, "patch_grid": None}  # fmt: skip
+    provenance = {
+        "layer_names": ["block0", "final"],
+        "token_names": ["cls", "ap"],
+        "dtype": "float16",
+        "class_names": CLASSES,
+        "final_patch_tokens": True,
+        "patch_grid": None,
+    }
     shards, patch_shards = [], []
     for number, start in enumerate(range(0, num_images, shard_size)):
         indices = np.arange(start, min(start + shard_size, num_images))
@@ -44,14 +68,22 @@ def write_cache(cache_dir: Path, *, num_images: int, patches: int = 16, dim: int
         grid = rng.standard_normal((len(indices), patches, dim))
         grid[:, 3] += 2 * directions[labels]
         name = shard_name(number)
-        sha = write_token_shard(cache_dir / name, tokens=tokens, labels=labels, indices=indices, splits=splits,
-                                metadata=provenance)  # fmt: skip
-        patch_sha = write_patch_shard(cache_dir / patch_shard_name(name), patches=grid.astype(np.float16),
-                                      indices=indices, metadata=provenance)  # fmt: skip
+        sha = write_token_shard(
+            cache_dir / name, tokens=tokens, labels=labels, indices=indices, splits=splits, metadata=provenance
+        )
+        patch_sha = write_patch_shard(
+            cache_dir / patch_shard_name(name), patches=grid.astype(np.float16), indices=indices, metadata=provenance
+        )
         shards.append((name, len(indices), sha))
         patch_shards.append((patch_shard_name(name), patch_sha))
-    write_manifest(cache_dir, provenance=provenance, shards=shards, splits=["train", "val", "test"],
-                   plan_sha256="test", patch_shards=patch_shards)  # fmt: skip
+    write_manifest(
+        cache_dir,
+        provenance=provenance,
+        shards=shards,
+        splits=["train", "val", "test"],
+        plan_sha256="test",
+        patch_shards=patch_shards,
+    )
     return cache_dir
 
 
@@ -94,19 +126,25 @@ def test_a_streamed_selection_reads_the_rows_the_in_memory_one_holds(tmp_path, m
 
 
 def _train_and_evaluate(tmp_path: Path, name: str) -> tuple[dict, dict, dict]:
-    from layerprobe.workflow.evaluate import evaluate_step
-    from layerprobe.workflow.train import train_step
+    from layerprobe.steps.evaluate import evaluate_step
+    from layerprobe.steps.train import train_step
 
-    paths = PathsConfig(features=str(tmp_path / "features"), probes=str(tmp_path / name / "probes"),
-                        results=str(tmp_path / name / "results"))  # fmt: skip
+    paths = PathsConfig(
+        features=str(tmp_path / "features"),
+        probes=str(tmp_path / name / "probes"),
+        results=str(tmp_path / name / "results"),
+    )
     if not paths.features_dir("tiny", "planted").exists():
         write_cache(paths.features_dir("tiny", "planted"), num_images=300)
     train = dataclasses.replace(FAST, seeds=[0, 1])
     train_step("tiny", "planted", "attentive_last_all_tokens", probe=ProbeConfig(), train=train, paths=paths)
-    result = evaluate_step("tiny", "planted", "attentive_last_all_tokens", evaluate=EvaluateConfig(batch_size=40),
-                           paths=paths)  # fmt: skip
-    weights = {seed: load_file(str(paths.seed_dir("tiny", "planted", "attentive_last_all_tokens", seed) /
-                                   "probe.safetensors")) for seed in (0, 1)}  # fmt: skip
+    result = evaluate_step(
+        "tiny", "planted", "attentive_last_all_tokens", evaluate=EvaluateConfig(batch_size=40), paths=paths
+    )
+    weights = {
+        seed: load_file(str(paths.seed_dir("tiny", "planted", "attentive_last_all_tokens", seed) / "probe.safetensors"))
+        for seed in (0, 1)
+    }
     sweep = json.loads((paths.seed_dir("tiny", "planted", "attentive_last_all_tokens", 0) / "sweep.json").read_text())
     return weights, sweep, result
 
@@ -139,7 +177,7 @@ from layerprobe.config import PathsConfig, ProbeConfig, TrainConfig
 from layerprobe.probes import get_probe_spec
 from layerprobe.selection import StreamedSelection
 from layerprobe.train import make_grid, predict_selected, sweep_selected
-from layerprobe.workflow.train import train_step
+from layerprobe.steps.train import train_step
 
 reads = []
 original = StreamedSelection.read
@@ -174,14 +212,26 @@ print(json.dumps({"before": before, "peak": peak, "reset": reset, "reads": len(r
 @pytest.mark.slow  # a fresh Python importing torch, and ~120 steps on a 140 MB cache: 25-70 s on 2 cores
 def test_training_on_a_cache_larger_than_the_memory_budget_stays_under_it(tmp_path):
     budget = 96 * 2**20
-    cache = write_cache(tmp_path / "features" / "tiny" / "big", num_images=16_000, patches=64, dim=64,
-                        shard_size=2000, val_every=20, test_every=1000)  # fmt: skip
+    cache = write_cache(
+        tmp_path / "features" / "tiny" / "big",
+        num_images=16_000,
+        patches=64,
+        dim=64,
+        shard_size=2000,
+        val_every=20,
+        test_every=1000,
+    )
     cache_bytes = sum(p.stat().st_size for p in cache.glob("*.arrow"))
     assert cache_bytes > 1.35 * budget  # 140 MB of shards against a 101 MB budget; the probe selects 133 MB
-    environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", MEMORY_BUDGET_ENV: str(budget),
-                   "OMP_NUM_THREADS": "2"}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], env=environment, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+        MEMORY_BUDGET_ENV: str(budget),
+        "OMP_NUM_THREADS": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], env=environment, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     if not figures["reset"]:

@@ -19,10 +19,18 @@ def evaluated(probe: str = "alf", *, seeds: int = 1) -> tracking.EvaluatedProbe:
         "fingerprint": {"value": "abc123"},
     }
     return tracking.EvaluatedProbe(
-        backbone="vit_shapes_d6", dataset="digits", probe=probe, evaluation=evaluation,
-        trained={"features_hash": "f" * 64}, probe_config={}, evaluation_dir=Path("e"), seed_dir=Path("s"),
-        features_dir=Path("f"), probe_hash="0123456789abcdef", registered_model="layerprobe-digits-vit-shapes-d6",
-    )  # fmt: skip
+        backbone="vit_shapes_d6",
+        dataset="digits",
+        probe=probe,
+        evaluation=evaluation,
+        trained={"features_hash": "f" * 64},
+        probe_config={},
+        evaluation_dir=Path("e"),
+        seed_dir=Path("s"),
+        features_dir=Path("f"),
+        probe_hash="0123456789abcdef",
+        registered_model="layerprobe-digits-vit-shapes-d6",
+    )
 
 
 def test_a_probe_is_described_in_one_line_with_its_scores_and_interval():
@@ -34,11 +42,16 @@ def test_a_probe_is_described_in_one_line_with_its_scores_and_interval():
 def test_a_registered_version_is_tagged_with_what_it_is():
     tags = model_registry.version_tags(evaluated(seeds=3))
     assert tags == {
-        "probe": "alf", "backbone": "vit_shapes_d6", "dataset": "digits", "seeds": "0,1,2",
-        "val_balanced_accuracy": "0.7100", "test_balanced_accuracy": "0.6770",
-        "test_balanced_accuracy_ci": "[0.6310, 0.7250]", "features.content_hash": "f" * 64,
+        "probe": "alf",
+        "backbone": "vit_shapes_d6",
+        "dataset": "digits",
+        "seeds": "0,1,2",
+        "val_balanced_accuracy": "0.7100",
+        "test_balanced_accuracy": "0.6770",
+        "test_balanced_accuracy_ci": "[0.6310, 0.7250]",
+        "features.content_hash": "f" * 64,
         "probe_hash": "0123456789abcdef",
-    }  # fmt: skip
+    }
 
 
 def test_a_probe_is_keyed_on_its_evaluation_and_its_weights():
@@ -48,19 +61,28 @@ def test_a_probe_is_keyed_on_its_evaluation_and_its_weights():
 
 def test_the_ui_url_opens_the_runs_in_the_training_sidebar_with_the_projects_view():
     url = mlflow_ui.runs_url("http://127.0.0.1:5000/", "7")
-    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=layerprobe"
-                   "&workflowType=machine_learning")  # fmt: skip
+    assert url == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=layerprobe&workflowType=machine_learning"
+    )
     assert mlflow_ui.runs_url("http://h:1", None) == "http://h:1/#/experiments?workflowType=machine_learning"
     assert mlflow_ui.VIEW_TAG == "mlflow.sharedViewState.layerprobe"
     assert "metrics.`test/balanced_accuracy`" in mlflow_ui.RUNS_VIEW["selectedColumns"]
 
 
 def test_the_headline_is_the_mean_gain_per_backbone_with_its_interval():
-    summary = {"vit": {d: {"linear_last_cls": {"test_balanced_accuracy": base},
-                           "alf": {"test_balanced_accuracy": base + gain}}
-                       for d, base, gain in (("a", 0.5, 0.1), ("b", 0.6, 0.3))}}  # fmt: skip
+    summary = {
+        "vit": {
+            d: {"linear_last_cls": {"test_balanced_accuracy": base}, "alf": {"test_balanced_accuracy": base + gain}}
+            for d, base, gain in (("a", 0.5, 0.1), ("b", 0.6, 0.3))
+        }
+    }
     rows = results_rows(summary, probes=["linear_last_cls", "alf"])
-    intervals = {"vit": {"a": {"gain": 0.1, "low": 0.05, "high": 0.15}, "b": {"gain": 0.3, "low": 0.2, "high": 0.4},
-                         "mean": {"gain": 0.2, "low": 0.15, "high": 0.25}}}  # fmt: skip
+    intervals = {
+        "vit": {
+            "a": {"gain": 0.1, "low": 0.05, "high": 0.15},
+            "b": {"gain": 0.3, "low": 0.2, "high": 0.4},
+            "mean": {"gain": 0.2, "low": 0.15, "high": 0.25},
+        }
+    }
     text = headline(rows, ["linear_last_cls", "alf"], intervals=intervals)
     assert text.splitlines()[1] == "- vit: +20.00 [15.0, 25.0] over 2 datasets (vs linear_last_cls)"

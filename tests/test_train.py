@@ -47,12 +47,20 @@ def planted(num_images: int, *, signal: dict[int, int], num_classes: int, dim: i
     return tokens.half(), labels
 
 
-def fit_and_score(name: str, tokens, labels, test_tokens, test_labels, num_classes: int, lr: float = 1e-2,
-                  precision: str = "float32"):  # fmt: skip
+def fit_and_score(
+    name: str, tokens, labels, test_tokens, test_labels, num_classes: int, lr: float = 1e-2, precision: str = "float32"
+):
     spec = get_probe_spec(name)
     positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
-    trained = train_grid(spec, tokens, labels, positions=positions, num_classes=num_classes,
-                         grid=[HParams(lr, 1e-4)], config=replace(FAST, precision=precision))  # fmt: skip
+    trained = train_grid(
+        spec,
+        tokens,
+        labels,
+        positions=positions,
+        num_classes=num_classes,
+        grid=[HParams(lr, 1e-4)],
+        config=replace(FAST, precision=precision),
+    )
     assert trained.probe.matmul_dtype == torch.float32  # evaluation always computes in full precision
     guess, _, attention = predict(trained.probe, test_tokens, positions=positions, batch_size=256)
     accuracy = classification_metrics(test_labels, guess, num_classes)["accuracy"]
@@ -63,8 +71,9 @@ def fit_and_score(name: str, tokens, labels, test_tokens, test_labels, num_class
 def test_alf_finds_the_one_layer_that_holds_the_label(precision):
     tokens, labels = planted(900, signal={3: 0}, num_classes=4)
     train, test = slice(0, 600), slice(600, 900)
-    accuracy, attention, names = fit_and_score("alf", tokens[train], labels[train], tokens[test], labels[test], 4,
-                                               precision=precision)  # fmt: skip
+    accuracy, attention, names = fit_and_score(
+        "alf", tokens[train], labels[train], tokens[test], labels[test], 4, precision=precision
+    )
     assert accuracy > 0.9
     heatmap = layer_attention_heatmap(attention, names)
     top = max(heatmap["token_weights"], key=heatmap["token_weights"].get)
@@ -93,8 +102,9 @@ def test_a_grid_trained_at_once_equals_each_config_trained_alone(precision):
     together = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=grid, config=config, seed=5)
     assert together.steps == 25 and together.history[-1]["step"] == 25
     for m, hparams in enumerate(grid):
-        alone = train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=[hparams],
-                           config=config, seed=5).probe.state_dict()  # fmt: skip
+        alone = train_grid(
+            spec, tokens, labels, positions=positions, num_classes=3, grid=[hparams], config=config, seed=5
+        ).probe.state_dict()
         member = extract_member(together.probe, m).state_dict()
         for key, value in alone.items():
             if precision == "float32":
@@ -177,8 +187,9 @@ def test_bfloat16_training_is_deterministic_and_differs_from_float32():
 
     def weights(precision: str) -> torch.Tensor:
         config = TrainConfig(epochs=1, min_steps=10, batch_size=64, device="cpu", precision=precision)
-        return train_grid(spec, tokens, labels, positions=positions, num_classes=3, grid=make_grid([1e-2], [1e-4]),
-                          config=config).probe.k_weight  # fmt: skip
+        return train_grid(
+            spec, tokens, labels, positions=positions, num_classes=3, grid=make_grid([1e-2], [1e-4]), config=config
+        ).probe.k_weight
 
     assert torch.equal(weights("bfloat16"), weights("bfloat16"))
     assert not torch.equal(weights("bfloat16"), weights("float32"))
@@ -243,11 +254,17 @@ def test_the_sweep_plans_its_tuning_batches_for_the_full_set_and_training_follow
     config = TrainConfig(epochs=1, min_steps=10, device="cpu", batch_plan="reference")
     grid = make_grid([1e-2], [1e-4])
     # 400 of 500 images: the reference's batch of 100 (4 per epoch, 3 epochs to reach 10 steps); ours re-plans 400
-    trained = train_selected(spec, features[:400], labels[:400], num_classes=3, grid=grid, config=config,
-                             plan_size=500)  # fmt: skip
+    trained = train_selected(spec, features[:400], labels[:400], num_classes=3, grid=grid, config=config, plan_size=500)
     assert (trained.steps, trained.epochs) == (4 * 3, 3)
-    even = train_selected(spec, features[:400], labels[:400], num_classes=3, grid=grid,
-                          config=replace(config, batch_plan="even"), plan_size=500)  # fmt: skip
+    even = train_selected(
+        spec,
+        features[:400],
+        labels[:400],
+        num_classes=3,
+        grid=grid,
+        config=replace(config, batch_plan="even"),
+        plan_size=500,
+    )
     assert (even.steps, even.epochs) == (5 * 2, 2)  # 5 batches of 80
 
     calls = []
@@ -261,9 +278,17 @@ def test_sweep_picks_by_validation_balanced_accuracy_and_refits_one_probe():
     spec = get_probe_spec("linear_last_cls_ap")
     positions = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
     grid = make_grid([1e-2, 1e-7], [1e-4])  # lr 1e-7 barely moves: it must lose
-    result = sweep_probe(spec, tokens[:300], labels[:300], val_tokens=tokens[300:400], val_labels=labels[300:400],
-                         positions=positions, num_classes=3, grid=grid,
-                         config=TrainConfig(epochs=1, min_steps=60, batch_size=64, device="cpu"))  # fmt: skip
+    result = sweep_probe(
+        spec,
+        tokens[:300],
+        labels[:300],
+        val_tokens=tokens[300:400],
+        val_labels=labels[300:400],
+        positions=positions,
+        num_classes=3,
+        grid=grid,
+        config=TrainConfig(epochs=1, min_steps=60, batch_size=64, device="cpu"),
+    )
     assert result.best == grid[0] and result.best_index == 0
     assert len(result.val_scores) == 2
     assert result.val_scores[0]["balanced_accuracy"] > result.val_scores[1]["balanced_accuracy"]
@@ -306,8 +331,9 @@ def test_jitter_touches_only_training_batches_and_only_the_chosen_images():
     def weights(**jitter) -> torch.Tensor:
         config = TrainConfig(epochs=1, min_steps=5, batch_size=64, device="cpu", **jitter)
         grid = make_grid([1e-2], [0.0])
-        return train_grid(spec, tokens, labels, positions=positions, num_classes=2, grid=grid,
-                          config=config).probe.weight  # fmt: skip
+        return train_grid(
+            spec, tokens, labels, positions=positions, num_classes=2, grid=grid, config=config
+        ).probe.weight
 
     assert torch.equal(weights(jitter_prob=0.0), weights(jitter_std=0.0))  # no image chosen == zero noise
     assert not torch.equal(weights(jitter_prob=0.5), weights(jitter_prob=0.0))
@@ -322,16 +348,24 @@ def test_jitter_val_changes_only_the_validation_scores_and_reproducibly():
     config = TrainConfig(epochs=1, min_steps=30, batch_size=64, device="cpu", jitter_std=0.5)
 
     def sweep(train_config: TrainConfig):
-        return sweep_probe(spec, tokens[:250], labels[:250], val_tokens=tokens[250:], val_labels=labels[250:],
-                           positions=positions, num_classes=3, grid=grid, config=train_config)  # fmt: skip
+        return sweep_probe(
+            spec,
+            tokens[:250],
+            labels[:250],
+            val_tokens=tokens[250:],
+            val_labels=labels[250:],
+            positions=positions,
+            num_classes=3,
+            grid=grid,
+            config=train_config,
+        )
 
     off, on, again = sweep(config), sweep(replace(config, jitter_val=True)), sweep(replace(config, jitter_val=True))
     scores = [[s["accuracy"] for s in result.val_scores] for result in (off, on, again)]
     assert scores[1] != scores[0]  # selection sees the noisy tokens
     assert scores[1] == scores[2]  # seeded: the same noise every run
     # Off is today's sweep: the scores of the grid trained alone, predicted on the clean tokens.
-    trained = train_grid(spec, tokens[:250], labels[:250], positions=positions, num_classes=3, grid=grid,
-                         config=config)  # fmt: skip
+    trained = train_grid(spec, tokens[:250], labels[:250], positions=positions, num_classes=3, grid=grid, config=config)
     clean, _, _ = predict(trained.probe, tokens[250:], positions=positions)
     assert scores[0] == [float((member.numpy() == labels[250:].numpy()).mean()) for member in clean]
     # Only the scores change: the same member wins here, and its refit is the one without jitter_val.

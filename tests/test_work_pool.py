@@ -39,18 +39,24 @@ def suite_params(*, broken: bool) -> dict:
     tiny = params["backbones"]["tiny_vit"]
     params["backbones"]["tiny_vit_b"] = {**tiny, "model_kwargs": {**tiny["model_kwargs"], "depth": 2}}
     params["datasets"]["broken"] = {"source": "imagefolder", "options": {"root": "datasets/missing"}}
-    params["suite"].update(backbones=BACKBONES, datasets=DATASETS + (["broken"] if broken else []),
-                           probes=["linear_last_cls"])  # fmt: skip
+    params["suite"].update(
+        backbones=BACKBONES, datasets=DATASETS + (["broken"] if broken else []), probes=["linear_last_cls"]
+    )
     return params
 
 
 def start_worker(name: str, env: dict) -> subprocess.Popen:
     """`prefect worker start` as a GPU node would run it: one unit at a time, its device pinned (here: none)."""
-    worker_env = {**env, "CUDA_VISIBLE_DEVICES": "", "PREFECT_WORKER_QUERY_SECONDS": "1",
-                  "PREFECT_WORKER_HEARTBEAT_SECONDS": "2"}  # fmt: skip
+    worker_env = {
+        **env,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "2",
+    }
     command = ["prefect", "worker", "start", "--pool", POOL, "--type", "process", "--name", name, "--limit", "1"]
-    return subprocess.Popen(command, env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command, env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -94,8 +100,9 @@ def unfinished_units() -> list[str]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(limit=200, sort=NEWEST)
-    return [f"{r.name}: {r.state.name}" for r in runs if r.name.startswith("unit-") and r.state and
-            not r.state.is_final()]  # fmt: skip
+    return [
+        f"{r.name}: {r.state.name}" for r in runs if r.name.startswith("unit-") and r.state and not r.state.is_final()
+    ]
 
 
 def assert_each_slot_held_one_unit_at_a_time(outcomes: list[dict]) -> None:
@@ -156,8 +163,9 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         # none is left queued or running for a worker to pick up after it has gone.
         write_params(repo, suite_params(broken=False))
         workers["gpu2"] = start_worker("gpu2", env)
-        interrupted = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)  # fmt: skip
+        interrupted = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 300
         while not (running_units("gpu0") or running_units("gpu2")):
             assert interrupted.poll() is None and time.monotonic() < deadline, "no unit ever ran"
@@ -179,8 +187,12 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         for outcome in outcomes:  # the units finished in the first run are reused whole
             unit, status = f"{outcome['backbone']}/{outcome['dataset']}", outcome["summary"]["status"]
             if unit != lost:
-                assert {status["prepare"], status["extract"], *status["train"].values(),
-                        *status["evaluate"].values()} == {"reused"}, unit  # fmt: skip
+                assert {
+                    status["prepare"],
+                    status["extract"],
+                    *status["train"].values(),
+                    *status["evaluate"].values(),
+                } == {"reused"}, unit
         assert_each_slot_held_one_unit_at_a_time(outcomes)
         for backbone in BACKBONES:
             for dataset in DATASETS:
