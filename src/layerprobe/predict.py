@@ -17,8 +17,8 @@ from PIL import Image
 from layerprobe.checkpoint import load_probe, reading_arguments
 from layerprobe.config import PROBE_CONFIG, BackboneConfig
 from layerprobe.data.catalogue import ImageFileError, decode_image, open_image
-from layerprobe.train import predict
 from layerprobe.steps.extract import weights_identity
+from layerprobe.train import predict
 
 
 def load_image_file(path: Path, *, max_pixels: int | None = None) -> Image.Image:
