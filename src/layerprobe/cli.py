@@ -515,16 +515,15 @@ def run_evaluate(args) -> int:
 
 
 def run_pipeline(args) -> int:
-    """`python -m flows.pipeline` in the project folder: the pipeline is the project's (flows/ beside dvc.yaml), so
-    the installed library starts it rather than importing it."""
-    import subprocess
-
+    """Becomes `python -m flows.pipeline` in the project folder: the pipeline is the project's (flows/ beside
+    dvc.yaml), so the installed library hands over to it rather than importing it; the same process, so a Ctrl-C
+    reaches the pipeline, which cancels what it submitted."""
     if not Path("flows/pipeline.py").is_file():
         where = Path.cwd()
         raise FileNotFoundError(f"`layerprobe run` runs in the project folder (with flows/pipeline.py), not in {where}")
     forwarded = ["--params", str(args.params), *(["--pool", args.pool] if args.pool else [])]
     forwarded += [flag for flag, wanted in (("--no-commit", args.no_commit), ("--traceback", args.traceback)) if wanted]
-    return subprocess.run([sys.executable, "-m", "flows.pipeline", *forwarded]).returncode
+    os.execv(sys.executable, [sys.executable, "-m", "flows.pipeline", *forwarded])
 
 
 def run_predict(args) -> int:
