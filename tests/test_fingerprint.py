@@ -313,14 +313,14 @@ def test_orchestration_edits_keep_every_steps_code_key_and_results_edits_change_
 def test_a_key_holds_what_the_step_can_reach_and_nothing_else(tmp_path, monkeypatch):
     """Unreached definitions are out of the key; reached ones, decorated ones and import-time statements are in."""
     package = tmp_path / "src" / "layerprobe"
-    (package / "workflow").mkdir(parents=True)
+    (package / "steps").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "workflow" / "__init__.py").write_text("")
+    (package / "steps" / "__init__.py").write_text("")
     (package / "helpers.py").write_text(
         "SCALE = 2\n\n\ndef used(x):\n    return inner(x) * SCALE\n\n\ndef inner(x):\n    return x + 1\n\n\n"
         "def unused(x):\n    return used(x)\n\n\n@register\ndef registered():\n    return 3\n"
     )
-    (package / "workflow" / "step.py").write_text(
+    (package / "steps" / "step.py").write_text(
         "from layerprobe.helpers import used\n\n\ndef step(x):\n    return used(x)\n"
     )
     helpers = package / "helpers.py"
