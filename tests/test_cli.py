@@ -182,28 +182,20 @@ def _image_folder(root: Path, classes: list[str], *, seed: int, per_class: int =
     return root
 
 
+def _extract_image_folder(root: Path, capsys) -> dict:
+    """`layerprobe extract` of the image folder `root` with the tiny ViT; its printed summary."""
+    argv = ["extract", "--backbone", "vit_tiny_patch16_224", "--dataset", "imagefolder", "--option", f"root={root}"]
+    assert main([*argv, "--model-kwargs", TINY, "--no-progress", "--device", "cpu"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_another_image_folder_or_a_new_file_re_prepares_and_re_extracts(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     first = _image_folder(tmp_path / "A", ["cat", "dog"], seed=0)
     second = _image_folder(tmp_path / "B", ["bird", "fish", "frog"], seed=1)
 
     def extract(root: Path) -> dict:
-        argv = [
-            "extract",
-            "--backbone",
-            "vit_tiny_patch16_224",
-            "--dataset",
-            "imagefolder",
-            "--option",
-            f"root={root}",
-            "--model-kwargs",
-            TINY,
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-        assert main(argv) == 0
-        return json.loads(capsys.readouterr().out)
+        return _extract_image_folder(root, capsys)
 
     cache = tmp_path / "features/vit_tiny_patch16_224/imagefolder"
     from_first = extract(first)
@@ -229,22 +221,7 @@ def test_a_replaced_image_behind_a_symlinked_class_folder_re_extracts(tmp_path, 
     (root / "dog").symlink_to(shared / "dog", target_is_directory=True)  # a class folder that is a link
 
     def extract() -> dict:
-        argv = [
-            "extract",
-            "--backbone",
-            "vit_tiny_patch16_224",
-            "--dataset",
-            "imagefolder",
-            "--option",
-            f"root={root}",
-            "--model-kwargs",
-            TINY,
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-        assert main(argv) == 0
-        return json.loads(capsys.readouterr().out)
+        return _extract_image_folder(root, capsys)
 
     first = extract()
     manifest = json.loads((tmp_path / "features/vit_tiny_patch16_224/imagefolder/manifest.json").read_text())
