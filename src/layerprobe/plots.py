@@ -58,17 +58,7 @@ def plot_patch_heatmap(heatmap: Mapping, path: str | Path, *, title: str = "", d
     ax.set_xlabel("patch column")
     ax.set_ylabel("patch row")
     if rows * cols <= 64:  # beyond that the numbers are unreadable
-        top = weights.max()
-        for (r, c), value in np.ndenumerate(weights):
-            ax.text(
-                c,
-                r,
-                f"{value:.1f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="black" if value > 0.6 * top else "white",
-            )
+        _label_cells(ax, weights, "{:.1f}", top=weights.max())
     fig.colorbar(image, ax=ax, label="attention (%)", fraction=0.05, pad=0.02)
     return _save(fig, path, dpi)
 
@@ -106,20 +96,18 @@ def plot_attention_matrix(heatmaps: Mapping[str, Mapping], path: str | Path, *, 
         ax.set_yticks(range(len(rows)), rows if index == 0 else [])
         ax.set_xlabel("layer")
         ax.set_title(label, fontsize=9)
-        for (r, c), value in np.ndenumerate(values):
-            if np.isfinite(value):
-                ax.text(
-                    c,
-                    r,
-                    f"{value:.0f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="black" if value > 0.6 * top else "white",
-                )
+        _label_cells(ax, values, "{:.0f}", top=top)
     fig.colorbar(image, ax=axes, label="%", fraction=0.03, pad=0.01)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path, dpi)
+
+
+def _label_cells(ax: plt.Axes, values: np.ndarray, form: str, *, top: float) -> None:
+    """Each finite cell's value written on it, dark on bright cells: readable on both ends of viridis."""
+    for (row, col), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            colour = "black" if value > 0.6 * top else "white"
+            ax.text(col, row, form.format(value), ha="center", va="center", fontsize=7, color=colour)
 
 
 def _token_share(heatmap: Mapping, layer: str, token: str) -> float:
@@ -140,11 +128,7 @@ def _draw_heatmap(ax: plt.Axes, heatmap: Mapping, *, title: str = ""):
     ax.set_ylabel("token")
     if title:
         ax.set_title(title)
-    top = np.nanmax(grid) if np.isfinite(grid).any() else 1.0
-    for (t, li), value in np.ndenumerate(grid):
-        if np.isfinite(value):
-            colour = "black" if value > 0.6 * top else "white"  # readable on both ends of viridis
-            ax.text(li, t, f"{value:.1f}", ha="center", va="center", fontsize=7, color=colour)
+    _label_cells(ax, grid, "{:.1f}", top=np.nanmax(grid) if np.isfinite(grid).any() else 1.0)
     return image
 
 
