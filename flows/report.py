@@ -59,10 +59,33 @@ def write_report_task(
 @flow(name="report", **FLOW_OPTIONS)
 def report_flow(params: Params | str = "params.yaml") -> dict:
     params = as_params(params)
-    metrics_file = params.paths.metrics_file
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"no evaluation results at {metrics_file} (run the evaluate stage first)")
-    summary = read_json(metrics_file)
+    results = read_results(params)
+    groups = {name: dataset.group for name, dataset in params.datasets.items()}
+    files = write_report_task(
+        results["summary"],
+        params.paths.report_dir,
+        params.suite.probes,
+        groups,
+        results["heatmaps"],
+        results["intervals"],
+        results["baselines"],
+        results["layers"],
+    )
+    markdown = Path(files["markdown"]).read_text()
+    create_markdown_artifact(key="layerprobe-report", markdown=markdown, description=f"{params.suite.name} results")
+    if params.paths.pipeline_run_file.is_file():
+        record_report(params, results)
+    print(markdown)
+    return files
+
+
+def read_results(params: Params) -> dict:
+    """What the report is made of, for the tasks the evaluate stage's summary (and parent run) holds: `summary`,
+    each backbone's gain `baselines`, HEADLINE's layer `heatmaps`, the gains' paired `intervals` (from both probes'
+    test predictions) and the `layers` findings (from the suite probes' evaluation markers)."""
+    if not params.paths.metrics_file.is_file():
+        raise FileNotFoundError(f"no evaluation results at {params.paths.metrics_file} (run the evaluate stage first)")
+    summary = read_json(params.paths.metrics_file)
     baselines = {b: baseline_probe(params.backbones[b].family) for b in params.suite.backbones}
     heatmaps = {}  # backbone -> dataset -> the headline probe's layer attention
     predictions = {}  # backbone -> dataset -> probe -> test labels and predictions, to pair the two probes
@@ -72,40 +95,32 @@ def report_flow(params: Params | str = "params.yaml") -> dict:
             path = params.paths.evaluation_dir(b, d, HEADLINE) / HEATMAP_JSON
             if path.is_file():
                 heatmaps.setdefault(b, {})[d] = read_json(path)
+            if d not in summary.get(b, {}):
+                continue
             for p in params.suite.probes:
-                path = params.paths.evaluation_marker(b, d, p)
-                if d in summary.get(b, {}) and path.is_file():
+                if (path := params.paths.evaluation_marker(b, d, p)).is_file():
                     markers.setdefault(b, {}).setdefault(d, {})[p] = read_json(path)
             for p in (HEADLINE, baselines[b]):
-                path = params.paths.evaluation_dir(b, d, p) / PREDICTIONS_FILE
-                if d in summary.get(b, {}) and path.is_file():  # only tasks this summary (and parent run) holds
+                if (path := params.paths.evaluation_dir(b, d, p) / PREDICTIONS_FILE).is_file():
                     predictions.setdefault(b, {}).setdefault(d, {})[p] = read_arrays(path)
     intervals = gain_intervals(predictions, baselines=baselines)
     layers = layer_findings(markers, heatmaps)
-    groups = {name: dataset.group for name, dataset in params.datasets.items()}
-    files = write_report_task(
-        summary, params.paths.report_dir, params.suite.probes, groups, heatmaps, intervals, baselines, layers
-    )
-    markdown = Path(files["markdown"]).read_text()
-    create_markdown_artifact(key="layerprobe-report", markdown=markdown, description=f"{params.suite.name} results")
-    if params.paths.pipeline_run_file.is_file():
-        record_report(params, summary, intervals, layers, baselines)
-    print(markdown)
-    return files
+    return {"summary": summary, "baselines": baselines, "heatmaps": heatmaps, "intervals": intervals, "layers": layers}
 
 
-def record_report(params: Params, summary: dict, intervals: dict, layers: dict, baselines: dict) -> None:
-    """Attach the report (tables, gains, attention matrices, layer pictures) to the evaluate stage's parent run,
-    finished by then, with its own scores (`suite_metrics`), each gain with its interval (`gain_metrics`) and the
-    layer curves (`layer_metrics`) as metrics, and the mean gain per backbone as its description."""
+def record_report(params: Params, results: dict) -> None:
+    """Attach the written report (tables, gains, attention matrices, layer pictures) to the evaluate stage's parent
+    run, finished by then, with its own scores (`suite_metrics`), each gain with its interval (`gain_metrics`) and
+    the layer curves (`layer_metrics`) as metrics, and the mean gain per backbone as its description."""
     tracking.setup_experiment(
         params.tracking.experiment, mlruns_dir=params.paths.mlruns, tracking_uri=params.tracking.tracking_uri
     )
     parent_run_id = read_json(params.paths.pipeline_run_file)["parent_run_id"]
-    metrics = suite_metrics(summary, intervals) | gain_metrics(intervals) | layer_metrics(layers)
+    summary, intervals = results["summary"], results["intervals"]
+    metrics = suite_metrics(summary, intervals) | gain_metrics(intervals) | layer_metrics(results["layers"])
     tracking.log_metrics(parent_run_id, metrics)
     tracking.log_artifacts(parent_run_id, {"report": params.paths.report_dir})
-    rows = results_rows(summary, probes=params.suite.probes, intervals=intervals, baselines=baselines)
+    rows = results_rows(summary, probes=params.suite.probes, intervals=intervals, baselines=results["baselines"])
     tracking.describe_run(parent_run_id, headline(rows, params.suite.probes, intervals=intervals))
 
 

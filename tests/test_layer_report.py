@@ -177,29 +177,44 @@ def test_layer_and_suite_metrics_name_the_task_kind_and_layer():
 
 
 @pytest.mark.usefixtures("project")
-def test_the_parent_run_carries_the_suites_scores_and_the_layer_curves_after_a_recorded_report():
+def test_the_parent_run_carries_the_suites_scores_the_layer_curves_and_the_picture_after_a_recorded_report():
     from mlflow.tracking import MlflowClient
 
     from flows.evaluate import write_summaries
-    from flows.report import record_report
+    from flows.report import read_results, record_report
     from layerprobe import tracking
     from layerprobe.params import load_params
 
     params = load_params("params.yaml")
     recorded = tracking.record_evaluations(params, TASKS)
     summary = write_summaries(params, recorded)
-    # alf's marker as the truncation part will write it: its knock-out drops
-    path = params.paths.evaluation_marker("tiny_vit", "count", "alf")
-    path.write_text(json.dumps({**json.loads(path.read_text()), "knockout": KNOCKOUT}))
-    found = layer_findings({"tiny_vit": {"count": {"alf": json.loads(path.read_text())}}}, {})
-    intervals = {"tiny_vit": {MEAN: {"gain": 0.1, "low": 0.05, "high": 0.15}}}
-    record_report(params, summary, intervals, found, {"tiny_vit": "linear_last_cls"})
+    # The layer blocks as the per_layer and alf probes write them into their markers (the block, not the probe's
+    # name, decides what is read: per_layer is not a probe of this suite).
+    for probe, block in (("linear_last_cls", {"per_layer": per_layer_block(2)}), ("alf", {"knockout": KNOCKOUT})):
+        path = params.paths.evaluation_marker("tiny_vit", "count", probe)
+        path.write_text(json.dumps({**json.loads(path.read_text()), **block}))
+    results = read_results(params)
+    groups = {name: dataset.group for name, dataset in params.datasets.items()}
+    keys = ("heatmaps", "intervals", "baselines", "layers")
+    args = {key: results[key] for key in keys}
+    write_report(results["summary"], params.paths.report_dir, probes=params.suite.probes, groups=groups, **args)
+    record_report(params, results)
 
-    metrics = MlflowClient().get_run(recorded["parent_run_id"]).data.metrics
-    alf = [summary["tiny_vit"][d]["alf"]["test_balanced_accuracy"] for d in summary["tiny_vit"]]
-    assert metrics["test/balanced_accuracy"] == pytest.approx(np.mean(alf))  # the runs table's column, filled
-    assert metrics["test/balanced_accuracy/linear_last_cls"] == pytest.approx(
-        np.mean([summary["tiny_vit"][d]["linear_last_cls"]["test_balanced_accuracy"] for d in summary["tiny_vit"]])
-    )
-    assert metrics["test/balanced_accuracy_gain"] == pytest.approx(0.1)
+    client = MlflowClient()
+    parent = recorded["parent_run_id"]
+    metrics = client.get_run(parent).data.metrics
+    by_dataset = summary["tiny_vit"]
+    for probe in ("alf", "linear_last_cls"):
+        mean = np.mean([by_dataset[d][probe]["test_balanced_accuracy"] for d in by_dataset])
+        assert metrics[f"test/balanced_accuracy/{probe}"] == pytest.approx(mean)
+    # the runs table's columns, filled in the parent row: alf's mean over the suite
+    assert metrics["test/balanced_accuracy"] == pytest.approx(metrics["test/balanced_accuracy/alf"])
+    gain = results["intervals"]["tiny_vit"][MEAN]
+    assert metrics["test/balanced_accuracy_gain"] == pytest.approx(gain["gain"])
+    assert metrics["test/balanced_accuracy_gain_ci_low"] == pytest.approx(gain["low"])
+    assert metrics["layer/tiny_vit/count/cls_ap/block2/test/balanced_accuracy"] == pytest.approx(0.58)
     assert metrics["layer/tiny_vit/count/knockout/block2/test/balanced_accuracy_drop"] == pytest.approx(0.08)
+    assert "layer/tiny_vit/count/attention_rank_agreement" in metrics  # alf's own heatmap, read from disk
+    assert not any(key.startswith("layer/tiny_vit/shapes/") for key in metrics)  # no layer blocks there
+    pictures = [a.path for a in client.list_artifacts(parent, "report/layers")]
+    assert "report/layers/tiny_vit-count.png" in pictures and "report/layers/tiny_vit-count.json" in pictures

@@ -264,7 +264,11 @@ def plot_layer_findings(
         raise ValueError("no curves, attention or knock-out drops: nothing to plot")
     x = np.arange(len(layers))
     fig, axes = plt.subplots(
-        len(panels), 1, sharex=True, figsize=(3.0 + 0.5 * len(layers), 0.6 + 2.3 * len(panels)), layout="constrained"
+        len(panels),
+        1,
+        sharex=True,
+        figsize=(max(6.5, 3.0 + 0.5 * len(layers)), 0.6 + 2.3 * len(panels)),
+        layout="constrained",
     )
     axes = np.atleast_1d(axes)
     for ax, panel in zip(axes, panels, strict=True):
