@@ -256,8 +256,8 @@ def plot_layer_findings(
     `curves`: {name: {"test", "low", "high": [L] in %}}, test balanced accuracy by layer with interval bars (and
     `reference` (label, %) as a dotted line, e.g. the probe reading every layer); `attention`: {layer: %},
     `probe`'s attention per layer; `knockout`: {layer: {"drop", "low", "high"} in pp}, `probe`'s test balanced
-    accuracy lost with the layer masked out; `cut`: (position on the axis,
-    label), the truncation point, a dashed line through every panel. Layers a panel lacks are left empty.
+    accuracy lost with the layer masked out; `cut`: (position on the axis, label), the truncation point, a dashed
+    line through every panel. Layers a panel lacks are left empty.
     """
     panels = [name for name, given in (("curves", curves), ("attention", attention), ("knockout", knockout)) if given]
     if not panels:
