@@ -39,7 +39,7 @@ def per_layer_block(peak: int) -> dict:
 
 
 READ = LAYERS[1:]  # the paper preset: blocks 1..B-1 and final
-HEATMAP = {  # alf's attention: most on block2, ranked as the single-layer curve peaking at block2 is not exactly
+HEATMAP = {  # alf's attention: most on block2, then final; its ranking is not the single-layer curves' own
     "layers": READ,
     "tokens": ["cls", "ap"],
     "weights": [[0.05, 0.05], [0.2, 0.2], [0.1, 0.1], [0.15, 0.15]],
@@ -85,7 +85,7 @@ def test_rank_agreement_is_spearmans_rho_with_ties_averaged():
 def test_a_planted_peak_is_the_best_single_layer_and_the_section_says_so(peak):
     found = task_findings(task_markers(peak), HEATMAP)
     assert (found["best"]["layer"], found["best"]["kind"]) == (LAYERS[peak], "cls_ap")
-    assert found["best"]["test"] == pytest.approx(100 * (0.58 - 0.0))  # 0.5 + 0.04 * 2 at the peak
+    assert found["best"]["test"] == pytest.approx(58.0)  # 0.5 + 0.04 * 2 (CLS‖AP) at the peak, in %
     markdown = section_markdown({"vit": {"digits": found}})
     row = next(line for line in markdown.splitlines() if line.startswith("| vit | digits |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -105,7 +105,8 @@ def test_attention_ranked_as_the_curve_agrees_fully():
     found = task_findings(task_markers(2), {**HEATMAP, "layer_means": layer_means})
     assert found["rank_agreement"] == pytest.approx(1.0)
     reversed_means = [-v for v in layer_means]
-    assert task_findings(task_markers(2), {**HEATMAP, "layer_means": reversed_means})["rank_agreement"] == -1.0
+    reversed_found = task_findings(task_markers(2), {**HEATMAP, "layer_means": reversed_means})
+    assert reversed_found["rank_agreement"] == pytest.approx(-1.0)
 
 
 def test_write_report_draws_one_picture_per_task_and_the_curves_for_dvc(tmp_path):
