@@ -177,35 +177,37 @@ def section_markdown(found: dict, *, figures: str = "layers") -> str:
         "|---|---|---|---:|---|---|---|---:|---|---:|",
     ]
     for backbone, by_dataset in found.items():
-        for dataset, f in by_dataset.items():
-            best, cut, attention = f["best"], f["truncation"], f["attention"]
-            cells = [backbone, dataset]
-            cells += ["–", "–"] if best is None else [f"{best['layer']} {KINDS.get(best['kind'], best['kind'])}"]
-            cells += [] if best is None else [f"{best['test']:.2f} [{best['low']:.1f}, {best['high']:.1f}]"]
-            peak = None if not attention else max(attention, key=attention.get)
-            cells.append("–" if peak is None else f"{peak}: {attention[peak]:.1f}")
-            drops = f["knockout"]
-            top = None if not drops else max(drops, key=lambda x: drops[x]["drop"])
-            cells.append(
-                "–"
-                if top is None
-                else f"{top}: {drops[top]['drop']:+.2f} [{drops[top]['low']:.1f}, {drops[top]['high']:.1f}]"
-            )
-            if cut is None:
-                cells += ["–", "–", "–"]
-            else:
-                speed = cut.get("speedup") or {}
-                cells += [
-                    f"{cut['depth']} of {cut['blocks']}",
-                    f"{cut['test']:.2f} [{cut['low']:.1f}, {cut['high']:.1f}]",
-                ]
-                cells.append(
-                    " / ".join("–" if speed.get(k) is None else f"{speed[k]:.2f}x" for k in ("extract", "predict"))
-                )
-            rho = f["rank_agreement"]
-            cells.append("–" if rho is None else f"{rho:+.2f} ({len(f['rank_layers'])} layers)")
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            f"| {backbone} | {dataset} | " + " | ".join(_section_cells(f)) + " |" for dataset, f in by_dataset.items()
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _section_cells(f: dict) -> list[str]:
+    """A task's cells of the section's table, "–" for each part its suite did not measure."""
+    best, attention, drops, cut, rho = (
+        f[key] for key in ("best", "attention", "knockout", "truncation", "rank_agreement")
+    )
+    cells = ["–", "–"] if best is None else [f"{best['layer']} {KINDS.get(best['kind'], best['kind'])}", _scored(best)]
+    peak = max(attention, key=attention.get) if attention else None
+    cells.append("–" if peak is None else f"{peak}: {attention[peak]:.1f}")
+    top = max(drops, key=lambda layer: drops[layer]["drop"]) if drops else None
+    cells.append(
+        "–" if top is None else f"{top}: {drops[top]['drop']:+.2f} [{drops[top]['low']:.1f}, {drops[top]['high']:.1f}]"
+    )
+    if cut is None:
+        cells += ["–", "–", "–"]
+    else:
+        speed = cut.get("speedup") or {}
+        cells += [f"{cut['depth']} of {cut['blocks']}", _scored(cut)]
+        cells.append(" / ".join("–" if speed.get(k) is None else f"{speed[k]:.2f}x" for k in ("extract", "predict")))
+    cells.append("–" if rho is None else f"{rho:+.2f} ({len(f['rank_layers'])} layers)")
+    return cells
+
+
+def _scored(score: dict) -> str:
+    """`58.00 [55.0, 61.0]`: a test score and its interval, in %."""
+    return f"{score['test']:.2f} [{score['low']:.1f}, {score['high']:.1f}]"
 
 
 def layer_metrics(found: dict) -> dict[str, float]:
