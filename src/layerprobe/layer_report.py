@@ -143,7 +143,9 @@ def draw_findings(findings: dict, path: str | Path, *, title: str) -> Path:
     """The task's picture (`plots.plot_layer_findings`): curves, attention, knock-out drops, truncation point."""
     from layerprobe.plots import plot_layer_findings
 
-    cut = findings["truncation"]
+    cut, alf = findings["truncation"], findings["alf_test"]
+    if cut is not None:
+        cut = (truncation_position(findings), f"truncated: depth {cut['depth']} of {cut['blocks']}")
     return plot_layer_findings(
         findings["layers"],
         path,
@@ -151,10 +153,8 @@ def draw_findings(findings: dict, path: str | Path, *, title: str) -> Path:
         curves={KINDS.get(kind, kind): curve for kind, curve in (findings["curves"] or {}).items()},
         attention=findings["attention"],
         knockout=findings["knockout"],
-        reference=None if findings["alf_test"] is None else (f"{HEADLINE} (all layers)", findings["alf_test"]),
-        cut=None
-        if cut is None
-        else (truncation_position(findings), f"truncated: depth {cut['depth']} of {cut['blocks']}"),
+        reference=None if alf is None else (f"{HEADLINE} (all layers)", alf),
+        cut=cut,
         probe=HEADLINE,
         level=LEVEL,
     )
