@@ -76,6 +76,7 @@ RESULTS = {
 }
 ORCHESTRATION = {
     "layerprobe.cli",
+    "layerprobe.layer_report",
     "layerprobe.locks",
     "layerprobe.mlflow_model",
     "layerprobe.mlflow_ui",
