@@ -223,6 +223,13 @@ def copy_project(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture
+def project(built, tmp_path) -> tuple[Path, dict]:
+    """A copy of the module's `built` project (its times kept) and the environment its stages run in."""
+    repo = copy_project(built, tmp_path / "repo")
+    return repo, session_repo_env(repo, tmp_path / "prefect")
+
+
+@pytest.fixture
 def unpickling_timm(monkeypatch):
     """timm as 1.0.9-1.0.25 load a local `.pth`/`.bin`: `torch.load(weights_only=False)`, full pickle, whatever timm
     is installed; so a test shows that layerprobe never hands timm such a file to load."""

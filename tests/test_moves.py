@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import built_once, copy_project, make_dvc_repo, run, session_repo_env, tiny_params, write_params
+from conftest import built_once, make_dvc_repo, run, session_repo_env, tiny_params, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -144,13 +144,6 @@ def built(tmp_path_factory, migrated_mlflow_db, prefect_harness) -> Path:
         run(["dvc", "repro"], repo, env)
 
     return built_once(tmp_path_factory, "moves-built", build)
-
-
-@pytest.fixture
-def project(built, tmp_path) -> tuple[Path, dict]:
-    """A copy of the built study (its times kept) and the environment its stages run in."""
-    repo = copy_project(built, tmp_path / "repo")
-    return repo, session_repo_env(repo, tmp_path / "prefect")
 
 
 def test_a_copied_then_touched_project_reuses_every_prepared_dataset_and_feature_cache(built, project):

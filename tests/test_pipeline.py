@@ -23,7 +23,6 @@ import pytest
 from conftest import (
     TINY_BACKBONE,
     built_once,
-    copy_project,
     make_dvc_repo,
     run,
     session_repo_env,
@@ -97,13 +96,6 @@ def built(tmp_path_factory, migrated_mlflow_db, prefect_harness) -> Path:
 
 def first_repro(built: Path) -> Path:
     return built.with_name(f"{built.name}.first-repro.txt")
-
-
-@pytest.fixture
-def project(built, tmp_path) -> tuple[Path, dict]:
-    """A copy of the built project (its times kept) and the environment its stages run in."""
-    repo = copy_project(built, tmp_path / "repo")
-    return repo, session_repo_env(repo, tmp_path / "prefect")
 
 
 def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(built, project):
