@@ -71,6 +71,8 @@ RESULTS = {
     "layerprobe.registry",
     "layerprobe.selection",
     "layerprobe.train",
+    "layerprobe.truncation",
+    "layerprobe.layer_evaluation",
     "layerprobe.steps",
     *STEPS,
 }

@@ -88,7 +88,8 @@ def iter_predictions(
     """Classify image files with a saved probe, one batch at a time; yields {path, label, class_name, probability}
     in input order. Decoded images live for one batch only, whatever the number of files."""
     from layerprobe.backbone import create_eval_transform
-    from layerprobe.truncation import build_extractor, classify_pixels, num_blocks, probe_depth
+    from layerprobe.layer_evaluation import build_extractor, classify_pixels
+    from layerprobe.truncation import num_blocks, probe_depth
 
     probe_dir, paths = Path(probe_dir), [Path(p) for p in image_paths]
     probe, config = load_probe(probe_dir)

@@ -1,8 +1,4 @@
-"""Which layers an ALF needs: each layer knocked out of a trained ALF, and the truncated backbone.
-
-Knock-out: a trained attentive probe reading several layers is scored on test with one layer's tokens left out of
-its attention (their scores -inf, the softmax renormalised over the rest; no retraining). The drop in balanced
-accuracy, with a paired bootstrap interval over test images, says how much the probe relies on that layer.
+"""How deep a probe reads, and the truncated ALF: the smallest backbone depth within a margin of alf on val.
 
 Truncation (`alf_truncated`): "depth k" runs blocks 0..k-1 of the B blocks; a cached `block<i>` needs depth i+1 and
 `final` (all blocks and the final norm) depth B. For k = 2, 3, ... (the depths of alf's layers; depth 1 reads none
@@ -10,7 +6,7 @@ of them), an ALF on alf's layers of depth <= k is trained with alf's selected hy
 on val; the first k within `probes.alf_truncated.truncation_margin` of alf's val balanced accuracy is chosen and
 refit on train+val. At depth B it reads alf's layers with alf's recipe, so the scan always ends. The saved probe
 is a standard one: evaluate, the registry and `layerprobe predict` read it like any ALF, and predict (like every
-probe's) runs the backbone only as deep as the probe reads (`probe_depth`).
+probe's) runs the backbone only as deep as the probe reads (`probe_depth`, `layer_evaluation.build_extractor`).
 """
 
 from __future__ import annotations
@@ -18,18 +14,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
-FULL_PROBE = "alf"
+from layerprobe.probes import TRAINED_FROM
+
 TRUNCATED_PROBE = "alf_truncated"
-TIMING_BATCH = 32  # images per timed forward
-TIMING_REPEATS = 5  # timed forwards per depth (the median is kept)
+FULL_PROBE = TRAINED_FROM[TRUNCATED_PROBE]  # the probe whose selection it starts from
 
 
 # ---------------------------------------------------------------- depth
@@ -64,137 +57,12 @@ def layers_read(config: dict) -> int:
     return len(names) if depth == num_blocks(names) else depth
 
 
-# ---------------------------------------------------------------- the backbone as deep as a probe reads
-
-
-def build_extractor(config: dict, *, depth: int | None = None):
-    """The frozen backbone a saved probe's features came from (its probe.json provenance), as a
-    `LayerTokenExtractor` running `depth` blocks (None: all)."""
-    from layerprobe.backbone import create_backbone
-    from layerprobe.extract import LayerTokenExtractor
-
-    source = config["provenance"]
-    network = create_backbone(
-        source["model"],
-        pretrained=bool(source.get("pretrained", False)),
-        checkpoint=source.get("checkpoint"),
-        model_kwargs=source.get("model_kwargs") or {},
-        pos_embed_resample=source.get("pos_embed_resample", "timm"),
-    )
-    return LayerTokenExtractor(
-        network,
-        tap=source["tap"],
-        final_projection=bool(source.get("final_projection")),
-        precision=source.get("precision", "float32"),
-        final_patch_tokens=bool(config.get("patch_tokens")),
-        depth=depth,
-    )
-
-
-def classify_pixels(extractor, probe: torch.nn.Module, config: dict, pixels: torch.Tensor):
-    """Transformed images `[b, 3, H, W]` → (labels `[b]`, logits `[b, C]`): the predict path after decoding."""
-    from layerprobe.checkpoint import reading_arguments
-    from layerprobe.train import predict
-
-    tokens, patches = extractor.forward_all(pixels)  # [b, L, T, D], [b, P, D_final] or None
-    patches = None if patches is None else patches.cpu()
-    labels, logits, _ = predict(
-        probe, tokens.cpu(), batch_size=len(pixels), patches=patches, **reading_arguments(config)
-    )
-    return labels, logits
-
-
-def measured_speedup(
-    config: dict,
-    probe: torch.nn.Module,
-    *,
-    depth: int,
-    batch: int = TIMING_BATCH,
-    repeats: int = TIMING_REPEATS,
-    device: str = "cpu",
-) -> dict:
-    """Full backbone over depth `depth`: the median time of `repeats` forwards of the extractor, and of the predict
-    path (`classify_pixels` with `probe`), on one batch of random images at the model's input size. The two depths
-    take turns, so drift in the machine's speed reaches both alike."""
-    full = build_extractor(config).to(device)
-    truncated = build_extractor(config, depth=depth).to(device)
-    height, width = full.model.patch_embed.img_size
-    pixels = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
-    probe = probe.to(device)
-    runs = {
-        "extract": lambda extractor: extractor.forward_all(pixels),
-        "predict": lambda extractor: classify_pixels(extractor, probe, config, pixels),
-    }
-    speedup = {}
-    for name, step in runs.items():
-        times: dict[str, list[float]] = {"full": [], "truncated": []}
-        for repeat in range(repeats + 1):  # the first of each is a warm-up
-            for key, extractor in (("full", full), ("truncated", truncated)):
-                seconds = _timed(step, extractor, device)
-                if repeat:
-                    times[key].append(seconds)
-        speedup[name] = statistics.median(times["full"]) / statistics.median(times["truncated"])
-    return speedup
-
-
-def _timed(step: Callable[[object], object], extractor, device: str) -> float:
-    """Seconds of one `step(extractor)`, the device's queued work included."""
-    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
-    step(extractor)
-    synchronize()
-    return time.perf_counter() - start
-
-
-# ---------------------------------------------------------------- knock-out
+# ---------------------------------------------------------------- the depth scan
 
 
 def token_layers(token_labels: Sequence[str]) -> list[str]:
     """The layer of each selected token: "block3/cls" → "block3", "final/patch7" → "final"."""
     return [label.split("/")[0] for label in token_labels]
-
-
-def layer_knockout(
-    probes: Sequence[torch.nn.Module],
-    features,
-    labels: np.ndarray,
-    full_predictions: np.ndarray,
-    *,
-    token_labels: Sequence[str],
-    num_classes: int,
-    normalize: str = "token",
-    batch_size: int = 1024,
-) -> dict | None:
-    """Each layer's tokens knocked out of attentive `probes` (one per seed) in turn, on test `features` `[N, K, D]`.
-
-    Returns {"layers", "drop", "interval"}: drop = balanced accuracy of `full_predictions` `[S, N]` minus the
-    knocked-out one (mean over seeds), with its paired bootstrap interval; None for a probe reading one layer.
-    One test-set predict per layer and seed.
-    """
-    from layerprobe.metrics import paired_bootstrap_gain
-    from layerprobe.train import predict_selected
-
-    per_token = token_layers(token_labels)
-    layers = list(dict.fromkeys(per_token))
-    if len(layers) < 2:
-        return None
-    drops, intervals = [], []
-    for layer in layers:
-        keep = torch.tensor([name != layer for name in per_token])
-        knocked = np.stack(
-            [
-                predict_selected(probe, features, batch_size=batch_size, normalize=normalize, keep=keep)[0][0].numpy()
-                for probe in probes
-            ]
-        )
-        drop, low, high = paired_bootstrap_gain(labels, full_predictions, knocked, num_classes)
-        drops.append(drop)
-        intervals.append([low, high])
-    return {"layers": layers, "drop": drops, "interval": intervals}
-
-
-# ---------------------------------------------------------------- the depth scan
 
 
 def depth_slots(token_labels: Sequence[str], blocks: int) -> dict[int, list[int]]:
@@ -292,7 +160,6 @@ def truncated_train_step(backbone_name: str, dataset_name: str, *, probe, train,
     from layerprobe.checkpoint import save_probe
     from layerprobe.probes import ProbeSpec, gather_raw, reading_widths
     from layerprobe.selection import PREDICT_ROWS, open_selection
-    from layerprobe.steps.train import _spec_dict
     from layerprobe.train import HParams, sweep_selected
 
     seeds = {entry["seed"]: entry for entry in alf["seeds"]}
@@ -365,7 +232,7 @@ def truncated_train_step(backbone_name: str, dataset_name: str, *, probe, train,
         seed_config = {
             **{k: alf_config[k] for k in ("num_classes", "class_names", "normalize", "patch_tokens", "provenance")},
             "probe": TRUNCATED_PROBE,
-            "spec": _spec_dict(spec),
+            "spec": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()},
             "best": best,
             "seed": seed,
             "token_labels": [alf_config["token_labels"][t] for t in slots_by_depth[depth]],
@@ -395,41 +262,3 @@ def truncated_train_step(backbone_name: str, dataset_name: str, *, probe, train,
     write_json(staging / TRAIN_MARKER, summary)
     swap_in(staging, out_dir)
     return {**summary, "status": "computed", "reason": reason}
-
-
-def evaluation_blocks(
-    probe_name: str,
-    trained: dict,
-    probes: Sequence[tuple[torch.nn.Module, dict]],
-    test,
-    predictions: np.ndarray,
-    *,
-    batch_size: int,
-) -> dict:
-    """What the evaluate marker adds for layers: `knockout` for an attentive probe reading several layers
-    (`layer_knockout` on the `test` selection, every seed's probe), `truncation` for alf_truncated (its train
-    record and the measured speed-up through its depth, `measured_speedup` with the first seed's probe)."""
-    from layerprobe.device import resolve_device
-
-    blocks = {}
-    config = probes[0][1]
-    if config["head"]["kind"] == "attentive" and not config.get("patch_tokens"):
-        knockout = layer_knockout(
-            [probe for probe, _ in probes],
-            test.features,
-            test.labels.numpy(),
-            predictions,
-            token_labels=config["token_labels"],
-            num_classes=config["num_classes"],
-            normalize=config.get("normalize", "token"),
-            batch_size=batch_size,
-        )
-        if knockout is not None:
-            blocks["knockout"] = knockout
-    if probe_name == TRUNCATED_PROBE:
-        device = resolve_device("auto").type
-        record = dict(trained["truncation"])
-        record["speedup"] = measured_speedup(config, probes[0][0], depth=record["depth"], device=device)
-        record["timed_on"] = {"device": device, "batch": TIMING_BATCH, "repeats": TIMING_REPEATS}
-        blocks["truncation"] = record
-    return blocks

@@ -61,6 +61,7 @@ def evaluate_step(
         return {**read_json(marker), "status": "reused", "reason": None}
 
     from layerprobe.checkpoint import load_probe, reading_arguments
+    from layerprobe.layer_evaluation import evaluation_blocks
     from layerprobe.metrics import (
         BOOTSTRAP_RESAMPLES,
         CI_LEVEL,
@@ -73,7 +74,6 @@ def evaluate_step(
     from layerprobe.probes import gather_raw
     from layerprobe.selection import open_selection
     from layerprobe.train import predict_selected
-    from layerprobe.truncation import evaluation_blocks
 
     staging = begin_output(out_dir, fingerprint.value, marker=METRICS_FILE)  # swapped in whole, marker last
     probes = [load_probe(Path(entry["dir"])) for entry in trained["seeds"]]
