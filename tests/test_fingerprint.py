@@ -268,7 +268,7 @@ EDITS = [
         "src/layerprobe/extract.py",
         "cls = tokens[:, 0].float()",
         "cls = 2.0 * tokens[:, 0].float()",
-        {"layerprobe.steps.extract"},
+        {"layerprobe.steps.extract", "layerprobe.steps.evaluate"},  # evaluate times alf_truncated's extraction
     ),
     (
         "src/layerprobe/probes.py",
