@@ -73,10 +73,12 @@ def measured_speedup(
     batch: int = TIMING_BATCH,
     repeats: int = TIMING_REPEATS,
     device: str = "cpu",
-) -> dict:
-    """Full backbone over depth `depth`: the median time of `repeats` forwards of the extractor, and of the predict
-    path (`classify_pixels` with `probe`), on one batch of random images at the model's input size. The two depths
-    take turns, so drift in the machine's speed reaches both alike."""
+) -> dict[str, dict[str, float]]:
+    """Full backbone over depth `depth`: the median time of `repeats` forwards of the extractor ("extract"), and of
+    the predict path after decoding ("predict": `classify_pixels` with `probe`), on one batch of random images at
+    the model's input size, as {"wall": ratios, "cpu": ratios}. The CPU-time ratio (this process's, every thread)
+    is the one other work on a shared machine cannot skew; on a GPU read the wall-clock one. The two depths take
+    turns, so drift in the machine's speed reaches both alike; the first forward of each is a warm-up."""
     full = build_extractor(config).to(device)
     truncated = build_extractor(config, depth=depth).to(device)
     height, width = full.model.patch_embed.img_size
@@ -86,26 +88,28 @@ def measured_speedup(
         "extract": lambda extractor: extractor.forward_all(pixels),
         "predict": lambda extractor: classify_pixels(extractor, probe, config, pixels),
     }
-    speedup = {}
+    speedup: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
     for name, step in runs.items():
-        times: dict[str, list[float]] = {"full": [], "truncated": []}
-        for repeat in range(repeats + 1):  # the first of each is a warm-up
+        times = {(key, clock): [] for key in ("full", "truncated") for clock in speedup}
+        for repeat in range(repeats + 1):
             for key, extractor in (("full", full), ("truncated", truncated)):
-                seconds = _timed(step, extractor, device)
+                wall, cpu = _timed(step, extractor, device)
                 if repeat:
-                    times[key].append(seconds)
-        speedup[name] = statistics.median(times["full"]) / statistics.median(times["truncated"])
+                    times[key, "wall"].append(wall)
+                    times[key, "cpu"].append(cpu)
+        for clock, ratios in speedup.items():
+            ratios[name] = statistics.median(times["full", clock]) / statistics.median(times["truncated", clock])
     return speedup
 
 
-def _timed(step: Callable[[object], object], extractor, device: str) -> float:
-    """Seconds of one `step(extractor)`, the device's queued work included."""
+def _timed(step: Callable[[object], object], extractor, device: str) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one `step(extractor)`, the device's queued work included."""
     synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     step(extractor)
     synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 # ---------------------------------------------------------------- knock-out
@@ -182,7 +186,9 @@ def evaluation_blocks(
     if probe_name == TRUNCATED_PROBE:
         device = resolve_device("auto").type
         record = dict(trained["truncation"])
-        record["speedup"] = measured_speedup(config, probes[0][0], depth=record["depth"], device=device)
+        timed = measured_speedup(config, probes[0][0], depth=record["depth"], device=device)
+        record["speedup"] = timed["wall"]  # full time / time through the chosen depth
+        record["speedup_cpu_time"] = timed["cpu"]
         record["timed_on"] = {"device": device, "batch": TIMING_BATCH, "repeats": TIMING_REPEATS}
         blocks["truncation"] = record
     return blocks
