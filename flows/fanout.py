@@ -3,13 +3,17 @@
 On a pool, the pipeline creates (or updates) the deployment `unit/<flow.unit_deployment>` from this project's
 folder, which every worker must see at the same path (a shared filesystem), submits one run per unit with
 `run_deployment(timeout=0)`, and waits for all of them. It never hangs on a pool nobody serves: a missing pool is
-an error at once, and units left waiting `flow.worker_wait_seconds` with no live worker fail the wait.
+an error at once, and units left waiting `flow.worker_wait_seconds` with no live worker fail the wait. A worker
+is taken for gone after `MIN_SILENCE_SECONDS` without a heartbeat (at least three of its heartbeat intervals);
+LAYERPROBE_MIN_SILENCE_SECONDS overrides it (the tests, whose workers beat every 2 s, wait less for a lost one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
+import os
 import time
 from pathlib import Path
 from uuid import UUID
@@ -26,6 +30,7 @@ POLL_SECONDS = 2.0
 # A worker is gone after missing three heartbeats, and never sooner than this: a worker on a machine whose cores are
 # all busy (its own units) can be late by seconds, and calling it gone would run its units twice.
 MIN_SILENCE_SECONDS = 20.0
+MIN_SILENCE_ENV = "LAYERPROBE_MIN_SILENCE_SECONDS"
 
 
 def run_units(params: Params, units: list[tuple[str, str]]) -> list[dict]:
@@ -58,14 +63,28 @@ def _outcome(backbone: str, dataset: str, state, *, flow_run_id: UUID | None = N
 def live_workers(client, pool: str) -> list[str]:
     """Names of the pool's workers with a recent heartbeat (servers without background services never mark a
     vanished worker OFFLINE, so the heartbeat's age decides)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now, least = dt.datetime.now(dt.timezone.utc), min_silence_seconds()
     alive = []
     for worker in client.read_workers_for_work_pool(work_pool_name=pool):
         interval = worker.heartbeat_interval_seconds or 30
-        silence = max(3 * interval, MIN_SILENCE_SECONDS)
+        silence = max(3 * interval, least)
         if worker.last_heartbeat_time and (now - worker.last_heartbeat_time).total_seconds() < silence:
             alive.append(worker.name)
     return alive
+
+
+def min_silence_seconds() -> float:
+    """MIN_SILENCE_SECONDS, or LAYERPROBE_MIN_SILENCE_SECONDS where set: a positive number of seconds."""
+    text = os.environ.get(MIN_SILENCE_ENV)
+    if text is None:
+        return MIN_SILENCE_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{MIN_SILENCE_ENV}={text!r} is not a positive number of seconds")
+    return seconds
 
 
 def check_pool(client, pool: str) -> tuple[str, list[str]]:

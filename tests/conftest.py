@@ -17,6 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as layerprobe sets it, for test files that import torch first
 
+import contextlib  # noqa: E402
 import fcntl  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -196,9 +197,28 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     return folder
 
 
+# Where MLflow's store names a place by its absolute path: a copy's runs and versions must name the copy's artifacts.
+MLFLOW_LOCATIONS = {
+    "experiments": ("artifact_location",),
+    "runs": ("artifact_uri",),
+    "logged_models": ("artifact_location",),
+    "model_versions": ("source", "storage_location"),
+}
+
+
 def copy_project(source: Path, target: Path) -> Path:
-    """A copy with every file's modification time kept (new paths and inodes), as `cp -a` or `rsync -t` make."""
+    """A copy with every file's modification time kept (new paths and inodes), as `cp -a` or `rsync -t` make; its
+    MLflow store points at its own artifacts, so what a test records in the copy never lands in `source`."""
+    import sqlite3
+
     shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+    database = target / "mlruns" / "mlflow.db"
+    if database.is_file():
+        moved = (f"{source}/", f"{target}/")
+        with contextlib.closing(sqlite3.connect(database)) as store, store:
+            for table, columns in MLFLOW_LOCATIONS.items():
+                for column in columns:
+                    store.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", moved)
     return target
 
 

@@ -3,7 +3,8 @@
 The stages run the repository's own copy of the code (PYTHONPATH), so a test can change that code and check what
 `dvc repro` does: a change of behaviour recomputes the outputs it decides, a comment does not, new data and
 replaced weights re-prepare and re-extract, an unchanged rerun runs nothing, and a killed run loses no finished
-work. Stage processes share the test session's Prefect server (PREFECT_API_URL). Slow: about 3 minutes.
+work. Both tests start from copies of one project run once with `dvc repro` per test session (`built`). Stage
+processes share the test session's Prefect server (PREFECT_API_URL). Slow: about a minute to build, then one each.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_BACKBONE, run, tiny_params, write_params
+from conftest import (
+    TINY_BACKBONE,
+    built_once,
+    copy_project,
+    make_dvc_repo,
+    run,
+    session_repo_env,
+    tiny_params,
+    write_params,
+)
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -69,11 +79,35 @@ def staleness_params() -> dict:
     return params
 
 
-def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(dvc_repo):
-    repo, env = dvc_repo
-    write_image_folder(repo / "datasets/shapes", num_images=120)
-    save_checkpoint(repo / "checkpoints/tiny.safetensors", seed=0)
-    write_params(repo, staleness_params())
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, migrated_mlflow_db, prefect_harness) -> Path:
+    """The tiny suite of `staleness_params`, run once with `dvc repro` per test session; its output is kept beside it
+    (`first_repro`)."""
+
+    def build(repo: Path) -> None:
+        env = session_repo_env(repo, repo.parent / f"{repo.name}-prefect")
+        make_dvc_repo(repo, migrated_mlflow_db, env)
+        write_image_folder(repo / "datasets/shapes", num_images=120)
+        save_checkpoint(repo / "checkpoints/tiny.safetensors", seed=0)
+        write_params(repo, staleness_params())
+        first_repro(repo).write_text(run(["dvc", "repro"], repo, env).stdout)
+
+    return built_once(tmp_path_factory, "pipeline-built", build)
+
+
+def first_repro(built: Path) -> Path:
+    return built.with_name(f"{built.name}.first-repro.txt")
+
+
+@pytest.fixture
+def project(built, tmp_path) -> tuple[Path, dict]:
+    """A copy of the built project (its times kept) and the environment its stages run in."""
+    repo = copy_project(built, tmp_path / "repo")
+    return repo, session_repo_env(repo, tmp_path / "prefect")
+
+
+def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(built, project):
+    repo, env = project
     probe = repo / "probes/tiny_vit/shapes/alf/seed-0/probe.safetensors"
     other_probe = repo / "probes/tiny_vit/shapes/linear_last_cls/seed-0/probe.safetensors"
     manifest = repo / "features/tiny_vit/shapes/manifest.json"
@@ -81,9 +115,16 @@ def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(d
     def features() -> dict:
         return json.loads(manifest.read_text())
 
-    # The first run: every stage, and MLflow holds what happened.
-    first = run(["dvc", "repro"], repo, env)
-    assert stages_run(first) == ["pretrain", "prepare", "extract", "train", "evaluate", "report"]
+    # The first run (shared by the tests here, in the project this one copied): every stage, and MLflow holds what
+    # happened.
+    assert re.findall(r"Running stage '([^']+)'", first_repro(built).read_text()) == [
+        "pretrain",
+        "prepare",
+        "extract",
+        "train",
+        "evaluate",
+        "report",
+    ]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in the runs view
@@ -182,9 +223,8 @@ def test_dvc_repro_recomputes_exactly_what_code_data_weights_and_params_decide(d
     assert other_probe.read_bytes() != other_before
 
 
-def test_reruns_that_change_no_evaluation_add_no_probe_runs_and_no_registered_versions(dvc_repo):
-    repo, env = dvc_repo
-    assert stages_run(run(["dvc", "repro"], repo, env))[-2:] == ["evaluate", "report"]
+def test_reruns_that_change_no_evaluation_add_no_probe_runs_and_no_registered_versions(project):
+    repo, env = project  # a copy of the project after its first `dvc repro`
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
 
@@ -198,7 +238,7 @@ def test_reruns_that_change_no_evaluation_add_no_probe_runs_and_no_registered_ve
         }
 
     first = recorded()
-    assert first == {"probe runs": 2, "parent runs": 1, "layerprobe-count-tiny-vit": 2}
+    assert first == {"probe runs": 2, "parent runs": 1, "layerprobe-shapes-tiny-vit": 2}
     parent = json.loads((repo / "results/evaluate/run.json").read_text())["parent_run_id"]
 
     # A change to the report only. report.py is also in the evaluate stage's closure (its Markdown table), so DVC

@@ -24,6 +24,8 @@ import pytest
 from conftest import run, tiny_params, write_params
 from prefect.client.schemas.sorting import FlowRunSort
 
+from flows.fanout import MIN_SILENCE_ENV, MIN_SILENCE_SECONDS, min_silence_seconds
+
 pytestmark = pytest.mark.slow
 
 POOL = "test-gpus"
@@ -124,6 +126,9 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
     from prefect.client.schemas.actions import WorkPoolCreate
 
     repo, env = dvc_repo
+    # The workers beat every 2 s (start_worker): a lost one is called gone after 10 s of silence, not the default 20
+    # (a heartbeat the busy test server fails to store now and then leaves 4 s gaps).
+    env = {**env, MIN_SILENCE_ENV: "10"}
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
     write_params(repo, suite_params(broken=True))
@@ -202,3 +207,14 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
     finally:
         for process in workers.values():
             stop(process)
+
+
+def test_the_lost_worker_window_is_overridden_only_by_a_positive_number_of_seconds(monkeypatch):
+    monkeypatch.delenv(MIN_SILENCE_ENV, raising=False)
+    assert min_silence_seconds() == MIN_SILENCE_SECONDS
+    monkeypatch.setenv(MIN_SILENCE_ENV, "8")
+    assert min_silence_seconds() == 8.0
+    for bad in ("0", "-1", "nan", "inf", "soon", ""):
+        monkeypatch.setenv(MIN_SILENCE_ENV, bad)
+        with pytest.raises(ValueError, match=rf"^{MIN_SILENCE_ENV}='{bad}' is not a positive number of seconds$"):
+            min_silence_seconds()

@@ -1,4 +1,5 @@
-"""Figures from metric arrays: layer-attention heatmaps, confusion matrices, gain bars (matplotlib, Agg)."""
+"""Figures from metric arrays: layer-attention heatmaps, confusion matrices, gain bars, layer findings (matplotlib,
+Agg)."""
 
 from __future__ import annotations
 
@@ -233,4 +234,76 @@ def plot_gains(
     title = f"gain of {probe} over {baseline}"
     ax.set_title(title + (f"\n(bars: paired-bootstrap {level} interval)" if intervals else ""), fontsize=9)
     ax.legend(loc="best", fontsize=8)
+    return _save(fig, path, dpi)
+
+
+def plot_layer_findings(
+    layers: Sequence[str],
+    path: str | Path,
+    *,
+    title: str,
+    curves: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    attention: Mapping[str, float] | None = None,
+    knockout: Mapping[str, Mapping[str, float]] | None = None,
+    reference: tuple[str, float] | None = None,
+    cut: tuple[float, str] | None = None,
+    probe: str = "alf",
+    level: str = "95 %",
+    dpi: int = DPI,
+) -> Path:
+    """Which layers matter for one (backbone, dataset): panels over one layer axis, each drawn when given.
+
+    `curves`: {name: {"test", "low", "high": [L] in %}}, test balanced accuracy by layer with interval bars (and
+    `reference` (label, %) as a dotted line, e.g. the probe reading every layer); `attention`: {layer: %},
+    `probe`'s attention per layer; `knockout`: {layer: {"drop", "low", "high"} in pp}, `probe`'s test balanced
+    accuracy lost with the layer masked out; `cut`: (position on the axis, label), the truncation point, a dashed
+    line through every panel. Layers a panel lacks are left empty.
+    """
+    panels = [name for name, given in (("curves", curves), ("attention", attention), ("knockout", knockout)) if given]
+    if not panels:
+        raise ValueError("no curves, attention or knock-out drops: nothing to plot")
+    x = np.arange(len(layers))
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        sharex=True,
+        figsize=(max(6.5, 3.0 + 0.5 * len(layers)), 0.6 + 2.3 * len(panels)),
+        layout="constrained",
+    )
+    axes = np.atleast_1d(axes)
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "curves":
+            for offset, (name, curve) in zip(np.linspace(-0.15, 0.15, len(curves)), curves.items(), strict=True):
+                values = np.asarray(curve["test"], dtype=float)
+                bars = np.clip(np.stack([values - curve["low"], np.asarray(curve["high"]) - values]), 0.0, None)
+                ax.errorbar(x + offset, values, yerr=bars, marker="o", markersize=3, capsize=2, label=name)
+            if reference is not None:
+                ax.axhline(
+                    reference[1], color="grey", linestyle=":", linewidth=1, label=f"{reference[0]} {reference[1]:.1f}"
+                )
+            ax.set_ylabel("test balanced\naccuracy (%)")
+            ax.set_title(f"single-layer probes (bars: {level} bootstrap interval)", fontsize=9)
+            ax.legend(fontsize=7, loc="best")
+        elif panel == "attention":
+            shares = np.array([attention.get(layer, np.nan) for layer in layers], dtype=float)
+            ax.bar(x, shares, color="tab:purple")
+            ax.set_ylabel("attention (%)")
+            ax.set_title(f"{probe}'s attention per layer (mean over the layer's tokens)", fontsize=9)
+        else:
+            drops = np.array([knockout.get(layer, {}).get("drop", np.nan) for layer in layers], dtype=float)
+            bounds = np.array([[knockout.get(layer, {}).get(k, np.nan) for layer in layers] for k in ("low", "high")])
+            bars = np.nan_to_num(np.clip(np.stack([drops - bounds[0], bounds[1] - drops]), 0.0, None))
+            ax.bar(x, drops, yerr=bars, capsize=2, color=np.where(drops >= 0, "tab:red", "tab:green"))
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ax.set_ylabel("drop (pp)")
+            ax.set_title(
+                f"{probe} without the layer: drop in test balanced accuracy (paired {level} interval)", fontsize=9
+            )
+        if cut is not None:
+            ax.axvline(cut[0], color="black", linestyle="--", linewidth=1, label=cut[1] if ax is axes[0] else None)
+    if cut is not None:
+        axes[0].legend(fontsize=7, loc="best")
+    axes[-1].set_xticks(x, [name.replace("block", "b") for name in layers], rotation=45, ha="right")
+    axes[-1].set_xlabel("layer")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path, dpi)

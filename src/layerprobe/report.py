@@ -27,6 +27,7 @@ REPORT_FILES = {  # the report stage's outputs (dvc.yaml's plots name two of the
     "gains_png": "gains.png",
     "attention_json": "attention.json",  # alf's layer attention, long format
     "attention": "attention",  # a folder: one layer-attention matrix figure per backbone
+    "layers": "layers",  # a folder: per (backbone, dataset) with layer findings, its picture and curves (JSON)
 }
 
 BASELINE = "linear_last_cls"  # the standard linear probe: every gain's baseline unless the family has its own
@@ -80,6 +81,28 @@ def gain_metrics(intervals: dict) -> dict[str, float]:
         for d, interval in datasets.items()
         for suffix, key in (("", "gain"), ("_ci_low", "low"), ("_ci_high", "high"))
     }
+
+
+def suite_metrics(summary: dict, intervals: dict) -> dict[str, float]:
+    """The parent MLflow run's own scores, so the runs table's parent row reads without its children (fractions):
+    `test/balanced_accuracy` and `val/balanced_accuracy` are HEADLINE's mean over the suite's tasks (the columns the
+    children fill), `test/balanced_accuracy/<probe>` each probe's mean, and `test/balanced_accuracy_gain` (+
+    `_ci_low`, `_ci_high`) the mean gain over the backbones' means, with its interval where the suite has one
+    backbone (each backbone's own: `gain_metrics`)."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    for by_probe in (by_probe for datasets in summary.values() for by_probe in datasets.values()):
+        for probe, metrics in by_probe.items():
+            for split in ("test", "val"):
+                scores.setdefault(split, {}).setdefault(probe, []).append(metrics.get(f"{split}_balanced_accuracy"))
+    means = {s: {p: float(np.mean(v)) for p, v in by.items() if None not in v} for s, by in scores.items()}
+    metrics = {f"test/balanced_accuracy/{probe}": mean for probe, mean in means.get("test", {}).items()}
+    metrics |= {f"{s}/balanced_accuracy": means[s][HEADLINE] for s in means if HEADLINE in means[s]}
+    gains = [by[MEAN] for by in intervals.values() if MEAN in by]
+    if gains:
+        metrics["test/balanced_accuracy_gain"] = float(np.mean([g["gain"] for g in gains]))
+    if len(gains) == 1 == len(summary):
+        metrics |= {f"test/balanced_accuracy_gain_ci_{k}": gains[0][k] for k in ("low", "high")}
+    return metrics
 
 
 def evaluation_markdown(evaluations: list[dict], champions: dict[str, dict]) -> str:
@@ -387,21 +410,26 @@ def write_report(
     heatmaps: dict[str, dict[str, dict]],
     intervals: dict[str, dict[str, dict]] | None = None,
     baselines: dict[str, str] | None = None,
+    layers: dict[str, dict[str, dict]] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.csv, gains.json and gains.png, and the layer attention of `alf`: one matrix figure per
-    backbone (`attention/<backbone>.png`, rows datasets, columns layers) and its numbers (attention.json).
+    backbone (`attention/<backbone>.png`, rows datasets, columns layers) and its numbers (attention.json); and where
+    `layers` (`layer_report.layer_findings`) has tasks, the "Which layers matter" section and per task its picture
+    and curves (`layers/<backbone>-<dataset>.png` and `.json`).
 
     `heatmaps` maps backbone -> dataset -> `metrics.layer_attention_heatmap` output; `intervals` is `gain_intervals`
     output (without it, gains carry no interval); `baselines` maps a backbone to its baseline probe (`baseline_probe`;
     BASELINE where absent). Returns every file written.
     """
+    from layerprobe.layer_report import curve_rows, draw_findings, section_markdown
     from layerprobe.plots import plot_attention_matrix, plot_gains
 
     out_dir = Path(out_dir)
     staging = begin_output(out_dir, "report", marker=None)  # the last report stays whole until this one replaces it
     rows = results_rows(summary, probes=probes, groups=groups, intervals=intervals, baselines=baselines)
-    files = {key: staging / name for key, name in REPORT_FILES.items() if key != "attention"}
-    files["markdown"].write_text(format_markdown(rows, probes, heatmaps, intervals=intervals))
+    files = {key: staging / name for key, name in REPORT_FILES.items() if key not in ("attention", "layers")}
+    section = section_markdown(layers, figures=REPORT_FILES["layers"]) if layers else ""
+    files["markdown"].write_text(format_markdown(rows, probes, heatmaps, intervals=intervals) + section)
     files["csv"].write_text(format_csv(rows, probes))
     series = gains_series(rows)
     write_bytes_atomic(files["gains"], (json.dumps(series, indent=2) + "\n").encode())
@@ -426,5 +454,11 @@ def write_report(
             staging / REPORT_FILES["attention"] / f"{backbone}.png",
             title=f"{backbone}: where {HEADLINE} attends, per dataset (test images, mean over heads)",
         )
+    for backbone, dataset, findings in ((b, d, f) for b, by in (layers or {}).items() for d, f in by.items()):
+        stem = staging / REPORT_FILES["layers"] / f"{backbone}-{dataset}"
+        title = f"{backbone} / {dataset}: which layers matter (test images)"
+        files[f"layers/{backbone}-{dataset}"] = draw_findings(findings, stem.with_suffix(".png"), title=title)
+        rows_json = (json.dumps(curve_rows(findings), indent=1) + "\n").encode()
+        files[f"layers/{backbone}-{dataset}.json"] = write_bytes_atomic(stem.with_suffix(".json"), rows_json)
     swap_in(staging, out_dir)
     return {key: out_dir / Path(path).relative_to(staging) for key, path in files.items()}
