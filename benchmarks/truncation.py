@@ -11,7 +11,9 @@ evaluation records (`layer_evaluation.measured_speedup`, the same function).
 
 Run:
     python benchmarks/truncation.py                       # ViT-Ti/16 at 224 px, depths 3, 6, 9 of 12; ~2 min, 2 cores
-    python benchmarks/truncation.py --model vit_base_patch16_224 --device cuda --batch-size 128
+    python benchmarks/truncation.py --blocks 6 --width 64 --heads 4 --img-size 32 --patch-size 8 --depths 2 3 4 5
+                                                          # the default run's backbone (vit_shapes_d6's shape)
+    python benchmarks/truncation.py --model vit_base_patch16_224 --width 768 --heads 12 --device cuda --batch-size 128
 Cost: per depth, (repeats + 1) x 2 forwards of each backbone.
 """
 
@@ -39,7 +41,13 @@ def probe_config(args: argparse.Namespace, depth: int) -> tuple[torch.nn.Module,
         "provenance": {
             "model": args.model,
             "pretrained": False,
-            "model_kwargs": {"img_size": args.img_size, "depth": args.blocks, "embed_dim": args.width},
+            "model_kwargs": {
+                "img_size": args.img_size,
+                "patch_size": args.patch_size,
+                "depth": args.blocks,
+                "embed_dim": args.width,
+                "num_heads": args.heads,
+            },
             "tap": args.tap,
             "layer_names": layer_names,
         },
@@ -57,6 +65,8 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--width", type=int, default=192, help="the model's embed_dim")
+    parser.add_argument("--heads", type=int, default=3, help="the model's attention heads")
+    parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--depths", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--tap", default="norm2", choices=["norm2", "block"])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -67,7 +77,8 @@ def main() -> None:
         parser.error(f"--depths must lie in 2..{args.blocks}: depth 1 reads none of the paper preset's layers")
     torch.manual_seed(0)
     print(
-        f"{args.model} ({args.blocks} blocks, width {args.width}) at {args.img_size} px, tap {args.tap}, "
+        f"{args.model} ({args.blocks} blocks, width {args.width}, patch {args.patch_size}) at {args.img_size} px, "
+        f"tap {args.tap}, "
         f"batch {args.batch_size}, median of {args.repeats}, {args.device} ({platform.processor() or 'cpu'}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
