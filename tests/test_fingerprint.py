@@ -78,6 +78,7 @@ RESULTS = {
 }
 ORCHESTRATION = {
     "layerprobe.cli",
+    "layerprobe.layer_report",
     "layerprobe.locks",
     "layerprobe.mlflow_model",
     "layerprobe.mlflow_ui",
