@@ -23,6 +23,7 @@ from flows.common import (
     unit_lock,
 )
 from layerprobe.config import PathsConfig, ProbeConfig, TrainConfig
+from layerprobe.probes import TRAINED_FROM
 from layerprobe.steps.train import train_step
 
 
@@ -52,13 +53,23 @@ def train_flow(
 ) -> list[dict]:
     params = as_params(params)
     train = train_task.with_options(**task_options(params))
-    futures = [
-        train.submit(b, d, p, params.probe_config(p), params.train, params.paths, params.flow.gpu_concurrency)
-        for b in select(params.suite.backbones, backbones, "backbone")
-        for d in select(params.suite.datasets, datasets, "dataset")
-        for p in select(params.suite.probes, probes, "probe")
-    ]
-    return [future.result() for future in futures]
+    futures: dict[tuple[str, str, str], object] = {}
+    for b in select(params.suite.backbones, backbones, "backbone"):
+        for d in select(params.suite.datasets, datasets, "dataset"):
+            # A probe trained from another's (alf_truncated from alf's) is submitted after it and waits for it.
+            for p in sorted(select(params.suite.probes, probes, "probe"), key=lambda name: name in TRAINED_FROM):
+                after = [futures[key] for key in [(b, d, TRAINED_FROM.get(p))] if key in futures]
+                futures[b, d, p] = train.submit(
+                    b,
+                    d,
+                    p,
+                    params.probe_config(p),
+                    params.train,
+                    params.paths,
+                    params.flow.gpu_concurrency,
+                    wait_for=after,
+                )
+    return [future.result() for future in futures.values()]
 
 
 if __name__ == "__main__":

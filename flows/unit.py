@@ -35,6 +35,7 @@ from flows.evaluate import evaluate_task
 from flows.extract import extract_task
 from flows.prepare import prepare_task
 from flows.train import train_task
+from layerprobe.probes import TRAINED_FROM
 
 # Set by the unit deployment on `process` pools, where a worker is one GPU and its units take turns on `gpu:<worker>`.
 WORKER_SLOT_ENV = "LAYERPROBE_WORKER_SLOT"
@@ -73,12 +74,19 @@ def unit_flow(params: Params | dict | str = "params.yaml", backbone: str = "", d
             backbone, dataset, params.backbones[backbone], params.extract, params.paths, params.flow.gpu_concurrency
         )
         train, score = train_task.with_options(**options), evaluate_task.with_options(**options)
-        trained = {
-            p: train.submit(
-                backbone, dataset, p, params.probe_config(p), params.train, params.paths, params.flow.gpu_concurrency
+        trained = {}
+        # A probe trained from another's (alf_truncated from alf's) is submitted after it and waits for it.
+        for p in sorted(params.suite.probes, key=lambda name: name in TRAINED_FROM):
+            trained[p] = train.submit(
+                backbone,
+                dataset,
+                p,
+                params.probe_config(p),
+                params.train,
+                params.paths,
+                params.flow.gpu_concurrency,
+                wait_for=[trained[TRAINED_FROM[p]]] if p in TRAINED_FROM else [],
             )
-            for p in params.suite.probes
-        }
         # Each probe is scored here, on this worker, as soon as it is trained: the head node only records the scores.
         scored = {
             p: score.submit(backbone, dataset, p, params.evaluate, params.paths, wait_for=[trained[p]])

@@ -71,6 +71,8 @@ RESULTS = {
     "layerprobe.registry",
     "layerprobe.selection",
     "layerprobe.train",
+    "layerprobe.truncation",
+    "layerprobe.layer_evaluation",
     "layerprobe.steps",
     *STEPS,
 }
@@ -267,7 +269,7 @@ EDITS = [
         "src/layerprobe/extract.py",
         "cls = tokens[:, 0].float()",
         "cls = 2.0 * tokens[:, 0].float()",
-        {"layerprobe.steps.extract"},
+        {"layerprobe.steps.extract", "layerprobe.steps.evaluate"},  # evaluate times alf_truncated's extraction
     ),
     (
         "src/layerprobe/probes.py",

@@ -217,6 +217,9 @@ def test_the_parent_run_carries_the_suites_scores_the_layer_curves_and_the_pictu
     assert metrics["layer/tiny_vit/count/cls_ap/block2/test/balanced_accuracy"] == pytest.approx(0.58)
     assert metrics["layer/tiny_vit/count/knockout/block2/test/balanced_accuracy_drop"] == pytest.approx(0.08)
     assert "layer/tiny_vit/count/attention_rank_agreement" in metrics  # alf's own heatmap, read from disk
-    assert not any(key.startswith("layer/tiny_vit/shapes/") for key in metrics)  # no layer blocks there
+    # shapes has no per-layer curves; its alf's knock-out is the one evaluate wrote
+    assert not any(key.startswith("layer/tiny_vit/shapes/cls") for key in metrics)
+    drops = json.loads(params.paths.evaluation_marker("tiny_vit", "shapes", "alf").read_text())["knockout"]["drop"]
+    assert metrics["layer/tiny_vit/shapes/knockout/final/test/balanced_accuracy_drop"] == pytest.approx(drops[-1])
     pictures = [a.path for a in client.list_artifacts(parent, "report/layers")]
     assert "report/layers/tiny_vit-count.png" in pictures and "report/layers/tiny_vit-count.json" in pictures

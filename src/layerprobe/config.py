@@ -31,6 +31,7 @@ NORMALIZATIONS = ("token", "across_tokens")
 # train.batch_plan: batches evened out, re-planned for the tuning split (ours), or the reference's adjust_batch_size
 # (at least 5 full batches, a remainder of at least half a batch, the tuning split inheriting the full set's size)
 BATCH_PLANS = ("even", "reference")
+TRUNCATION_MARGIN = 0.01  # probes.alf_truncated.truncation_margin's default: 1 point of balanced accuracy
 
 # Artifact file names: the one place they are spelled; PathsConfig and the modules that read and write each
 # artifact use these. Completion markers are written last and record the fingerprint of what made the output.
@@ -286,8 +287,13 @@ class ProbeConfig:
     # Zero-pad a narrower final layer (CLIP's projection) to the blocks' width: true pads it, false keeps its own
     # width (a linear head concatenates tokens unpadded), null pads only where the selection mixes widths.
     pad_final: bool | None = None
+    # alf_truncated only: the smallest depth whose ALF is within this much balanced accuracy (absolute) of alf on
+    # val is chosen; null = TRUNCATION_MARGIN. Not a spec setting: `overrides` leaves it out.
+    truncation_margin: float | None = None
 
     def __post_init__(self) -> None:
+        if self.truncation_margin is not None:
+            _check_range("probes.*.truncation_margin", self.truncation_margin, 0, 1)
         if self.tokens is not None and (not self.tokens or set(self.tokens) - set(PROBE_TOKENS)):
             raise ParamsError(f"probes.*.tokens must be a non-empty subset of {PROBE_TOKENS}, got {self.tokens}")
         if self.normalize is not None:
@@ -296,7 +302,12 @@ class ProbeConfig:
             _check_positive("probes.*.num_heads", self.num_heads)
 
     def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """What the probe reads, overridden (`probes.get_probe_spec`'s keys)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "truncation_margin"}
+
+    @property
+    def margin(self) -> float:
+        return TRUNCATION_MARGIN if self.truncation_margin is None else self.truncation_margin
 
 
 @dataclass(frozen=True)

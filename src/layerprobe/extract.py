@@ -59,6 +59,9 @@ class LayerTokenExtractor(torch.nn.Module):
             tokens are float32 either way.
         final_patch_tokens: Also return every patch token of the final layer (`forward_all`), the same tokens the
             final cls/ap are pooled from (projected for CLIP), at the final layer's own width (not padded).
+        depth: Run blocks 0..depth-1 only (`layerprobe.truncation.probe_depth`: as deep as a probe reads) and return
+            the first `depth` layers of the full layout, so a probe's slots stay valid; None or the number of blocks
+            runs the whole backbone (the final layer needs every block and the final norm).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class LayerTokenExtractor(torch.nn.Module):
         final_projection: bool = False,
         precision: str = "float32",
         final_patch_tokens: bool = False,
+        depth: int | None = None,
     ) -> None:
         super().__init__()
         name = _model_name(model)
@@ -83,6 +87,14 @@ class LayerTokenExtractor(torch.nn.Module):
             raise ValueError(f"model {name!r} has no class token; the cls/ap extraction needs one")
         if tap == "norm2" and not all(isinstance(getattr(b, "norm2", None), torch.nn.Module) for b in blocks):
             raise ValueError(f"model {name!r} has blocks without `norm2`; use tap='block'")
+        self.num_blocks = len(blocks)
+        self.depth = self.num_blocks if depth is None else int(depth)
+        if not 1 <= self.depth <= self.num_blocks:
+            raise ValueError(f"depth {depth} is outside 1..{self.num_blocks}, the blocks of model {name!r}")
+        if self.depth < self.num_blocks and not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"model {name!r} has no forward_intermediates to stop after block {self.depth - 1}")
+        if self.depth < self.num_blocks and final_patch_tokens:
+            raise ValueError("final_patch_tokens are the final layer's: they need the whole backbone (depth None)")
         self.model = model.eval()
         self.tap = tap
         self.final_projection = final_projection
@@ -101,11 +113,13 @@ class LayerTokenExtractor(torch.nn.Module):
         self.layer_names = [f"block{i}" for i in range(len(blocks))] + ["final"]
         self.token_names = list(TOKENS)
         self.layer_widths = [width] * len(blocks) + [final_width]
-        self.dim = max(self.layer_widths)
+        self.dim = max(self.layer_widths)  # the full layout's width, at every depth
+        if self.depth < self.num_blocks:  # the first `depth` layers of the full layout
+            self.layer_names, self.layer_widths = self.layer_names[: self.depth], self.layer_widths[: self.depth]
         # [rows, cols] of the patch grid, for the patch-attention heatmap; None when the model does not fix it.
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         self.patch_grid = None if grid is None or getattr(model, "dynamic_img_size", False) else [int(g) for g in grid]
-        self._pooled: list[torch.Tensor] = []
+        self._pooled: list[torch.Tensor] | None = None  # a list only during this extractor's own forward
         if tap == "norm2":
             # Registered once; pooling inside the hook keeps [B, 2, D] per block instead of every token sequence.
             for block in blocks:
@@ -118,14 +132,16 @@ class LayerTokenExtractor(torch.nn.Module):
         return torch.stack([cls, ap], dim=1)
 
     def _capture(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._pooled.append(self._pool(output))
+        if self._pooled is not None:  # another extractor's forward of the same model is not this one's
+            self._pooled.append(self._pool(output))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] → tokens [B, L, 2, D] float32 (L = blocks + final)."""
         return self.forward_all(images)[0]
 
     def forward_all(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images [B, 3, H, W] → (tokens [B, L, 2, D], final patch tokens [B, P, D_final] or None), float32.
+        """Images [B, 3, H, W] → (tokens [B, L, 2, D], final patch tokens [B, P, D_final] or None), float32; L is
+        `depth` layers for a truncated extractor.
 
         The patch tokens come only with `final_patch_tokens`; prefix tokens (class, registers) are not among them.
         """
@@ -136,13 +152,15 @@ class LayerTokenExtractor(torch.nn.Module):
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
+            if self.depth < self.num_blocks:
+                return self._forward_truncated(images), None
             if self.tap == "norm2":
                 self._pooled = []
                 try:
                     final = self.model.forward_features(images)
                     per_block = self._pooled
                 finally:
-                    self._pooled = []
+                    self._pooled = None
             else:
                 final, intermediates = self.model.forward_intermediates(
                     images,
@@ -169,6 +187,34 @@ class LayerTokenExtractor(torch.nn.Module):
                 out[:, i, :, : pooled.shape[-1]] = pooled
             out[:, -1, :, : last.shape[-1]] = last
         return out, None if patches is None else patches.float()
+
+    def _forward_truncated(self, images: torch.Tensor) -> torch.Tensor:
+        """Blocks 0..depth-1 only (timm's `forward_intermediates` with `stop_early`): tokens [B, depth, 2, D]."""
+        self._pooled = [] if self.tap == "norm2" else None
+        try:
+            intermediates = self.model.forward_intermediates(
+                images,
+                indices=list(range(self.depth)),
+                return_prefix_tokens=True,
+                output_fmt="NLC",
+                norm=False,
+                stop_early=True,
+                intermediates_only=True,
+            )
+            per_block = self._pooled
+        finally:
+            self._pooled = None
+        if per_block is None:
+            per_block = [
+                torch.stack([prefix[:, 0].float(), patches.mean(dim=1, dtype=torch.float32)], dim=1)
+                for patches, prefix in intermediates
+            ]
+        if len(per_block) != self.depth:
+            raise RuntimeError(f"expected {self.depth} block outputs, captured {len(per_block)}")
+        out = images.new_zeros((images.shape[0], self.depth, 2, self.dim), dtype=torch.float32)
+        for i, pooled in enumerate(per_block):
+            out[:, i, :, : pooled.shape[-1]] = pooled
+        return out
 
 
 class ImageSource(Protocol):

@@ -3,7 +3,9 @@
 MLflow loads this file (not a pickled object) and calls `load_context` with the probe folder
 (probe.safetensors + probe.json) logged as an artifact. Input: per-layer features `[N, L, T, D]` float32 as in
 the feature cache, or for a probe reading the final layer's patch tokens the named inputs
-{"tokens": [N, L, T, D], "patches": [N, P, D_final]}; output: predicted class indices `[N]`.
+{"tokens": [N, L, T, D], "patches": [N, P, D_final]}; output: predicted class indices `[N]`. The layer axis is what
+the backbone yields run only as deep as the probe reads (`layerprobe.truncation.layers_read`): the first k layers
+for a probe whose deepest layer is block k-1, all L (the final one too) for a probe reading `final`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from mlflow.pyfunc import PythonModel
 class ProbeModel(PythonModel):
     def load_context(self, context) -> None:
         from layerprobe.checkpoint import load_probe, reading_arguments
+        from layerprobe.truncation import layers_read
 
         self.probe, self.config = load_probe(Path(context.artifacts["probe"]))
+        self.layers = layers_read(self.config)
         self.reading = reading_arguments(self.config)  # slots, width and normalisation, as the probe was trained
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
@@ -36,6 +40,10 @@ class ProbeModel(PythonModel):
         elif self.config.get("patch_tokens"):
             raise ValueError("this probe reads the final layer's patch tokens: give {'tokens', 'patches'}")
         tokens = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        if tokens.dim() != 4 or tokens.shape[1] < self.layers:
+            raise ValueError(
+                f"tokens must be [N, L, T, D] with at least {self.layers} layers, got {list(tokens.shape)}"
+            )
         predictions, _, _ = predict(self.probe, tokens, batch_size=1024, patches=patches, **self.reading)
         return np.asarray(predictions, dtype=np.int64)
 

@@ -161,6 +161,17 @@ class Params:
             for name in names:
                 if name not in known:
                     raise ParamsError(f"{key}: {unknown_name_error(kind, name, known)}")
+        from layerprobe.probes import TRAINED_FROM
+
+        for name, source in TRAINED_FROM.items():
+            if name in self.suite.probes and source not in self.suite.probes:
+                raise ParamsError(f"suite.probes lists {name} without {source}, which it is trained from")
+        for name, probe in self.probes.items():
+            if probe is not None and name in TRAINED_FROM and probe.overrides():
+                key, source = next(iter(probe.overrides())), TRAINED_FROM[name]
+                raise ParamsError(f"probes.{name}.{key}: {name} reads what {source} reads; set it on probes.{source}")
+            if probe is not None and name not in TRAINED_FROM and probe.truncation_margin is not None:
+                raise ParamsError(f"probes.{name}.truncation_margin: only {', '.join(TRAINED_FROM)} has a margin")
         owners: dict[str, tuple[str, str]] = {}
         for backbone in self.suite.backbones:
             for dataset in self.suite.datasets:

@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from layerprobe.checkpoint import load_probe, reading_arguments
+from layerprobe.checkpoint import load_probe
 from layerprobe.config import PROBE_CONFIG, BackboneConfig
 from layerprobe.data.catalogue import ImageFileError, decode_image, open_image
 from layerprobe.steps.extract import weights_identity
-from layerprobe.train import predict
 
 
 def load_image_file(path: Path, *, max_pixels: int | None = None) -> Image.Image:
@@ -88,8 +87,9 @@ def iter_predictions(
 ) -> Iterator[dict]:
     """Classify image files with a saved probe, one batch at a time; yields {path, label, class_name, probability}
     in input order. Decoded images live for one batch only, whatever the number of files."""
-    from layerprobe.backbone import create_backbone, create_eval_transform
-    from layerprobe.extract import LayerTokenExtractor
+    from layerprobe.backbone import create_eval_transform
+    from layerprobe.layer_evaluation import build_extractor, classify_pixels
+    from layerprobe.truncation import num_blocks, probe_depth
 
     probe_dir, paths = Path(probe_dir), [Path(p) for p in image_paths]
     probe, config = load_probe(probe_dir)
@@ -97,24 +97,15 @@ def iter_predictions(
     check_weights(source, probe_dir)
     max_pixels = source.get("max_image_pixels")  # the cap its training images were decoded with (None: PIL's)
     check_image_files(paths, max_pixels=max_pixels)  # cheap, and before the backbone is built
-    network = create_backbone(
-        source["model"],
-        pretrained=bool(source.get("pretrained", False)),
-        checkpoint=source.get("checkpoint"),
-        model_kwargs=source.get("model_kwargs") or {},
-        pos_embed_resample=source.get("pos_embed_resample", "timm"),
-    )
-    extractor = LayerTokenExtractor(
-        network,
-        tap=source["tap"],
-        final_projection=bool(source.get("final_projection")),
-        precision=source.get("precision", "float32"),
-        final_patch_tokens=bool(config.get("patch_tokens")),
-    )
-    if extractor.layer_names != source.get("layer_names", extractor.layer_names):
+    extractor = build_extractor(config, depth=probe_depth(config))  # blocks past the deepest layer read never run
+    trained_on = source.get("layer_names", extractor.layer_names)
+    if extractor.layer_names != trained_on[: len(extractor.layer_names)] or extractor.num_blocks != num_blocks(
+        trained_on
+    ):
         raise ValueError(
-            f"probe {probe_dir} was trained on layers {source['layer_names']}, backbone gives {extractor.layer_names}"
+            f"probe {probe_dir} was trained on layers {trained_on}, backbone gives {extractor.layer_names}"
         )
+    network = extractor.model
     # Caches written before `preprocessing` was recorded name only their crop_pct.
     transform = create_eval_transform(network, **(source.get("preprocessing") or {"crop_pct": source.get("crop_pct")}))
     extractor.to(device)
@@ -122,11 +113,7 @@ def iter_predictions(
     for start in range(0, len(paths), batch_size):
         batch = paths[start : start + batch_size]
         pixels = torch.stack([transform(load_image_file(p, max_pixels=max_pixels)) for p in batch]).to(device)
-        tokens, patches = extractor.forward_all(pixels)  # [b, L, T, D], [b, P, D_final] or None
-        patches = None if patches is None else patches.cpu()
-        labels, logits, _ = predict(
-            probe, tokens.cpu(), batch_size=batch_size, patches=patches, **reading_arguments(config)
-        )
+        labels, logits = classify_pixels(extractor, probe, config, pixels)
         probabilities = torch.as_tensor(logits).float().softmax(-1)
         for i, (path, label) in enumerate(zip(batch, labels, strict=True)):
             yield {

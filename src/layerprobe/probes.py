@@ -153,6 +153,18 @@ def _attentive_last_all_tokens() -> ProbeSpec:
     return ProbeSpec("attentive_last_all_tokens", layers="last", tokens=("cls", PATCHES), head="attentive", num_heads=8)
 
 
+@register_probe("alf_truncated")
+def _alf_truncated() -> ProbeSpec:
+    # ALF on the `paper` layers of the smallest depth within a margin of alf on val (`layerprobe.truncation`);
+    # its saved spec names the layers it chose.
+    return ProbeSpec("alf_truncated", layers="paper", tokens=("cls", "ap"), head="attentive")
+
+
+# Probes trained from another's trained probe (its selection and what it reads): their train task waits for that
+# one's, and a suite must list both.
+TRAINED_FROM = {"alf_truncated": "alf"}
+
+
 # ---------------------------------------------------------------- token selection
 
 
@@ -585,7 +597,12 @@ class StackedAttentiveHead(nn.Module):
         return y_hat * self.bn_weight[:, None, :] + self.bn_bias[:, None, :]
 
     def forward(
-        self, x: torch.Tensor, *, return_attention: bool = False, dropout_noise: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        return_attention: bool = False,
+        dropout_noise: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits `[G, B, C]` for tokens `x  # [B, K, D]`; with `return_attention`, also `[G, B, H, K]`.
 
@@ -594,10 +611,14 @@ class StackedAttentiveHead(nn.Module):
             return_attention: also return the post-softmax, pre-dropout attention.
             dropout_noise: uniform draws `[B, H, K]` shared by all members; member g drops where noise < p_g.
                 Lets a grid and a lone member see the same masks. Drawn from torch's global RNG when None.
+            keep: `[K]` bool, the tokens attended to (the knock-out, `layerprobe.truncation`): the others' scores are
+                -inf, so the softmax renormalises over the kept ones, as if they were never given. None: all.
         """
         batch, num_tokens, dim = x.shape
         if dim != self.dim:
             raise ValueError(f"attentive head expects token width {self.dim}, got {dim}")
+        if keep is not None and (keep.shape != (num_tokens,) or not bool(keep.any())):
+            raise ValueError(f"keep must be [{num_tokens}] bool with a token kept, got {keep.tolist()}")
         g, h, e = self.grid_size, self.num_heads, self.head_dim
         x_hat = F.layer_norm(x, (dim,), eps=NORM_EPS)  # shared by every member: LN affine parts are per member
         tokens = x_hat.to(self.matmul_dtype)  # the matmuls' copy, made once for every member
@@ -605,6 +626,8 @@ class StackedAttentiveHead(nn.Module):
         # layout gives the softmax contiguous rows and pool_and_project per-member slices.
         query_keys = self._query_keys().reshape(g * h, dim).to(self.matmul_dtype)
         scores = (query_keys @ tokens.reshape(batch * num_tokens, dim).T).to(x.dtype).view(g * h, batch, num_tokens)
+        if keep is not None:
+            scores = scores.masked_fill(~keep.to(device=x.device, dtype=torch.bool), float("-inf"))
         attention = scores.softmax(dim=-1)  # [J, B, K]
         weights = attention
         dropping = self.training and bool((self.attn_dropout > 0).any())

@@ -385,8 +385,11 @@ def predict_selected(
     jitter_std: float = 0.0,
     jitter_prob: float = 0.0,
     jitter_seed: int = 0,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens.
+
+    `keep`: `[K]` bool, the tokens an attentive probe attends to (`StackedAttentiveHead.forward`); None: all.
 
     Tokens are normalised as the probe was trained (`normalize`, its spec's `probes.normalize_selection` rule). A
     non-zero `jitter_std` and `jitter_prob` add the training jitter to the normalised tokens first, drawn from a
@@ -403,7 +406,7 @@ def predict_selected(
         x = normalize_selection(read_rows(features, slice(start, start + batch_size)).to(device).float(), normalize)
         if generator is not None:
             x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator)
-        batch_logits, batch_attention = probe(x, return_attention=True)
+        batch_logits, batch_attention = probe(x, return_attention=True, **({} if keep is None else {"keep": keep}))
         logits.append(batch_logits.cpu())
         if batch_attention is not None:
             attention.append(batch_attention.cpu())

@@ -61,6 +61,7 @@ def evaluate_step(
         return {**read_json(marker), "status": "reused", "reason": None}
 
     from layerprobe.checkpoint import load_probe, reading_arguments
+    from layerprobe.layer_evaluation import evaluation_blocks
     from layerprobe.metrics import (
         BOOTSTRAP_RESAMPLES,
         CI_LEVEL,
@@ -142,6 +143,7 @@ def evaluate_step(
         "num_seeds": len(per_seed),
         "class_names": config["class_names"],
         "heatmap": heatmap_kind,  # None (a linear probe), "layers" or "patches"
+        **evaluation_blocks(probe_name, trained, probes, test, predictions, batch_size=evaluate.batch_size),
         "outputs": outputs,
         "format": FORMATS["evaluation"],
         "files": listed_files(staging, [PREDICTIONS_FILE, *([HEATMAP_JSON] if heatmap_kind else [])]),
@@ -164,10 +166,11 @@ def signature_example(
     from layerprobe.checkpoint import load_probe, reading_arguments
     from layerprobe.features import read_features
     from layerprobe.train import predict
+    from layerprobe.truncation import layers_read
 
     probe, config = load_probe(Path(probe_dir))
     test = read_features(Path(features_dir), split="test", patches=bool(config.get("patch_tokens")), max_rows=num_rows)
-    tokens = test.tokens.float()
+    tokens = test.tokens[:, : layers_read(config)].float()  # the layers its backbone yields, run as deep as it reads
     patches = None if test.patches is None else test.patches.float()
     predictions, _, _ = predict(probe, tokens, batch_size=num_rows, patches=patches, **reading_arguments(config))
     example = tokens.numpy() if patches is None else {"tokens": tokens.numpy(), "patches": patches.numpy()}

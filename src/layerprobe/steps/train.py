@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from layerprobe import truncation
 from layerprobe.config import (
     FORMATS,
     HISTORY_FILE,
@@ -49,6 +50,8 @@ def train_step(
     """
     from layerprobe.features import cache_content_hash
 
+    if probe_name == truncation.TRUNCATED_PROBE:  # trained from alf's selection, with its own scan
+        return truncation.truncated_train_step(backbone_name, dataset_name, probe=probe, train=train, paths=paths)
     features_dir = paths.features_dir(backbone_name, dataset_name)
     features_hash = cache_content_hash(features_dir)  # fails naming the folder when extraction has not run
     fingerprint = train_fingerprint(probe_name, probe, train, features_hash=features_hash)
