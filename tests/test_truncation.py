@@ -112,20 +112,24 @@ def _build_planted(folder: Path) -> None:
 
     paths = _paths(folder)
     _write_planted_cache(paths.features_dir("tiny", "planted"))
-    train = TrainConfig(
-        lrs=[1e-2],
-        weight_decays=[1e-4],
-        attn_dropouts=[0.0],
-        epochs=1,
-        min_steps=150,
-        batch_size=64,
-        seeds=[0],
-        device="cpu",
-        precision="float32",
-    )
+    train = PLANTED_RECIPE
     for probe in ("alf", "alf_truncated"):
         train_step("tiny", "planted", probe, probe=ProbeConfig(), train=train, paths=paths)
         evaluate_step("tiny", "planted", probe, evaluate=EvaluateConfig(), paths=paths)
+
+
+# One grid point, so alf's selection is fixed and the planted layer alone decides the truncation.
+PLANTED_RECIPE = TrainConfig(
+    lrs=[1e-2],
+    weight_decays=[1e-4],
+    attn_dropouts=[0.0],
+    epochs=1,
+    min_steps=150,
+    batch_size=64,
+    seeds=[0],
+    device="cpu",
+    precision="float32",
+)
 
 
 def _paths(folder: Path) -> PathsConfig:
@@ -177,17 +181,7 @@ def test_retraining_alf_makes_alf_truncated_stale(planted, tmp_path):
     from layerprobe.steps.train import train_step
 
     paths = _paths(copy_project(Path(planted.features).parent, tmp_path / "copy"))
-    train = TrainConfig(
-        lrs=[1e-2],
-        weight_decays=[1e-4],
-        attn_dropouts=[0.0],
-        epochs=1,
-        min_steps=150,
-        batch_size=64,
-        seeds=[0],
-        device="cpu",
-        precision="float32",
-    )
+    train = PLANTED_RECIPE
     reused = train_step("tiny", "planted", "alf_truncated", probe=ProbeConfig(), train=train, paths=paths)
     assert reused["status"] == "reused"
     marker = paths.train_marker("tiny", "planted", "alf")
