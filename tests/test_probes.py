@@ -64,6 +64,25 @@ def test_paper_layers_skip_block0_and_keep_cls_ap_order():
         select_token_positions(["block0", "block1", "block3", "final"], TOKENS, layers="paper", tokens=("cls",))
 
 
+def test_two_and_four_layer_presets_are_the_papers_subsets():
+    vit_b = [f"block{i}" for i in range(12)] + ["final"]
+
+    def layers(preset: str) -> list[str]:
+        return [
+            label.split("/")[0]
+            for label in token_labels(
+                vit_b, TOKENS, select_token_positions(vit_b, TOKENS, layers=preset, tokens=("cls",))
+            )
+        ]
+
+    assert layers("two") == ["block6", "final"]
+    assert layers("four") == ["block3", "block6", "block9", "final"]
+    for name, head in [("alf_two_layers", "attentive"), ("linear_four_layers", "linear")]:
+        assert get_probe_spec(name).head == head and get_probe_spec(name).layers == name.split("_")[1]
+    with pytest.raises(ValueError, match="layers 'four' needs \\['block1'\\]"):  # B = 4: blocks 1, 2, 3
+        select_token_positions(["block0", "block2", "block3", "final"], TOKENS, layers="four", tokens=("cls",))
+
+
 def test_gather_reads_a_read_only_half_cache_and_normalise_keeps_zero_vectors():
     cache = torch.arange(2 * 5 * 2 * 3, dtype=torch.float16).reshape(2, 5, 2, 3)
     cache[:, 2, 1] = 0.0  # zero padding / empty slot

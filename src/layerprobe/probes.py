@@ -25,7 +25,7 @@ from layerprobe.attention_pool import pool_and_project
 from layerprobe.config import NORMALIZATIONS, PATCHES, PROBE_TOKENS
 from layerprobe.registry import Registry, unknown_name_error
 
-LAYER_PRESETS = ("all", "last", "paper")
+LAYER_PRESETS = ("all", "last", "paper", "two", "four")
 HEAD_CHOICES = ("linear", "attentive")
 NORM_EPS = 1e-5  # nn.LayerNorm / nn.BatchNorm1d default, as in the reference
 
@@ -40,7 +40,8 @@ class ProbeSpec:
     Attributes:
         name: registered name, e.g. "alf".
         layers: "all" (every cached layer), "last" (the final entry), "paper" (blocks 1..B-1 plus final, as the
-            reference) or cached-layer positions (negatives count from the end).
+            reference), "two" (block B//2 plus final) and "four" (blocks B//4, B//2, 3B//4 plus final), the paper's
+            layer subsets, or cached-layer positions (negatives count from the end).
         tokens: which per-layer tokens, a subset of ("cls", "ap", "patches"), in the order they are fed to the head;
             "patches" is every patch token of the final layer, so a probe reading it reads the final layer only.
         head: "linear" (tokens concatenated) or "attentive" (the ALF cross-attention block).
@@ -160,6 +161,26 @@ def _alf_truncated() -> ProbeSpec:
     return ProbeSpec("alf_truncated", layers="paper", tokens=("cls", "ap"), head="attentive")
 
 
+@register_probe("alf_two_layers")
+def _alf_two_layers() -> ProbeSpec:
+    return ProbeSpec("alf_two_layers", layers="two", tokens=("cls", "ap"), head="attentive")
+
+
+@register_probe("alf_four_layers")
+def _alf_four_layers() -> ProbeSpec:
+    return ProbeSpec("alf_four_layers", layers="four", tokens=("cls", "ap"), head="attentive")
+
+
+@register_probe("linear_two_layers")
+def _linear_two_layers() -> ProbeSpec:
+    return ProbeSpec("linear_two_layers", layers="two", tokens=("cls", "ap"), head="linear")
+
+
+@register_probe("linear_four_layers")
+def _linear_four_layers() -> ProbeSpec:
+    return ProbeSpec("linear_four_layers", layers="four", tokens=("cls", "ap"), head="linear")
+
+
 # Probes trained from another's trained probe (its selection and what it reads): their train task waits for that
 # one's, and a suite must list both.
 TRAINED_FROM = {"alf_truncated": "alf"}
@@ -176,16 +197,22 @@ def _layer_indices(layer_names: Sequence[str], layers: str | Sequence[int]) -> l
         return list(range(num_layers))
     if layers == "last":
         return [num_layers - 1]
-    if layers == "paper":
-        # The reference skips block 0 and keeps blocks 1..B-1 plus the final output: B layers -> 2B tokens.
+    if layers in ("paper", "two", "four"):
         blocks = {int(m.group(1)): i for i, n in enumerate(layer_names) if (m := re.fullmatch(r"block(\d+)", n))}
         if "final" not in layer_names or not blocks:
-            raise ValueError(f"layers 'paper' needs block<i> and 'final' layers; the cache has {list(layer_names)}")
-        num_blocks = max(blocks) + 1
-        missing = [f"block{i}" for i in range(1, num_blocks) if i not in blocks]
+            raise ValueError(f"layers {layers!r} needs block<i> and 'final' layers; the cache has {list(layer_names)}")
+        b = max(blocks) + 1  # blocks in the backbone
+        wanted = {
+            # The reference skips block 0 and keeps blocks 1..B-1 plus the final output: B layers -> 2B tokens.
+            "paper": range(1, b),
+            # Its appendix's subsets (A4): the middle block, or the quarterly ones (blocks 6 / 3, 6, 9 for B = 12).
+            "two": [b // 2],
+            "four": [b // 4, b // 2, 3 * b // 4],
+        }[layers]
+        missing = [f"block{i}" for i in wanted if i not in blocks]
         if missing:
-            raise ValueError(f"layers 'paper' needs {missing}, missing from the cache's layers {list(layer_names)}")
-        return [blocks[i] for i in range(1, num_blocks)] + [list(layer_names).index("final")]
+            raise ValueError(f"layers {layers!r} needs {missing}, missing from the cache's layers {list(layer_names)}")
+        return [blocks[i] for i in wanted] + [list(layer_names).index("final")]
     if isinstance(layers, str):
         raise unknown_name_error("layer preset", layers, list(LAYER_PRESETS))
     indices = []
