@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from layerprobe import per_layer
 from layerprobe.truncation import TRUNCATED_PROBE, token_layers
 
 TIMING_BATCH = 32  # images per timed forward
@@ -162,10 +163,13 @@ def evaluation_blocks(
     predictions: np.ndarray,
     *,
     batch_size: int,
+    features_dir=None,
 ) -> dict:
     """What the evaluate marker adds for layers: `knockout` for an attentive probe reading several layers
     (`layer_knockout` on the `test` selection, every seed's probe), `truncation` for alf_truncated (its train
-    record and the measured speed-up through its depth, `measured_speedup` with the first seed's probe)."""
+    record and the measured speed-up through its depth, `measured_speedup` with the first seed's probe),
+    `per_layer` for the per-layer family (every layer's curves, `per_layer.evaluation_block`, on the test split of
+    the cache at `features_dir`)."""
     from layerprobe.device import resolve_device
 
     blocks = {}
@@ -191,4 +195,10 @@ def evaluation_blocks(
         record["speedup_cpu_time"] = timed["cpu"]
         record["timed_on"] = {"device": device, "batch": TIMING_BATCH, "repeats": TIMING_REPEATS}
         blocks["truncation"] = record
+    if probe_name == per_layer.PER_LAYER:
+        split = per_layer.family_test_split(trained, features_dir, batch_rows=batch_size)
+        labels = split.labels.numpy()
+        blocks["per_layer"] = per_layer.evaluation_block(
+            trained, split.features, labels, num_classes=config["num_classes"], batch_size=batch_size
+        )
     return blocks

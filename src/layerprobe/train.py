@@ -240,12 +240,19 @@ def _check_inputs(features: torch.Tensor | StreamedRows, labels: torch.Tensor, n
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
 
 
-def jitter_tokens(x: torch.Tensor, *, std: float, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of `std` on a random `prob` share of the images of normalised tokens `x  # [b, K, D]`."""
+def jitter_tokens(
+    x: torch.Tensor, *, std: float, prob: float, generator: torch.Generator, groups: int = 1
+) -> torch.Tensor:
+    """Gaussian noise of `std` on a random `prob` share of the images of normalised tokens `x  # [b, K, D]`.
+
+    With `groups` > 1 the K tokens are `groups` equal runs (the per-layer family's layers) that all get the noise
+    one run would get alone: each group's head then sees what it would see trained on its run by itself.
+    """
     chosen = (torch.rand(x.shape[0], generator=generator, device=x.device) < prob).nonzero()[:, 0]
     # Noise only for the images that get it: drawing Gaussians is most of the data path's cost on CPU.
-    noise = torch.randn((len(chosen), *x.shape[1:]), generator=generator, device=x.device)
-    return x.index_add(0, chosen, noise, alpha=std)
+    grouped = x.view(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
+    noise = torch.randn((len(chosen), *grouped.shape[2:]), generator=generator, device=x.device)
+    return grouped.index_add(0, chosen, noise[:, None].expand(-1, groups, *noise.shape[1:]), alpha=std).view(x.shape)
 
 
 def train_selected(
@@ -260,12 +267,16 @@ def train_selected(
     token_widths: Sequence[int] | None = None,
     plan_size: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    head: nn.Module | None = None,
+    jitter_groups: int = 1,
 ) -> TrainedGrid:
     """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype), held in
     memory or read batch by batch from their cache (`layerprobe.selection`).
 
     `token_widths` as in `probes.build_probe`; `plan_size` as in `batch_plan` (the sweep passes its full set's size);
-    `on_step(step)` is called after every optimisation step (`layerprobe plan` times steps with it).
+    `on_step(step)` is called after every optimisation step (`layerprobe plan` times steps with it). `head`: an
+    initialised head of len(grid) members to train instead of `spec`'s (the per-layer family's, `layerprobe.per_layer`),
+    `jitter_groups` as in `jitter_tokens`.
     """
     _check_inputs(features, labels, num_classes)
     if not grid:
@@ -273,8 +284,8 @@ def train_selected(
     device = resolve_device(config.device)
     num_images, num_tokens, dim = features.shape
     dropouts = [h.attn_dropout for h in grid]
-    probe = (
-        build_probe(
+    if head is None:
+        head = build_probe(
             spec,
             num_tokens=num_tokens,
             dim=dim,
@@ -284,9 +295,7 @@ def train_selected(
             seed=seed,
             token_widths=token_widths,
         )
-        .to(device)
-        .train()
-    )
+    probe = head.to(device).train()
     set_matmul_dtype(probe, resolve_matmul_dtype(config.precision, device))
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
@@ -313,7 +322,9 @@ def train_selected(
             rows = order[start : start + batch_size]
             x = normalize_selection(read_rows(features, rows).to(device).float(), spec.normalize)  # [b, K, D]
             b = x.shape[0]
-            x = jitter_tokens(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
+            x = jitter_tokens(
+                x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen, groups=jitter_groups
+            )
             dropout_noise = None
             if attentive:  # drawn every step for every grid, so a lone member sees the same masks
                 dropout_noise = torch.rand(b, probe.num_heads, num_tokens, generator=dropout_gen, device=device)
@@ -386,10 +397,12 @@ def predict_selected(
     jitter_prob: float = 0.0,
     jitter_seed: int = 0,
     keep: torch.Tensor | None = None,
+    jitter_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens.
 
     `keep`: `[K]` bool, the tokens an attentive probe attends to (`StackedAttentiveHead.forward`); None: all.
+    `jitter_groups` as in `jitter_tokens`.
 
     Tokens are normalised as the probe was trained (`normalize`, its spec's `probes.normalize_selection` rule). A
     non-zero `jitter_std` and `jitter_prob` add the training jitter to the normalised tokens first, drawn from a
@@ -405,7 +418,7 @@ def predict_selected(
     for start in range(0, features.shape[0], batch_size):
         x = normalize_selection(read_rows(features, slice(start, start + batch_size)).to(device).float(), normalize)
         if generator is not None:
-            x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator)
+            x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator, groups=jitter_groups)
         batch_logits, batch_attention = probe(x, return_attention=True, **({} if keep is None else {"keep": keep}))
         logits.append(batch_logits.cpu())
         if batch_attention is not None:

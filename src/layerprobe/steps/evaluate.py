@@ -143,7 +143,9 @@ def evaluate_step(
         "num_seeds": len(per_seed),
         "class_names": config["class_names"],
         "heatmap": heatmap_kind,  # None (a linear probe), "layers" or "patches"
-        **evaluation_blocks(probe_name, trained, probes, test, predictions, batch_size=evaluate.batch_size),
+        **evaluation_blocks(
+            probe_name, trained, probes, test, predictions, batch_size=evaluate.batch_size, features_dir=features_dir
+        ),
         "outputs": outputs,
         "format": FORMATS["evaluation"],
         "files": listed_files(staging, [PREDICTIONS_FILE, *([HEATMAP_JSON] if heatmap_kind else [])]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from layerprobe import truncation
+from layerprobe import per_layer, truncation
 from layerprobe.config import (
     FORMATS,
     HISTORY_FILE,
@@ -52,6 +52,8 @@ def train_step(
 
     if probe_name == truncation.TRUNCATED_PROBE:  # trained from alf's selection, with its own scan
         return truncation.truncated_train_step(backbone_name, dataset_name, probe=probe, train=train, paths=paths)
+    if probe_name == per_layer.PER_LAYER:  # every layer's probes at once, its best one saved as the standard probe
+        return per_layer.per_layer_train_step(backbone_name, dataset_name, probe=probe, train=train, paths=paths)
     features_dir = paths.features_dir(backbone_name, dataset_name)
     features_hash = cache_content_hash(features_dir)  # fails naming the folder when extraction has not run
     fingerprint = train_fingerprint(probe_name, probe, train, features_hash=features_hash)
@@ -110,7 +112,7 @@ def train_step(
         best = dataclasses.asdict(result.best)
         config = {
             "probe": probe_name,
-            "spec": _spec_dict(spec),
+            "spec": spec_dict(spec),
             "best": best,
             "seed": seed,
             "num_classes": num_classes,
@@ -152,5 +154,5 @@ def train_step(
     return {**summary, "status": "computed", "reason": reason}
 
 
-def _spec_dict(spec) -> dict:
+def spec_dict(spec) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(spec).items()}
