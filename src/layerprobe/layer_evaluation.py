@@ -196,9 +196,54 @@ def evaluation_blocks(
         record["timed_on"] = {"device": device, "batch": TIMING_BATCH, "repeats": TIMING_REPEATS}
         blocks["truncation"] = record
     if probe_name == per_layer.PER_LAYER:
-        split = per_layer.family_test_split(trained, features_dir, batch_rows=batch_size)
-        labels = split.labels.numpy()
-        blocks["per_layer"] = per_layer.evaluation_block(
-            trained, split.features, labels, num_classes=config["num_classes"], batch_size=batch_size
+        blocks["per_layer"] = per_layer_curves(
+            trained, features_dir, num_classes=config["num_classes"], batch_size=batch_size
         )
     return blocks
+
+
+# ---------------------------------------------------------------- the per-layer family's curves
+
+
+def per_layer_curves(trained: dict, features_dir, *, num_classes: int, batch_size: int) -> dict:
+    """The evaluate marker's `per_layer` block: every layer's and kind's test balanced accuracy (mean over seeds),
+    the first seed's bootstrap interval, the val balanced accuracy (mean over seeds) and the selected head, from the
+    seeds' saved families (`per_layer.load_family`) scored on the cache's test split, read once for all of them."""
+    from pathlib import Path
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from layerprobe.files import read_json
+    from layerprobe.metrics import bootstrap_balanced_accuracy
+    from layerprobe.probes import gather_raw
+    from layerprobe.selection import open_selection
+    from layerprobe.train import predict_selected
+
+    family = read_json(Path(trained["seeds"][0]["dir"]) / per_layer.FAMILY_CONFIG)
+    positions = [tuple(p) for p in family["positions"]]
+    test = open_selection(
+        Path(features_dir),
+        splits=["test"],
+        select=lambda tokens, patches: gather_raw(tokens, positions, width=family["width"]),
+        batch_rows=batch_size,
+    )
+    labels = test.labels.numpy()
+    record = trained["per_layer"]
+    scores: dict[str, list] = {kind: [] for kind in record["kinds"]}
+    interval = {}
+    for entry in trained["seeds"]:
+        heads, _ = per_layer.load_family(Path(entry["dir"]))
+        for kind, head in heads.items():
+            view = per_layer.kind_view(test.features, kind, len(record["layers"]))
+            predictions = predict_selected(head, view, batch_size=batch_size)[0].numpy()  # [L, N]
+            scores[kind].append([float(balanced_accuracy_score(labels, p)) for p in predictions])
+            if kind not in interval:  # the first seed's, as the other blocks' intervals
+                interval[kind] = [list(bootstrap_balanced_accuracy(labels, p, num_classes)) for p in predictions]
+    return {
+        "layers": record["layers"],
+        "kinds": record["kinds"],
+        "test_balanced_accuracy": {kind: np.mean(s, axis=0).tolist() for kind, s in scores.items()},
+        "interval": interval,
+        "val_balanced_accuracy": record["val_balanced_accuracy"],
+        "selected": record["selected"],
+    }

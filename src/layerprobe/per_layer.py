@@ -33,7 +33,6 @@ from layerprobe.probes import StackedLinearHead, _uniform_
 
 PER_LAYER = "per_layer"
 KINDS = {"cls": ("cls",), "ap": ("ap",), "cls_ap": ("cls", "ap")}  # token kind -> the tokens it reads of a layer
-SETTINGS = ("layers",)  # what params may set for it: it reads every kind of token at the cache's width
 FAMILY_WEIGHTS, FAMILY_CONFIG = "per_layer.safetensors", "per_layer.json"
 
 
@@ -235,8 +234,18 @@ def load_family(directory: Path) -> tuple[dict[str, GroupedLinearHead], dict]:
 # ---------------------------------------------------------------- the train step
 
 
-def per_layer_train_step(backbone_name: str, dataset_name: str, *, probe, train, paths) -> dict:
-    """Train (or reuse) the per-layer family on the (backbone, dataset) cache.
+def train_family(
+    backbone_name: str,
+    dataset_name: str,
+    *,
+    probe,
+    train,
+    paths,
+    fingerprint,
+    reason: str,
+    features_hash: str,
+) -> dict:
+    """The train step (`steps.train.train_step`, which fingerprints it as any probe) for the per-layer family.
 
     Writes what every train step writes (seed-<s>/ probe.safetensors + probe.json: the selected (layer, kind) as a
     linear probe reading that layer; sweep.json: its grid's val scores; history.json: its refit's curves), every
@@ -246,23 +255,15 @@ def per_layer_train_step(backbone_name: str, dataset_name: str, *, probe, train,
     from layerprobe.checkpoint import save_probe
     from layerprobe.config import FORMATS, HISTORY_FILE, PROBE_CONFIG, PROBE_WEIGHTS, SWEEP_FILE, TRAIN_MARKER
     from layerprobe.device import dtype_name, resolve_device, resolve_matmul_dtype
-    from layerprobe.features import cache_content_hash, read_manifest
-    from layerprobe.files import begin_output, read_json, swap_in, write_json
-    from layerprobe.fingerprint import listed_files, provenance_record, staleness
+    from layerprobe.features import read_manifest
+    from layerprobe.files import begin_output, swap_in, write_json
+    from layerprobe.fingerprint import listed_files, provenance_record
     from layerprobe.probes import ProbeSpec, gather_raw, get_probe_spec, select_token_positions, token_labels
     from layerprobe.selection import PREDICT_ROWS, open_selection
-    from layerprobe.steps.train import spec_dict, train_fingerprint
     from layerprobe.train import make_grid
 
     features_dir = paths.features_dir(backbone_name, dataset_name)
-    features_hash = cache_content_hash(features_dir)
-    fingerprint = train_fingerprint(PER_LAYER, probe, train, features_hash=features_hash)
     out_dir = paths.probe_dir(backbone_name, dataset_name, PER_LAYER)
-    marker = paths.train_marker(backbone_name, dataset_name, PER_LAYER)
-    reason = staleness(marker, fingerprint)
-    if reason is None:
-        return {**read_json(marker), "status": "reused", "reason": None}
-
     staging = begin_output(out_dir, fingerprint.value, marker=TRAIN_MARKER)
     spec = get_probe_spec(PER_LAYER, **probe.overrides())
     metadata = read_manifest(features_dir)["provenance"]
@@ -320,7 +321,7 @@ def per_layer_train_step(backbone_name: str, dataset_name: str, *, probe, train,
         best = dataclasses.asdict(grid[sweep.best_index[layer]])
         config = {
             "probe": PER_LAYER,
-            "spec": spec_dict(chosen),
+            "spec": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(chosen).items()},
             "best": best,
             "seed": seed,
             "num_classes": num_classes,
@@ -366,51 +367,3 @@ def per_layer_train_step(backbone_name: str, dataset_name: str, *, probe, train,
     write_json(staging / TRAIN_MARKER, summary)
     swap_in(staging, out_dir)
     return {**summary, "status": "computed", "reason": reason}
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def evaluation_block(trained: dict, test_features, labels: np.ndarray, *, num_classes: int, batch_size: int) -> dict:
-    """The evaluate marker's `per_layer` block: every layer's and kind's test balanced accuracy (mean over seeds),
-    the first seed's bootstrap interval, the val balanced accuracy (mean over seeds) and the selected head, from the
-    seeds' saved families scored on `test_features  # [N, 2L, D]` (the family's selection of the test split)."""
-    from layerprobe.metrics import bootstrap_balanced_accuracy
-    from layerprobe.train import predict_selected
-
-    record = trained["per_layer"]
-    num_layers = len(record["layers"])
-    scores = {kind: [] for kind in record["kinds"]}
-    interval = {}
-    for entry in trained["seeds"]:
-        heads, _ = load_family(Path(entry["dir"]))
-        for kind, head in heads.items():
-            view = kind_view(test_features, kind, num_layers)
-            predictions = predict_selected(head, view, batch_size=batch_size)[0].numpy()  # [L, N]
-            scores[kind].append([float(balanced_accuracy_score(labels, p)) for p in predictions])
-            if kind not in interval:  # the first seed's
-                interval[kind] = [list(bootstrap_balanced_accuracy(labels, p, num_classes)) for p in predictions]
-    return {
-        "layers": record["layers"],
-        "kinds": record["kinds"],
-        "test_balanced_accuracy": {kind: np.mean(s, axis=0).tolist() for kind, s in scores.items()},
-        "interval": interval,
-        "val_balanced_accuracy": record["val_balanced_accuracy"],
-        "selected": record["selected"],
-    }
-
-
-def family_test_split(trained: dict, features_dir: Path, *, batch_rows: int):
-    """The test split's family selection (every layer's cls and ap at the family's width), read once."""
-    from layerprobe.files import read_json
-    from layerprobe.probes import gather_raw
-    from layerprobe.selection import open_selection
-
-    family = read_json(Path(trained["seeds"][0]["dir"]) / FAMILY_CONFIG)
-    positions = [tuple(p) for p in family["positions"]]
-    return open_selection(
-        features_dir,
-        splits=["test"],
-        select=lambda tokens, patches: gather_raw(tokens, positions, width=family["width"]),
-        batch_rows=batch_rows,
-    )

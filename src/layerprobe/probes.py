@@ -191,6 +191,9 @@ def _per_layer() -> ProbeSpec:
 # Probes trained from another's trained probe (its selection and what it reads): their train task waits for that
 # one's, and a suite must list both.
 TRAINED_FROM = {"alf_truncated": "alf"}
+# Probe families whose reading is fixed but for these settings (`layerprobe.per_layer` reads every layer's cls, ap
+# and both, linearly, at the cache's width): params refuse any other.
+FAMILY_SETTINGS = {"per_layer": ("layers",)}
 
 
 # ---------------------------------------------------------------- token selection

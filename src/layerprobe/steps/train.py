@@ -52,8 +52,6 @@ def train_step(
 
     if probe_name == truncation.TRUNCATED_PROBE:  # trained from alf's selection, with its own scan
         return truncation.truncated_train_step(backbone_name, dataset_name, probe=probe, train=train, paths=paths)
-    if probe_name == per_layer.PER_LAYER:  # every layer's probes at once, its best one saved as the standard probe
-        return per_layer.per_layer_train_step(backbone_name, dataset_name, probe=probe, train=train, paths=paths)
     features_dir = paths.features_dir(backbone_name, dataset_name)
     features_hash = cache_content_hash(features_dir)  # fails naming the folder when extraction has not run
     fingerprint = train_fingerprint(probe_name, probe, train, features_hash=features_hash)
@@ -62,6 +60,11 @@ def train_step(
     reason = staleness(marker, fingerprint)
     if reason is None:
         return {**read_json(marker), "status": "reused", "reason": None}
+    if probe_name == per_layer.PER_LAYER:  # every layer's probes at once, its best one saved as the standard probe
+        task = {"backbone_name": backbone_name, "dataset_name": dataset_name, "features_hash": features_hash}
+        return per_layer.train_family(
+            **task, probe=probe, train=train, paths=paths, fingerprint=fingerprint, reason=reason
+        )
 
     from layerprobe.checkpoint import save_probe
     from layerprobe.features import num_patch_tokens, read_manifest
@@ -112,7 +115,7 @@ def train_step(
         best = dataclasses.asdict(result.best)
         config = {
             "probe": probe_name,
-            "spec": spec_dict(spec),
+            "spec": _spec_dict(spec),
             "best": best,
             "seed": seed,
             "num_classes": num_classes,
@@ -154,5 +157,5 @@ def train_step(
     return {**summary, "status": "computed", "reason": reason}
 
 
-def spec_dict(spec) -> dict:
+def _spec_dict(spec) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(spec).items()}
