@@ -101,6 +101,9 @@ class StackedAdamW:
     one fused pass where torch has a fused kernel for the device (CPU and CUDA): ~5x faster than elementwise
     tensor ops for a 12-member ALF grid (measured 44 -> 8 ms). A parameter without a gradient is given a zero one, so it
     still decays, as in the reference, where such parameters get a numerically zero gradient.
+
+    Members given the same `alike` key (and decay) share one group, as they share their learning rate at every step:
+    one fused pass updates them all (the per-layer family's L members of a grid point), with the same numbers.
     """
 
     def __init__(
@@ -110,13 +113,22 @@ class StackedAdamW:
         weight_decay: torch.Tensor,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        alike: Sequence[object] | None = None,
     ) -> None:
         self.params = list(params)
         decays = [float(w) for w in weight_decay.tolist()]
         # Views of a detached tensor are leaves that share the parameter's storage: torch's AdamW updates them
         # in place, which updates the stacked parameter.
         self.member_views = [[p.detach()[g] for p in self.params] for g in range(len(decays))]
-        groups = [{"params": views, "weight_decay": d} for views, d in zip(self.member_views, decays, strict=True)]
+        keys = range(len(decays)) if alike is None else alike
+        together: dict[tuple, list[int]] = {}
+        for member, key in enumerate(keys):
+            together.setdefault((key, decays[member]), []).append(member)
+        self.group_members = list(together.values())
+        groups = [
+            {"params": [view for m in members for view in self.member_views[m]], "weight_decay": decays[members[0]]}
+            for members in self.group_members
+        ]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)
         self.zero_grads: dict[int, torch.Tensor] = {}
@@ -132,10 +144,11 @@ class StackedAdamW:
         for index, p in enumerate(self.params):
             if p.grad is None:
                 p.grad = self.zero_grads.setdefault(index, torch.zeros_like(p))
-        for member, (group, views) in enumerate(zip(self.optimizer.param_groups, self.member_views, strict=True)):
-            group["lr"] = float(lrs[member])
-            for view, p in zip(views, self.params, strict=True):
-                view.grad = p.grad[member]
+        for group, members in zip(self.optimizer.param_groups, self.group_members, strict=True):
+            group["lr"] = float(lrs[members[0]])
+            for member in members:
+                for view, p in zip(self.member_views[member], self.params, strict=True):
+                    view.grad = p.grad[member]
         self.optimizer.step()
 
 
@@ -299,7 +312,8 @@ def train_selected(
     set_matmul_dtype(probe, resolve_matmul_dtype(config.precision, device))
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
-    optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
+    decays = torch.tensor([h.weight_decay for h in grid], device=device)
+    optimizer = StackedAdamW(params, weight_decay=decays, alike=[h.lr for h in grid])  # alike: same lr every step
     # Selections too large for the device's memory (all-token features of a large dataset) stay on the host, and those
     # too large for the host's in their cache; their batches are gathered there and copied over, one at a time.
     if isinstance(features, torch.Tensor) and fits_on_device(features, device):
