@@ -4,8 +4,8 @@ What: cache-like float16 features (random: L cached layers x cls/ap, width D, C 
 train and val), the recipe's defaults with the given lr x weight-decay grid, steps and batch (defaults: the default
 run's shape, vit_shapes_d6's 7 layers x 64 on a 6-class task, its grid and steps). Both runs are
 what the train step runs per seed: `linear_last_cls` is `train.sweep_selected` on the final layer's cls (its sweep
-on train, scoring on val, the refit on train+val); the family is `per_layer.sweep_kind` for each of its three token
-kinds (cls, ap, cls‖ap) on every layer's cls and ap: 3 x L heads per grid point, sharing every batch and step.
+on train, scoring on val, the refit on train+val); the family is `per_layer.sweep_family` (the same, for its three token
+kinds (cls, ap, cls‖ap) on every layer's cls and ap: 3 x L heads per grid point, sharing every batch and step).
 The two take turns (`--repeats` times, the fastest of each kept), so drift in the machine's speed reaches both.
 Prints both wall times, their ratio (goal: at most 2x) and the heads each trains, and, for scale, the 3 x L probes
 trained one after another (one layer's probe of each kind timed alone, times L).
@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from layerprobe.config import TrainConfig
-from layerprobe.per_layer import KINDS, sweep_kind
+from layerprobe.per_layer import KINDS, sweep_family
 from layerprobe.probes import gather_raw, get_probe_spec, select_token_positions
 from layerprobe.train import make_grid, sweep_selected
 
@@ -74,19 +74,17 @@ def main() -> None:
         sweep_selected(baseline, last, labels, num_train=num_train, num_classes=args.classes, grid=grid, config=config)
 
     def per_layer() -> None:
-        for kind in KINDS:
-            sweep_kind(
-                family,
-                every,
-                labels,
-                num_train=num_train,
-                num_layers=args.layers,
-                kind=kind,
-                num_classes=args.classes,
-                grid=grid,
-                config=config,
-                seed=0,
-            )
+        sweep_family(
+            family,
+            every,
+            labels,
+            num_train=num_train,
+            num_layers=args.layers,
+            num_classes=args.classes,
+            grid=grid,
+            config=config,
+            seed=0,
+        )
 
     def one_of_each_kind() -> None:  # layer 0's probe of each kind, trained alone
         for tokens_of_kind in KINDS.values():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from layerprobe.config import EvaluateConfig, ProbeConfig, TrainConfig
-from layerprobe.per_layer import KINDS, sweep_kind
+from layerprobe.per_layer import KINDS, sweep_family
 from layerprobe.probes import ProbeSpec, gather_raw, get_probe_spec, select_token_positions
 from layerprobe.train import make_grid, sweep_selected
 from tests.conftest import built_once
@@ -33,19 +33,18 @@ def test_every_member_equals_its_layers_linear_probe_trained_alone(jitter_val):
         epochs=1, min_steps=20, batch_size=32, device="cpu", precision="float32", jitter_val=jitter_val
     )
     grid = make_grid([1e-2, 1e-1], [1e-4, 1e-1])
+    together = sweep_family(
+        family,
+        features,
+        labels,
+        num_train=num_train,
+        num_layers=len(LAYERS),
+        num_classes=3,
+        grid=grid,
+        config=config,
+        seed=5,
+    )
     for kind, kind_tokens in KINDS.items():
-        together = sweep_kind(
-            family,
-            features,
-            labels,
-            num_train=num_train,
-            num_layers=len(LAYERS),
-            kind=kind,
-            num_classes=3,
-            grid=grid,
-            config=config,
-            seed=5,
-        )
         for layer in range(len(LAYERS)):
             spec = ProbeSpec("alone", layers=(layer,), tokens=kind_tokens, head="linear")
             slots = select_token_positions(LAYERS, TOKENS, layers=spec.layers, tokens=spec.tokens)
@@ -60,15 +59,17 @@ def test_every_member_equals_its_layers_linear_probe_trained_alone(jitter_val):
                 seed=5,
             )
             where = f"{kind} layer {layer}"
-            assert [s["balanced_accuracy"] for s in together.val_scores[layer]] == [
+            assert [s["balanced_accuracy"] for s in together.val_scores[kind][layer]] == [
                 s["balanced_accuracy"] for s in alone.val_scores
             ], where
-            assert together.best_index[layer] == alone.best_index, where
-            member = together.refit.member(layer).state_dict()
+            assert together.best_index[kind][layer] == alone.best_index, where
+            member = together.refit.member(kind, layer).state_dict()
             for key, value in alone.probe.state_dict().items():
                 torch.testing.assert_close(member[key], value, atol=1e-5, rtol=1e-5, msg=where)
-    scores = [s["balanced_accuracy"] for s in together.val_scores[2]]
-    assert max(scores) > 0.9 > max(s["balanced_accuracy"] for s in together.val_scores[0])  # they really differ
+    single = 2 * len(LAYERS)  # the cls and ap heads use their first D columns only: the rest stay exactly zero
+    assert torch.all(together.refit.weight[:single, :, tokens.shape[-1] :] == 0)
+    scores = [s["balanced_accuracy"] for s in together.val_scores["ap"][2]]
+    assert max(scores) > 0.9 > max(s["balanced_accuracy"] for s in together.val_scores["ap"][0])  # they differ
 
 
 # ---------------------------------------------------------------- (b) a planted layer, through train and evaluate
@@ -124,7 +125,7 @@ def test_predict_reads_the_selected_head_through_its_layers_depth(family, tmp_pa
     from layerprobe.backbone import create_eval_transform
     from layerprobe.checkpoint import load_probe
     from layerprobe.layer_evaluation import build_extractor
-    from layerprobe.per_layer import kind_view, load_family
+    from layerprobe.per_layer import load_family
     from layerprobe.predict import predict_images
     from tests.test_truncation import count_block_forwards
 
@@ -138,16 +139,15 @@ def test_predict_reads_the_selected_head_through_its_layers_depth(family, tmp_pa
     predicted = predict_images(probe_dir, images, batch_size=6)
     assert len(ran) == int(PLANTED.removeprefix("block")) + 1  # block2 needs blocks 0..2 only
     _, config = load_probe(probe_dir)
-    heads, record = load_family(probe_dir)
+    head, record = load_family(probe_dir)
     full = build_extractor(config)
     transform = create_eval_transform(full.model, crop_pct=None)
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
     tokens, _ = full.forward_all(pixels)
     selected = record["selected"]
     features = gather_raw(tokens, [tuple(p) for p in record["positions"]], width=record["width"])
-    view = kind_view(features, selected["kind"], len(record["layers"]))
-    logits = heads[selected["kind"]](torch.nn.functional.normalize(view.float(), dim=-1))  # [L, b, C]
-    stacked = logits[record["layers"].index(selected["layer"])].argmax(-1)
+    logits = head(torch.nn.functional.normalize(features.float(), dim=-1))  # [3L, b, C]
+    stacked = logits[head.index(selected["kind"], record["layers"].index(selected["layer"]))].argmax(-1)
     assert [p["label"] for p in predicted] == stacked.tolist()
 
 

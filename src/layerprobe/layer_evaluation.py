@@ -232,13 +232,13 @@ def per_layer_curves(trained: dict, features_dir, *, num_classes: int, batch_siz
     scores: dict[str, list] = {kind: [] for kind in record["kinds"]}
     interval = {}
     for entry in trained["seeds"]:
-        heads, _ = per_layer.load_family(Path(entry["dir"]))
-        for kind, head in heads.items():
-            view = per_layer.kind_view(test.features, kind, len(record["layers"]))
-            predictions = predict_selected(head, view, batch_size=batch_size)[0].numpy()  # [L, N]
-            scores[kind].append([float(balanced_accuracy_score(labels, p)) for p in predictions])
+        head, _ = per_layer.load_family(Path(entry["dir"]))
+        predictions = predict_selected(head, test.features, batch_size=batch_size)[0].numpy()  # [3L, N]
+        for kind in record["kinds"]:
+            by_layer = [predictions[head.index(kind, layer)] for layer in range(len(record["layers"]))]
+            scores[kind].append([float(balanced_accuracy_score(labels, p)) for p in by_layer])
             if kind not in interval:  # the first seed's, as the other blocks' intervals
-                interval[kind] = [list(bootstrap_balanced_accuracy(labels, p, num_classes)) for p in predictions]
+                interval[kind] = [list(bootstrap_balanced_accuracy(labels, p, num_classes)) for p in by_layer]
     return {
         "layers": record["layers"],
         "kinds": record["kinds"],

@@ -1,19 +1,18 @@
 """The per-layer probe family: for every cached layer, a linear probe on its CLS, its AP and CLS‖AP, trained at once.
 
-Per token kind, every (layer l, grid point g) head is one member of one batched problem (`GroupedLinearHead`): member
-(l, g) reads layer l's tokens with g's hyperparameters, and all of them train on the same batches of one selection of
-the cache (every layer's cls and ap). Each member computes what a `linear` probe with `layers: [l]`, `tokens` = its
-kind and `pad_final: true` computes trained alone with the same recipe and seed: same batches, same jitter (the
-layers share one draw of it, `train.jitter_tokens`' groups), same initialisation, its own lr and decay. Every layer
-is read at the cache's common width, so a narrower final layer (CLIP's projection) is read zero-padded, as with
-`pad_final: true`.
+Every (token kind, layer l, grid point g) head is one member of one stacked head (`FamilyHead`) trained on one
+selection of the cache (every layer's cls and ap): one read of each batch, one optimiser step and one clip for all
+3 x L x G of them. Each member computes what a `linear` probe with `layers: [l]`, `tokens` = its kind and
+`pad_final: true` computes trained alone with the same recipe and seed: same batches, same jitter (`family_jitter`),
+same initialisation, its own lr and decay. Every layer is read at the cache's common width, so a narrower final layer
+(CLIP's projection) is read zero-padded, as with `pad_final: true`.
 
-Selection is per (layer, kind), on val, as every probe's sweep (ties to the first grid point), and the refit on
-train+val trains every layer's chosen member at once. The family's headline probe is the (layer, kind) with the best
-val balanced accuracy (mean over seeds; ties to the first in layer, then kind order): it is saved as the standard
-probe, a linear probe reading that one layer, so evaluate, the registry and `layerprobe predict` (through the
-backbone only as deep as that layer) read it like any other. The stacked refit heads of every layer and kind are
-saved beside it (`per_layer.safetensors` + `per_layer.json`) for the curves evaluate writes (`evaluation_block`).
+Selection is per (kind, layer), on val, as every probe's sweep (ties to the first grid point), and the refit on
+train+val trains every (kind, layer)'s chosen member at once. The family's headline probe is the (layer, kind) with
+the best val balanced accuracy (mean over seeds; ties to the first in layer, then kind order): it is saved as the
+standard probe, a linear probe reading that one layer, so evaluate, the registry and `layerprobe predict` (through
+the backbone only as deep as that layer) read it like any other. The stacked refit heads are saved beside it
+(`per_layer.safetensors` + `per_layer.json`) for the curves evaluate writes (`layer_evaluation.per_layer_curves`).
 """
 
 from __future__ import annotations
@@ -29,126 +28,137 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from layerprobe.probes import StackedLinearHead, _uniform_
+from layerprobe.probes import StackedLinearHead
 
 PER_LAYER = "per_layer"
 KINDS = {"cls": ("cls",), "ap": ("ap",), "cls_ap": ("cls", "ap")}  # token kind -> the tokens it reads of a layer
 FAMILY_WEIGHTS, FAMILY_CONFIG = "per_layer.safetensors", "per_layer.json"
 
 
-class GroupedLinearHead(nn.Module):
-    """`groups` x `members` linear probes, member (l, g) (index l * members + g) reading input group l only:
-    tokens `[B, groups * k, D]` (group l = tokens l*k .. l*k+k-1, concatenated) -> logits `[groups * members, B, C]`.
+class FamilyHead(nn.Module):
+    """Every layer's linear probes of every token kind, `members` (grid points) each, as one stacked head: tokens
+    `[B, 2L, D]` (cls@l, ap@l, ...) -> logits `[3 * L * members, B, C]`, member (kind k, layer l, point g) at index
+    (g * 3 + k) * L + l, kinds in `KINDS` order: a grid point's heads are consecutive, so the optimiser updates them
+    as one slice (`train.StackedAdamW`'s `alike`).
 
-    Every member is initialised as a G=1 `StackedLinearHead` of `k * D` inputs with the same seed.
+    One weight `[3 L G, C, 2D]` holds them all, so one optimiser step and one clip serve every head: a cls or ap
+    head uses its first D columns (the rest stay exactly zero: they get no gradient and decay from zero to zero),
+    a cls‖ap head all 2D. Every head is initialised as a G=1 `StackedLinearHead` of its inputs with the same seed.
+    Given `[B, 4L, D]` (`family_jitter`'s), the cls and ap heads read the first 2L tokens, the cls‖ap heads the rest.
     """
 
-    def __init__(self, groups: int, members: int, in_features: int, num_classes: int) -> None:
+    def __init__(self, num_layers: int, members: int, dim: int, num_classes: int) -> None:
         super().__init__()
-        self.groups, self.members, self.in_features, self.num_classes = groups, members, in_features, num_classes
-        self.grid_size = groups * members
-        self.weight = nn.Parameter(torch.empty(self.grid_size, num_classes, in_features))
+        self.num_layers, self.members, self.dim, self.num_classes = num_layers, members, dim, num_classes
+        self.grid_size = len(KINDS) * num_layers * members
+        self.weight = nn.Parameter(torch.empty(self.grid_size, num_classes, 2 * dim))
         self.bias = nn.Parameter(torch.empty(self.grid_size, num_classes))
         self.matmul_dtype = torch.float32  # see `probes.set_matmul_dtype`
         self.reset_parameters(seed=0)
 
     @torch.no_grad()
     def reset_parameters(self, *, seed: int) -> None:
-        """Every member as `StackedLinearHead.reset_parameters(seed=seed)` initialises its members."""
-        generator = torch.Generator().manual_seed(seed)
-        weight, bias = torch.empty(self.num_classes, self.in_features), torch.empty(self.num_classes)
-        _uniform_(weight, self.in_features, generator)
-        _uniform_(bias, self.in_features, generator)
-        self.weight.copy_(weight.expand_as(self.weight))
-        self.bias.copy_(bias.expand_as(self.bias))
+        """Every head as `StackedLinearHead.reset_parameters(seed=seed)` initialises one of its inputs' width."""
+        weight = self.weight.view(self.members, len(KINDS), self.num_layers, self.num_classes, 2 * self.dim)
+        bias = self.bias.view(self.members, len(KINDS), self.num_layers, self.num_classes)
+        weight.zero_()
+        for k, tokens in enumerate(KINDS.values()):
+            head = StackedLinearHead(1, len(tokens) * self.dim, self.num_classes)
+            head.reset_parameters(seed=seed)
+            weight[:, k, :, :, : head.in_features] = head.weight
+            bias[:, k] = head.bias
 
     def forward(
         self, x: torch.Tensor, *, return_attention: bool = False, dropout_noise: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, None]:
-        flat = x.reshape(x.shape[0], self.groups, -1)  # [B, L, k*D]: a layer's tokens ordered as a linear probe's
-        if flat.shape[2] != self.in_features:
-            raise ValueError(f"per-layer head expects {self.in_features} features per layer, got {flat.shape[2]}")
-        weight = self.weight.view(self.groups, self.members, self.num_classes, -1).to(self.matmul_dtype)
-        logits = torch.einsum("blf,lgcf->lgbc", flat.to(self.matmul_dtype), weight)
-        logits = logits.reshape(self.grid_size, x.shape[0], self.num_classes)
+        batch, layers, d = x.shape[0], self.num_layers, self.dim
+        if x.shape[1:] not in ((2 * layers, d), (4 * layers, d)):
+            raise ValueError(
+                f"per-layer head expects [B, {2 * layers} or {4 * layers}, {d}] tokens, got {list(x.shape)}"
+            )
+        single, pairs = (x, x) if x.shape[1] == 2 * layers else (x[:, : 2 * layers], x[:, 2 * layers :])
+        dtype = self.matmul_dtype
+        weight = self.weight.view(self.members, len(KINDS), layers, self.num_classes, 2 * d).to(dtype)
+        inputs = (single[:, 0::2], single[:, 1::2], pairs.reshape(batch, layers, 2 * d))  # cls, ap, cls‖ap
+        logits = torch.stack(
+            [
+                torch.einsum("blf,glcf->glbc", tokens.to(dtype), weight[:, k, ..., : tokens.shape[-1]])
+                for k, tokens in enumerate(inputs)
+            ],
+            dim=1,
+        ).reshape(self.grid_size, batch, self.num_classes)
         logits = logits.to(x.dtype) + self.bias[:, None, :]
         return (logits, None) if return_attention else logits
 
+    def index(self, kind: str, layer: int, member: int = 0) -> int:
+        return (member * len(KINDS) + list(KINDS).index(kind)) * self.num_layers + layer
+
     @torch.no_grad()
-    def member(self, index: int) -> StackedLinearHead:
-        """Member `index` as a G=1 linear probe (eval mode)."""
-        single = StackedLinearHead(1, self.in_features, self.num_classes)
-        single.load_state_dict({"weight": self.weight[index : index + 1], "bias": self.bias[index : index + 1]})
+    def member(self, kind: str, layer: int, member: int = 0) -> StackedLinearHead:
+        """One head as a G=1 linear probe of its kind's inputs (eval mode)."""
+        index, width = self.index(kind, layer, member), len(KINDS[kind]) * self.dim
+        single = StackedLinearHead(1, width, self.num_classes)
+        single.load_state_dict(
+            {"weight": self.weight[index : index + 1, :, :width], "bias": self.bias[index : index + 1]}
+        )
         return single.eval()
 
 
-class _Kind:
-    """One token kind's columns of a family selection `[N, 2L, D]` (cls@l, ap@l, ...): `[N, L * k, D]`, for a tensor
-    or a selection left in its cache (`train.StreamedRows`), whose rows are read whole and then picked from."""
+def family_jitter(num_layers: int):
+    """The training jitter for `FamilyHead` (`train.train_selected`'s `jitter`): tokens `[b, 2L, D]` -> `[b, 4L, D]`.
 
-    def __init__(self, selection, picks: Sequence[int]) -> None:
-        self._selection, self._picks = selection, torch.tensor(list(picks))
-        self.shape = torch.Size([selection.shape[0], len(picks), *selection.shape[2:]])
-        self.device = selection.device
+    A lone cls or ap probe draws its noise `[n, 1, D]`, a lone cls‖ap probe `[n, 2, D]`, each from a generator of
+    the same seed. So the first 2L tokens get one `[n, 1, D]` draw on every token, from the given generator, and the
+    last 2L one `[n, 2, D]` draw on every layer's pair, from a twin that starts where the given generator starts and
+    then goes its own way (a new twin per call of this function: one per training or scoring run).
+    """
+    from layerprobe.train import jitter_tokens
 
-    def __len__(self) -> int:
-        return self.shape[0]
+    twins: list[torch.Generator] = []
 
-    def __getitem__(self, rows: slice) -> _Kind:
-        return _Kind(self._selection[rows], self._picks.tolist())
+    def jitter(x: torch.Tensor, *, std: float, prob: float, generator: torch.Generator) -> torch.Tensor:
+        if not twins:
+            twins.append(torch.Generator(device=generator.device).set_state(generator.get_state()))
+        single = jitter_tokens(x, std=std, prob=prob, generator=generator, groups=2 * num_layers)
+        pairs = jitter_tokens(x, std=std, prob=prob, generator=twins[0], groups=num_layers)
+        return torch.cat([single, pairs], dim=1)
 
-    def read(self, rows) -> torch.Tensor:
-        from layerprobe.train import read_rows
-
-        tokens = read_rows(self._selection, rows)
-        return tokens[:, self._picks.to(tokens.device)]
-
-
-def kind_view(selection, kind: str, num_layers: int):
-    """Kind `kind`'s tokens of a family selection `[N, 2L, D]`: a tensor view `[N, L * k, D]`, or a `_Kind`."""
-    picks = [2 * layer + ["cls", "ap"].index(token) for layer in range(num_layers) for token in KINDS[kind]]
-    if isinstance(selection, torch.Tensor):  # views: cls@l at 2l, ap@l at 2l + 1
-        return {"cls": selection[:, 0::2], "ap": selection[:, 1::2], "cls_ap": selection}[kind]
-    return _Kind(selection, picks)
+    return jitter
 
 
 @dataclass
-class KindSweep:
-    """One token kind's sweep: every (layer, grid point)'s val scores, each layer's chosen point and the refit heads
-    (`GroupedLinearHead` of one member per layer, eval mode) with their history."""
+class FamilySweep:
+    """The family's sweep: every (kind, layer, grid point)'s val scores, each (kind, layer)'s chosen point and the
+    refit heads (`FamilyHead` of one member per kind and layer, eval mode) with their history."""
 
-    val_scores: list[list[dict]]  # [L][G]
-    best_index: list[int]  # [L]
-    refit: GroupedLinearHead
+    val_scores: dict[str, list[list[dict]]]  # {kind: [L][G]}
+    best_index: dict[str, list[int]]  # {kind: [L]}
+    refit: FamilyHead
     history: list[dict]
 
 
-def sweep_kind(
+def sweep_family(
     spec,
     features,
     labels: torch.Tensor,
     *,
     num_train: int,
     num_layers: int,
-    kind: str,
     num_classes: int,
     grid,
     config,
     seed: int,
-) -> KindSweep:
-    """`train.sweep_selected` for every layer's probe of one token kind at once, on the family selection
+) -> FamilySweep:
+    """`train.sweep_selected` for every layer's probe of every token kind at once, on the family selection
     `features  # [N, 2L, D]` (rows `:num_train` train, the rest val)."""
     from layerprobe.train import predict_selected, train_selected
 
-    tokens = kind_view(features, kind, num_layers)
-    width = len(KINDS[kind]) * features.shape[2]
-
     def trained(rows, hparams: list, members: int, plan_size: int | None):
-        head = GroupedLinearHead(num_layers, members, width, num_classes)
+        head = FamilyHead(num_layers, members, features.shape[2], num_classes)
         head.reset_parameters(seed=seed)
         return train_selected(
             spec,
-            tokens[rows],
+            features[rows],
             labels[rows],
             num_classes=num_classes,
             grid=hparams,
@@ -156,39 +166,42 @@ def sweep_kind(
             seed=seed,
             plan_size=plan_size,
             head=head,
-            jitter_groups=num_layers,
+            jitter=family_jitter(num_layers),
         )
 
-    sweep = trained(slice(0, num_train), [h for _ in range(num_layers) for h in grid], len(grid), len(features))
+    heads = len(KINDS) * num_layers
+    sweep = trained(slice(0, num_train), [h for h in grid for _ in range(heads)], len(grid), len(features))
     predictions, _, _ = predict_selected(
         sweep.probe,
-        tokens[num_train:],
+        features[num_train:],
         normalize=spec.normalize,
         jitter_std=config.jitter_std if config.jitter_val else 0.0,
         jitter_prob=config.jitter_prob,
         jitter_seed=seed + 3,  # as train.sweep_selected
-        jitter_groups=num_layers,
+        jitter=family_jitter(num_layers),
     )
     truth = labels[num_train:].cpu().numpy()
-    val_scores, best_index = [], []
-    for layer in range(num_layers):
-        scores = []
-        for g, hparams in enumerate(grid):
-            guess = predictions[layer * len(grid) + g].numpy()
-            scores.append(
-                {
-                    "name": hparams.name,
-                    "lr": hparams.lr,
-                    "weight_decay": hparams.weight_decay,
-                    "attn_dropout": hparams.attn_dropout,
-                    "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
-                    "accuracy": float((guess == truth).mean()),
-                }
-            )
-        val_scores.append(scores)
-        best_index.append(max(range(len(grid)), key=lambda i: (scores[i]["balanced_accuracy"], -i)))
-    refit = trained(slice(None), [grid[i] for i in best_index], 1, None)
-    return KindSweep(val_scores=val_scores, best_index=best_index, refit=refit.probe, history=refit.history)
+    val_scores, best_index = {}, {}
+    for kind in KINDS:
+        val_scores[kind], best_index[kind] = [], []
+        for layer in range(num_layers):
+            scores = []
+            for g, hparams in enumerate(grid):
+                guess = predictions[sweep.probe.index(kind, layer, g)].numpy()
+                scores.append(
+                    {
+                        "name": hparams.name,
+                        "lr": hparams.lr,
+                        "weight_decay": hparams.weight_decay,
+                        "attn_dropout": hparams.attn_dropout,
+                        "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
+                        "accuracy": float((guess == truth).mean()),
+                    }
+                )
+            val_scores[kind].append(scores)
+            best_index[kind].append(max(range(len(grid)), key=lambda i: (scores[i]["balanced_accuracy"], -i)))
+    refit = trained(slice(None), [grid[i] for kind in KINDS for i in best_index[kind]], 1, None)
+    return FamilySweep(val_scores=val_scores, best_index=best_index, refit=refit.probe, history=refit.history)
 
 
 def select_head(val: dict[str, Sequence[float]], num_layers: int) -> tuple[int, str]:
@@ -197,38 +210,31 @@ def select_head(val: dict[str, Sequence[float]], num_layers: int) -> tuple[int, 
     return max(((i, k) for i in range(num_layers) for k in KINDS), key=lambda ik: val[ik[1]][ik[0]])
 
 
-def save_family(directory: Path, sweeps: dict[str, KindSweep], record: dict) -> None:
-    """Every kind's refit heads to `directory/per_layer.safetensors` and `record` with their shapes and val scores
-    to `per_layer.json` (JSON last), through the write path probes take (`checkpoint.save_probe`)."""
+def save_family(directory: Path, head: FamilyHead, record: dict) -> None:
+    """The refit heads to `directory/per_layer.safetensors` and `record` with their val scores to `per_layer.json`
+    (JSON last), through the write path probes take (`checkpoint.save_probe`)."""
     from safetensors.torch import save_file
 
     from layerprobe.files import replace_durably, tmp_path, write_json
 
-    tensors = {}
-    for kind, sweep in sweeps.items():
-        tensors[f"{kind}.weight"] = sweep.refit.weight.detach().cpu().contiguous()
-        tensors[f"{kind}.bias"] = sweep.refit.bias.detach().cpu().contiguous()
+    tensors = {name: value.detach().cpu().contiguous() for name, value in head.state_dict().items()}
     weights_tmp = tmp_path(directory / FAMILY_WEIGHTS)
     save_file(tensors, str(weights_tmp))
     replace_durably(weights_tmp, directory / FAMILY_WEIGHTS)
     write_json(directory / FAMILY_CONFIG, record)
 
 
-def load_family(directory: Path) -> tuple[dict[str, GroupedLinearHead], dict]:
-    """The refit heads {kind: `GroupedLinearHead`} (eval mode) and the record `save_family` wrote."""
+def load_family(directory: Path) -> tuple[FamilyHead, dict]:
+    """The refit heads (`FamilyHead`, one member per kind and layer, eval mode) and the record `save_family` wrote."""
     from safetensors.torch import load_file
 
     from layerprobe.files import read_json
 
     record = read_json(directory / FAMILY_CONFIG)
     tensors = load_file(str(directory / FAMILY_WEIGHTS))
-    heads = {}
-    for kind in record["kinds"]:
-        weight = tensors[f"{kind}.weight"]
-        head = GroupedLinearHead(len(record["layers"]), 1, weight.shape[2], weight.shape[1])
-        head.load_state_dict({"weight": weight, "bias": tensors[f"{kind}.bias"]})
-        heads[kind] = head.eval()
-    return heads, record
+    head = FamilyHead(len(record["layers"]), 1, tensors["weight"].shape[2] // 2, tensors["weight"].shape[1])
+    head.load_state_dict(tensors)
+    return head.eval(), record
 
 
 # ---------------------------------------------------------------- the train step
@@ -283,28 +289,25 @@ def train_family(
     device = resolve_device(train.device)
     training = {"device": device.type, "precision": dtype_name(resolve_matmul_dtype(train.precision, device))}
     sweeps = {
-        seed: {
-            kind: sweep_kind(
-                spec,
-                selection.features,
-                selection.labels,
-                num_train=selection.counts["train"],
-                num_layers=len(layers),
-                kind=kind,
-                num_classes=num_classes,
-                grid=grid,
-                config=train,
-                seed=seed,
-            )
-            for kind in KINDS
-        }
+        seed: sweep_family(
+            spec,
+            selection.features,
+            selection.labels,
+            num_train=selection.counts["train"],
+            num_layers=len(layers),
+            num_classes=num_classes,
+            grid=grid,
+            config=train,
+            seed=seed,
+        )
         for seed in train.seeds
     }
 
-    def chosen_val(sweep: KindSweep) -> list[float]:
-        return [scores[i]["balanced_accuracy"] for scores, i in zip(sweep.val_scores, sweep.best_index, strict=True)]
+    def chosen_val(sweep: FamilySweep, kind: str) -> list[float]:
+        chosen = zip(sweep.val_scores[kind], sweep.best_index[kind], strict=True)
+        return [scores[i]["balanced_accuracy"] for scores, i in chosen]
 
-    val = {kind: np.mean([chosen_val(sweeps[s][kind]) for s in train.seeds], axis=0).tolist() for kind in KINDS}
+    val = {kind: np.mean([chosen_val(sweeps[s], kind) for s in train.seeds], axis=0).tolist() for kind in KINDS}
     layer, kind = select_head(val, len(layers))
     layer_index = layers[layer]
     record = {
@@ -317,8 +320,8 @@ def train_family(
     slots = [(layer_index, token_names.index(token)) for token in KINDS[kind]]
     per_seed = []
     for seed in train.seeds:
-        sweep = sweeps[seed][kind]
-        best = dataclasses.asdict(grid[sweep.best_index[layer]])
+        sweep = sweeps[seed]
+        best = dataclasses.asdict(grid[sweep.best_index[kind][layer]])
         config = {
             "probe": PER_LAYER,
             "spec": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(chosen).items()},
@@ -336,21 +339,22 @@ def train_family(
             "training": training,
         }
         staged = staging / f"seed-{seed}"
-        save_probe(staged, sweep.refit.member(layer), config)
-        write_json(staged / SWEEP_FILE, {"best": best, "configs": sweep.val_scores[layer]})
-        history = [{**h, "loss": h["loss"][layer], "lr": h["lr"][layer]} for h in sweep.history]  # its member's
+        save_probe(staged, sweep.refit.member(kind, layer), config)
+        write_json(staged / SWEEP_FILE, {"best": best, "configs": sweep.val_scores[kind][layer]})
+        at = sweep.refit.index(kind, layer)
+        history = [{**h, "loss": h["loss"][at], "lr": h["lr"][at]} for h in sweep.history]  # its member's
         write_json(staged / HISTORY_FILE, history)
         family = {
             **record,
             "positions": [list(p) for p in positions],
             "width": width,
             "seed": seed,
-            "val_scores": {k: s.val_scores for k, s in sweeps[seed].items()},
-            "best": {k: [dataclasses.asdict(grid[i]) for i in s.best_index] for k, s in sweeps[seed].items()},
+            "val_scores": sweep.val_scores,
+            "best": {k: [dataclasses.asdict(grid[i]) for i in chosen] for k, chosen in sweep.best_index.items()},
         }
-        save_family(staged, sweeps[seed], family)
+        save_family(staged, sweep.refit, family)
         seed_dir = paths.seed_dir(backbone_name, dataset_name, PER_LAYER, seed)
-        val_selected = chosen_val(sweep)[layer]
+        val_selected = chosen_val(sweep, kind)[layer]
         per_seed.append({"seed": seed, "dir": str(seed_dir), "best": best, "val_balanced_accuracy": val_selected})
     names = (PROBE_WEIGHTS, PROBE_CONFIG, SWEEP_FILE, HISTORY_FILE, FAMILY_WEIGHTS, FAMILY_CONFIG)
     summary = {

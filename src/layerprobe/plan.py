@@ -90,7 +90,7 @@ class Shape:
     def key(self) -> str:
         heads = f" H{self.spec.num_heads or self.tokens}" if self.spec.head == "attentive" else ""
         runs = "".join(f" {w}x{len(list(same))}" for w, same in itertools.groupby(self.token_widths or ()))
-        head = PER_LAYER if self.spec.name == PER_LAYER else self.spec.head  # its three batched problems a step
+        head = PER_LAYER if self.spec.name == PER_LAYER else self.spec.head  # 3 heads a layer, not one linear
         return f"{head} K{self.tokens} W{self.width}{heads} G{self.grid}" + (runs and " widths" + runs)
 
 
@@ -244,38 +244,30 @@ class _Enough(Exception):
 def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, params: Params) -> float:
     """Seconds per step of `train.train_selected` at this shape, batch and classes, on random features in memory: the
     fastest after a warm-up one, of 3 and a quarter second or of a second (a new shape's first steps set it up). The
-    per-layer family's step is its three batched problems' (every layer's cls, ap and cls‖ap heads, `per_layer`)."""
-    from layerprobe.per_layer import KINDS, GroupedLinearHead
+    per-layer family's step is its one head's (every layer's cls, ap and cls‖ap heads, `per_layer.FamilyHead`)."""
+    from layerprobe.per_layer import FamilyHead, family_jitter
 
     if shape.spec.name != PER_LAYER:
-        return _time_step(shape, shape.tokens, batch=batch, classes=classes, device=device, params=params)
+        return _time_step(shape, batch=batch, classes=classes, device=device, params=params)
     layers = shape.tokens // 2
-    return sum(
-        _time_step(
-            shape,
-            layers * len(tokens),
-            batch=batch,
-            classes=classes,
-            device=device,
-            params=params,
-            head=GroupedLinearHead(layers, shape.grid, len(tokens) * shape.width, classes),
-        )
-        for tokens in KINDS.values()
+    head = FamilyHead(layers, shape.grid, shape.width, classes)
+    return _time_step(
+        shape, batch=batch, classes=classes, device=device, params=params, head=head, jitter=family_jitter(layers)
     )
 
 
 def _time_step(
-    shape: Shape, tokens: int, *, batch: int, classes: int, device: torch.device, params: Params, head=None
+    shape: Shape, *, batch: int, classes: int, device: torch.device, params: Params, head=None, jitter=None
 ) -> float:
     from layerprobe.train import HParams, train_selected
 
-    features = torch.randn((batch, tokens, shape.width), device=device).to(getattr(torch, params.extract.dtype))
+    features = torch.randn((batch, shape.tokens, shape.width), device=device).to(getattr(torch, params.extract.dtype))
     plan = {"epochs": 1, "min_steps": 40, "batch_size": batch, "batch_plan": "even", "min_batches": 1, "seeds": [0]}
     config = dataclasses.replace(params.train, device=str(device), **plan)
     dropout = 0.1 if shape.spec.head == "attentive" else 0.0
-    members = shape.grid * (1 if head is None else head.groups)
+    members = shape.grid if head is None else head.grid_size
     grid = [HParams(1e-3, 1e-4, dropout if member else 0.0) for member in range(members)]
-    groups = {} if head is None else {"head": head, "jitter_groups": head.groups}
+    groups = {} if head is None else {"head": head, "jitter": jitter}
     marks: list[float] = []
 
     def on_step(step: int) -> None:

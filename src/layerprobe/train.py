@@ -125,9 +125,19 @@ class StackedAdamW:
         for member, key in enumerate(keys):
             together.setdefault((key, decays[member]), []).append(member)
         self.group_members = list(together.values())
-        groups = [
-            {"params": [view for m in members for view in self.member_views[m]], "weight_decay": decays[members[0]]}
+        # A group of consecutive members is one slice of each parameter: one tensor for the fused pass, not one each.
+        self.group_views = [
+            [p.detach()[members[0] : members[-1] + 1] for p in self.params]
+            if members == list(range(members[0], members[-1] + 1))
+            else None
             for members in self.group_members
+        ]
+        groups = [
+            {
+                "params": views or [view for m in members for view in self.member_views[m]],
+                "weight_decay": decays[members[0]],
+            }
+            for members, views in zip(self.group_members, self.group_views, strict=True)
         ]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)
@@ -144,8 +154,14 @@ class StackedAdamW:
         for index, p in enumerate(self.params):
             if p.grad is None:
                 p.grad = self.zero_grads.setdefault(index, torch.zeros_like(p))
-        for group, members in zip(self.optimizer.param_groups, self.group_members, strict=True):
+        for group, members, views in zip(
+            self.optimizer.param_groups, self.group_members, self.group_views, strict=True
+        ):
             group["lr"] = float(lrs[members[0]])
+            if views is not None:
+                for view, p in zip(views, self.params, strict=True):
+                    view.grad = p.grad[members[0] : members[-1] + 1]
+                continue
             for member in members:
                 for view, p in zip(self.member_views[member], self.params, strict=True):
                     view.grad = p.grad[member]
@@ -281,7 +297,7 @@ def train_selected(
     plan_size: int | None = None,
     on_step: Callable[[int], None] | None = None,
     head: nn.Module | None = None,
-    jitter_groups: int = 1,
+    jitter: Callable[..., torch.Tensor] | None = None,
 ) -> TrainedGrid:
     """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype), held in
     memory or read batch by batch from their cache (`layerprobe.selection`).
@@ -289,7 +305,7 @@ def train_selected(
     `token_widths` as in `probes.build_probe`; `plan_size` as in `batch_plan` (the sweep passes its full set's size);
     `on_step(step)` is called after every optimisation step (`layerprobe plan` times steps with it). `head`: an
     initialised head of len(grid) members to train instead of `spec`'s (the per-layer family's, `layerprobe.per_layer`),
-    `jitter_groups` as in `jitter_tokens`.
+    `jitter` a function drawing the jitter instead of `jitter_tokens` (same arguments; the family's).
     """
     _check_inputs(features, labels, num_classes)
     if not grid:
@@ -336,9 +352,7 @@ def train_selected(
             rows = order[start : start + batch_size]
             x = normalize_selection(read_rows(features, rows).to(device).float(), spec.normalize)  # [b, K, D]
             b = x.shape[0]
-            x = jitter_tokens(
-                x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen, groups=jitter_groups
-            )
+            x = (jitter or jitter_tokens)(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
             dropout_noise = None
             if attentive:  # drawn every step for every grid, so a lone member sees the same masks
                 dropout_noise = torch.rand(b, probe.num_heads, num_tokens, generator=dropout_gen, device=device)
@@ -411,12 +425,12 @@ def predict_selected(
     jitter_prob: float = 0.0,
     jitter_seed: int = 0,
     keep: torch.Tensor | None = None,
-    jitter_groups: int = 1,
+    jitter: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens.
 
     `keep`: `[K]` bool, the tokens an attentive probe attends to (`StackedAttentiveHead.forward`); None: all.
-    `jitter_groups` as in `jitter_tokens`.
+    `jitter` as in `train_selected`.
 
     Tokens are normalised as the probe was trained (`normalize`, its spec's `probes.normalize_selection` rule). A
     non-zero `jitter_std` and `jitter_prob` add the training jitter to the normalised tokens first, drawn from a
@@ -426,13 +440,13 @@ def predict_selected(
     was_training = probe.training
     probe.eval()
     device = next(probe.parameters()).device
-    jitter = jitter_std > 0 and jitter_prob > 0
-    generator = torch.Generator(device=device).manual_seed(jitter_seed) if jitter else None
+    jittering = jitter_std > 0 and jitter_prob > 0
+    generator = torch.Generator(device=device).manual_seed(jitter_seed) if jittering else None
     logits, attention = [], []
     for start in range(0, features.shape[0], batch_size):
         x = normalize_selection(read_rows(features, slice(start, start + batch_size)).to(device).float(), normalize)
         if generator is not None:
-            x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator, groups=jitter_groups)
+            x = (jitter or jitter_tokens)(x, std=jitter_std, prob=jitter_prob, generator=generator)
         batch_logits, batch_attention = probe(x, return_attention=True, **({} if keep is None else {"keep": keep}))
         logits.append(batch_logits.cpu())
         if batch_attention is not None:
