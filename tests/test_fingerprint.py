@@ -73,6 +73,7 @@ RESULTS = {
     "layerprobe.train",
     "layerprobe.truncation",
     "layerprobe.layer_evaluation",
+    "layerprobe.per_layer",
     "layerprobe.steps",
     *STEPS,
 }

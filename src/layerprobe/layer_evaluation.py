@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from layerprobe import per_layer
 from layerprobe.truncation import TRUNCATED_PROBE, token_layers
 
 TIMING_BATCH = 32  # images per timed forward
@@ -162,10 +163,13 @@ def evaluation_blocks(
     predictions: np.ndarray,
     *,
     batch_size: int,
+    features_dir=None,
 ) -> dict:
     """What the evaluate marker adds for layers: `knockout` for an attentive probe reading several layers
     (`layer_knockout` on the `test` selection, every seed's probe), `truncation` for alf_truncated (its train
-    record and the measured speed-up through its depth, `measured_speedup` with the first seed's probe)."""
+    record and the measured speed-up through its depth, `measured_speedup` with the first seed's probe),
+    `per_layer` for the per-layer family (every layer's curves, `per_layer.evaluation_block`, on the test split of
+    the cache at `features_dir`)."""
     from layerprobe.device import resolve_device
 
     blocks = {}
@@ -196,4 +200,55 @@ def evaluation_blocks(
         record["speedup_wall"] = timed["wall"]
         record["timed_on"] = {"device": device, "batch": TIMING_BATCH, "repeats": TIMING_REPEATS}
         blocks["truncation"] = record
+    if probe_name == per_layer.PER_LAYER:
+        blocks["per_layer"] = per_layer_curves(
+            trained, features_dir, num_classes=config["num_classes"], batch_size=batch_size
+        )
     return blocks
+
+
+# ---------------------------------------------------------------- the per-layer family's curves
+
+
+def per_layer_curves(trained: dict, features_dir, *, num_classes: int, batch_size: int) -> dict:
+    """The evaluate marker's `per_layer` block: every layer's and kind's test balanced accuracy (mean over seeds),
+    the first seed's bootstrap interval, the val balanced accuracy (mean over seeds) and the selected head, from the
+    seeds' saved families (`per_layer.load_family`) scored on the cache's test split, read once for all of them."""
+    from pathlib import Path
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from layerprobe.files import read_json
+    from layerprobe.metrics import bootstrap_balanced_accuracy
+    from layerprobe.probes import gather_raw
+    from layerprobe.selection import open_selection
+    from layerprobe.train import predict_selected
+
+    family = read_json(Path(trained["seeds"][0]["dir"]) / per_layer.FAMILY_CONFIG)
+    positions = [tuple(p) for p in family["positions"]]
+    test = open_selection(
+        Path(features_dir),
+        splits=["test"],
+        select=lambda tokens, patches: gather_raw(tokens, positions, width=family["width"]),
+        batch_rows=batch_size,
+    )
+    labels = test.labels.numpy()
+    record = trained["per_layer"]
+    scores: dict[str, list] = {kind: [] for kind in record["kinds"]}
+    interval = {}
+    for entry in trained["seeds"]:
+        head, _ = per_layer.load_family(Path(entry["dir"]))
+        predictions = predict_selected(head, test.features, batch_size=batch_size)[0].numpy()  # [3L, N]
+        for kind in record["kinds"]:
+            by_layer = [predictions[head.index(kind, layer)] for layer in range(len(record["layers"]))]
+            scores[kind].append([float(balanced_accuracy_score(labels, p)) for p in by_layer])
+            if kind not in interval:  # the first seed's, as the other blocks' intervals
+                interval[kind] = [list(bootstrap_balanced_accuracy(labels, p, num_classes)) for p in by_layer]
+    return {
+        "layers": record["layers"],
+        "kinds": record["kinds"],
+        "test_balanced_accuracy": {kind: np.mean(s, axis=0).tolist() for kind, s in scores.items()},
+        "interval": interval,
+        "val_balanced_accuracy": record["val_balanced_accuracy"],
+        "selected": record["selected"],
+    }

@@ -172,6 +172,15 @@ class Params:
                 raise ParamsError(f"probes.{name}.{key}: {name} reads what {source} reads; set it on probes.{source}")
             if probe is not None and name not in TRAINED_FROM and probe.truncation_margin is not None:
                 raise ParamsError(f"probes.{name}.truncation_margin: only {', '.join(TRAINED_FROM)} has a margin")
+        from layerprobe.probes import FAMILY_SETTINGS
+
+        for name, settings in FAMILY_SETTINGS.items():
+            family = self.probes.get(name)
+            if family is not None and (fixed := [key for key in family.overrides() if key not in settings]):
+                raise ParamsError(
+                    f"probes.{name}.{fixed[0]}: {name} reads every layer's cls, ap and both, linearly, at the "
+                    f"cache's width; only {', '.join(settings)} can be set"
+                )
         owners: dict[str, tuple[str, str]] = {}
         for backbone in self.suite.backbones:
             for dataset in self.suite.datasets:

@@ -24,6 +24,7 @@ import torch
 
 from layerprobe.config import MANIFEST_FILE, BackboneConfig, DatasetConfig
 from layerprobe.params import Params
+from layerprobe.per_layer import PER_LAYER
 from layerprobe.probes import ProbeSpec
 
 FORMAT = "layerprobe-calibration/3"
@@ -89,7 +90,8 @@ class Shape:
     def key(self) -> str:
         heads = f" H{self.spec.num_heads or self.tokens}" if self.spec.head == "attentive" else ""
         runs = "".join(f" {w}x{len(list(same))}" for w, same in itertools.groupby(self.token_widths or ()))
-        return f"{self.spec.head} K{self.tokens} W{self.width}{heads} G{self.grid}" + (runs and " widths" + runs)
+        head = PER_LAYER if self.spec.name == PER_LAYER else self.spec.head  # 3 heads a layer, not one linear
+        return f"{head} K{self.tokens} W{self.width}{heads} G{self.grid}" + (runs and " widths" + runs)
 
 
 @dataclass(frozen=True)
@@ -241,14 +243,31 @@ class _Enough(Exception):
 
 def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, params: Params) -> float:
     """Seconds per step of `train.train_selected` at this shape, batch and classes, on random features in memory: the
-    fastest after a warm-up one, of 3 and a quarter second or of a second (a new shape's first steps set it up)."""
+    fastest after a warm-up one, of 3 and a quarter second or of a second (a new shape's first steps set it up). The
+    per-layer family's step is its one head's (every layer's cls, ap and cls‖ap heads, `per_layer.FamilyHead`)."""
+    from layerprobe.per_layer import FamilyHead, family_jitter
+
+    if shape.spec.name != PER_LAYER:
+        return _time_step(shape, batch=batch, classes=classes, device=device, params=params)
+    layers = shape.tokens // 2
+    head = FamilyHead(layers, shape.grid, shape.width, classes)
+    return _time_step(
+        shape, batch=batch, classes=classes, device=device, params=params, head=head, jitter=family_jitter(layers)
+    )
+
+
+def _time_step(
+    shape: Shape, *, batch: int, classes: int, device: torch.device, params: Params, head=None, jitter=None
+) -> float:
     from layerprobe.train import HParams, train_selected
 
     features = torch.randn((batch, shape.tokens, shape.width), device=device).to(getattr(torch, params.extract.dtype))
     plan = {"epochs": 1, "min_steps": 40, "batch_size": batch, "batch_plan": "even", "min_batches": 1, "seeds": [0]}
     config = dataclasses.replace(params.train, device=str(device), **plan)
     dropout = 0.1 if shape.spec.head == "attentive" else 0.0
-    grid = [HParams(1e-3, 1e-4, dropout if member else 0.0) for member in range(shape.grid)]
+    members = shape.grid if head is None else head.grid_size
+    grid = [HParams(1e-3, 1e-4, dropout if member else 0.0) for member in range(members)]
+    groups = {} if head is None else {"head": head, "jitter": jitter}
     marks: list[float] = []
 
     def on_step(step: int) -> None:
@@ -257,7 +276,7 @@ def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, p
         if len(marks) > 1 and marks[-1] - marks[0] > (1.0 if len(marks) < 4 else 0.25):
             raise _Enough
 
-    head = {"num_classes": classes, "token_widths": shape.token_widths, "grid": grid, "config": config}
+    head = {"num_classes": classes, "token_widths": shape.token_widths, "grid": grid, "config": config, **groups}
     with contextlib.suppress(_Enough):
         train_selected(shape.spec, features, torch.arange(batch) % classes, on_step=on_step, **head)
     return min(b - a for a, b in itertools.pairwise(marks))

@@ -181,9 +181,19 @@ def _linear_four_layers() -> ProbeSpec:
     return ProbeSpec("linear_four_layers", layers="four", tokens=("cls", "ap"), head="linear")
 
 
+@register_probe("per_layer")
+def _per_layer() -> ProbeSpec:
+    # The per-layer family (`layerprobe.per_layer`): a linear probe on each layer's cls, ap and both; its saved spec
+    # names the (layer, kind) it chose on val.
+    return ProbeSpec("per_layer", layers="all", tokens=("cls", "ap"), head="linear")
+
+
 # Probes trained from another's trained probe (its selection and what it reads): their train task waits for that
 # one's, and a suite must list both.
 TRAINED_FROM = {"alf_truncated": "alf"}
+# Probe families whose reading is fixed but for these settings (`layerprobe.per_layer` reads every layer's cls, ap
+# and both, linearly, at the cache's width): params refuse any other.
+FAMILY_SETTINGS = {"per_layer": ("layers",)}
 
 
 # ---------------------------------------------------------------- token selection

@@ -101,6 +101,9 @@ class StackedAdamW:
     one fused pass where torch has a fused kernel for the device (CPU and CUDA): ~5x faster than elementwise
     tensor ops for a 12-member ALF grid (measured 44 -> 8 ms). A parameter without a gradient is given a zero one, so it
     still decays, as in the reference, where such parameters get a numerically zero gradient.
+
+    Members given the same `alike` key (and decay) share one group, as they share their learning rate at every step:
+    one fused pass updates them all (the per-layer family's L members of a grid point), with the same numbers.
     """
 
     def __init__(
@@ -110,13 +113,32 @@ class StackedAdamW:
         weight_decay: torch.Tensor,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        alike: Sequence[object] | None = None,
     ) -> None:
         self.params = list(params)
         decays = [float(w) for w in weight_decay.tolist()]
         # Views of a detached tensor are leaves that share the parameter's storage: torch's AdamW updates them
         # in place, which updates the stacked parameter.
         self.member_views = [[p.detach()[g] for p in self.params] for g in range(len(decays))]
-        groups = [{"params": views, "weight_decay": d} for views, d in zip(self.member_views, decays, strict=True)]
+        keys = range(len(decays)) if alike is None else alike
+        together: dict[tuple, list[int]] = {}
+        for member, key in enumerate(keys):
+            together.setdefault((key, decays[member]), []).append(member)
+        self.group_members = list(together.values())
+        # A group of consecutive members is one slice of each parameter: one tensor for the fused pass, not one each.
+        self.group_views = [
+            [p.detach()[members[0] : members[-1] + 1] for p in self.params]
+            if members == list(range(members[0], members[-1] + 1))
+            else None
+            for members in self.group_members
+        ]
+        groups = [
+            {
+                "params": views or [view for m in members for view in self.member_views[m]],
+                "weight_decay": decays[members[0]],
+            }
+            for members, views in zip(self.group_members, self.group_views, strict=True)
+        ]
         fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=fused)
         self.zero_grads: dict[int, torch.Tensor] = {}
@@ -132,10 +154,17 @@ class StackedAdamW:
         for index, p in enumerate(self.params):
             if p.grad is None:
                 p.grad = self.zero_grads.setdefault(index, torch.zeros_like(p))
-        for member, (group, views) in enumerate(zip(self.optimizer.param_groups, self.member_views, strict=True)):
-            group["lr"] = float(lrs[member])
-            for view, p in zip(views, self.params, strict=True):
-                view.grad = p.grad[member]
+        for group, members, views in zip(
+            self.optimizer.param_groups, self.group_members, self.group_views, strict=True
+        ):
+            group["lr"] = float(lrs[members[0]])
+            if views is not None:
+                for view, p in zip(views, self.params, strict=True):
+                    view.grad = p.grad[members[0] : members[-1] + 1]
+                continue
+            for member in members:
+                for view, p in zip(self.member_views[member], self.params, strict=True):
+                    view.grad = p.grad[member]
         self.optimizer.step()
 
 
@@ -240,12 +269,19 @@ def _check_inputs(features: torch.Tensor | StreamedRows, labels: torch.Tensor, n
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
 
 
-def jitter_tokens(x: torch.Tensor, *, std: float, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of `std` on a random `prob` share of the images of normalised tokens `x  # [b, K, D]`."""
+def jitter_tokens(
+    x: torch.Tensor, *, std: float, prob: float, generator: torch.Generator, groups: int = 1
+) -> torch.Tensor:
+    """Gaussian noise of `std` on a random `prob` share of the images of normalised tokens `x  # [b, K, D]`.
+
+    With `groups` > 1 the K tokens are `groups` equal runs (the per-layer family's layers) that all get the noise
+    one run would get alone: each group's head then sees what it would see trained on its run by itself.
+    """
     chosen = (torch.rand(x.shape[0], generator=generator, device=x.device) < prob).nonzero()[:, 0]
     # Noise only for the images that get it: drawing Gaussians is most of the data path's cost on CPU.
-    noise = torch.randn((len(chosen), *x.shape[1:]), generator=generator, device=x.device)
-    return x.index_add(0, chosen, noise, alpha=std)
+    grouped = x.view(x.shape[0], groups, x.shape[1] // groups, *x.shape[2:])
+    noise = torch.randn((len(chosen), *grouped.shape[2:]), generator=generator, device=x.device)
+    return grouped.index_add(0, chosen, noise[:, None].expand(-1, groups, *noise.shape[1:]), alpha=std).view(x.shape)
 
 
 def train_selected(
@@ -260,12 +296,16 @@ def train_selected(
     token_widths: Sequence[int] | None = None,
     plan_size: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    head: nn.Module | None = None,
+    jitter: Callable[..., torch.Tensor] | None = None,
 ) -> TrainedGrid:
     """Train every config of `grid` at once on already selected tokens `features  # [N, K, D]` (any dtype), held in
     memory or read batch by batch from their cache (`layerprobe.selection`).
 
     `token_widths` as in `probes.build_probe`; `plan_size` as in `batch_plan` (the sweep passes its full set's size);
-    `on_step(step)` is called after every optimisation step (`layerprobe plan` times steps with it).
+    `on_step(step)` is called after every optimisation step (`layerprobe plan` times steps with it). `head`: an
+    initialised head of len(grid) members to train instead of `spec`'s (the per-layer family's, `layerprobe.per_layer`),
+    `jitter` a function drawing the jitter instead of `jitter_tokens` (same arguments; the family's).
     """
     _check_inputs(features, labels, num_classes)
     if not grid:
@@ -273,8 +313,8 @@ def train_selected(
     device = resolve_device(config.device)
     num_images, num_tokens, dim = features.shape
     dropouts = [h.attn_dropout for h in grid]
-    probe = (
-        build_probe(
+    if head is None:
+        head = build_probe(
             spec,
             num_tokens=num_tokens,
             dim=dim,
@@ -284,13 +324,12 @@ def train_selected(
             seed=seed,
             token_widths=token_widths,
         )
-        .to(device)
-        .train()
-    )
+    probe = head.to(device).train()
     set_matmul_dtype(probe, resolve_matmul_dtype(config.precision, device))
     params = list(probe.parameters())
     base_lr = torch.tensor([h.lr for h in grid], device=device)
-    optimizer = StackedAdamW(params, weight_decay=torch.tensor([h.weight_decay for h in grid], device=device))
+    decays = torch.tensor([h.weight_decay for h in grid], device=device)
+    optimizer = StackedAdamW(params, weight_decay=decays, alike=[h.lr for h in grid])  # alike: same lr every step
     # Selections too large for the device's memory (all-token features of a large dataset) stay on the host, and those
     # too large for the host's in their cache; their batches are gathered there and copied over, one at a time.
     if isinstance(features, torch.Tensor) and fits_on_device(features, device):
@@ -313,7 +352,7 @@ def train_selected(
             rows = order[start : start + batch_size]
             x = normalize_selection(read_rows(features, rows).to(device).float(), spec.normalize)  # [b, K, D]
             b = x.shape[0]
-            x = jitter_tokens(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
+            x = (jitter or jitter_tokens)(x, std=config.jitter_std, prob=config.jitter_prob, generator=jitter_gen)
             dropout_noise = None
             if attentive:  # drawn every step for every grid, so a lone member sees the same masks
                 dropout_noise = torch.rand(b, probe.num_heads, num_tokens, generator=dropout_gen, device=device)
@@ -386,10 +425,12 @@ def predict_selected(
     jitter_prob: float = 0.0,
     jitter_seed: int = 0,
     keep: torch.Tensor | None = None,
+    jitter: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Predictions `[G, N]`, logits `[G, N, C]` and attention `[G, N, H, K]` (or None) on selected tokens.
 
     `keep`: `[K]` bool, the tokens an attentive probe attends to (`StackedAttentiveHead.forward`); None: all.
+    `jitter` as in `train_selected`.
 
     Tokens are normalised as the probe was trained (`normalize`, its spec's `probes.normalize_selection` rule). A
     non-zero `jitter_std` and `jitter_prob` add the training jitter to the normalised tokens first, drawn from a
@@ -399,13 +440,13 @@ def predict_selected(
     was_training = probe.training
     probe.eval()
     device = next(probe.parameters()).device
-    jitter = jitter_std > 0 and jitter_prob > 0
-    generator = torch.Generator(device=device).manual_seed(jitter_seed) if jitter else None
+    jittering = jitter_std > 0 and jitter_prob > 0
+    generator = torch.Generator(device=device).manual_seed(jitter_seed) if jittering else None
     logits, attention = [], []
     for start in range(0, features.shape[0], batch_size):
         x = normalize_selection(read_rows(features, slice(start, start + batch_size)).to(device).float(), normalize)
         if generator is not None:
-            x = jitter_tokens(x, std=jitter_std, prob=jitter_prob, generator=generator)
+            x = (jitter or jitter_tokens)(x, std=jitter_std, prob=jitter_prob, generator=generator)
         batch_logits, batch_attention = probe(x, return_attention=True, **({} if keep is None else {"keep": keep}))
         logits.append(batch_logits.cpu())
         if batch_attention is not None:

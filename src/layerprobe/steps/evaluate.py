@@ -23,12 +23,13 @@ from layerprobe.fingerprint import Fingerprint, listed_files, make_fingerprint, 
 
 
 def evaluate_fingerprint(trained: dict, *, features_hash: str) -> Fingerprint:
-    """The saved probes' bytes and the feature cache's content (evaluation has no result-deciding params)."""
+    """The saved probes' bytes (the per-layer family's stacked heads too) and the feature cache's content (evaluation
+    has no result-deciding params)."""
+    from layerprobe.per_layer import FAMILY_CONFIG, FAMILY_WEIGHTS
+
+    names = (PROBE_WEIGHTS, PROBE_CONFIG, *((FAMILY_WEIGHTS, FAMILY_CONFIG) if "per_layer" in trained else ()))
     probes = [
-        {
-            "seed": entry["seed"],
-            **{name: sha256_file(Path(entry["dir"]) / name) for name in (PROBE_WEIGHTS, PROBE_CONFIG)},
-        }
+        {"seed": entry["seed"], **{name: sha256_file(Path(entry["dir"]) / name) for name in names}}
         for entry in trained["seeds"]
     ]
     return make_fingerprint(
@@ -143,7 +144,9 @@ def evaluate_step(
         "num_seeds": len(per_seed),
         "class_names": config["class_names"],
         "heatmap": heatmap_kind,  # None (a linear probe), "layers" or "patches"
-        **evaluation_blocks(probe_name, trained, probes, test, predictions, batch_size=evaluate.batch_size),
+        **evaluation_blocks(
+            probe_name, trained, probes, test, predictions, batch_size=evaluate.batch_size, features_dir=features_dir
+        ),
         "outputs": outputs,
         "format": FORMATS["evaluation"],
         "files": listed_files(staging, [PREDICTIONS_FILE, *([HEATMAP_JSON] if heatmap_kind else [])]),

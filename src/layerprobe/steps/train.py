@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from layerprobe import truncation
+from layerprobe import per_layer, truncation
 from layerprobe.config import (
     FORMATS,
     HISTORY_FILE,
@@ -60,6 +60,11 @@ def train_step(
     reason = staleness(marker, fingerprint)
     if reason is None:
         return {**read_json(marker), "status": "reused", "reason": None}
+    if probe_name == per_layer.PER_LAYER:  # every layer's probes at once, its best one saved as the standard probe
+        task = {"backbone_name": backbone_name, "dataset_name": dataset_name, "features_hash": features_hash}
+        return per_layer.train_family(
+            **task, probe=probe, train=train, paths=paths, fingerprint=fingerprint, reason=reason
+        )
 
     from layerprobe.checkpoint import save_probe
     from layerprobe.features import num_patch_tokens, read_manifest
