@@ -243,3 +243,20 @@ def unpickling_timm(monkeypatch):
 
     monkeypatch.setattr(timm.models, "load_state_dict", load_state_dict)
     monkeypatch.setattr(timm.models._builder, "load_state_dict", load_state_dict)
+
+
+# The suite's longest modules, longest first (measured on 2 cores): with `--dist loadgroup` each goes to whichever
+# worker is free, so the two workers end together instead of one running the longest test alone at the end.
+LONGEST_FIRST = ("test_work_pool.py", "test_moves.py", "test_pipeline.py", "test_flows.py", "test_finding.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest modules first, then the other slow tests, then the rest; each in its collected order."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name)
+        return len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order

@@ -1,23 +1,28 @@
 """Prefect flows on a tiny suite: retries on transient errors, caching on rerun, MLflow runs and the registry.
 
-One session-scoped Prefect test server serves every test here (see conftest.prefect_harness).
+One session-scoped Prefect test server serves every test here (see conftest.prefect_harness); the tests of a trained
+project each take a copy of one trained once per test session (`trained_once`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+from conftest import built_once, copy_project, tiny_params, write_params
 from mlflow.tracking import MlflowClient
 from prefect import flow, task
 
 from flows.common import task_options
 from layerprobe.params import load_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+# One worker runs every test of the module, so none waits while another builds the project they share.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness"), pytest.mark.xdist_group("flows-trained")]
 
 
 def test_task_failing_once_with_a_transient_error_is_retried_and_succeeds(project_dir):
@@ -57,17 +62,32 @@ def test_bad_input_is_not_retried(project_dir):
     assert len(attempts) == 1
 
 
-@pytest.fixture
-def trained_project(project_dir):
-    """prepare → extract → train through the flows, in process."""
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory, migrated_mlflow_db, prefect_harness) -> Path:
+    """The tiny project after prepare → extract → train through the flows, in process, once per test session."""
     from flows.extract import extract_flow
     from flows.prepare import prepare_flow
     from flows.train import train_flow
 
-    prepare_flow("params.yaml")
-    extract_flow("params.yaml")
-    train_flow("params.yaml")
-    return project_dir
+    def build(folder: Path) -> None:
+        (folder / "mlruns").mkdir(parents=True)
+        shutil.copy(migrated_mlflow_db, folder / "mlruns" / "mlflow.db")
+        write_params(folder, tiny_params())
+        with contextlib.chdir(folder):
+            prepare_flow("params.yaml")
+            extract_flow("params.yaml")
+            train_flow("params.yaml")
+
+    return built_once(tmp_path_factory, "flows-trained", build)
+
+
+@pytest.fixture
+def trained_project(trained_once, tmp_path, monkeypatch) -> Path:
+    """A copy of the trained project (its times kept) as the working directory."""
+    copy_project(trained_once, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
 
 
 def test_rerun_of_the_stages_reuses_every_output_whose_fingerprint_matches(trained_project):
@@ -95,8 +115,6 @@ def test_a_probe_parameter_retrains_that_probe_only(trained_project):
 
 
 def test_deleted_output_is_recomputed(trained_project):
-    import shutil
-
     from flows.train import train_flow
 
     shutil.rmtree("probes/tiny_vit/count/alf")

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 from conftest import built_once, make_dvc_repo, run, session_repo_env, tiny_params, write_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+# One worker runs every test of the module, so none waits while another builds the project they share.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness"), pytest.mark.xdist_group("moves-built")]
 
 TRACKED = ("data/prepared", "features", "probes")  # every cache a step reuses or recomputes
 # (file, old text or None to append a function): a real edit in each orchestration module

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_params, write_params
+from conftest import built_once, copy_project, tiny_params, write_params
 
 from layerprobe.cli import main
 from layerprobe.config import PathsConfig
@@ -210,10 +210,31 @@ def test_a_webdataset_folder_as_extract_out_keeps_every_file_and_the_command_is_
     assert sorted(path.name for path in cache.parent.iterdir()) == [".cache.extract.lock", ".cache.prepared", "cache"]
 
 
-def test_a_changed_tap_killed_halfway_keeps_the_old_cache_which_the_old_tap_then_reuses_untouched(tmp_path):
-    write_params(tmp_path, project_params(num_images=240))  # 3 shards of 100 rows
-    unit = ["extract", "--backbone", "tiny_vit", "--dataset", "count", "--no-progress"]
-    assert run_ok(unit, tmp_path)["status"] == "computed"
+EXTRACT = ["extract", "--backbone", "tiny_vit", "--dataset", "count", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def extracted_once(tmp_path_factory) -> Path:
+    """A project of 240 images (3 shards of 100 rows) whose features `layerprobe extract` computed, once per test
+    session."""
+
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        write_params(folder, project_params(num_images=240))
+        assert run_ok(EXTRACT, folder)["status"] == "computed"
+
+    return built_once(tmp_path_factory, "one-writer-extracted", build)
+
+
+@pytest.fixture
+def extracted(extracted_once, tmp_path) -> Path:
+    """A copy of the extracted project (its times kept) in `tmp_path`."""
+    return copy_project(extracted_once, tmp_path)
+
+
+@pytest.mark.xdist_group("one-writer-extracted")  # with the other test of `extracted`
+def test_a_changed_tap_killed_halfway_keeps_the_old_cache_which_the_old_tap_then_reuses_untouched(extracted):
+    tmp_path, unit = extracted, EXTRACT  # its features computed with the default tap
     cache = tmp_path / "features/tiny_vit/count"
 
     def files() -> dict[str, tuple[int, int]]:
@@ -280,12 +301,11 @@ def test_a_pretrain_aimed_outside_checkpoints_pretrained_is_refused_and_the_file
     assert not lock_files(tmp_path) and lock_files(ROOT) <= locks_before  # no lock here, none in the checkout
 
 
-def test_evaluate_while_its_probe_retrains_waits_and_scores_the_weights_it_then_reads(tmp_path, monkeypatch):
+@pytest.mark.xdist_group("one-writer-extracted")  # with the other test of `extracted`
+def test_evaluate_while_its_probe_retrains_waits_and_scores_the_weights_it_then_reads(extracted, monkeypatch):
     from layerprobe.steps.evaluate import evaluate_fingerprint
 
-    write_params(tmp_path, project_params(num_images=240))
-    unit = ["--backbone", "tiny_vit", "--dataset", "count"]
-    run_ok(["extract", *unit, "--no-progress"], tmp_path)
+    tmp_path, unit = extracted, ["--backbone", "tiny_vit", "--dataset", "count"]  # its features computed
     run_ok(["train", *unit, "--probe", "alf", "--lr", "0.01"], tmp_path)
     assert run_ok(["evaluate", *unit, "--probe", "alf"], tmp_path)["status"] == "computed"
 

@@ -34,7 +34,8 @@ from PIL import Image
 
 from layerprobe.files import PAUSE_ENV
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+# One worker runs every test of the module, so none waits while another builds the project they share.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness"), pytest.mark.xdist_group("pipeline-built")]
 
 
 def stages_run(result: subprocess.CompletedProcess) -> list[str]:
