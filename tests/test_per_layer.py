@@ -114,6 +114,8 @@ def test_the_curve_finds_the_planted_layer_and_saves_it_as_the_standard_probe(fa
     assert config["token_labels"] == [f"{PLANTED}/{t}" for t in KINDS[block["selected"]["kind"]]]
     assert config["head"]["kind"] == "linear" and config["spec"]["layers"] == [planted_at]
     assert metrics["test"]["balanced_accuracy"] > 0.9  # the headline: the selected head, scored like any probe
+    history = json.loads((family.seed_dir("tiny", "planted", "per_layer", 1) / "history.json").read_text())
+    assert history and all(len(row["loss"]) == len(row["lr"]) == 1 for row in history)  # a G=1 refit's, as MLflow reads
 
 
 # ---------------------------------------------------------------- (c) predict through the selected layer's depth

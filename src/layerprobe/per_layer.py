@@ -342,7 +342,7 @@ def train_family(
         save_probe(staged, sweep.refit.member(kind, layer), config)
         write_json(staged / SWEEP_FILE, {"best": best, "configs": sweep.val_scores[kind][layer]})
         at = sweep.refit.index(kind, layer)
-        history = [{**h, "loss": h["loss"][at], "lr": h["lr"][at]} for h in sweep.history]  # its member's
+        history = [{**h, "loss": [h["loss"][at]], "lr": [h["lr"][at]]} for h in sweep.history]  # its member's, as G=1
         write_json(staged / HISTORY_FILE, history)
         family = {
             **record,
