@@ -12,6 +12,7 @@ against the full backbone.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,8 @@ from layerprobe import per_layer
 from layerprobe.truncation import TRUNCATED_PROBE, token_layers
 
 TIMING_BATCH = 32  # images per timed forward
-TIMING_REPEATS = 5  # timed forwards per depth (the median is kept)
+TIMING_REPEATS = 5  # timings per depth (the median is kept)
+MIN_TIMED_SECONDS = 0.1  # each timing of the full backbone lasts at least this long
 
 
 # ---------------------------------------------------------------- the backbone as deep as a probe reads
@@ -92,9 +94,13 @@ def measured_speedup(
     speedup: dict[str, dict[str, float]] = {"wall": {}, "cpu": {}}
     for name, step in runs.items():
         times = {(key, clock): [] for key in ("full", "truncated") for clock in speedup}
+        # Each timing runs the step often enough to last MIN_TIMED_SECONDS on the full backbone: a small model's
+        # single forward (milliseconds) is within the clocks' and the scheduler's noise.
+        once = max(_timed(step, full, device, 1)[0], 1e-6)
+        loops = max(1, math.ceil(MIN_TIMED_SECONDS / once))
         for repeat in range(repeats + 1):
             for key, extractor in (("full", full), ("truncated", truncated)):
-                wall, cpu = _timed(step, extractor, device)
+                wall, cpu = _timed(step, extractor, device, loops)
                 if repeat:
                     times[key, "wall"].append(wall)
                     times[key, "cpu"].append(cpu)
@@ -103,12 +109,13 @@ def measured_speedup(
     return speedup
 
 
-def _timed(step: Callable[[object], object], extractor, device: str) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one `step(extractor)`, the device's queued work included."""
+def _timed(step: Callable[[object], object], extractor, device: str, loops: int) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of `loops` calls of `step(extractor)`, the device's queued work included."""
     synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    step(extractor)
+    for _ in range(loops):
+        step(extractor)
     synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
 
