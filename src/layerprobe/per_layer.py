@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from layerprobe.probes import StackedLinearHead
@@ -151,7 +150,7 @@ def sweep_family(
 ) -> FamilySweep:
     """`train.sweep_selected` for every layer's probe of every token kind at once, on the family selection
     `features  # [N, 2L, D]` (rows `:num_train` train, the rest val)."""
-    from layerprobe.train import predict_selected, train_selected
+    from layerprobe.train import member_scores, predict_selected, train_selected
 
     def trained(rows, hparams: list, members: int, plan_size: int | None):
         head = FamilyHead(num_layers, members, features.shape[2], num_classes)
@@ -185,19 +184,10 @@ def sweep_family(
     for kind in KINDS:
         val_scores[kind], best_index[kind] = [], []
         for layer in range(num_layers):
-            scores = []
-            for g, hparams in enumerate(grid):
-                guess = predictions[sweep.probe.index(kind, layer, g)].numpy()
-                scores.append(
-                    {
-                        "name": hparams.name,
-                        "lr": hparams.lr,
-                        "weight_decay": hparams.weight_decay,
-                        "attn_dropout": hparams.attn_dropout,
-                        "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
-                        "accuracy": float((guess == truth).mean()),
-                    }
-                )
+            scores = [
+                member_scores(hparams, truth, predictions[sweep.probe.index(kind, layer, g)].numpy())
+                for g, hparams in enumerate(grid)
+            ]
             val_scores[kind].append(scores)
             best_index[kind].append(max(range(len(grid)), key=lambda i: (scores[i]["balanced_accuracy"], -i)))
     refit = trained(slice(None), [grid[i] for kind in KINDS for i in best_index[kind]], 1, None)

@@ -488,6 +488,18 @@ def predict(
     return predictions, logits, attention
 
 
+def member_scores(hparams: HParams, truth, guess) -> dict:
+    """One grid member's validation scores on labels `truth` from its predictions `guess`, as sweep.json lists them."""
+    return {
+        "name": hparams.name,
+        "lr": hparams.lr,
+        "weight_decay": hparams.weight_decay,
+        "attn_dropout": hparams.attn_dropout,
+        "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
+        "accuracy": float((guess == truth).mean()),
+    }
+
+
 def sweep_probe(
     spec: ProbeSpec,
     tokens: torch.Tensor,
@@ -569,17 +581,7 @@ def sweep_selected(
     truth = val_labels.cpu().numpy()
     val_scores = []
     for hparams, member_predictions in zip(grid, predictions, strict=True):
-        guess = member_predictions.numpy()
-        val_scores.append(
-            {
-                "name": hparams.name,
-                "lr": hparams.lr,
-                "weight_decay": hparams.weight_decay,
-                "attn_dropout": hparams.attn_dropout,
-                "balanced_accuracy": float(balanced_accuracy_score(truth, guess)),
-                "accuracy": float((guess == truth).mean()),
-            }
-        )
+        val_scores.append(member_scores(hparams, truth, member_predictions.numpy()))
     best_index = max(range(len(grid)), key=lambda i: (val_scores[i]["balanced_accuracy"], -i))
     best = grid[best_index]
     refit = train_selected(
