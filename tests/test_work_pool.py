@@ -25,6 +25,7 @@ from conftest import run, tiny_params, write_params
 from prefect.client.schemas.sorting import FlowRunSort
 
 from flows.fanout import MIN_SILENCE_ENV, MIN_SILENCE_SECONDS, min_silence_seconds
+from layerprobe.files import PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +60,14 @@ def start_worker(name: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         command, env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
     )
+
+
+def restart_workers(workers: dict[str, subprocess.Popen], names, env: dict) -> None:
+    """Stop the workers `names` (those running) and start them again in `env`."""
+    for name in names:
+        if name in workers:
+            stop(workers[name])
+        workers[name] = start_worker(name, env)
 
 
 def descendants(pid: int) -> list[int]:
@@ -165,23 +174,27 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
                 assert outcome["summary"]["status"]["evaluate"] == {"linear_last_cls": "computed"}, outcome
 
         # Interrupted with Ctrl-C while units run, on gpu0 and a new gpu2: every flow run it submitted is cancelled,
-        # none is left queued or running for a worker to pick up after it has gone.
+        # none is left queued or running for a worker to pick up after it has gone. The units stop at a pause point
+        # inside their train step (`layerprobe.files.pause_point`), so the run is surely mid-unit when interrupted.
         write_params(repo, suite_params(broken=False))
-        workers["gpu2"] = start_worker("gpu2", env)
+        paused = repo.parent / "unit-paused"
+        restart_workers(workers, ("gpu0", "gpu2"), {**env, PAUSE_ENV: f"train-swap-linear_last_cls:{paused}"})
         interrupted = subprocess.Popen(
             command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         deadline = time.monotonic() + 300
-        while not (running_units("gpu0") or running_units("gpu2")):
-            assert interrupted.poll() is None and time.monotonic() < deadline, "no unit ever ran"
+        while not paused.exists():
+            assert interrupted.poll() is None and time.monotonic() < deadline, "no unit reached its train step"
             time.sleep(0.2)
         interrupted.send_signal(signal.SIGINT)
         _, err = interrupted.communicate(timeout=300)
         assert interrupted.returncode == 130 and "interrupted" in err, err[-2000:]
         deadline = time.monotonic() + 120
-        while unfinished_units():  # the workers stop their cancelled units' processes
+        while unfinished_units():  # the workers stop their cancelled units' processes, the paused one too
             assert time.monotonic() < deadline, f"left unfinished: {unfinished_units()}"
             time.sleep(0.5)
+        restart_workers(workers, ("gpu0", "gpu2"), env)  # without the pause
+        paused.unlink(missing_ok=True)
 
         # The rerun, on gpu0 and gpu2: the lost unit is picked up, everything finished is reused, and DVC records
         # it all.
