@@ -246,28 +246,18 @@ def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, p
     fastest after a warm-up one, of 3 and a quarter second or of a second (a new shape's first steps set it up). The
     per-layer family's step is its one head's (every layer's cls, ap and cls‖ap heads, `per_layer.FamilyHead`)."""
     from layerprobe.per_layer import FamilyHead, family_jitter
-
-    if shape.spec.name != PER_LAYER:
-        return _time_step(shape, batch=batch, classes=classes, device=device, params=params)
-    layers = shape.tokens // 2
-    head = FamilyHead(layers, shape.grid, shape.width, classes)
-    return _time_step(
-        shape, batch=batch, classes=classes, device=device, params=params, head=head, jitter=family_jitter(layers)
-    )
-
-
-def _time_step(
-    shape: Shape, *, batch: int, classes: int, device: torch.device, params: Params, head=None, jitter=None
-) -> float:
     from layerprobe.train import HParams, train_selected
 
     features = torch.randn((batch, shape.tokens, shape.width), device=device).to(getattr(torch, params.extract.dtype))
     plan = {"epochs": 1, "min_steps": 40, "batch_size": batch, "batch_plan": "even", "min_batches": 1, "seeds": [0]}
     config = dataclasses.replace(params.train, device=str(device), **plan)
     dropout = 0.1 if shape.spec.head == "attentive" else 0.0
-    members = shape.grid if head is None else head.grid_size
+    family = {}
+    if shape.spec.name == PER_LAYER:
+        layers = shape.tokens // 2
+        family = {"head": FamilyHead(layers, shape.grid, shape.width, classes), "jitter": family_jitter(layers)}
+    members = family["head"].grid_size if family else shape.grid
     grid = [HParams(1e-3, 1e-4, dropout if member else 0.0) for member in range(members)]
-    groups = {} if head is None else {"head": head, "jitter": jitter}
     marks: list[float] = []
 
     def on_step(step: int) -> None:
@@ -276,7 +266,7 @@ def _time_step(
         if len(marks) > 1 and marks[-1] - marks[0] > (1.0 if len(marks) < 4 else 0.25):
             raise _Enough
 
-    head = {"num_classes": classes, "token_widths": shape.token_widths, "grid": grid, "config": config, **groups}
+    head = {"num_classes": classes, "token_widths": shape.token_widths, "grid": grid, "config": config, **family}
     with contextlib.suppress(_Enough):
         train_selected(shape.spec, features, torch.arange(batch) % classes, on_step=on_step, **head)
     return min(b - a for a, b in itertools.pairwise(marks))
