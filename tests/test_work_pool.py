@@ -187,11 +187,13 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
             assert interrupted.poll() is None and time.monotonic() < deadline, "no unit reached its train step"
             time.sleep(0.2)
         interrupted.send_signal(signal.SIGINT)
+        paused.unlink()  # the unit goes on (to be cancelled): nothing waits on the test from here
         _, err = interrupted.communicate(timeout=300)
         assert interrupted.returncode == 130 and "interrupted" in err, err[-2000:]
         deadline = time.monotonic() + 120
-        while unfinished_units():  # the workers stop their cancelled units' processes, the paused one too
+        while unfinished_units():  # the workers stop their cancelled units' processes
             assert time.monotonic() < deadline, f"left unfinished: {unfinished_units()}"
+            paused.unlink(missing_ok=True)  # another unit that reached the pause point before its cancel
             time.sleep(0.5)
         restart_workers(workers, ("gpu0", "gpu2"), env)  # without the pause
         paused.unlink(missing_ok=True)
