@@ -247,21 +247,16 @@ def unpickling_timm(monkeypatch):
 
 # The suite's longest modules, longest first (measured on 2 cores): with `--dist loadgroup` each goes to whichever
 # worker is free, so the two workers end together instead of one running the longest test alone at the end.
-LONGEST_FIRST = ("test_moves.py", "test_pipeline.py", "test_flows.py", "test_finding.py")
-# Its Prefect workers beat every 2 s and its run must answer a Ctrl-C: beside the heaviest builds its server's sqlite
-# stays locked and the Ctrl-C went unanswered (3 of 3 fresh-clone runs, 2026-12-07); at the end it ran alone and passed.
-LAST = ("test_work_pool.py",)
+LONGEST_FIRST = ("test_work_pool.py", "test_moves.py", "test_pipeline.py", "test_flows.py", "test_finding.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest modules first, then the other slow tests, then the rest, then LAST; each in its collected order."""
+    """Longest modules first, then the other slow tests, then the rest; each in its collected order."""
 
     def rank(item: pytest.Item) -> int:
         name = item.path.name
         if name in LONGEST_FIRST:
             return LONGEST_FIRST.index(name)
-        if name in LAST:
-            return len(LONGEST_FIRST) + 2
         return len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
 
     items.sort(key=rank)  # stable: a module's tests keep their order

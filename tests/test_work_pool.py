@@ -180,7 +180,15 @@ def test_units_on_a_work_pool_fail_alone_resume_after_a_lost_worker_and_commit_t
         paused = repo.parent / "unit-paused"
         restart_workers(workers, ("gpu0", "gpu2"), {**env, PAUSE_ENV: f"train-swap-linear_last_cls:{paused}"})
         interrupted = subprocess.Popen(
-            command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command,
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Ctrl-C's default action in the run: a suite started in the background (bash `&` without job control)
+            # ignores SIGINT, and a child inherits an ignored signal, so it would never see this one.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 300
         while not paused.exists():
