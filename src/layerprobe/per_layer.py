@@ -37,8 +37,7 @@ FAMILY_WEIGHTS, FAMILY_CONFIG = "per_layer.safetensors", "per_layer.json"
 class FamilyHead(nn.Module):
     """Every layer's linear probes of every token kind, `members` (grid points) each, as one stacked head: tokens
     `[B, 2L, D]` (cls@l, ap@l, ...) -> logits `[3 * L * members, B, C]`, member (kind k, layer l, point g) at index
-    (g * 3 + k) * L + l, kinds in `KINDS` order: a grid point's heads are consecutive, so the optimiser updates them
-    as one slice (`train.StackedAdamW`'s `alike`).
+    (k * L + l) * members + g, kinds in `KINDS` order.
 
     One weight `[3 L G, C, 2D]` holds them all, so one optimiser step and one clip serve every head: a cls or ap
     head uses its first D columns (the rest stay exactly zero: they get no gradient and decay from zero to zero),
@@ -58,14 +57,14 @@ class FamilyHead(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, *, seed: int) -> None:
         """Every head as `StackedLinearHead.reset_parameters(seed=seed)` initialises one of its inputs' width."""
-        weight = self.weight.view(self.members, len(KINDS), self.num_layers, self.num_classes, 2 * self.dim)
-        bias = self.bias.view(self.members, len(KINDS), self.num_layers, self.num_classes)
+        weight = self.weight.view(len(KINDS), -1, self.num_classes, 2 * self.dim)
+        bias = self.bias.view(len(KINDS), -1, self.num_classes)
         weight.zero_()
         for k, tokens in enumerate(KINDS.values()):
             head = StackedLinearHead(1, len(tokens) * self.dim, self.num_classes)
             head.reset_parameters(seed=seed)
-            weight[:, k, :, :, : head.in_features] = head.weight
-            bias[:, k] = head.bias
+            weight[k, :, :, : head.in_features] = head.weight
+            bias[k] = head.bias
 
     def forward(
         self, x: torch.Tensor, *, return_attention: bool = False, dropout_noise: torch.Tensor | None = None
@@ -77,20 +76,19 @@ class FamilyHead(nn.Module):
             )
         single, pairs = (x, x) if x.shape[1] == 2 * layers else (x[:, : 2 * layers], x[:, 2 * layers :])
         dtype = self.matmul_dtype
-        weight = self.weight.view(self.members, len(KINDS), layers, self.num_classes, 2 * d).to(dtype)
-        inputs = (single[:, 0::2], single[:, 1::2], pairs.reshape(batch, layers, 2 * d))  # cls, ap, cls‖ap
-        logits = torch.stack(
-            [
-                torch.einsum("blf,glcf->glbc", tokens.to(dtype), weight[:, k, ..., : tokens.shape[-1]])
-                for k, tokens in enumerate(inputs)
-            ],
-            dim=1,
-        ).reshape(self.grid_size, batch, self.num_classes)
+        # Weights [kind, layer, G C, width] @ tokens [kind, layer, width, B], no copy of the weight: for these small
+        # matrices measured 1.6x faster (forward and backward) than tokens @ weights.
+        weight = self.weight.view(len(KINDS), layers, -1, 2 * d).to(dtype)
+        cls_ap = single.reshape(batch, layers, 2, d).permute(2, 1, 3, 0).to(dtype)  # [2, L, D, B]
+        pairs = pairs.reshape(batch, layers, 2 * d).permute(1, 2, 0).to(dtype)  # [L, 2D, B]
+        cls_ap_logits = weight[:2, ..., :d] @ cls_ap  # the cls and ap heads: their first D columns
+        logits = torch.cat([cls_ap_logits, (weight[2] @ pairs)[None]])  # [3, L, G C, B]
+        logits = logits.view(self.grid_size, self.num_classes, batch).transpose(1, 2)
         logits = logits.to(x.dtype) + self.bias[:, None, :]
         return (logits, None) if return_attention else logits
 
     def index(self, kind: str, layer: int, member: int = 0) -> int:
-        return (member * len(KINDS) + list(KINDS).index(kind)) * self.num_layers + layer
+        return (list(KINDS).index(kind) * self.num_layers + layer) * self.members + member
 
     @torch.no_grad()
     def member(self, kind: str, layer: int, member: int = 0) -> StackedLinearHead:
@@ -169,7 +167,7 @@ def sweep_family(
         )
 
     heads = len(KINDS) * num_layers
-    sweep = trained(slice(0, num_train), [h for h in grid for _ in range(heads)], len(grid), len(features))
+    sweep = trained(slice(0, num_train), [h for _ in range(heads) for h in grid], len(grid), len(features))
     predictions, _, _ = predict_selected(
         sweep.probe,
         features[num_train:],
