@@ -96,6 +96,19 @@ def test_suite_names_must_be_defined(tmp_path):
         load_params(write(tmp_path, data))
 
 
+def test_dataset_sources_and_options_are_checked_before_any_step(tmp_path):
+    data = minimal()
+    data["datasets"]["d"]["source"] = "digitz"
+    with pytest.raises(ParamsError, match=r"datasets.d.source: unknown source 'digitz'. Did you mean 'digits'"):
+        load_params(write(tmp_path, data))
+    data["datasets"]["d"] = {"source": "digits", "options": {"num_imags": 10}}
+    with pytest.raises(ParamsError, match=r"datasets.d.options: unknown option of source 'digits' 'num_imags'"):
+        load_params(write(tmp_path, data))
+    data["datasets"]["d"] = {"source": "imagefolder"}
+    with pytest.raises(ParamsError, match=r"datasets.d.options: source 'imagefolder' needs option 'root'"):
+        load_params(write(tmp_path, data))
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(FileNotFoundError, match="params file not found"):
         load_params(tmp_path / "absent.yaml")

@@ -161,8 +161,16 @@ class Params:
             for name in names:
                 if name not in known:
                     raise ParamsError(f"{key}: {unknown_name_error(kind, name, known)}")
+        from layerprobe.data.catalogue import check_options
         from layerprobe.probes import TRAINED_FROM
 
+        sourced = [(f"datasets.{name}", dataset) for name, dataset in self.datasets.items()]
+        sourced += [(f"backbones.{name}.pretrain", b.pretrain) for name, b in self.backbones.items() if b.pretrain]
+        for key, entry in sourced:  # a source's options, refused here rather than at its step
+            try:
+                check_options(entry.source, entry.options)
+            except ValueError as e:
+                raise ParamsError(f"{key}.options: {e}") from e
         for name, source in TRAINED_FROM.items():
             if name in self.suite.probes and source not in self.suite.probes:
                 raise ParamsError(f"suite.probes lists {name} without {source}, which it is trained from")

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import functools
 import heapq
-import inspect
 import itertools
 import json
 import math
@@ -178,12 +177,8 @@ def backbone_shape(config: BackboneConfig) -> BackboneShape:
 def dataset_counts(name: str, config: DatasetConfig, params: Params) -> tuple[int, int, int, int]:
     """(images to extract, tuning split, train + val, classes) of a dataset entry: its recorded counts (else its
     source's, made to count them) cut as prepare cuts them (rounding up; a stratified cut can differ by an image)."""
-    from layerprobe.data import create_dataset, source_factory
+    from layerprobe.data import create_dataset
 
-    parameters = inspect.signature(source_factory(config.source)).parameters  # unknown source: did-you-mean error
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()) and set(config.options) - set(parameters):
-        bad, choices = min(set(config.options) - set(parameters)), ", ".join(parameters)
-        raise ValueError(f"datasets.{name}.options.{bad}: source {config.source!r} takes no such option ({choices})")
     counts = config.num_images or {"all": config.options.get("num_images", 0)}
     if not (sum(counts.values()) and config.num_classes):
         try:
@@ -261,7 +256,8 @@ def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, p
     marks: list[float] = []
 
     def on_step(step: int) -> None:
-        _synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         marks.append(time.perf_counter())
         if len(marks) > 1 and marks[-1] - marks[0] > (1.0 if len(marks) < 4 else 0.25):
             raise _Enough
@@ -305,13 +301,9 @@ def time_pretrain_step(backbone: BackboneConfig, *, device: torch.device) -> flo
 def _seconds(work, device: torch.device) -> float:
     start = time.perf_counter()
     work()
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def estimate(params: Params, calibration: dict, *, device: torch.device, save=None, images_per_second=None) -> Estimate:
@@ -415,10 +407,8 @@ def format_plan(params: Params, study: Estimate, *, workers: int = 1, list_tasks
         f"{len(suite.probes)} probes = {len(study.tasks)} probe tasks; features as {params.extract.dtype}\n"
     ]
     if list_tasks:
-        lines += [
-            "| backbone | dataset | images | layers x tokens x dim | cache | of which patch tokens | extraction |"
-        ]
-        lines += ["|---|---|---:|---|---:|---:|---:|"]
+        header = "| backbone | dataset | images | layers x tokens x dim | cache | of which patch tokens | extraction |"
+        lines += [header, "|---|---|---:|---|---:|---:|---:|"]
         for c in study.caches:
             sizes = f"{c.num_layers} x {NUM_TOKENS} x {c.dim} | {b(c.bytes)} | {b(c.patch_bytes)}"
             lines += [f"| {c.backbone} | {c.dataset} | {c.num_images:,} | {sizes} | {d(study.extraction[c.key])} |"]

@@ -17,7 +17,6 @@ from layerprobe.data.catalogue import (
     is_materialised,
     list_sources,
     register_source,
-    source_factory,
     source_inputs,
 )
 from layerprobe.data.prepared import PreparedDataset, open_prepared, prepare_dataset
@@ -34,6 +33,5 @@ __all__ = [
     "open_prepared",
     "prepare_dataset",
     "register_source",
-    "source_factory",
     "source_inputs",
 ]

@@ -86,11 +86,6 @@ def list_sources() -> list[str]:
     return _SOURCES.names()
 
 
-def source_factory(source: str) -> Callable[..., ImageDataset]:
-    """The factory registered under `source` (for checking options against its signature without building it)."""
-    return _SOURCES.get(source)
-
-
 def is_materialised(source: str) -> bool:
     """Whether `prepare_dataset` copies this source's pixels (instead of referencing its root)."""
     _SOURCES.get(source)  # unknown names fail with did-you-mean
@@ -99,6 +94,13 @@ def is_materialised(source: str) -> bool:
 
 def create_dataset(source: str, **options: Any) -> ImageDataset:
     """Build the dataset of a registered source; unknown sources and unknown/missing options name the culprit."""
+    check_options(source, options)
+    return _SOURCES.get(source)(**options)
+
+
+def check_options(source: str, options: dict[str, Any]) -> None:
+    """Refuse options the source's factory does not take, and options it needs that are missing (the params check
+    runs this for every dataset before any step)."""
     factory = _SOURCES.get(source)
     parameters = {
         p.name: p for p in inspect.signature(factory).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
@@ -109,7 +111,6 @@ def create_dataset(source: str, **options: Any) -> ImageDataset:
     for key, parameter in parameters.items():
         if parameter.default is inspect.Parameter.empty and key not in options:
             raise ValueError(f"source {source!r} needs option {key!r} (options: {', '.join(parameters)})")
-    return factory(**options)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
