@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before anything imports prefect or mlflow: telemetry cannot reach out, state stays in a temp folder.
 _STATE = tempfile.mkdtemp(prefix="layerprobe-tests-")
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)  # by every process that made one (workers, spawned)
 os.environ.setdefault("PREFECT_HOME", os.path.join(_STATE, "prefect"))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # each pytest-xdist worker has its own (it inherits the controller's)
     os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
@@ -19,7 +22,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as layerprobe sets it, fo
 
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
