@@ -24,14 +24,9 @@ from prefect.states import State  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from layerprobe.params import Params, load_params, params_from_dict  # noqa: E402
+from layerprobe.params import Params, load_params, params_from_dict, task_workers  # noqa: E402
 
 GPU_LIMIT = "layerprobe-gpu"
-# Tasks of a stage run two at a time: every task is torch code using all cores, and running all of a stage's tasks
-# at once only makes their threads fight (measured on 2 cores: 25 probes in 82 s at once, 41 s two at a time).
-# A worker given one core (OMP_NUM_THREADS=1, several workers per machine) sets LAYERPROBE_TASK_WORKERS=1, so its
-# units stay on that core.
-TASK_WORKERS = 2
 
 
 def as_params(params: Params | dict | str) -> Params:
@@ -49,7 +44,7 @@ FLOW_OPTIONS = {"log_prints": True, "validate_parameters": False}
 
 
 def task_runner() -> ThreadPoolTaskRunner:
-    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("LAYERPROBE_TASK_WORKERS", TASK_WORKERS)))
+    return ThreadPoolTaskRunner(max_workers=task_workers())
 
 
 # Bad input (a missing path, a wrong key, a wrong value: every ValueError) fails fast; only what may pass on its own

@@ -204,6 +204,18 @@ def test_a_tasks_training_is_its_step_counts_times_its_shapes_timed_step(paper, 
     assert ratio == pytest.approx((again.tasks[0].sweep.steps + again.tasks[0].refit.steps) / 2000)
 
 
+def test_the_train_stage_runs_its_tasks_as_many_at_once_as_the_flows_do(paper, timed_steps, monkeypatch):
+    suite = dataclasses.replace(paper.suite, backbones=["vit_b16"], datasets=["flowers", "cifar10"], probes=["alf"])
+    params = dataclasses.replace(paper, suite=suite)
+    study = plan.estimate(params, {}, device=torch.device("cpu"), images_per_second=3000.0)
+    assert study.at_once == 2  # the flows' task runner: two tasks at a time
+    longest, shortest = max(study.train.values()), min(study.train.values())
+    assert study.stages()["train"] == pytest.approx(plan.STAGE_SECONDS + longest) and shortest < longest
+    monkeypatch.setenv("LAYERPROBE_TASK_WORKERS", "1")  # a worker given one core: one after the other
+    study = plan.estimate(params, {}, device=torch.device("cpu"), images_per_second=3000.0)
+    assert study.stages()["train"] == pytest.approx(plan.STAGE_SECONDS + longest + shortest)
+
+
 def test_units_carry_their_probes_and_the_head_node_pretrains_evaluates_and_reports():
     """`--workers N`: each backbone x dataset unit's extraction and training split over the workers; pretraining,
     the evaluation and the report once, whatever N."""

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 from layerprobe.config import MANIFEST_FILE, BackboneConfig, DatasetConfig
-from layerprobe.params import Params
+from layerprobe.params import Params, task_workers
 from layerprobe.per_layer import PER_LAYER
 from layerprobe.probes import ProbeSpec
 
 FORMAT = "layerprobe-calibration/3"
-BYTES_PER_VALUE = {"float16": 2, "float32": 4}
 NUM_TOKENS = 2  # cls and ap per layer
 # A CPU times steps of at most CPU_MAX_BATCH images, and a grid of more than CPU_MAX_GRID members as one member,
 # scaling both in proportion: a paper-sized step takes minutes there, and a dry run must answer in seconds.
@@ -117,11 +116,13 @@ class Estimate:
     pretrain: dict[str, float] = field(default_factory=dict)  # per backbone with a recipe
     measured: int = 0
     reused: int = 0
+    at_once: int = 1  # training tasks run at once (`params.task_workers`; on a GPU, at most its slots)
 
     def stages(self) -> dict[str, float]:
-        """Wall seconds per `dvc repro` stage on one machine, tasks one after the other, fixed costs included."""
+        """Wall seconds per `dvc repro` stage on one machine, fixed costs included."""
         work = {"pretrain": FIRST_STAGE_SECONDS + sum(self.pretrain.values()), "extract": sum(self.extraction.values())}
-        work |= {"train": sum(self.train.values()), "evaluate": RECORD_SECONDS * len(self.tasks)}
+        work |= {"train": makespan(list(self.train.values()), self.at_once)}
+        work["evaluate"] = RECORD_SECONDS * len(self.tasks)
         return {stage: STAGE_SECONDS + work.get(stage, 0.0) for stage in STAGES}
 
     def workers_wall(self, workers: int) -> float:
@@ -196,7 +197,7 @@ def plan_study(params: Params) -> Estimate:
     from layerprobe.probes import get_probe_spec, reading_widths, select_token_positions
     from layerprobe.train import batch_plan, make_grid
 
-    value_bytes, caches, tasks = BYTES_PER_VALUE[params.extract.dtype], [], []
+    value_bytes, caches, tasks = torch.finfo(getattr(torch, params.extract.dtype)).bits // 8, [], []
     counts = {name: dataset_counts(name, params.datasets[name], params) for name in params.suite.datasets}
     for backbone in params.suite.backbones:
         shape = backbone_shape(params.backbones[backbone])
@@ -247,9 +248,8 @@ def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, p
     plan = {"epochs": 1, "min_steps": 40, "batch_size": batch, "batch_plan": "even", "min_batches": 1, "seeds": [0]}
     config = dataclasses.replace(params.train, device=str(device), **plan)
     dropout = 0.1 if shape.spec.head == "attentive" else 0.0
-    family = {}
+    layers, family = shape.tokens // 2, {}  # a per-layer family reads every layer's cls and ap
     if shape.spec.name == PER_LAYER:
-        layers = shape.tokens // 2
         family = {"head": FamilyHead(layers, shape.grid, shape.width, classes), "jitter": family_jitter(layers)}
     members = family["head"].grid_size if family else shape.grid
     grid = [HParams(1e-3, 1e-4, dropout if member else 0.0) for member in range(members)]
@@ -326,6 +326,7 @@ def estimate(params: Params, calibration: dict, *, device: torch.device, save=No
     # Backbone shapes too: a later plan then needs neither timm nor the models (seconds of imports and builds).
     _SHAPES.update({key: BackboneShape(**shape) for key, shape in calibration.get("backbones", {}).items()})
     study = plan_study(params)
+    study.at_once = task_workers() if cpu else min(task_workers(), params.flow.gpu_concurrency)
 
     def figure(key: str, measure, label: str) -> float:
         if key not in figures:
