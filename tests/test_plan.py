@@ -208,12 +208,11 @@ def test_the_train_stage_runs_its_tasks_as_many_at_once_as_the_flows_do(paper, t
     suite = dataclasses.replace(paper.suite, backbones=["vit_b16"], datasets=["flowers", "cifar10"], probes=["alf"])
     params = dataclasses.replace(paper, suite=suite)
     study = plan.estimate(params, {}, device=torch.device("cpu"), images_per_second=3000.0)
-    assert study.at_once == 2  # the flows' task runner: two tasks at a time
-    longest, shortest = max(study.train.values()), min(study.train.values())
-    assert study.stages()["train"] == pytest.approx(plan.STAGE_SECONDS + longest) and shortest < longest
+    tasks = sum(study.train.values())  # the flows' task runner: two at a time, measured 1.3-1.6x one by one on 2 cores
+    assert study.stages()["train"] == pytest.approx(plan.STAGE_SECONDS + tasks / plan.CPU_TASKS_OVERLAP)
     monkeypatch.setenv("LAYERPROBE_TASK_WORKERS", "1")  # a worker given one core: one after the other
     study = plan.estimate(params, {}, device=torch.device("cpu"), images_per_second=3000.0)
-    assert study.stages()["train"] == pytest.approx(plan.STAGE_SECONDS + longest + shortest)
+    assert study.stages()["train"] == pytest.approx(plan.STAGE_SECONDS + tasks)
 
 
 def test_units_carry_their_probes_and_the_head_node_pretrains_evaluates_and_reports():

@@ -37,6 +37,7 @@ STAGE_SECONDS = 10.0  # per DVC stage: a Python importing torch, timm and Prefec
 FIRST_STAGE_SECONDS = 45.0  # once: the Prefect server starting, MLflow making its store, the recipe's images made
 TASK_SECONDS = 0.25  # per task trained: reading its cache, writing the probe
 RECORD_SECONDS = 0.7  # per task evaluated: predicting its test split, its figures and MLflow run
+CPU_TASKS_OVERLAP = 1.4  # a CPU's train stage, two tasks at a time (`params.task_workers`): 1.3-1.6x one by one
 STAGES = ("pretrain", "prepare", "extract", "train", "evaluate", "report")
 
 
@@ -116,13 +117,12 @@ class Estimate:
     pretrain: dict[str, float] = field(default_factory=dict)  # per backbone with a recipe
     measured: int = 0
     reused: int = 0
-    at_once: int = 1  # training tasks run at once (`params.task_workers`; on a GPU, at most its slots)
+    overlap: float = 1.0  # how much faster a stage's training tasks run together than one after another
 
     def stages(self) -> dict[str, float]:
         """Wall seconds per `dvc repro` stage on one machine, fixed costs included."""
         work = {"pretrain": FIRST_STAGE_SECONDS + sum(self.pretrain.values()), "extract": sum(self.extraction.values())}
-        work |= {"train": makespan(list(self.train.values()), self.at_once)}
-        work["evaluate"] = RECORD_SECONDS * len(self.tasks)
+        work |= {"train": sum(self.train.values()) / self.overlap, "evaluate": RECORD_SECONDS * len(self.tasks)}
         return {stage: STAGE_SECONDS + work.get(stage, 0.0) for stage in STAGES}
 
     def workers_wall(self, workers: int) -> float:
@@ -247,12 +247,11 @@ def time_step(shape: Shape, *, batch: int, classes: int, device: torch.device, p
     features = torch.randn((batch, shape.tokens, shape.width), device=device).to(getattr(torch, params.extract.dtype))
     plan = {"epochs": 1, "min_steps": 40, "batch_size": batch, "batch_plan": "even", "min_batches": 1, "seeds": [0]}
     config = dataclasses.replace(params.train, device=str(device), **plan)
-    dropout = 0.1 if shape.spec.head == "attentive" else 0.0
     layers, family = shape.tokens // 2, {}  # a per-layer family reads every layer's cls and ap
     if shape.spec.name == PER_LAYER:
         family = {"head": FamilyHead(layers, shape.grid, shape.width, classes), "jitter": family_jitter(layers)}
     members = family["head"].grid_size if family else shape.grid
-    grid = [HParams(1e-3, 1e-4, dropout if member else 0.0) for member in range(members)]
+    grid = [HParams(1e-3, 1e-4, 0.1 if member and shape.spec.head == "attentive" else 0.0) for member in range(members)]
     marks: list[float] = []
 
     def on_step(step: int) -> None:
@@ -326,7 +325,7 @@ def estimate(params: Params, calibration: dict, *, device: torch.device, save=No
     # Backbone shapes too: a later plan then needs neither timm nor the models (seconds of imports and builds).
     _SHAPES.update({key: BackboneShape(**shape) for key, shape in calibration.get("backbones", {}).items()})
     study = plan_study(params)
-    study.at_once = task_workers() if cpu else min(task_workers(), params.flow.gpu_concurrency)
+    study.overlap = CPU_TASKS_OVERLAP if cpu and task_workers() > 1 else 1.0
 
     def figure(key: str, measure, label: str) -> float:
         if key not in figures:
